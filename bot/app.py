@@ -1,0 +1,94 @@
+"""The running bot, whatever the front end: config, plugins, registry, inference.
+
+Front ends call :meth:`App.execute` (typed values, e.g. from Discord) or
+:meth:`App.execute_line` (console syntax). Both always return a
+:class:`~bot.commands.Reply`: a handler's exception becomes a short reply with
+an error id, and the traceback goes to the log only.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Iterable
+from typing import Any
+
+from bot import core
+from bot.commands import CommandError, Context, Reply, User
+from bot.config import Config, check_roles
+from bot.inference.client import InferenceClient, create_client
+from bot.inference.registry import BUILTIN_ROLES
+from bot.parsing import UsageError, parse_line
+from bot.plugins import PluginHost, PluginRecord, Registry
+
+log = logging.getLogger(__name__)
+
+
+def new_error_id() -> str:
+    return uuid.uuid4().hex[:8]
+
+
+class App:
+    def __init__(
+        self,
+        config: Config,
+        *,
+        extra_plugins: Iterable[tuple[object, str]] = (),
+        builtins: bool = True,
+        entry_points: bool = True,
+    ) -> None:
+        self.config = config
+        self.host = PluginHost(disabled=config.plugins.disabled, builtin_roles=BUILTIN_ROLES)
+        self.host.add(core, "core", source="core")
+        if builtins:
+            self.host.load_builtins()
+        if entry_points:
+            self.host.load_entry_points()
+        for plugin, name in extra_plugins:
+            self.host.add(plugin, name)
+        self.registry: Registry = self.host.build_registry()
+        check_roles(config, set(self.registry.roles))
+        self.inference: InferenceClient = create_client(config, self.registry.roles)
+
+    @property
+    def plugin_records(self) -> list[PluginRecord]:
+        return list(self.host.records.values())
+
+    def local_context(self) -> Context:
+        """The console's user: whoever runs the process owns the bot."""
+        return Context(user=User("local", "console", is_owner=True), app=self, transport="console")
+
+    async def execute(self, name: str, values: dict[str, Any], ctx: Context) -> Reply:
+        cmd = self.registry.commands.get(name)
+        if cmd is None:
+            return Reply.failure(f"There is no /{name} command. Try /help.")
+        if cmd.owner_only and not ctx.user.is_owner:
+            return Reply.failure(f"/{name} is for the bot's owners only.")
+        try:
+            reply = await cmd.invoke(ctx, values)
+            if not isinstance(reply, Reply):
+                raise TypeError(f"/{name} returned {type(reply).__name__}, not a Reply")
+        except CommandError as exc:
+            return Reply.failure(str(exc), ephemeral=exc.ephemeral, error_kind=type(exc).__name__)
+        except Exception:
+            error_id = new_error_id()
+            log.exception("error %s in /%s (plugin %s)", error_id, name, cmd.plugin)
+            return Reply.failure(
+                f"Something went wrong in /{name} (error id {error_id}). Other commands still work.",
+                error_kind="PluginError",
+                error_id=error_id,
+            )
+        return reply
+
+    async def execute_line(self, line: str, ctx: Context | None = None) -> Reply:
+        """Parse a console line and run it. A malformed line raises :class:`UsageError`."""
+        try:
+            cmd, values = parse_line(line, self.registry.commands)
+        except UsageError:
+            raise
+        except CommandError as exc:  # a value that does not fit its option: the user's input, not syntax
+            return Reply.failure(str(exc), error_kind=type(exc).__name__)
+        return await self.execute(cmd.name, values, ctx or self.local_context())
+
+    async def close(self) -> None:
+        await self.inference.close()

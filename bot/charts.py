@@ -1,0 +1,60 @@
+"""Charts for replies, drawn with matplotlib off the event loop.
+
+Call these through ``await asyncio.to_thread(...)`` (or :func:`render`): a
+figure takes tens of milliseconds to draw, which the bot's loop must not wait on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from bot.commands import Image
+
+# Sized for Discord's inline preview; readable on a phone.
+WIDTH, ROW_HEIGHT, DPI = 7.0, 0.42, 110
+
+
+def show_token(token: str) -> str:
+    """A token as a label: leading/trailing spaces and newlines made visible."""
+    visible = token.replace("\n", "⏎").replace("\t", "⇥")
+    core = visible.strip(" ")
+    lead = len(visible) - len(visible.lstrip(" "))
+    trail = len(visible) - len(visible.rstrip(" "))
+    return "␣" * lead + core + "␣" * trail if visible else "∅"
+
+
+def bar_chart(
+    labels: Sequence[str],
+    values: Sequence[float],
+    *,
+    title: str,
+    xlabel: str,
+    filename: str = "chart.png",
+    value_format: str = "{:.1%}",
+    xmax: float | None = None,
+) -> Image:
+    """Horizontal bars, largest on top, each labelled with its value."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(WIDTH, 1.2 + ROW_HEIGHT * len(labels)), dpi=DPI, layout="constrained")
+    ax = fig.add_subplot()
+    positions = list(range(len(labels)))[::-1]
+    bars = ax.barh(positions, values, color="#4C72B0")
+    ax.set_yticks(positions, [label[:28] for label in labels])
+    ax.set_xlabel(xlabel)
+    ax.set_title(title[:80], loc="left", fontsize=11)
+    top = xmax if xmax is not None else max([*values, 1e-9]) * 1.18
+    ax.set_xlim(0, top)
+    ax.bar_label(bars, labels=[value_format.format(v) for v in values], padding=3, fontsize=9)
+    ax.spines[["top", "right"]].set_visible(False)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    return Image(filename, buffer.getvalue(), title[:100])
+
+
+async def render(draw: Callable[..., Image], *args: Any, **kwargs: Any) -> Image:
+    """Draw a chart in a thread so the event loop stays free."""
+    return await asyncio.to_thread(draw, *args, **kwargs)

@@ -1,0 +1,251 @@
+"""The ``lmbot`` command line.
+
+Exit codes: 0 the command answered; 1 it answered with an error (bad input,
+busy, no model for a role); 2 a usage or config error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Sequence
+from pathlib import Path
+
+from bot import __version__
+from bot.app import App
+from bot.commands import Reply
+from bot.config import Config, ConfigError, load_config
+from bot.parsing import UsageError
+from bot.plugins import PluginConflict
+from bot.render import render_json, render_table, render_text, save_images
+
+EXIT_OK, EXIT_ANSWERED_ERROR, EXIT_USAGE = 0, 1, 2
+
+
+def _setup_logging(config: Config, quiet: bool = False) -> None:
+    level = "WARNING" if quiet and config.bot.log_level == "INFO" else config.bot.log_level
+    logging.basicConfig(level=level, stream=sys.stderr, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+
+
+def _load_app(args: argparse.Namespace) -> App:
+    config = load_config(args.config)
+    _setup_logging(config, quiet=getattr(args, "json", False))
+    return App(config)
+
+
+async def _ask(app: App, line: str, as_json: bool, out_dir: str | None) -> int:
+    try:
+        reply = await app.execute_line(line)
+    except UsageError as exc:
+        print(f"lmbot: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    finally:
+        await app.close()
+    folder = Path(out_dir or app.config.bot.output_dir)
+    paths = save_images(reply, folder, f"{line.split()[0].lstrip('/')}-{time.strftime('%Y%m%d-%H%M%S')}")
+    if as_json:
+        print(render_json(reply, paths))
+    else:
+        print(render_text(reply, paths, colour=sys.stdout.isatty()))
+    return EXIT_ANSWERED_ERROR if reply.error else EXIT_OK
+
+
+def cmd_ask(args: argparse.Namespace) -> int:
+    app = _load_app(args)
+    return asyncio.run(_ask(app, args.line, args.json, args.out))
+
+
+def cmd_console(args: argparse.Namespace) -> int:
+    from bot.console import run_console
+
+    app = _load_app(args)
+    return asyncio.run(run_console(app))
+
+
+def cmd_plugins(args: argparse.Namespace) -> int:
+    app = _load_app(args)
+    reply: Reply = asyncio.run(app.execute("plugins", {}, app.local_context()))
+    print(render_text(reply, []))
+    return EXIT_OK
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from bot.inference.registry import resolve
+
+    app = _load_app(args)
+    config = app.config
+    if args.action == "fetch":
+        return _fetch(app, args.roles)
+    loaded: dict[str, dict] = {}
+    if args.load:
+        loaded = asyncio.run(_load_all(app))
+    rows = []
+    for name, role in sorted(app.registry.roles.items()):
+        source = resolve(role, config.models.get(name), config.inference.offline)
+        size = source.size_bytes()
+        where = source.label if source.kind != "missing" else f"missing: {source.reason}"
+        info = loaded.get(name)
+        state = f"yes ({info['mb']:.0f} MB in memory, {info['load_s']:.1f} s)" if isinstance(info, dict) else "no"
+        if isinstance(info, str):
+            state = info
+        rows.append([name, config.models.get(name, role.default), where, _size(size), state])
+    from bot.commands import Table
+
+    print(render_table(Table(["role", "configured", "resolves to", "size", "loaded"], rows)))
+    return EXIT_OK
+
+
+def _size(nbytes: int | None) -> str:
+    return "-" if nbytes is None else f"{nbytes / 2**20:,.0f} MB"
+
+
+async def _load_all(app: App) -> dict[str, dict | str]:
+    """Load every role in the service (what a first request would do) and report."""
+    from bot.inference.client import LocalInferenceClient
+
+    client = app.inference
+    assert isinstance(client, LocalInferenceClient)
+    await client.start()
+    result: dict[str, dict | str] = {}
+    try:
+        for role in app.registry.roles:
+            try:
+                result[role] = await client.load_role(role)
+            except Exception as exc:  # each role reports its own problem
+                result[role] = f"no: {exc}"
+    finally:
+        await app.close()
+    return result
+
+
+def _fetch(app: App, roles: Sequence[str]) -> int:
+    from huggingface_hub import snapshot_download
+
+    from bot.inference.registry import hub_offline
+
+    if hub_offline(app.config.inference.offline):
+        print("lmbot: the Hugging Face hub cannot be reached from here; nothing to fetch.", file=sys.stderr)
+        return EXIT_ANSWERED_ERROR
+    wanted = roles or sorted(app.registry.roles)
+    status = EXIT_OK
+    for name in wanted:
+        role = app.registry.roles.get(name)
+        if role is None:
+            print(f"lmbot: unknown role {name!r}", file=sys.stderr)
+            return EXIT_USAGE
+        target = app.config.models.get(name, role.default)
+        if Path(os.path.expanduser(target)).exists():
+            print(f"{name}: {target} is a local folder; nothing to fetch")
+            continue
+        print(f"{name}: fetching {target}")
+        try:
+            path = snapshot_download(target, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model"])
+        except Exception as exc:
+            print(f"{name}: failed: {exc}", file=sys.stderr)
+            status = EXIT_ANSWERED_ERROR
+        else:
+            print(f"{name}: ready in {path}")
+    return status
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from bot.inference.metrics import summarize
+
+    config = load_config(args.config)
+    port = args.port or config.inference.metrics_port
+    if not port:
+        print(
+            "lmbot: set inference.metrics_port in config.toml (or pass --port) to read a running bot's stats.",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+            text = response.read().decode()
+    except (urllib.error.URLError, OSError) as exc:
+        print(f"lmbot: no bot answers on 127.0.0.1:{port} ({exc}).", file=sys.stderr)
+        return EXIT_ANSWERED_ERROR
+    summary = summarize(text_string_to_metric_families(text))
+    print(json.dumps(summary, indent=2) if args.json else _stats_text(summary))
+    return EXIT_OK
+
+
+def _stats_text(summary: dict) -> str:
+    from bot.commands import Table
+
+    rows = [
+        [
+            task,
+            str(r["ok"]),
+            str(sum(r["errors"].values())),
+            f"{r.get('batch_size_mean', 0):.1f}",
+            f"{r.get('request_seconds_mean', 0) * 1000:.0f} ms",
+        ]
+        for task, r in sorted(summary["tasks"].items())
+    ]
+    head = ", ".join(
+        f"{label} {summary.get(key, 0):.0f}"
+        for label, key in (("queue", "queue_depth"), ("workers alive", "workers_alive"), ("restarts", "worker_restarts"))
+    )
+    return head + (
+        "\n\n" + render_table(Table(["task", "ok", "errors", "mean batch", "mean latency"], rows)) if rows else ""
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--config", metavar="PATH", help="config file (default: $LMBOT_CONFIG or ./config.toml)", default=None
+    )
+    parser = argparse.ArgumentParser(prog="lmbot", description="A study bot that shows how language models work.")
+    parser.add_argument("--version", action="version", version=f"lmbot {__version__}")
+    sub = parser.add_subparsers(dest="subcommand", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("console", parents=[common], help="interactive console with history and tab completion")
+    p.set_defaults(func=cmd_console)
+
+    p = sub.add_parser("ask", parents=[common], help='run one command, e.g. lmbot ask "/help"')
+    p.add_argument("line", help='the command line, e.g. "/tokenize text:\\"hello world\\""')
+    p.add_argument("--json", action="store_true", help="print the reply as one JSON object")
+    p.add_argument("--out", metavar="DIR", help="folder for images (default: bot.output_dir)")
+    p.set_defaults(func=cmd_ask)
+
+    p = sub.add_parser("plugins", parents=[common], help="list plugins, their commands and load errors")
+    p.set_defaults(func=cmd_plugins)
+
+    p = sub.add_parser("models", parents=[common], help="list model roles; 'models fetch' downloads them")
+    p.add_argument("action", nargs="?", choices=["list", "fetch"], default="list")
+    p.add_argument("roles", nargs="*", help="roles to fetch (default: all)")
+    p.add_argument("--load", action="store_true", help="load every role now and report memory and load time")
+    p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("stats", parents=[common], help="a running bot's inference figures (via its metrics port)")
+    p.add_argument("--port", type=int, default=0, help="metrics port (default: inference.metrics_port)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_stats)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (ConfigError, PluginConflict) as exc:
+        print(f"lmbot: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,397 @@
+"""The transport-neutral command model.
+
+A :class:`Command` is a name, a description, typed options and an async handler
+that returns a :class:`Reply`. Front ends (Discord, the console, tests) turn
+user input into option values, call :meth:`Command.invoke`, and render the
+reply in their own way. Nothing here knows about Discord.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import re
+import unicodedata
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import KW_ONLY, dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
+
+if TYPE_CHECKING:
+    from bot.inference.client import InferenceClient
+
+# Discord's own limits on command and option names/descriptions; keeping them
+# in the core means a plugin cannot register something Discord would reject.
+NAME_RE = re.compile(r"^[a-z0-9_-]{1,32}$")
+MAX_DESCRIPTION = 100
+MAX_OPTIONS = 25
+# A run of combining marks longer than this on one base character is a
+# "zalgo" flood: it renders as a smear and can slow down layout engines.
+MAX_COMBINING_RUN = 4
+
+
+class CommandError(Exception):
+    """An error whose message is meant for the user (short, no traceback).
+
+    Front ends show ``str(error)`` as is; the command "answered with an error".
+    """
+
+    ephemeral: ClassVar[bool] = False
+
+
+class UserError(CommandError):
+    """Bad input: the user can fix it by asking differently."""
+
+    ephemeral = True
+
+
+class OptionError(UserError):
+    """An option value that does not fit the option's type or limits."""
+
+
+# --------------------------------------------------------------------------- options
+
+
+@dataclass(frozen=True)
+class Option:
+    """Base of the option types.
+
+    An option with a default is optional; an optional option without one
+    passes ``None`` to the handler when left out.
+    """
+
+    name: str
+    description: str
+    _: KW_ONLY
+    required: bool = True
+    default: Any = None
+    choices: tuple[Any, ...] | None = None
+    kind: ClassVar[str] = "text"
+
+    def __post_init__(self) -> None:
+        if not NAME_RE.match(self.name):
+            raise ValueError(f"option name {self.name!r} must match {NAME_RE.pattern}")
+        if not 1 <= len(self.description) <= MAX_DESCRIPTION:
+            raise ValueError(f"option {self.name!r}: description must be 1-{MAX_DESCRIPTION} characters")
+        if self.default is not None:
+            object.__setattr__(self, "required", False)
+        if self.choices is not None:
+            object.__setattr__(self, "choices", tuple(self.choices))
+
+    def convert(self, raw: str) -> Any:
+        """Convert text typed by a user (console syntax) into a value, then check it."""
+        return self.check(raw)
+
+    def check(self, value: Any) -> Any:
+        """Validate a value that is already of the right Python type."""
+        raise NotImplementedError
+
+    def placeholder(self) -> str:
+        if self.choices:
+            return "|".join(str(c) for c in self.choices)
+        low, high = getattr(self, "min_value", None), getattr(self, "max_value", None)
+        if low is not None or high is not None:
+            return f"{'' if low is None else low}..{'' if high is None else high}"
+        return self.kind
+
+    def usage(self) -> str:
+        text = f"{self.name}:<{self.placeholder()}>"
+        return text if self.required else f"[{text}]"
+
+    def _check_choice(self, value: Any) -> Any:
+        if self.choices is not None and value not in self.choices:
+            allowed = ", ".join(str(c) for c in self.choices)
+            raise OptionError(f"`{self.name}` must be one of: {allowed}.")
+        return value
+
+
+def clean_text(value: str, *, name: str, max_length: int) -> str:
+    """Reject text that no command should have to handle.
+
+    Blank text, text over ``max_length`` characters, control characters and
+    floods of combining marks each get a short explanation. Newlines and tabs
+    are allowed; everything else printable, emoji and right-to-left scripts
+    included, passes through unchanged.
+    """
+    if not value.strip():
+        raise OptionError(f"`{name}` is empty: type some text after `{name}:`.")
+    if len(value) > max_length:
+        raise OptionError(f"`{name}` is too long: {len(value):,} characters, the limit is {max_length:,}.")
+    run = 0
+    for ch in value:
+        category = unicodedata.category(ch)
+        if category == "Cc" and ch not in "\n\t":
+            raise OptionError(f"`{name}` contains a control character (U+{ord(ch):04X}); remove it and try again.")
+        if category in ("Mn", "Me"):
+            run += 1
+            if run > MAX_COMBINING_RUN:
+                raise OptionError(f"`{name}` has too many combining marks stacked on one character.")
+        else:
+            run = 0
+    return value
+
+
+@dataclass(frozen=True)
+class Text(Option):
+    max_length: int = 500
+    kind: ClassVar[str] = "text"
+
+    def check(self, value: Any) -> str:
+        if not isinstance(value, str):
+            raise OptionError(f"`{self.name}` must be text.")
+        return self._check_choice(clean_text(value, name=self.name, max_length=self.max_length))
+
+
+def _check_range(name: str, value: float, low: float | None, high: float | None) -> None:
+    if low is not None and value < low:
+        raise OptionError(f"`{name}` must be at least {low}.")
+    if high is not None and value > high:
+        raise OptionError(f"`{name}` must be at most {high}.")
+
+
+@dataclass(frozen=True)
+class Integer(Option):
+    min_value: int | None = None
+    max_value: int | None = None
+    kind: ClassVar[str] = "integer"
+
+    def convert(self, raw: str) -> int:
+        try:
+            value = int(raw.strip())
+        except ValueError:
+            raise OptionError(f"`{self.name}` must be a whole number, not {raw!r}.") from None
+        return self.check(value)
+
+    def check(self, value: Any) -> int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise OptionError(f"`{self.name}` must be a whole number.")
+        _check_range(self.name, value, self.min_value, self.max_value)
+        return self._check_choice(value)
+
+
+@dataclass(frozen=True)
+class Number(Option):
+    min_value: float | None = None
+    max_value: float | None = None
+    kind: ClassVar[str] = "number"
+
+    def convert(self, raw: str) -> float:
+        try:
+            value = float(raw.strip())
+        except ValueError:
+            raise OptionError(f"`{self.name}` must be a number, not {raw!r}.") from None
+        return self.check(value)
+
+    def check(self, value: Any) -> float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise OptionError(f"`{self.name}` must be a number.")
+        value = float(value)
+        if not math.isfinite(value):
+            raise OptionError(f"`{self.name}` must be a finite number.")
+        _check_range(self.name, value, self.min_value, self.max_value)
+        return value
+
+
+_TRUE = {"true", "yes", "on", "1"}
+_FALSE = {"false", "no", "off", "0"}
+
+
+@dataclass(frozen=True)
+class Boolean(Option):
+    kind: ClassVar[str] = "true|false"
+
+    def convert(self, raw: str) -> bool:
+        word = raw.strip().lower()
+        if word in _TRUE:
+            return True
+        if word in _FALSE:
+            return False
+        raise OptionError(f"`{self.name}` must be true or false, not {raw!r}.")
+
+    def check(self, value: Any) -> bool:
+        if not isinstance(value, bool):
+            raise OptionError(f"`{self.name}` must be true or false.")
+        return value
+
+
+# --------------------------------------------------------------------------- replies
+
+
+@dataclass(frozen=True)
+class Field:
+    """A named value, shown as an embed field on Discord and as ``name: value`` elsewhere."""
+
+    name: str
+    value: str
+    inline: bool = True
+
+
+@dataclass(frozen=True)
+class Table:
+    """Rows of cells under headers; ``align`` is ``"l"`` or ``"r"`` per column."""
+
+    headers: Sequence[str]
+    rows: Sequence[Sequence[str]]
+    align: str | None = None
+
+
+@dataclass(frozen=True)
+class Image:
+    """A PNG picture attached to the reply."""
+
+    filename: str
+    data: bytes
+    description: str = ""
+
+
+@dataclass(frozen=True)
+class Segment:
+    """A run of text in a colour (one of :data:`COLOURS`, or ``None`` for plain)."""
+
+    text: str
+    colour: str | None = None
+
+
+# The eight colours that both ANSI terminals and Discord's ```ansi blocks show.
+COLOURS = ("gray", "red", "green", "yellow", "blue", "pink", "cyan", "white")
+
+
+@dataclass(frozen=True)
+class CodeBlock:
+    """A block of monospaced text whose segments may be coloured."""
+
+    segments: Sequence[Segment]
+
+    @property
+    def plain(self) -> str:
+        return "".join(s.text for s in self.segments)
+
+
+@dataclass
+class Reply:
+    """What a command answers.
+
+    ``data`` holds the structured figures the command computed (tokens, ids,
+    probabilities, counts); ``lmbot ask --json`` prints it so that lecturers can
+    script the bot. ``error`` marks a reply that answers with an error.
+    """
+
+    text: str = ""
+    title: str | None = None
+    fields: list[Field] = field(default_factory=list)
+    table: Table | None = None
+    code: CodeBlock | None = None
+    images: list[Image] = field(default_factory=list)
+    data: dict[str, Any] = field(default_factory=dict)
+    error: bool = False
+    ephemeral: bool = False
+
+    @classmethod
+    def failure(cls, message: str, *, ephemeral: bool = True, **data: Any) -> Reply:
+        return cls(text=message, error=True, ephemeral=ephemeral, data=dict(data))
+
+
+# --------------------------------------------------------------------------- context
+
+
+@dataclass(frozen=True)
+class User:
+    id: str
+    name: str
+    is_owner: bool = False
+
+
+class CommandCatalog(Protocol):
+    """What the ``/help`` and ``/plugins`` commands read about the running bot."""
+
+    def commands(self) -> Sequence[Command]: ...
+
+
+@dataclass
+class Context:
+    """What a handler gets besides its options."""
+
+    user: User
+    app: Any  # bot.app.App; typed loosely so that plugins need not import it
+    guild_id: str | None = None
+    transport: str = "console"
+
+    @property
+    def inference(self) -> InferenceClient:
+        return self.app.inference
+
+    @property
+    def config(self) -> Any:
+        return self.app.config
+
+
+Handler = Callable[..., Awaitable[Reply]]
+
+
+@dataclass(frozen=True)
+class Command:
+    name: str
+    description: str
+    handler: Handler
+    options: tuple[Option, ...] = ()
+    topic: str | None = None
+    owner_only: bool = False
+    plugin: str = ""
+
+    def __post_init__(self) -> None:
+        if not NAME_RE.match(self.name):
+            raise ValueError(f"command name {self.name!r} must match {NAME_RE.pattern}")
+        if not 1 <= len(self.description) <= MAX_DESCRIPTION:
+            raise ValueError(f"command {self.name!r}: description must be 1-{MAX_DESCRIPTION} characters")
+        if len(self.options) > MAX_OPTIONS:
+            raise ValueError(f"command {self.name!r}: at most {MAX_OPTIONS} options")
+        names = [o.name for o in self.options]
+        if len(set(names)) != len(names):
+            raise ValueError(f"command {self.name!r}: option names repeat")
+        seen_optional = False
+        for option in self.options:
+            # Discord requires every required option to come before optional ones.
+            if option.required and seen_optional:
+                raise ValueError(f"command {self.name!r}: required option {option.name!r} after an optional one")
+            seen_optional |= not option.required
+        if not inspect.iscoroutinefunction(self.handler):
+            raise TypeError(f"command {self.name!r}: handler must be an async function")
+
+    def option(self, name: str) -> Option | None:
+        return next((o for o in self.options if o.name == name), None)
+
+    def usage(self) -> str:
+        return " ".join([f"/{self.name}", *(o.usage() for o in self.options)])
+
+    def bind(self, values: dict[str, Any]) -> dict[str, Any]:
+        """Check already-typed values (from Discord or tests) and fill defaults."""
+        unknown = set(values) - {o.name for o in self.options}
+        if unknown:
+            raise OptionError(f"/{self.name} has no option `{sorted(unknown)[0]}`. Usage: {self.usage()}")
+        bound: dict[str, Any] = {}
+        for option in self.options:
+            if option.name in values and values[option.name] is not None:
+                bound[option.name] = option.check(values[option.name])
+            elif option.required:
+                raise OptionError(f"/{self.name} needs `{option.name}`. Usage: {self.usage()}")
+            else:
+                bound[option.name] = option.default
+        return bound
+
+    async def invoke(self, ctx: Context, values: dict[str, Any]) -> Reply:
+        return await self.handler(ctx, **self.bind(values))
+
+
+def command(
+    name: str,
+    description: str,
+    *,
+    options: Sequence[Option] = (),
+    topic: str | None = None,
+    owner_only: bool = False,
+) -> Callable[[Handler], Command]:
+    """Decorate an async handler ``(ctx, **options) -> Reply`` into a :class:`Command`."""
+
+    def wrap(handler: Handler) -> Command:
+        return Command(name, description, handler, tuple(options), topic, owner_only)
+
+    return wrap

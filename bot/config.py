@@ -1,0 +1,129 @@
+"""config.toml: reading and validation.
+
+Every key is declared here with its type, range and default, so a typo or a
+wrong value is reported as one line naming the key and the file rather than
+surfacing later as a strange failure. Secrets never live in the file: it names
+the environment variable that holds them.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+DEFAULT_PATH = "config.toml"
+ENV_VAR = "LMBOT_CONFIG"
+
+
+class ConfigError(Exception):
+    """The config file is missing, unreadable or invalid (exit code 2)."""
+
+
+class _Section(BaseModel):
+    # strict: TOML already has types, so "5" for an integer is a mistake worth reporting.
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class BotSection(_Section):
+    token_env: str = "LMBOT_DISCORD_TOKEN"
+    owner_ids: list[int] = []
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    output_dir: str = "lmbot-out"
+
+
+class PluginsSection(_Section):
+    disabled: list[str] = []
+
+
+class InferenceSection(_Section):
+    backend: Literal["local"] = "local"
+    workers: Annotated[int, Field(ge=1, le=16)] = 1
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    threads: Annotated[int, Field(ge=0, le=256)] = 0
+    max_queue: Annotated[int, Field(ge=1, le=100_000)] = 256
+    max_batch_size: Annotated[int, Field(ge=1, le=1024)] = 32
+    max_batch_tokens: Annotated[int, Field(ge=16, le=1_000_000)] = 8192
+    max_wait_ms: Annotated[float, Field(ge=0, le=1000)] = 2.0
+    request_timeout_s: Annotated[float, Field(gt=0, le=3600)] = 60.0
+    max_input_chars: Annotated[int, Field(ge=1, le=100_000)] = 2000
+    max_input_tokens: Annotated[int, Field(ge=1, le=100_000)] = 512
+    max_new_tokens: Annotated[int, Field(ge=1, le=4096)] = 64
+    memory_budget_mb: Annotated[int, Field(ge=64)] = 4096
+    offline: Literal["auto", "always", "never"] = "auto"
+    cache_dir: str = "~/.cache/lmbot"
+    preload: list[str] = []
+    metrics_port: Annotated[int, Field(ge=0, le=65535)] = 0
+
+
+class Config(_Section):
+    bot: BotSection = BotSection()
+    plugins: PluginsSection = PluginsSection()
+    inference: InferenceSection = InferenceSection()
+    # role -> hub id or local path; roles are checked against the registered ones after plugins load.
+    models: dict[str, str] = {}
+
+    path: str | None = None
+
+    @property
+    def cache_dir(self) -> Path:
+        return Path(os.path.expanduser(self.inference.cache_dir))
+
+
+def _describe(error: dict) -> str:
+    key = ".".join(str(p) for p in error["loc"])
+    kind = error["type"]
+    if kind == "extra_forbidden":
+        return f"unknown key `{key}`"
+    if kind == "missing":
+        return f"`{key}` is required"
+    got = error.get("input")
+    return f"`{key}`: {error['msg'].lower()} (got {got!r})"
+
+
+def parse_config(data: dict, *, source: str = "<config>") -> Config:
+    if "path" in data:
+        raise ConfigError(f"{source}: unknown key `path`")
+    try:
+        config = Config.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        more = len(exc.errors()) - 1
+        suffix = f" (and {more} more problem{'s' if more > 1 else ''})" if more else ""
+        raise ConfigError(f"{source}: {_describe(first)}{suffix}") from None
+    return config.model_copy(update={"path": source})
+
+
+def config_path(explicit: str | None) -> tuple[Path, bool]:
+    """The config file to read and whether the user named it (then it must exist)."""
+    if explicit:
+        return Path(explicit), True
+    if os.environ.get(ENV_VAR):
+        return Path(os.environ[ENV_VAR]), True
+    return Path(DEFAULT_PATH), False
+
+
+def load_config(explicit: str | None = None) -> Config:
+    path, named = config_path(explicit)
+    if not path.exists():
+        if named:
+            raise ConfigError(f"{path}: no such config file")
+        return parse_config({}, source="<defaults>")
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+    return parse_config(data, source=str(path))
+
+
+def check_roles(config: Config, known: set[str]) -> None:
+    """Unknown role names in ``[models]`` are typos; report them like other keys."""
+    for role in config.models:
+        if role not in known:
+            raise ConfigError(f"{config.path}: unknown key `models.{role}` (known roles: {', '.join(sorted(known))})")

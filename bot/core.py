@@ -1,0 +1,119 @@
+"""Commands of the core itself, which need no model: /help, /plugins, /stats."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from bot.commands import Command, Context, Field, Reply, Table, Text, command
+from bot.hookspecs import hookimpl
+
+GENERAL = "General"
+
+
+def _topic_title(ctx: Context, slug: str | None) -> tuple[int, str]:
+    topic = ctx.app.registry.topics.get(slug) if slug else None
+    return (topic.order, topic.title) if topic else (10_000, GENERAL)
+
+
+@command(
+    "help",
+    "List the commands, grouped by course topic",
+    options=[Text("command", "Show one command's options in detail", required=False, max_length=32)],
+)
+async def help_command(ctx: Context, command: str | None) -> Reply:
+    commands: dict[str, Command] = ctx.app.registry.commands
+    if command:
+        cmd = commands.get(command.strip().lstrip("/").lower())
+        if cmd is None:
+            return Reply.failure(f"There is no /{command.strip()} command. Try /help.")
+        rows = [
+            [o.name, o.kind, "yes" if o.required else f"no (default {o.default})", o.description] for o in cmd.options
+        ]
+        return Reply(
+            title=f"/{cmd.name}",
+            text=f"{cmd.description}\n`{cmd.usage()}`",
+            table=Table(["option", "type", "required", "what it is"], rows) if rows else None,
+            data={"command": cmd.name, "usage": cmd.usage(), "options": [o.name for o in cmd.options]},
+        )
+    groups: dict[tuple[int, str], list[Command]] = {}
+    for cmd in commands.values():
+        if cmd.owner_only and not ctx.user.is_owner:
+            continue
+        groups.setdefault(_topic_title(ctx, cmd.topic), []).append(cmd)
+    fields = [
+        Field(title, "\n".join(f"`{c.usage()}` {c.description}" for c in sorted(cmds, key=lambda c: c.name)), False)
+        for (_, title), cmds in sorted(groups.items())
+    ]
+    data = {title: sorted(c.name for c in cmds) for (_, title), cmds in groups.items()}
+    return Reply(title="Commands", text="Options are written `name:value`.", fields=fields, data={"groups": data})
+
+
+@command("plugins", "List the plugins, their commands and any load errors")
+async def plugins_command(ctx: Context) -> Reply:
+    rows = []
+    for record in ctx.app.plugin_records:
+        commands = ", ".join(f"/{c}" for c in record.commands) or "-"
+        status = record.status if not record.error else f"{record.status}: {record.error}"
+        rows.append([record.name, record.version or "-", record.source, commands, status])
+    data = [
+        {
+            "name": r.name,
+            "version": r.version,
+            "source": r.source,
+            "commands": r.commands,
+            "status": r.status,
+            "error": r.error,
+        }
+        for r in ctx.app.plugin_records
+    ]
+    failed = sum(1 for r in ctx.app.plugin_records if r.status == "failed")
+    text = f"{len(rows)} plugins" + (f", {failed} failed to load" if failed else "")
+    return Reply(
+        title="Plugins",
+        text=text,
+        table=Table(["plugin", "version", "source", "commands", "status"], rows),
+        data={"plugins": data},
+    )
+
+
+def _ms(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{seconds * 1000:.0f} ms"
+
+
+@command("stats", "Inference service figures: queue, batches, latency, errors", owner_only=True)
+async def stats_command(ctx: Context) -> Reply:
+    summary = ctx.inference.metrics.summary()
+    rows = []
+    for task, row in sorted(summary["tasks"].items()):
+        errors = sum(row["errors"].values())
+        rows.append(
+            [
+                task,
+                str(row["ok"]),
+                str(errors),
+                f"{row.get('batch_size_mean', 0):.1f}",
+                _ms(row.get("queue_wait_seconds_mean")),
+                _ms(row.get("compute_seconds_mean")),
+                _ms(row.get("request_seconds_p50")),
+                _ms(row.get("request_seconds_p95")),
+            ]
+        )
+    fields = [
+        Field("queue", str(int(summary.get("queue_depth", 0)))),
+        Field("workers alive", str(int(summary.get("workers_alive", 0)))),
+        Field("worker restarts", str(int(summary.get("worker_restarts", 0)))),
+    ]
+    return Reply(
+        title="Inference stats",
+        text="" if rows else "No model requests yet.",
+        fields=fields,
+        table=Table(["task", "ok", "errors", "batch", "queued", "compute", "p50", "p95"], rows) if rows else None,
+        data=summary,
+    )
+
+
+@hookimpl
+def register_commands(register: Callable[[Command], None]) -> None:
+    register(help_command)
+    register(plugins_command)
+    register(stats_command)

@@ -1,0 +1,49 @@
+"""The hooks a plugin can implement: all registration-only.
+
+A plugin is a module (or any object) with functions named after these hooks,
+decorated with :data:`hookimpl`. Each hook receives a ``register`` callable;
+the plugin calls it once per thing it contributes::
+
+    from bot import Reply, Text, command, hookimpl
+
+    @command("shout", "Repeat text in capitals", options=[Text("text", "What to shout")])
+    async def shout(ctx, text: str) -> Reply:
+        return Reply(text.upper())
+
+    @hookimpl
+    def register_commands(register):
+        register(shout)
+
+Third-party plugins are found through the ``lmbot`` entry-point group.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pluggy
+
+from bot.commands import Command
+from bot.topics import ModelRole, Topic
+
+hookspec = pluggy.HookspecMarker("lmbot")
+hookimpl = pluggy.HookimplMarker("lmbot")
+
+
+@hookspec
+def register_commands(register: Callable[[Command], None]) -> None:
+    """Register slash commands: ``register(command)`` for each."""
+
+
+@hookspec
+def register_models(register: Callable[[ModelRole], None]) -> None:
+    """Declare the model roles the plugin's commands use: ``register(ModelRole(...))``.
+
+    The core only loads a role's model when a command first asks for it; this
+    hook lets ``lmbot models`` and the config check know about every role.
+    """
+
+
+@hookspec
+def register_topics(register: Callable[[Topic], None]) -> None:
+    """Register the study card of the course topic the plugin teaches."""

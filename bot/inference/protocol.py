@@ -1,0 +1,268 @@
+"""Requests, results and errors of the inference service.
+
+This module is imported by the bot process, so it must stay free of torch and
+transformers: the bot only describes work here; worker processes do it.
+
+Each request type names its ``task`` (a function in :mod:`bot.inference.tasks`,
+or ``"module:function"`` for tasks that live elsewhere) and its model ``role``.
+Requests of the same role, task and :meth:`Request.batch_key` may be batched.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from bot.commands import CommandError
+
+# The placeholder a fill-mask request uses for a blank; the worker swaps it for
+# the model's own mask token ([MASK] for BERT, <mask> for RoBERTa, ...).
+MASK = "\x00MASK\x00"
+
+
+# --------------------------------------------------------------------------- errors
+
+
+class InferenceError(CommandError):
+    """A request that could not be answered; the message is shown to the user."""
+
+
+class Busy(InferenceError):
+    """The queue is full. ``retry_after`` is a hint in seconds."""
+
+    ephemeral = True
+
+    def __init__(self, retry_after: float) -> None:
+        self.retry_after = retry_after
+        super().__init__(f"The bot is busy right now; try again in {retry_after:.0f} s.")
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (Busy, (self.retry_after,))
+
+
+class DeadlineExceeded(InferenceError):
+    def __init__(self, message: str = "That took too long and was given up; try again in a moment.") -> None:
+        super().__init__(message)
+
+
+class WorkerDied(InferenceError):
+    def __init__(
+        self, message: str = "The model worker stopped unexpectedly; it is being restarted, try again."
+    ) -> None:
+        super().__init__(message)
+
+
+class NoModelForRole(InferenceError):
+    """No weights for a role: offline with no packaged stand-in, or a bad path."""
+
+    def __init__(self, role: str, reason: str = "") -> None:
+        self.role, self.reason = role, reason
+        why = f" ({reason})" if reason else ""
+        super().__init__(f"No `{role}` model is available{why}: set `models.{role}` in config.toml to a local folder.")
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (NoModelForRole, (self.role, self.reason))
+
+
+class InputTooLong(InferenceError):
+    ephemeral = True
+
+
+class ModelFailed(InferenceError):
+    """The model raised; the worker logged the traceback under ``error_id``."""
+
+
+# --------------------------------------------------------------------------- requests
+
+
+@dataclass(frozen=True)
+class Request:
+    task: ClassVar[str]
+    role: ClassVar[str] = "causal_lm"
+
+    def texts(self) -> list[str]:
+        """The strings the task tokenizes together (for input and batch limits)."""
+        raise NotImplementedError
+
+    def batch_key(self) -> tuple[Any, ...]:
+        """Requests batch together only when these values are equal."""
+        return ()
+
+
+@dataclass(frozen=True)
+class NextToken(Request):
+    """The next-token distribution after ``text`` (causal LM)."""
+
+    text: str
+    k: int = 5
+    temperature: float = 1.0
+    task: ClassVar[str] = "next_token"
+
+    def texts(self) -> list[str]:
+        return [self.text]
+
+
+@dataclass(frozen=True)
+class FillMask(Request):
+    """Top-k fills at every :data:`MASK` in ``text`` (masked LM)."""
+
+    text: str
+    k: int = 5
+    task: ClassVar[str] = "fill_mask"
+    role: ClassVar[str] = "masked_lm"
+
+    def texts(self) -> list[str]:
+        return [self.text]
+
+
+@dataclass(frozen=True)
+class NextSentence(Request):
+    """P(IsNext) for the pair (first, second) from a model with an NSP head."""
+
+    first: str
+    second: str
+    task: ClassVar[str] = "next_sentence"
+    role: ClassVar[str] = "nsp"
+
+    def texts(self) -> list[str]:
+        return [self.first, self.second]
+
+
+@dataclass(frozen=True)
+class Generate(Request):
+    """A continuation of ``text``: greedy when ``temperature`` is 0, else seeded sampling."""
+
+    text: str
+    max_new_tokens: int = 20
+    temperature: float = 0.0
+    seed: int = 0
+    task: ClassVar[str] = "generate"
+
+    def texts(self) -> list[str]:
+        return [self.text]
+
+    def batch_key(self) -> tuple[Any, ...]:
+        # Sampling draws from one random stream per call, so a sampled request
+        # is only reproducible alone; greedy requests batch freely.
+        sampled = (self.temperature, self.seed, self.text) if self.temperature > 0 else ()
+        return (self.max_new_tokens, *sampled)
+
+
+@dataclass(frozen=True)
+class Seq2Seq(Request):
+    """Encoder-decoder generation (greedy) of at most ``max_new_tokens``."""
+
+    text: str
+    max_new_tokens: int = 60
+    task: ClassVar[str] = "seq2seq"
+    role: ClassVar[str] = "seq2seq"
+
+    def texts(self) -> list[str]:
+        return [self.text]
+
+    def batch_key(self) -> tuple[Any, ...]:
+        return (self.max_new_tokens,)
+
+
+@dataclass(frozen=True)
+class Classify(Request):
+    text: str
+    task: ClassVar[str] = "classify"
+    role: ClassVar[str] = "classifier"
+
+    def texts(self) -> list[str]:
+        return [self.text]
+
+
+@dataclass(frozen=True)
+class Embed(Request):
+    """A mean-pooled, L2-normalised sentence embedding."""
+
+    text: str
+    task: ClassVar[str] = "embed"
+    role: ClassVar[str] = "embedder"
+
+    def texts(self) -> list[str]:
+        return [self.text]
+
+
+@dataclass(frozen=True)
+class Score(Request):
+    """Log-probabilities of each token of ``text`` given ``context`` (causal LM).
+
+    With an empty context, the text is scored after the model's
+    beginning-of-text token so that its first token counts too.
+    """
+
+    text: str
+    context: str = ""
+    task: ClassVar[str] = "score"
+
+    def texts(self) -> list[str]:
+        return [self.context + self.text]
+
+
+# --------------------------------------------------------------------------- results
+
+
+@dataclass(frozen=True)
+class TokenProb:
+    id: int
+    token: str  # the token decoded on its own
+    prob: float
+
+
+@dataclass(frozen=True)
+class NextTokenResult:
+    model: str
+    prompt_ids: list[int]
+    prompt_tokens: list[str]
+    top: list[TokenProb]
+    entropy_bits: float
+
+
+@dataclass(frozen=True)
+class MaskFill:
+    position: int  # index of the mask in the model's token sequence
+    top: list[TokenProb]
+
+
+@dataclass(frozen=True)
+class FillMaskResult:
+    model: str
+    mask_token: str
+    tokens: list[str]
+    masks: list[MaskFill]
+
+
+@dataclass(frozen=True)
+class NextSentenceResult:
+    model: str
+    is_next: float
+
+
+@dataclass(frozen=True)
+class GenerateResult:
+    model: str
+    text: str
+    token_ids: list[int] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class ClassifyResult:
+    model: str
+    labels: list[str]
+    probs: list[float]
+
+
+@dataclass(frozen=True)
+class EmbedResult:
+    model: str
+    vector: list[float]
+
+
+@dataclass(frozen=True)
+class ScoreResult:
+    model: str
+    tokens: list[str]
+    logprobs: list[float]  # natural log, one per token of ``text``

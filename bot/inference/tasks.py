@@ -1,0 +1,224 @@
+"""The inference tasks: pure functions of ``(model, tokenizer, batch)``.
+
+Each takes a list of requests of one type and returns one result per request,
+in order. They hold no state, so any backend (the local workers, Ray Serve)
+can call them. Batching must not change a number: causal LMs are padded on
+the left with explicit position ids, so every row sees exactly the positions
+it would see alone.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from bot.inference.protocol import (
+    MASK,
+    Classify,
+    ClassifyResult,
+    Embed,
+    EmbedResult,
+    FillMask,
+    FillMaskResult,
+    Generate,
+    GenerateResult,
+    MaskFill,
+    NextSentence,
+    NextSentenceResult,
+    NextToken,
+    NextTokenResult,
+    Score,
+    ScoreResult,
+    Seq2Seq,
+    TokenProb,
+)
+
+LN2 = math.log(2)
+
+
+@functools.cache
+def _accepts(model_type: type, name: str) -> bool:
+    return name in inspect.signature(model_type.forward).parameters
+
+
+def _left_padded(tokenizer: Any, texts: Sequence[str], device: torch.device) -> dict[str, torch.Tensor]:
+    enc = tokenizer(list(texts), return_tensors="pt", padding=True, padding_side="left")
+    return {k: v.to(device) for k, v in enc.items()}
+
+
+def _position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    # Positions count real tokens only, so left padding does not shift them.
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def _causal_forward(model: Any, enc: dict[str, torch.Tensor], keep: int | None) -> torch.Tensor:
+    """Logits of the last ``keep`` positions (all positions when ``keep`` is None)."""
+    kwargs: dict[str, Any] = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+    if _accepts(type(model), "position_ids"):
+        kwargs["position_ids"] = _position_ids(enc["attention_mask"])
+    if keep is not None and _accepts(type(model), "logits_to_keep"):
+        # Skips the vocabulary projection for every position but the last ones.
+        kwargs["logits_to_keep"] = keep
+    logits = model(**kwargs).logits
+    return (logits if keep is None else logits[:, -keep:, :]).float()
+
+
+def _top(tokenizer: Any, probs: torch.Tensor, k: int) -> list[TokenProb]:
+    values, ids = torch.topk(probs, min(k, probs.shape[-1]))
+    return [
+        TokenProb(int(i), tokenizer.decode([int(i)]), float(v))
+        for v, i in zip(values.tolist(), ids.tolist(), strict=True)
+    ]
+
+
+def _real_ids(enc: dict[str, torch.Tensor], row: int) -> list[int]:
+    return enc["input_ids"][row][enc["attention_mask"][row].bool()].tolist()
+
+
+def next_token(model: Any, tokenizer: Any, batch: Sequence[NextToken]) -> list[NextTokenResult]:
+    enc = _left_padded(tokenizer, [r.text for r in batch], model.device)
+    last = _causal_forward(model, enc, keep=1)[:, -1, :]
+    results = []
+    for row, request in enumerate(batch):
+        logp = torch.log_softmax(last[row] / request.temperature, dim=-1)
+        probs = logp.exp()
+        entropy = float(torch.special.entr(probs).sum()) / LN2
+        ids = _real_ids(enc, row)
+        results.append(
+            NextTokenResult(
+                model="",
+                prompt_ids=ids,
+                prompt_tokens=[tokenizer.decode([i]) for i in ids],
+                top=_top(tokenizer, probs, request.k),
+                entropy_bits=entropy,
+            )
+        )
+    return results
+
+
+def fill_mask(model: Any, tokenizer: Any, batch: Sequence[FillMask]) -> list[FillMaskResult]:
+    texts = [r.text.replace(MASK, tokenizer.mask_token) for r in batch]
+    enc = tokenizer(texts, return_tensors="pt", padding=True)
+    enc = {k: v.to(model.device) for k, v in enc.items()}
+    logits = model(**enc).logits.float()
+    results = []
+    for row, request in enumerate(batch):
+        ids = _real_ids(enc, row)
+        positions = [p for p, i in enumerate(ids) if i == tokenizer.mask_token_id]
+        masks = [MaskFill(p, _top(tokenizer, logits[row, p].softmax(-1), request.k)) for p in positions]
+        results.append(FillMaskResult("", tokenizer.mask_token, tokenizer.convert_ids_to_tokens(ids), masks))
+    return results
+
+
+def next_sentence(model: Any, tokenizer: Any, batch: Sequence[NextSentence]) -> list[NextSentenceResult]:
+    enc = tokenizer([r.first for r in batch], [r.second for r in batch], return_tensors="pt", padding=True)
+    probs = model(**{k: v.to(model.device) for k, v in enc.items()}).logits.float().softmax(-1)
+    # Index 0 is IsNext in BERT's NSP head.
+    return [NextSentenceResult("", float(p[0])) for p in probs]
+
+
+def _strip_padding(tokenizer: Any, ids: list[int]) -> list[int]:
+    stop = {tokenizer.pad_token_id, tokenizer.eos_token_id} - {None}
+    while ids and ids[-1] in stop:
+        ids.pop()
+    return ids
+
+
+def generate(model: Any, tokenizer: Any, batch: Sequence[Generate]) -> list[GenerateResult]:
+    first = batch[0]
+    enc = _left_padded(tokenizer, [r.text for r in batch], model.device)
+    options: dict[str, Any] = {"max_new_tokens": first.max_new_tokens, "pad_token_id": tokenizer.pad_token_id}
+    if first.temperature > 0:
+        torch.manual_seed(first.seed)  # batch_key keeps a sampled request alone, so the seed is its own
+        options.update(do_sample=True, temperature=first.temperature, top_k=0, top_p=1.0)
+    else:
+        options.update(do_sample=False, temperature=None, top_k=None, top_p=None)
+    out = model.generate(**enc, **options)
+    new = out[:, enc["input_ids"].shape[1] :].tolist()
+    return [
+        GenerateResult("", tokenizer.decode(_strip_padding(tokenizer, ids), skip_special_tokens=True), ids)
+        for ids in new
+    ]
+
+
+def seq2seq(model: Any, tokenizer: Any, batch: Sequence[Seq2Seq]) -> list[GenerateResult]:
+    enc = tokenizer([r.text for r in batch], return_tensors="pt", padding=True)
+    enc = {k: v.to(model.device) for k, v in enc.items()}
+    out = model.generate(**enc, max_new_tokens=batch[0].max_new_tokens, do_sample=False, num_beams=1)
+    return [
+        GenerateResult("", tokenizer.decode(ids, skip_special_tokens=True), _strip_padding(tokenizer, ids))
+        for ids in out.tolist()
+    ]
+
+
+def classify(model: Any, tokenizer: Any, batch: Sequence[Classify]) -> list[ClassifyResult]:
+    enc = tokenizer([r.text for r in batch], return_tensors="pt", padding=True)
+    probs = model(**{k: v.to(model.device) for k, v in enc.items()}).logits.float().softmax(-1)
+    labels = [model.config.id2label[i] for i in range(probs.shape[-1])]
+    return [ClassifyResult("", labels, p.tolist()) for p in probs]
+
+
+def embed(model: Any, tokenizer: Any, batch: Sequence[Embed]) -> list[EmbedResult]:
+    enc = tokenizer([r.text for r in batch], return_tensors="pt", padding=True)
+    enc = {k: v.to(model.device) for k, v in enc.items()}
+    hidden = model(**enc).last_hidden_state.float()
+    mask = enc["attention_mask"].unsqueeze(-1).float()
+    pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+    vectors = torch.nn.functional.normalize(pooled, p=2, dim=-1)
+    return [EmbedResult("", v.tolist()) for v in vectors]
+
+
+def score(model: Any, tokenizer: Any, batch: Sequence[Score]) -> list[ScoreResult]:
+    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    rows, text_lengths = [], []
+    for request in batch:
+        context = tokenizer(request.context, add_special_tokens=False)["input_ids"] if request.context else [start]
+        text = tokenizer(request.text, add_special_tokens=False)["input_ids"]
+        rows.append(context + text)
+        text_lengths.append(len(text))
+    width = max(len(r) for r in rows)
+    pad = tokenizer.pad_token_id
+    input_ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=model.device)
+    attention_mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=model.device)
+    # With left padding every text ends at the last column, so only the last
+    # (longest text + 1) positions' logits are needed.
+    keep = max(text_lengths) + 1
+    logp = torch.log_softmax(
+        _causal_forward(model, {"input_ids": input_ids, "attention_mask": attention_mask}, keep), -1
+    )
+    results = []
+    for row, n in enumerate(text_lengths):
+        targets = input_ids[row, width - n :]
+        predicted = logp[row, keep - n - 1 : keep - 1]
+        values = predicted.gather(-1, targets.unsqueeze(-1)).squeeze(-1).tolist()
+        results.append(ScoreResult("", [tokenizer.decode([int(t)]) for t in targets], values))
+    return results
+
+
+TASKS: dict[str, Callable[[Any, Any, Sequence[Any]], list[Any]]] = {
+    "next_token": next_token,
+    "fill_mask": fill_mask,
+    "next_sentence": next_sentence,
+    "generate": generate,
+    "seq2seq": seq2seq,
+    "classify": classify,
+    "embed": embed,
+    "score": score,
+}
+
+
+def find_task(name: str) -> Callable[[Any, Any, Sequence[Any]], list[Any]]:
+    """A built-in task by name, or ``"package.module:function"`` for one defined elsewhere."""
+    if name in TASKS:
+        return TASKS[name]
+    module, _, attr = name.partition(":")
+    if not attr:
+        raise KeyError(f"unknown inference task {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(module), attr)

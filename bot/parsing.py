@@ -1,0 +1,111 @@
+"""Discord-like command lines for the console and ``lmbot ask``.
+
+``/tokenize text:"hello world" encoding:gpt2`` — each option is ``name:value``.
+A value may be quoted with ``"`` or ``'`` (backslash escapes the quote), or
+left bare: a bare value runs until the next ``name:`` of one of the command's
+own options, so ``/nexttoken prompt:The capital of France is k:3`` means what
+it looks like, and a colon inside ordinary text (``Note: ...``) stays text.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import Any
+
+from bot.commands import Command, CommandError
+
+_NAME = re.compile(r"([A-Za-z0-9_-]+):")
+
+
+class UsageError(CommandError):
+    """The line itself is malformed (exit code 2); the message ends with the usage line."""
+
+
+def _usage(cmd: Command) -> str:
+    return f"Usage: {cmd.usage()}"
+
+
+def split_command(line: str, commands: Mapping[str, Command]) -> tuple[Command, str]:
+    text = line.strip()
+    if not text.startswith("/"):
+        raise UsageError("Commands start with a slash, for example /help.")
+    name, _, rest = text[1:].partition(" ")
+    name = name.strip().lower()
+    if name not in commands:
+        raise UsageError(f"There is no /{name} command. Try /help.")
+    return commands[name], rest
+
+
+def _quoted(rest: str, pos: int, cmd: Command, key: str) -> tuple[str, int]:
+    quote = rest[pos]
+    out: list[str] = []
+    i = pos + 1
+    while i < len(rest):
+        ch = rest[i]
+        if ch == "\\" and i + 1 < len(rest) and rest[i + 1] in (quote, "\\"):
+            out.append(rest[i + 1])
+            i += 2
+            continue
+        if ch == quote:
+            if i + 1 < len(rest) and not rest[i + 1].isspace():
+                raise UsageError(f"Put a space after the closing quote of `{key}`. {_usage(cmd)}")
+            return "".join(out), i + 1
+        out.append(ch)
+        i += 1
+    raise UsageError(f"The quote after `{key}:` is never closed. {_usage(cmd)}")
+
+
+def parse_options(cmd: Command, rest: str) -> dict[str, str]:
+    """Split the text after the command name into raw option strings."""
+    names = [o.name for o in cmd.options]
+    next_option = re.compile(r"\s+(?:" + "|".join(map(re.escape, names)) + r"):") if names else None
+    raw: dict[str, str] = {}
+    pos = len(rest) - len(rest.lstrip())
+    while pos < len(rest):
+        match = _NAME.match(rest, pos)
+        if match is None:
+            snippet = rest[pos : pos + 20]
+            raise UsageError(f"Expected `option:value` at {snippet!r}. {_usage(cmd)}")
+        key = match.group(1)
+        if key not in names:
+            raise UsageError(f"/{cmd.name} has no option `{key}`. {_usage(cmd)}")
+        if key in raw:
+            raise UsageError(f"`{key}` is given twice. {_usage(cmd)}")
+        pos = match.end()
+        if pos < len(rest) and rest[pos] in "\"'":
+            value, pos = _quoted(rest, pos, cmd, key)
+        else:
+            # A bare value ends where the next option begins ("k: x:1" gives k an empty value).
+            found = next_option.search(rest, pos) if next_option else None
+            end = found.start() if found else len(rest)
+            value = rest[pos:end].strip()
+            pos = end
+        raw[key] = value
+        pos += len(rest[pos:]) - len(rest[pos:].lstrip())
+    return raw
+
+
+def parse_line(line: str, commands: Mapping[str, Command]) -> tuple[Command, dict[str, Any]]:
+    """Parse a whole line into a command and typed, checked option values.
+
+    Raises :class:`UsageError` for a malformed line and
+    :class:`bot.commands.OptionError` for a value that does not fit its option.
+    """
+    cmd, rest = split_command(line, commands)
+    raw = parse_options(cmd, rest)
+    missing = [o.name for o in cmd.options if o.required and o.name not in raw]
+    if missing:
+        raise UsageError(f"/{cmd.name} needs `{missing[0]}`. {_usage(cmd)}")
+    values = {key: cmd.option(key).convert(value) for key, value in raw.items()}  # type: ignore[union-attr]
+    return cmd, values
+
+
+def format_line(cmd: Command, values: Mapping[str, Any]) -> str:
+    """The command line that :func:`parse_line` reads back into ``values``."""
+    parts = [f"/{cmd.name}"]
+    for key, value in values.items():
+        text = str(value).lower() if isinstance(value, bool) else str(value)
+        escaped = text.replace("\\", "\\\\").replace('"', '\\"')
+        parts.append(f'{key}:"{escaped}"')
+    return " ".join(parts)

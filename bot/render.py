@@ -1,0 +1,108 @@
+"""Rendering a Reply for terminals and for ``--json``.
+
+The Discord front end has its own renderer; this one is for people at a
+terminal and for scripts.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import unicodedata
+from dataclasses import asdict, is_dataclass
+from pathlib import Path
+from typing import Any
+
+from bot.commands import CodeBlock, Reply, Table
+
+ANSI = {"gray": 90, "red": 31, "green": 32, "yellow": 33, "blue": 34, "pink": 35, "cyan": 36, "white": 37}
+_SLUG = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+def display_width(text: str) -> int:
+    """Terminal columns: wide (CJK, emoji) characters take two, combining marks none."""
+    width = 0
+    for ch in text:
+        if unicodedata.combining(ch) or unicodedata.category(ch) in ("Mn", "Me", "Cf"):
+            continue
+        width += 2 if unicodedata.east_asian_width(ch) in ("W", "F") else 1
+    return width
+
+
+def _pad(text: str, width: int, align: str) -> str:
+    gap = " " * max(0, width - display_width(text))
+    return gap + text if align == "r" else text + gap
+
+
+def render_table(table: Table) -> str:
+    cells = [list(table.headers), *[[str(c) for c in row] for row in table.rows]]
+    widths = [max(display_width(row[i]) for row in cells if i < len(row)) for i in range(len(table.headers))]
+    align = table.align or "l" * len(widths)
+    lines = []
+    for n, row in enumerate(cells):
+        lines.append("  ".join(_pad(cell, widths[i], align[i]) for i, cell in enumerate(row)).rstrip())
+        if n == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def render_code(code: CodeBlock, colour: bool) -> str:
+    if not colour:
+        return code.plain
+    return "".join(f"\x1b[{ANSI[s.colour]}m{s.text}\x1b[0m" if s.colour in ANSI else s.text for s in code.segments)
+
+
+def render_text(reply: Reply, image_paths: list[str], *, colour: bool = False) -> str:
+    parts: list[str] = []
+    if reply.title:
+        parts.append(f"\x1b[1m{reply.title}\x1b[0m" if colour else reply.title)
+    if reply.text:
+        parts.append(reply.text)
+    inline = [f"{f.name}: {f.value}" for f in reply.fields if "\n" not in f.value]
+    if inline:
+        parts.append("\n".join(inline))
+    parts.extend(f"{f.name}:\n{f.value}" for f in reply.fields if "\n" in f.value)
+    if reply.table is not None:
+        parts.append(render_table(reply.table))
+    if reply.code is not None:
+        parts.append(render_code(reply.code, colour))
+    parts.extend(f"[image] {path}" for path in image_paths)
+    return "\n\n".join(parts)
+
+
+def save_images(reply: Reply, folder: Path, stem: str) -> list[str]:
+    """Write the reply's images into ``folder``; return their paths."""
+    if not reply.images:
+        return []
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for image in reply.images:
+        name = _SLUG.sub("-", f"{stem}-{image.filename}").strip("-") or "image.png"
+        path = folder / name
+        path.write_bytes(image.data)
+        paths.append(str(path))
+    return paths
+
+
+def _plain(value: Any) -> Any:
+    if is_dataclass(value) and not isinstance(value, type):
+        return asdict(value)
+    if isinstance(value, bytes):
+        return value.hex()
+    return str(value)
+
+
+def render_json(reply: Reply, image_paths: list[str]) -> str:
+    body = {
+        "ok": not reply.error,
+        "title": reply.title,
+        "text": reply.text,
+        "fields": [{"name": f.name, "value": f.value} for f in reply.fields],
+        "table": {"headers": list(reply.table.headers), "rows": [list(r) for r in reply.table.rows]}
+        if reply.table
+        else None,
+        "code": reply.code.plain if reply.code else None,
+        "images": image_paths,
+        "data": reply.data,
+    }
+    return json.dumps(body, ensure_ascii=False, default=_plain)
