@@ -192,10 +192,8 @@ def _stats_text(summary: dict) -> str:
         ]
         for task, r in sorted(summary["tasks"].items())
     ]
-    head = ", ".join(
-        f"{label} {summary.get(key, 0):.0f}"
-        for label, key in (("queue", "queue_depth"), ("workers alive", "workers_alive"), ("restarts", "worker_restarts"))
-    )
+    labels = {"queue_depth": "queue", "workers_alive": "workers alive", "worker_restarts": "restarts"}
+    head = ", ".join(f"{label} {summary.get(key, 0):.0f}" for key, label in labels.items())
     return head + (
         "\n\n" + render_table(Table(["task", "ok", "errors", "mean batch", "mean latency"], rows)) if rows else ""
     )

@@ -3,8 +3,9 @@
 ``/tokenize text:"hello world" encoding:gpt2`` — each option is ``name:value``.
 A value may be quoted with ``"`` or ``'`` (backslash escapes the quote), or
 left bare: a bare value runs until the next ``name:`` of one of the command's
-own options, so ``/nexttoken prompt:The capital of France is k:3`` means what
-it looks like, and a colon inside ordinary text (``Note: ...``) stays text.
+own options (or at a lowercase ``word:value`` that looks like a mistyped
+option), so ``/nexttoken prompt:The capital of France is k:3`` means what it
+looks like, while ``Note: ...``, ``10:30`` and ``http://`` stay text.
 """
 
 from __future__ import annotations
@@ -59,7 +60,10 @@ def _quoted(rest: str, pos: int, cmd: Command, key: str) -> tuple[str, int]:
 def parse_options(cmd: Command, rest: str) -> dict[str, str]:
     """Split the text after the command name into raw option strings."""
     names = [o.name for o in cmd.options]
-    next_option = re.compile(r"\s+(?:" + "|".join(map(re.escape, names)) + r"):") if names else None
+    # A bare value ends at the next known option, or at something that looks like
+    # a mistyped one ("size:3"); "Note: x", "10:30" and "http://" stay text.
+    known = "|".join(map(re.escape, names)) or "(?!)"
+    next_option = re.compile(rf"\s+(?:(?:{known}):|[a-z][a-z0-9_-]*:(?=[^\s/]))")
     raw: dict[str, str] = {}
     pos = len(rest) - len(rest.lstrip())
     while pos < len(rest):
@@ -69,7 +73,8 @@ def parse_options(cmd: Command, rest: str) -> dict[str, str]:
             raise UsageError(f"Expected `option:value` at {snippet!r}. {_usage(cmd)}")
         key = match.group(1)
         if key not in names:
-            raise UsageError(f"/{cmd.name} has no option `{key}`. {_usage(cmd)}")
+            hint = " (put text that contains `word:` in quotes)" if raw else ""
+            raise UsageError(f"/{cmd.name} has no option `{key}`{hint}. {_usage(cmd)}")
         if key in raw:
             raise UsageError(f"`{key}` is given twice. {_usage(cmd)}")
         pos = match.end()
@@ -77,7 +82,7 @@ def parse_options(cmd: Command, rest: str) -> dict[str, str]:
             value, pos = _quoted(rest, pos, cmd, key)
         else:
             # A bare value ends where the next option begins ("k: x:1" gives k an empty value).
-            found = next_option.search(rest, pos) if next_option else None
+            found = next_option.search(rest, pos)
             end = found.start() if found else len(rest)
             value = rest[pos:end].strip()
             pos = end

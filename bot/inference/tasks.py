@@ -48,7 +48,7 @@ def _accepts(model_type: type, name: str) -> bool:
 
 def _left_padded(tokenizer: Any, texts: Sequence[str], device: torch.device) -> dict[str, torch.Tensor]:
     enc = tokenizer(list(texts), return_tensors="pt", padding=True, padding_side="left")
-    return {k: v.to(device) for k, v in enc.items()}
+    return {k: enc[k].to(device) for k in ("input_ids", "attention_mask")}
 
 
 def _position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -148,7 +148,8 @@ def generate(model: Any, tokenizer: Any, batch: Sequence[Generate]) -> list[Gene
 
 def seq2seq(model: Any, tokenizer: Any, batch: Sequence[Seq2Seq]) -> list[GenerateResult]:
     enc = tokenizer([r.text for r in batch], return_tensors="pt", padding=True)
-    enc = {k: v.to(model.device) for k, v in enc.items()}
+    # Only what an encoder-decoder takes (a WordPiece tokenizer also emits token_type_ids).
+    enc = {k: enc[k].to(model.device) for k in ("input_ids", "attention_mask")}
     out = model.generate(**enc, max_new_tokens=batch[0].max_new_tokens, do_sample=False, num_beams=1)
     return [
         GenerateResult("", tokenizer.decode(ids, skip_special_tokens=True), _strip_padding(tokenizer, ids))

@@ -1,0 +1,104 @@
+"""`lmbot` end to end in subprocesses: exit codes, JSON, images, console."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.plugin_fixtures import BROKEN_IMPORT, install_plugin
+
+
+def run(args: list[str], cwd: Path, stdin: str | None = None, extra_path: Path | None = None, timeout: int = 180):  # type: ignore[no-untyped-def]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONIOENCODING="utf-8")
+    if extra_path is not None:
+        env["PYTHONPATH"] = os.pathsep.join([str(extra_path), env.get("PYTHONPATH", "")])
+    return subprocess.run(
+        [sys.executable, "-m", "bot.cli", *args],
+        cwd=cwd,
+        env=env,
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+@pytest.fixture
+def workdir(tmp_path: Path, cache_dir: Path) -> Path:
+    (tmp_path / "config.toml").write_text(
+        f'[inference]\ncache_dir = "{cache_dir}"\noffline = "always"\n[bot]\nlog_level = "WARNING"\n', encoding="utf-8"
+    )
+    return tmp_path
+
+
+def test_ask_help_and_plugins(workdir: Path) -> None:
+    done = run(["ask", "/help"], workdir)
+    assert done.returncode == 0, done.stderr
+    assert "/nexttoken prompt:<text>" in done.stdout
+    done = run(["ask", "/plugins", "--json"], workdir)
+    assert done.returncode == 0
+    body = json.loads(done.stdout)
+    assert body["ok"] is True
+    assert {"core", "nexttoken"} <= {p["name"] for p in body["data"]["plugins"]}
+
+
+def test_lmbot_plugins_lists_every_builtin(workdir: Path) -> None:
+    done = run(["plugins"], workdir)
+    assert done.returncode == 0
+    builtins = [p.stem for p in (Path(__file__).parent.parent / "plugins").glob("[a-z]*.py")]
+    assert builtins
+    for name in builtins:
+        assert name in done.stdout
+
+
+def test_exit_codes(workdir: Path) -> None:
+    usage = run(["ask", "/nexttoken k:3"], workdir)
+    assert usage.returncode == 2
+    assert "needs `prompt`" in usage.stderr and "Usage: /nexttoken prompt:<text>" in usage.stderr
+    bad_input = run(["ask", "/nexttoken prompt:hello k:99"], workdir)
+    assert bad_input.returncode == 1
+    assert "`k` must be at most 25" in bad_input.stdout
+    (workdir / "bad.toml").write_text("[inference]\nworkers = 0\n")
+    config = run(["ask", "/help", "--config", "bad.toml"], workdir)
+    assert config.returncode == 2
+    assert (
+        config.stderr.strip()
+        == "lmbot: bad.toml: `inference.workers`: input should be greater than or equal to 1 (got 0)"
+    )
+
+
+def test_plugin_broken_on_import_is_listed_while_others_answer(workdir: Path, tmp_path: Path) -> None:
+    site = tmp_path / "site"
+    site.mkdir()
+    install_plugin(site, "lmbot_broken_cli", BROKEN_IMPORT)
+    done = run(["plugins"], workdir, extra_path=site)
+    assert done.returncode == 0
+    line = next(line for line in done.stdout.splitlines() if "lmbot_broken_cli" in line)
+    assert "failed: RuntimeError: this plugin is broken on purpose" in line
+    assert run(["ask", "/help"], workdir, extra_path=site).returncode == 0
+
+
+def test_console_reads_piped_commands(workdir: Path) -> None:
+    done = run(["console"], workdir, stdin="/help command:nexttoken\n/nexttoken k:3\n/nope\n")
+    assert done.returncode == 0
+    assert "/nexttoken prompt:<text>" in done.stdout
+    assert "needs `prompt`" in done.stdout
+    assert "There is no /nope command" in done.stdout
+
+
+def test_ask_nexttoken_on_the_offline_model(workdir: Path, smollm_dir: Path) -> None:
+    """The README's main job: the packaged causal LM, offline, through the service."""
+    done = run(["ask", "/nexttoken prompt:The capital of France is k:5", "--json"], workdir)
+    assert done.returncode == 0, done.stderr[-2000:]
+    body = json.loads(done.stdout)
+    top = body["data"]["top"]
+    assert top[0]["token"] == " Paris"
+    assert abs(top[0]["prob"] - 0.7725) < 0.01
+    assert "SmolLM2" in body["data"]["model"]
+    image = workdir / body["images"][0]
+    assert image.read_bytes().startswith(b"\x89PNG")

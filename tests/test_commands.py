@@ -1,0 +1,53 @@
+"""The command model: option checks and command definitions."""
+
+from __future__ import annotations
+
+import pytest
+
+from bot.commands import Command, Integer, OptionError, Reply, Text, clean_text
+
+
+async def _handler(ctx, **values):  # type: ignore[no-untyped-def]
+    return Reply()
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("", "empty"),
+        ("   \n\t ", "empty"),
+        ("x" * 101, "too long: 101 characters, the limit is 100"),
+        ("bell\x07", "control character \\(U\\+0007\\)"),
+        ("esc\x1b[31m", "control character"),
+        ("z" + "\u0301" * 12, "combining marks"),
+    ],
+)
+def test_bad_text_gets_a_short_reason(value: str, message: str) -> None:
+    with pytest.raises(OptionError, match=message):
+        clean_text(value, name="text", max_length=100)
+
+
+@pytest.mark.parametrize(
+    "value", ["hello", "multi\nline\ttext", "café", "👩‍👩‍👧 family", "مرحبا بالعالم", "@everyone <@&123>"]
+)
+def test_ordinary_text_passes_unchanged(value: str) -> None:
+    assert clean_text(value, name="text", max_length=100) == value
+
+
+def test_command_definitions_are_checked() -> None:
+    with pytest.raises(ValueError, match="must match"):
+        Command("Bad Name", "x", _handler)
+    with pytest.raises(ValueError, match="required option 'b' after an optional one"):
+        Command("c", "x", _handler, (Integer("a", "a", default=1), Text("b", "b")))
+    with pytest.raises(TypeError, match="async"):
+        Command("c", "x", lambda ctx: Reply())  # type: ignore[arg-type]
+
+
+def test_bind_fills_defaults_and_checks_types() -> None:
+    cmd = Command("c", "x", _handler, (Text("t", "t"), Integer("k", "k", default=5, min_value=1)))
+    assert cmd.bind({"t": "hi"}) == {"t": "hi", "k": 5}
+    with pytest.raises(OptionError, match="at least 1"):
+        cmd.bind({"t": "hi", "k": 0})
+    with pytest.raises(OptionError, match="needs `t`"):
+        cmd.bind({})
+    assert cmd.usage() == "/c t:<text> [k:<1..>]"

@@ -1,0 +1,60 @@
+"""config.toml validation: one clear line naming the key and the file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from bot.config import ConfigError, check_roles, load_config
+
+
+def write(tmp_path: Path, text: str) -> str:
+    path = tmp_path / "config.toml"
+    path.write_text(text, encoding="utf-8")
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    ("toml", "message"),
+    [
+        ("[inference]\nmax_batch_sise = 4\n", "unknown key `inference.max_batch_sise`"),
+        ("[inference]\nmax_batch_size = '4'\n", "`inference.max_batch_size`: input should be a valid integer"),
+        ("[inference]\nmax_batch_size = 0\n", "`inference.max_batch_size`: input should be greater than or equal to 1"),
+        ("[inference]\ndevice = 'tpu'\n", "`inference.device`: input should be 'auto', 'cpu' or 'cuda'"),
+        ("[bot]\nowner_ids = ['me']\n", "`bot.owner_ids.0`"),
+        ("[surprise]\n", "unknown key `surprise`"),
+        ("[inference\n", "not valid TOML"),
+    ],
+)
+def test_bad_config_names_key_and_file(tmp_path: Path, toml: str, message: str) -> None:
+    path = write(tmp_path, toml)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert str(info.value).startswith(path)
+    assert message in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_missing_named_file_is_an_error_but_default_file_is_optional(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(ConfigError, match="no such config file"):
+        load_config(str(tmp_path / "nope.toml"))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("LMBOT_CONFIG", raising=False)
+    assert load_config(None).inference.max_batch_size == 32
+
+
+def test_env_var_names_the_config(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.setenv("LMBOT_CONFIG", write(tmp_path, "[inference]\nworkers = 2\n"))
+    assert load_config(None).inference.workers == 2
+
+
+def test_unknown_model_role_is_reported_like_a_key(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, "[models]\ncasual_lm = 'gpt2'\n"))
+    with pytest.raises(ConfigError, match="unknown key `models.casual_lm`"):
+        check_roles(config, {"causal_lm"})
+
+
+def test_shipped_config_is_valid() -> None:
+    config = load_config(str(Path(__file__).parent.parent / "config.toml"))
+    assert config.bot.token_env == "LMBOT_DISCORD_TOKEN"
