@@ -1,0 +1,179 @@
+"""The inference service for real: worker processes, batching, faults.
+
+Every test here talks to real worker processes through the asyncio client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+
+from bot.inference.client import LocalInferenceClient
+from bot.inference.protocol import (
+    Busy,
+    DeadlineExceeded,
+    FillMask,
+    InputTooLong,
+    NextToken,
+    NoModelForRole,
+    WorkerDied,
+)
+from tests.conftest import ROLES
+from tests.fake_tasks import OomAboveOne, Slow
+
+PROMPTS = [f"Prompt number {i} " + "word " * (i % 7) for i in range(24)]
+
+
+async def started(config) -> LocalInferenceClient:  # type: ignore[no-untyped-def]
+    client = LocalInferenceClient(config, ROLES)
+    await client.start()
+    await client.wait_ready()
+    return client
+
+
+async def test_batched_results_equal_alone_and_reference(causal_service, tiny_gpt2: Path) -> None:  # type: ignore[no-untyped-def]
+    together = await asyncio.gather(*(causal_service.submit(NextToken(p, k=5)) for p in PROMPTS))
+    sizes = causal_service.metrics.summary()["tasks"]["next_token"]
+    assert sizes["batch_size_mean"] > 1  # they really were batched
+    model = transformers.AutoModelForCausalLM.from_pretrained(tiny_gpt2).eval()
+    tok = transformers.AutoTokenizer.from_pretrained(tiny_gpt2)
+    for prompt, batched in zip(PROMPTS[:6], together, strict=False):
+        alone = await causal_service.submit(NextToken(prompt, k=5))
+        with torch.no_grad():
+            probs = torch.softmax(model(**tok(prompt, return_tensors="pt")).logits[0, -1], -1)
+        want = torch.topk(probs, 5)
+        assert [t.id for t in batched.top] == [t.id for t in alone.top] == want.indices.tolist()
+        for b, a, w in zip(batched.top, alone.top, want.values.tolist(), strict=True):
+            assert abs(b.prob - w) < 1e-5 and abs(a.prob - w) < 1e-5
+
+
+async def test_queue_full_fails_at_once_with_retry_hint(config_factory, tiny_gpt2: Path) -> None:  # type: ignore[no-untyped-def]
+    client = await started(config_factory({"causal_lm": tiny_gpt2}, max_queue=2, max_batch_size=1))
+    try:
+        running = [asyncio.create_task(client.submit(Slow("0", seconds=1.0)))]
+        await asyncio.sleep(0.2)  # in the worker
+        running += [asyncio.create_task(client.submit(Slow(str(i), seconds=0.1))) for i in (1, 2)]
+        await asyncio.sleep(0.05)  # two queued: the queue is full
+        started_at = time.monotonic()
+        with pytest.raises(Busy) as info:
+            await client.submit(Slow("late"))
+        assert time.monotonic() - started_at < 0.1
+        assert info.value.retry_after >= 1
+        assert "try again in" in str(info.value)
+        assert [r for r in await asyncio.gather(*running)] == ["done 0", "done 1", "done 2"]
+    finally:
+        await client.close()
+
+
+async def test_expired_request_is_dropped_without_computing(config_factory, tiny_gpt2: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    log = tmp_path / "calls.log"
+    client = await started(config_factory({"causal_lm": tiny_gpt2}, max_batch_size=1))
+    try:
+        blocker = asyncio.create_task(client.submit(Slow("blocker", seconds=1.5, log=str(log))))
+        await asyncio.sleep(0.3)
+        with pytest.raises(DeadlineExceeded):
+            await client.submit(Slow("expires", log=str(log)), timeout=0.5)
+        await blocker
+        await client.submit(Slow("after", log=str(log)))
+        calls = log.read_text()
+        assert "start blocker" in calls and "start after" in calls
+        assert "expires" not in calls
+    finally:
+        await client.close()
+
+
+async def test_cancelled_request_is_removed(config_factory, tiny_gpt2: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    log = tmp_path / "calls.log"
+    client = await started(config_factory({"causal_lm": tiny_gpt2}, max_batch_size=1))
+    try:
+        blocker = asyncio.create_task(client.submit(Slow("blocker", seconds=1.0, log=str(log))))
+        await asyncio.sleep(0.3)
+        doomed = asyncio.create_task(client.submit(Slow("cancelled", log=str(log))))
+        await asyncio.sleep(0.1)
+        assert client.metrics.summary()["queue_depth"] == 1
+        doomed.cancel()
+        await asyncio.sleep(0.05)
+        assert client.metrics.summary()["queue_depth"] == 0
+        await blocker
+        await client.submit(Slow("after", log=str(log)))
+        assert "cancelled" not in log.read_text()
+    finally:
+        await client.close()
+
+
+async def test_killed_worker_fails_in_flight_and_is_restarted(config_factory, tiny_gpt2: Path) -> None:  # type: ignore[no-untyped-def]
+    client = await started(config_factory({"causal_lm": tiny_gpt2}))
+    try:
+        in_flight = [asyncio.create_task(client.submit(Slow(str(i), seconds=30))) for i in range(3)]
+        await asyncio.sleep(0.5)
+        (pid,) = client.worker_pids()
+        killed_at = time.monotonic()
+        os.kill(pid, signal.SIGKILL)
+        for task in in_flight:
+            with pytest.raises(WorkerDied, match="restarted"):
+                await task
+        assert time.monotonic() - killed_at < 5
+        result = await client.submit(NextToken("The next request works", k=3))
+        assert len(result.top) == 3
+        assert client.worker_pids() and client.worker_pids()[0] != pid
+        assert client.metrics.summary()["worker_restarts"] == 1
+    finally:
+        await client.close()
+
+
+async def test_out_of_memory_batch_is_split_in_halves(config_factory, tiny_gpt2: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    log = tmp_path / "oom.log"
+    client = await started(config_factory({"causal_lm": tiny_gpt2}, max_wait_ms=200))
+    try:
+        results = await asyncio.gather(*(client.submit(OomAboveOne(str(i), log=str(log))) for i in range(4)))
+        assert sorted(results) == ["ok 0", "ok 1", "ok 2", "ok 3"]
+        sizes = [int(line.split()[1]) for line in log.read_text().splitlines()]
+        assert sizes == [4, 2, 1, 1, 2, 1, 1]
+    finally:
+        await client.close()
+
+
+async def test_input_limits_give_clear_errors(config_factory, tiny_gpt2: Path) -> None:  # type: ignore[no-untyped-def]
+    client = await started(config_factory({"causal_lm": tiny_gpt2}, max_input_chars=100, max_input_tokens=10))
+    try:
+        with pytest.raises(InputTooLong, match="101 characters long; the limit is 100"):
+            await client.submit(NextToken("x" * 101))
+        with pytest.raises(InputTooLong, match="tokens long; the limit is 10"):
+            await client.submit(NextToken("one two three four five six seven eight nine ten eleven"))
+        ok, too_long = await asyncio.gather(
+            client.submit(NextToken("short")),
+            client.submit(NextToken("a b c d e f g h i j k l m")),
+            return_exceptions=True,
+        )
+        assert not isinstance(ok, Exception) and isinstance(too_long, InputTooLong)
+    finally:
+        await client.close()
+
+
+async def test_role_without_offline_weights_names_the_config_key(causal_service) -> None:  # type: ignore[no-untyped-def]
+    started_at = time.monotonic()
+    with pytest.raises(NoModelForRole) as info:
+        await causal_service.submit(FillMask("Paris is the [MASK] of France."))
+    assert "set `models.masked_lm` in config.toml" in str(info.value)
+    assert "\n" not in str(info.value)
+    assert time.monotonic() - started_at < 10  # no waiting on an unreachable hub
+
+
+async def test_models_load_lazily_and_lru_unloads_past_budget(config_factory, tiny_gpt2, tiny_bert_mlm) -> None:  # type: ignore[no-untyped-def]
+    client = await started(config_factory({"causal_lm": tiny_gpt2, "masked_lm": tiny_bert_mlm}, memory_budget_mb=64))
+    try:
+        (worker,) = (await client.status())["workers"]
+        assert worker["models"] == {}
+        await client.submit(NextToken("hi"))
+        await client.submit(FillMask("a [MASK] b".replace("[MASK]", "\x00MASK\x00")))
+        (worker,) = (await client.status())["workers"]
+        assert set(worker["models"]) == {"causal_lm", "masked_lm"}
+    finally:
+        await client.close()
