@@ -46,7 +46,7 @@ class InferenceSection(_Section):
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     threads: Annotated[int, Field(ge=0, le=256)] = 0
     max_queue: Annotated[int, Field(ge=1, le=100_000)] = 256
-    max_batch_size: Annotated[int, Field(ge=1, le=1024)] = 32
+    max_batch_size: Annotated[int, Field(ge=1, le=1024)] = 64
     max_batch_tokens: Annotated[int, Field(ge=16, le=1_000_000)] = 8192
     max_wait_ms: Annotated[float, Field(ge=0, le=1000)] = 2.0
     request_timeout_s: Annotated[float, Field(gt=0, le=3600)] = 60.0

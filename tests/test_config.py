@@ -41,7 +41,7 @@ def test_missing_named_file_is_an_error_but_default_file_is_optional(tmp_path: P
         load_config(str(tmp_path / "nope.toml"))
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("LMBOT_CONFIG", raising=False)
-    assert load_config(None).inference.max_batch_size == 32
+    assert load_config(None).inference.max_batch_size == 64
 
 
 def test_env_var_names_the_config(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]

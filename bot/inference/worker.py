@@ -30,6 +30,9 @@ log = logging.getLogger("bot.inference.worker")
 
 def main(conn: Connection, settings: Any, log_level: str = "INFO") -> None:
     """Entry point of a spawned worker; returns (and the process exits) when the pipe closes."""
+    # Idle OpenMP threads otherwise spin for a while after each forward pass, taking the
+    # CPU from the bot process exactly when it has results to route and a batch to send.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     logging.basicConfig(
         level=log_level, stream=sys.stderr, format=f"%(asctime)s worker[{os.getpid()}] %(levelname)s %(message)s"
     )

@@ -1,0 +1,219 @@
+"""Benchmark: next-token top-5 on the offline causal LM, three ways, side by side.
+
+(a) one forward per request, the way the course snippet does it (full logits,
+    no batching), served one request at a time;
+(b) the raw ceiling: padded batched forwards of the same prompts, in-process,
+    with the service's own task function (c prompts per forward at concurrency c);
+(c) the service end to end: the asyncio client, the queue, a worker process.
+
+Prints req/s and p50/p99 latency for each way at concurrency 1, 8 and 64, the
+ratios c/a and c/b, and the bot process's RSS without models. The last line is
+one JSON object with every figure.
+
+    python bench/inference.py [--rounds 2] [--concurrency 1 8 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+SUBJECTS = ["France", "Japan", "Brazil", "Kenya", "Canada", "Norway", "Egypt", "India"]
+TEMPLATES = [
+    "The capital of {} is",
+    "The most popular sport in {} is",
+    "A traveller visiting {} for the first time should",
+    "The official language of {} is",
+    "In winter, the weather in {} is usually",
+    "The currency used in {} is called the",
+    "One famous dish from {} is",
+    "Students in {} usually start school at the age of",
+]
+PROMPTS = [t.format(s) for t in TEMPLATES for s in SUBJECTS]  # 64 distinct prompts
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+async def closed_loop(call: Callable[[str], Awaitable[object]], concurrency: int, rounds: int) -> dict[str, float]:
+    """``concurrency`` clients, each sending its next prompt as soon as the last one is answered."""
+    work = [p for _ in range(rounds) for p in PROMPTS]
+    latencies: list[float] = []
+
+    async def client() -> None:
+        while work:
+            prompt = work.pop()
+            started = time.perf_counter()
+            await call(prompt)
+            latencies.append(time.perf_counter() - started)
+
+    started = time.perf_counter()
+    await asyncio.gather(*(client() for _ in range(concurrency)))
+    elapsed = time.perf_counter() - started
+    return {
+        "req_s": len(latencies) / elapsed,
+        "p50_ms": 1000 * percentile(latencies, 0.5),
+        "p99_ms": 1000 * percentile(latencies, 0.99),
+    }
+
+
+def load_model():  # type: ignore[no-untyped-def]
+    from bot.config import parse_config
+    from bot.inference.loading import load_source
+    from bot.inference.registry import BUILTIN_ROLES, resolve
+    from bot.inference.settings import WorkerSettings
+
+    config = parse_config({"inference": {"offline": "always"}})
+    role = next(r for r in BUILTIN_ROLES if r.name == "causal_lm")
+    settings = WorkerSettings.from_config(config, {"causal_lm": role})
+    loaded = load_source(resolve(role, None, "always"), role.auto_class, settings)
+    return loaded.model, loaded.tokenizer, loaded.label
+
+
+def way_a(model, tokenizer, concurrency: int, rounds: int) -> dict[str, float]:  # type: ignore[no-untyped-def]
+    """The course snippet per request; one model serves one request at a time."""
+    import torch
+
+    lock = threading.Lock()
+
+    def one(prompt: str) -> list[tuple[int, float]]:
+        with lock, torch.no_grad():
+            inputs = tokenizer(prompt, return_tensors="pt")
+            logits = model(**inputs).logits[:, -1, :]
+            probs = torch.nn.functional.softmax(logits, dim=-1)
+            top = torch.topk(probs, 5)
+            return list(zip(top.indices[0].tolist(), top.values[0].tolist(), strict=True))
+
+    async def call(prompt: str) -> object:
+        return await asyncio.to_thread(one, prompt)
+
+    return asyncio.run(closed_loop(call, concurrency, rounds))
+
+
+def way_b(model, tokenizer, concurrency: int, rounds: int) -> dict[str, float]:  # type: ignore[no-untyped-def]
+    """Padded batches of ``concurrency`` prompts, nothing else: the ceiling for (c)."""
+    import torch
+
+    from bot.inference.protocol import NextToken
+    from bot.inference.tasks import next_token
+
+    work = [NextToken(p, k=5) for _ in range(rounds) for p in PROMPTS]
+    latencies = []
+    started = time.perf_counter()
+    with torch.inference_mode():
+        for i in range(0, len(work), concurrency):
+            batch_started = time.perf_counter()
+            chunk = work[i : i + concurrency]
+            next_token(model, tokenizer, chunk)
+            latencies += [time.perf_counter() - batch_started] * len(chunk)
+    elapsed = time.perf_counter() - started
+    return {
+        "req_s": len(work) / elapsed,
+        "p50_ms": 1000 * percentile(latencies, 0.5),
+        "p99_ms": 1000 * percentile(latencies, 0.99),
+    }
+
+
+async def way_c(levels: list[int], rounds: int) -> dict[int, dict[str, float]]:
+    from bot.config import parse_config
+    from bot.inference.client import LocalInferenceClient
+    from bot.inference.protocol import NextToken
+    from bot.inference.registry import BUILTIN_ROLES
+
+    config = parse_config({"inference": {"offline": "always"}, "bot": {"log_level": "WARNING"}})
+    client = LocalInferenceClient(config, {r.name: r for r in BUILTIN_ROLES})
+    await client.start()
+    try:
+        await client.load_role("causal_lm")
+        for prompt in PROMPTS[:8]:  # warm up
+            await client.submit(NextToken(prompt, k=5))
+
+        async def call(prompt: str) -> object:
+            return await client.submit(NextToken(prompt, k=5))
+
+        return {c: await closed_loop(call, c, rounds) for c in levels}
+    finally:
+        await client.close()
+
+
+def bot_rss_mb() -> float:
+    """RSS of a bot process: config, plugins, commands and a started service, no models."""
+    probe = (
+        "import asyncio, sys\n"
+        "from bot.app import App\nfrom bot.config import parse_config\n"
+        "async def main():\n"
+        "    app = App(parse_config({'bot': {'log_level': 'WARNING'}}))\n"
+        "    await app.inference.start()\n"
+        "    await app.execute_line('/help')\n"
+        "    rss = next(l for l in open('/proc/self/status') if l.startswith('VmRSS'))\n"
+        "    print(int(rss.split()[1]) / 1024, 'torch' in sys.modules)\n"
+        "    await app.close()\n"
+        "asyncio.run(main())\n"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, check=True)
+    rss, torch_loaded = out.stdout.split()
+    assert torch_loaded == "False", "the bot process imported torch"
+    return float(rss)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=2, help="times each of the 64 prompts is sent")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 64])
+    args = parser.parse_args()
+    levels = args.concurrency
+
+    print(f"{len(PROMPTS)} prompts x {args.rounds} rounds, next-token top-5; concurrency {levels}", flush=True)
+    c = asyncio.run(way_c(levels, args.rounds))  # the worker process exits before (a) and (b) run
+    model, tokenizer, label = load_model()
+    print(f"model: {label}", flush=True)
+    way_a(model, tokenizer, 1, 1)  # warm up
+    a = {n: way_a(model, tokenizer, n, args.rounds) for n in levels}
+    b = {n: way_b(model, tokenizer, n, args.rounds) for n in levels}
+    rss = bot_rss_mb()
+
+    figures: dict[str, object] = {"model": label, "prompts": len(PROMPTS), "rounds": args.rounds, "rss_mb": rss}
+    print(f"\n{'conc':>4}  {'way':<22} {'req/s':>7} {'p50 ms':>8} {'p99 ms':>8}")
+    for n in levels:
+        for name, row in (("a) one forward each", a[n]), ("b) padded batch", b[n]), ("c) service", c[n])):
+            print(f"{n:>4}  {name:<22} {row['req_s']:7.1f} {row['p50_ms']:8.1f} {row['p99_ms']:8.1f}")
+        ratios = {
+            "c_over_a": c[n]["req_s"] / a[n]["req_s"],
+            "c_over_b": c[n]["req_s"] / b[n]["req_s"],
+            "c_p50_over_a_p50": c[n]["p50_ms"] / a[n]["p50_ms"],
+        }
+        print(
+            f"      throughput c/a {ratios['c_over_a']:.2f}x, c/b {ratios['c_over_b']:.2f}x; "
+            f"p50 latency c/a {ratios['c_p50_over_a_p50']:.2f}x"
+        )
+        figures[str(n)] = {"a": a[n], "b": b[n], "c": c[n], **ratios}
+    print(f"\nbot process RSS without models: {rss:.0f} MB (torch not imported)")
+    targets = {
+        "c >= 0.9 b at 64": figures.get("64", {}).get("c_over_b", 0) >= 0.9 if "64" in figures else None,
+        "c >= 4 a at 64": figures.get("64", {}).get("c_over_a", 0) >= 4 if "64" in figures else None,
+        "c latency <= 1.15 a at 1": figures.get("1", {}).get("c_p50_over_a_p50", 9) <= 1.15 if "1" in figures else None,
+        "rss < 250 MB": rss < 250,
+    }
+    for name, met in targets.items():
+        if met is not None:
+            print(f"target {name}: {'met' if met else 'NOT met'}")
+    figures["targets_met"] = targets
+    print(json.dumps(figures))
+
+
+if __name__ == "__main__":
+    main()

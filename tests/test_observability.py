@@ -1,0 +1,74 @@
+"""Stats: /stats for owners, the Prometheus endpoint, `lmbot stats`, `lmbot models`."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+
+from bot.commands import Context, User
+from bot.inference.protocol import NextToken
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+async def test_stats_is_owner_only_and_counts_requests(app_factory, tiny_gpt2: Path) -> None:  # type: ignore[no-untyped-def]
+    app = app_factory({"causal_lm": tiny_gpt2})
+    stranger = Context(User("42", "someone"), app, transport="test")
+    refused = await app.execute("stats", {}, stranger)
+    assert refused.error and "owners only" in refused.text
+    await asyncio.gather(*(app.inference.submit(NextToken(f"hello {i}")) for i in range(5)))
+    reply = await app.execute_line("/stats")
+    assert not reply.error
+    row = reply.data["tasks"]["next_token"]
+    assert row["ok"] == 5
+    assert row["batch_size_mean"] >= 1
+    assert reply.table is not None and reply.table.rows[0][0] == "next_token"
+
+
+async def test_prometheus_endpoint_and_lmbot_stats(config_factory, tiny_gpt2: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    from bot.inference.client import LocalInferenceClient
+    from tests.conftest import ROLES
+
+    port = free_port()
+    client = LocalInferenceClient(config_factory({"causal_lm": tiny_gpt2}, metrics_port=port), ROLES)
+    await client.start()
+    try:
+        await asyncio.gather(*(client.submit(NextToken(f"x {i}")) for i in range(3)))
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+        assert 'lmbot_requests_total{outcome="ok",task="next_token"} 3.0' in text
+        assert "lmbot_batch_size_bucket" in text
+        done = await asyncio.to_thread(
+            subprocess.run,
+            [sys.executable, "-m", "bot.cli", "stats", "--port", str(port), "--json"],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert done.returncode == 0, done.stderr
+        assert json.loads(done.stdout)["tasks"]["next_token"]["ok"] == 3
+    finally:
+        await client.close()
+
+
+def test_lmbot_models_lists_roles_and_where_they_resolve(tmp_path: Path, cache_dir: Path, tiny_gpt2: Path) -> None:
+    (tmp_path / "config.toml").write_text(
+        f'[inference]\ncache_dir = "{cache_dir}"\noffline = "always"\n[models]\ncausal_lm = "{tiny_gpt2}"\n'
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "bot.cli", "models"], cwd=tmp_path, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    lines = {line.split()[0]: line for line in done.stdout.splitlines()[2:]}
+    assert "tiny-gpt2" in lines["causal_lm"]
+    assert "all-MiniLM-L6-v2 (offline stand-in" in lines["embedder"]
+    assert "missing: offline, and bert-base-uncased is not on this machine" in lines["masked_lm"]
