@@ -43,7 +43,8 @@ async def test_prometheus_endpoint_and_lmbot_stats(config_factory, tiny_gpt2: Pa
     await client.start()
     try:
         await asyncio.gather(*(client.submit(NextToken(f"x {i}")) for i in range(3)))
-        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+        url = f"http://127.0.0.1:{port}/metrics"
+        text = await asyncio.to_thread(lambda: urllib.request.urlopen(url, timeout=5).read().decode())
         assert 'lmbot_requests_total{outcome="ok",task="next_token"} 3.0' in text
         assert "lmbot_batch_size_bucket" in text
         done = await asyncio.to_thread(
