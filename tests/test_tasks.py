@@ -71,14 +71,21 @@ def test_score_equals_reference(causal) -> None:  # type: ignore[no-untyped-def]
     batch = [Score(" Paris.", context="The capital of France is"), Score("Hello there, friend"), Score(" x")]
     together = tasks.score(model, tok, batch)
     for request, got in zip(batch, together, strict=True):
-        start = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+        start = tasks.document_start_id(tok)
         ctx = tok(request.context, add_special_tokens=False)["input_ids"] if request.context else [start]
         text = tok(request.text, add_special_tokens=False)["input_ids"]
         ids = torch.tensor([ctx + text])
         logp = torch.log_softmax(model(ids).logits[0].float(), -1)
         want = [logp[len(ctx) - 1 + i, t].item() for i, t in enumerate(text)]
-        assert got.logprobs == pytest.approx(want, abs=TOL)
-        assert got.logprobs == pytest.approx(tasks.score(model, tok, [request])[0].logprobs, abs=TOL)
+        # Log-probabilities reach -20 and beyond, so float32 noise is relative: 1e-5 of the value.
+        assert got.logprobs == pytest.approx(want, rel=TOL, abs=TOL)
+        assert got.logprobs == pytest.approx(tasks.score(model, tok, [request])[0].logprobs, rel=TOL, abs=TOL)
+
+
+def test_document_start_is_the_separator_not_a_chat_marker(smollm_dir: Path, tiny_gpt2: Path) -> None:
+    for path in (smollm_dir, tiny_gpt2):
+        tok = transformers.AutoTokenizer.from_pretrained(path)
+        assert tok.convert_ids_to_tokens(tasks.document_start_id(tok)) == "<|endoftext|>"
 
 
 @torch.inference_mode()

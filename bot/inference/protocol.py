@@ -190,8 +190,8 @@ class Embed(Request):
 class Score(Request):
     """Log-probabilities of each token of ``text`` given ``context`` (causal LM).
 
-    With an empty context, the text is scored after the model's
-    beginning-of-text token so that its first token counts too.
+    With an empty context, the text is scored after the model's document
+    separator (``<|endoftext|>`` where it has one) so that its first token counts too.
     """
 
     text: str

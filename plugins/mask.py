@@ -1,0 +1,171 @@
+"""Topic "Masked language modeling": fill in blanks, and see what BERT trains on."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import re
+from collections.abc import Callable
+
+from bot import (
+    CodeBlock,
+    Command,
+    Context,
+    Field,
+    Integer,
+    ModelRole,
+    Reply,
+    Segment,
+    Table,
+    Text,
+    Topic,
+    UserError,
+    command,
+    hookimpl,
+)
+from bot.charts import bar_panels, render, show_token
+from bot.inference.protocol import MASK, FillMask
+from bot.tokenizers import wordpiece
+
+TOPIC = Topic(
+    slug="masked-lm",
+    title="Masked language modeling",
+    order=3,
+    key_idea=(
+        "BERT-style models learn by repairing text: some tokens are hidden and the model must recover them "
+        "using the words on both sides. That two-sided view makes rich representations for search and "
+        "classification, but the model never learns to write text one token after another."
+    ),
+    try_command="/mask sentence:The [MASK] sat on the mat and purred.",
+    table=Table(
+        ["of the chosen 15% of tokens", "share", "why"],
+        [
+            ["replaced by [MASK]", "80%", "the main training signal"],
+            ["replaced by a random token", "10%", "the model cannot trust any input token blindly"],
+            ["left unchanged", "10%", "keeps real tokens' representations honest"],
+        ],
+    ),
+    questions=(
+        "Why hide only about 15% of the tokens, not more?",
+        "What did RoBERTa change about BERT's masking?",
+        "Could masked filling be used to make new training data?",
+    ),
+)
+
+MAX_MASKS = 5
+BLANK = re.compile(r"\[MASK\]|<mask>|_{3,}", re.IGNORECASE)
+SELECT, AS_MASK, AS_RANDOM = 0.15, 0.8, 0.1
+
+
+@command(
+    "mask",
+    "Fill the blanks in a sentence with a masked language model",
+    topic=TOPIC.slug,
+    options=[
+        Text("sentence", "A sentence with [MASK], <mask> or ___ where a word is missing", max_length=500),
+        Integer("k", "How many fills to show per blank", default=5, min_value=1, max_value=10),
+    ],
+)
+async def mask(ctx: Context, sentence: str, k: int) -> Reply:
+    blanks = len(BLANK.findall(sentence))
+    if blanks == 0:
+        raise UserError("Put [MASK], <mask> or ___ where the missing word goes.")
+    if blanks > MAX_MASKS:
+        raise UserError(f"That sentence has {blanks} blanks; at most {MAX_MASKS} at a time.")
+    result = await ctx.inference.submit(FillMask(BLANK.sub(MASK, sentence), k=k))
+    rows, panels = [], []
+    for n, fill in enumerate(result.masks, 1):
+        rows += [[str(n), str(r), show_token(t.token), f"{t.prob:.4f}"] for r, t in enumerate(fill.top, 1)]
+        panels.append((f"blank {n}", [show_token(t.token) for t in fill.top], [t.prob for t in fill.top]))
+    chart = await render(bar_panels, panels, xlabel=f"probability ({result.model[:60]})", filename="mask.png")
+    fills = iter(result.masks)
+    best = BLANK.sub(lambda _blank: next(fills).top[0].token.strip(), sentence)
+    return Reply(
+        title=f"Fill the blank ({result.model})",
+        text=f"Best guess: {best}",
+        table=Table(["blank", "#", "token", "score"], rows, align="rrlr"),
+        images=[chart],
+        data={
+            "model": result.model,
+            "tokens": result.tokens,
+            "masks": [
+                {"position": f.position, "top": [{"token": t.token, "id": t.id, "score": t.prob} for t in f.top]}
+                for f in result.masks
+            ],
+        },
+    )
+
+
+def masking_recipe(tokens: list[str], vocab: list[str], seed: int) -> list[tuple[int, str, str, str]]:
+    """BERT's recipe on ``tokens``: choose 15% of positions (at least one); of those,
+    80% become [MASK], 10% a random vocabulary token, 10% stay as they are."""
+    rng = random.Random(seed)
+    chosen = sorted(rng.sample(range(len(tokens)), max(1, round(SELECT * len(tokens)))))
+    changes = []
+    for position in chosen:
+        roll = rng.random()
+        if roll < AS_MASK:
+            changes.append((position, tokens[position], "[MASK]", "mask"))
+        elif roll < AS_MASK + AS_RANDOM:
+            changes.append((position, tokens[position], rng.choice(vocab), "random"))
+        else:
+            changes.append((position, tokens[position], tokens[position], "kept"))
+    return changes
+
+
+def _ordinary_vocab() -> list[str]:
+    return sorted(t for t in wordpiece().get_vocab() if not (t.startswith("[") and t.endswith("]")))
+
+
+@command(
+    "maskrecipe",
+    "Apply BERT's 15% / 80-10-10 masking recipe to a sentence",
+    topic=TOPIC.slug,
+    options=[
+        Text("sentence", "The sentence to mask", max_length=500),
+        Integer("seed", "Random seed: the same seed gives the same masking", default=0, min_value=0, max_value=2**31),
+    ],
+)
+async def maskrecipe(ctx: Context, sentence: str, seed: int) -> Reply:
+    tokens = (await asyncio.to_thread(wordpiece().encode, sentence, add_special_tokens=False)).tokens
+    vocab = await asyncio.to_thread(_ordinary_vocab)
+    changes = masking_recipe(tokens, vocab, seed)
+    by_position = {c[0]: c for c in changes}
+    colour = {"mask": "red", "random": "yellow", "kept": "green"}
+    segments = []
+    for position, token in enumerate(tokens):
+        change = by_position.get(position)
+        segments.append(Segment(change[2] if change else token, colour[change[3]] if change else None))
+        segments.append(Segment(" "))
+    rows = [[str(p), old, new, rule] for p, old, new, rule in changes]
+    return Reply(
+        title="What BERT would train on",
+        text=(
+            f"{len(tokens)} WordPiece tokens; {len(changes)} chosen (15%). "
+            "Red: [MASK] (80%), yellow: random token (10%), green: chosen but kept (10%). "
+            "The model must predict the original token at every chosen position."
+        ),
+        code=CodeBlock(segments),
+        table=Table(["position", "original", "model sees", "rule"], rows, align="rlll"),
+        fields=[Field("seed", str(seed))],
+        data={
+            "tokens": tokens,
+            "changes": [dict(zip(("position", "original", "input", "rule"), c, strict=True)) for c in changes],
+        },
+    )
+
+
+@hookimpl
+def register_commands(register: Callable[[Command], None]) -> None:
+    register(mask)
+    register(maskrecipe)
+
+
+@hookimpl
+def register_models(register: Callable[[ModelRole | str], None]) -> None:
+    register("masked_lm")
+
+
+@hookimpl
+def register_topics(register: Callable[[Topic], None]) -> None:
+    register(TOPIC)
