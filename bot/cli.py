@@ -199,6 +199,38 @@ def _stats_text(summary: dict) -> str:
     )
 
 
+def _token(config: Config) -> str | None:
+    token = os.environ.get(config.bot.token_env, "").strip()
+    if not token:
+        print(
+            f"lmbot: no Discord token: put the bot's token in the {config.bot.token_env} environment variable "
+            "(bot.token_env in config.toml names it).",
+            file=sys.stderr,
+        )
+        return None
+    return token
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from bot.discord_frontend.runner import run_bot
+
+    app = _load_app(args)
+    token = _token(app.config)
+    if token is None:
+        return EXIT_USAGE
+    return asyncio.run(run_bot(app, token))
+
+
+def cmd_sync(args: argparse.Namespace) -> int:
+    from bot.discord_frontend.runner import sync_now
+
+    app = _load_app(args)
+    token = _token(app.config)
+    if token is None:
+        return EXIT_USAGE
+    return asyncio.run(sync_now(app, token, args.guild))
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
@@ -216,6 +248,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the reply as one JSON object")
     p.add_argument("--out", metavar="DIR", help="folder for images (default: bot.output_dir)")
     p.set_defaults(func=cmd_ask)
+
+    p = sub.add_parser("run", parents=[common], help="run the Discord bot (token from the environment)")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("sync", parents=[common], help="upload the slash commands to Discord now")
+    p.add_argument("--guild", type=int, default=None, help="sync to this guild only (instant)")
+    p.set_defaults(func=cmd_sync)
 
     p = sub.add_parser("plugins", parents=[common], help="list plugins, their commands and load errors")
     p.set_defaults(func=cmd_plugins)

@@ -35,6 +35,15 @@ class BotSection(_Section):
     output_dir: str = "lmbot-out"
 
 
+class DiscordSection(_Section):
+    # Guilds to sync commands to at once (guild commands update instantly; global ones
+    # can take a while to show up), e.g. a test server during development.
+    guild_ids: list[int] = []
+    cooldown_s: Annotated[float, Field(ge=0, le=3600)] = 3.0  # per user and command
+    sync: Literal["auto", "never"] = "auto"  # auto: only when the command set changed
+    shutdown_grace_s: Annotated[float, Field(ge=0, le=600)] = 20.0
+
+
 class PluginsSection(_Section):
     disabled: list[str] = []
 
@@ -62,6 +71,7 @@ class InferenceSection(_Section):
 
 class Config(_Section):
     bot: BotSection = BotSection()
+    discord: DiscordSection = DiscordSection()
     plugins: PluginsSection = PluginsSection()
     inference: InferenceSection = InferenceSection()
     # role -> hub id or local path; roles are checked against the registered ones after plugins load.

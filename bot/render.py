@@ -46,10 +46,12 @@ def render_table(table: Table) -> str:
     return "\n".join(lines)
 
 
-def render_code(code: CodeBlock, colour: bool) -> str:
+def render_code(code: CodeBlock, colour: bool, palette: dict[str, int] = ANSI) -> str:
     if not colour:
         return code.plain
-    return "".join(f"\x1b[{ANSI[s.colour]}m{s.text}\x1b[0m" if s.colour in ANSI else s.text for s in code.segments)
+    return "".join(
+        f"\x1b[{palette[s.colour]}m{s.text}\x1b[0m" if s.colour in palette else s.text for s in code.segments
+    )
 
 
 def render_text(reply: Reply, image_paths: list[str], *, colour: bool = False) -> str:

@@ -50,6 +50,10 @@ class InferenceClient(abc.ABC):
     async def close(self) -> None: ...
 
     @abc.abstractmethod
+    def retry_hint_if_full(self) -> float | None:
+        """Seconds to suggest waiting when a new request would be refused as busy, else None."""
+
+    @abc.abstractmethod
     @abc.abstractmethod
     async def status(self) -> dict[str, Any]:
         """Workers and the models they hold."""
@@ -220,6 +224,9 @@ class LocalInferenceClient(InferenceClient):
             queue.remove(pending)
             self._waiting -= 1
             self.metrics.queue_depth.set(self._waiting)
+
+    def retry_hint_if_full(self) -> float | None:
+        return self._retry_hint() if self._waiting >= self.max_queue else None
 
     def _retry_hint(self) -> float:
         rate = self._done_rate or 1.0

@@ -1,0 +1,1 @@
+"""The Discord front end: slash commands generated from the core's registry."""

@@ -1,0 +1,203 @@
+"""The Discord client: answers every interaction, never blocks, never pings.
+
+Order of work for a slash command: cheap checks that can answer at once
+(unknown command, shutting down, owner-only, cooldown, full queue) get an
+immediate ephemeral reply; everything else is deferred ("thinking…") before
+any model work, then answered by a followup. Nothing here runs a model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import discord
+
+from bot.app import App
+from bot.commands import Context, Reply, User
+from bot.discord_frontend.render import escape, render_reply
+from bot.discord_frontend.schema import autocomplete, commands_payload, focused_option, option_values, payload_hash
+
+log = logging.getLogger(__name__)
+
+
+class LmbotClient(discord.Client):
+    def __init__(self, app: App, *, serve: bool = True, **options: Any) -> None:
+        """``serve=False`` logs in without starting the inference service or syncing (``lmbot sync``)."""
+        # Slash commands need no privileged intents and no message content; guilds keeps the guild cache.
+        intents = discord.Intents.none()
+        intents.guilds = True
+        # The bot never joins voice; don't warn that voice libraries are missing.
+        discord.VoiceClient.warn_nacl = discord.VoiceClient.warn_dave = False
+        super().__init__(intents=intents, allowed_mentions=discord.AllowedMentions.none(), **options)
+        self.app = app
+        self.serve = serve
+        self.settings = app.config.discord
+        self.owner_ids: set[int] = set(app.config.bot.owner_ids)
+        self.accepting = True
+        self.in_flight: set[asyncio.Task[None]] = set()
+        self._cooldowns: dict[tuple[int, str], float] = {}
+        self.synced: list[str] = []  # scopes synced by the last sync_commands call
+
+    # ------------------------------------------------------------------ start-up
+
+    async def setup_hook(self) -> None:
+        if not self.serve:
+            return
+        await self.app.inference.start()
+        info = self.application or await self.application_info()
+        self.owner_ids.add(info.owner.id)
+        if info.team is not None:
+            self.owner_ids.update(member.id for member in info.team.members)
+        if self.settings.sync == "auto":
+            await self.sync_commands()
+
+    @property
+    def sync_state_path(self) -> Path:
+        return self.app.config.cache_dir / "discord_sync.json"
+
+    async def sync_commands(self, *, force: bool = False, guild_id: int | None = None) -> list[str]:
+        """Upload the command set where it changed (or everywhere with ``force``).
+
+        Discord rate-limits command creation, so the hash of what was last
+        uploaded to each scope is kept on disk and an unchanged set is skipped.
+        """
+        assert self.application_id is not None
+        payload = commands_payload(self.app.registry.commands.values())
+        digest = payload_hash(payload)
+        try:
+            state = json.loads(self.sync_state_path.read_text())
+        except (OSError, ValueError):
+            state = {}
+        scopes: list[int | None] = [guild_id] if guild_id else [None, *self.settings.guild_ids]
+        self.synced = []
+        for scope in scopes:
+            key = f"{self.application_id}:{scope or 'global'}"
+            if not force and state.get(key) == digest:
+                continue
+            if scope is None:
+                await self.http.bulk_upsert_global_commands(self.application_id, payload)
+            else:
+                await self.http.bulk_upsert_guild_commands(self.application_id, scope, payload)
+            state[key] = digest
+            self.synced.append(key)
+            log.info("synced %d commands to %s", len(payload), key)
+        self.sync_state_path.parent.mkdir(parents=True, exist_ok=True)
+        self.sync_state_path.write_text(json.dumps(state, indent=1))
+        return self.synced
+
+    # ------------------------------------------------------------------ interactions
+
+    async def on_interaction(self, interaction: discord.Interaction) -> None:
+        if interaction.user.bot:
+            return  # other bots never drive this one
+        if interaction.type is discord.InteractionType.autocomplete:
+            await self._autocomplete(interaction)
+        elif interaction.type is discord.InteractionType.application_command:
+            task = asyncio.current_task()
+            assert task is not None
+            self.in_flight.add(task)
+            try:
+                await self._command(interaction)
+            finally:
+                self.in_flight.discard(task)
+
+    async def _autocomplete(self, interaction: discord.Interaction) -> None:
+        data: dict[str, Any] = interaction.data or {}  # type: ignore[assignment]
+        cmd = self.app.registry.commands.get(data.get("name", ""))
+        focused = focused_option(data)
+        choices = autocomplete(cmd, *focused) if cmd and focused else []
+        with contextlib.suppress(discord.HTTPException):
+            await interaction.response.autocomplete([discord.app_commands.Choice(**c) for c in choices])
+
+    def _refusal(self, interaction: discord.Interaction, name: str) -> str | None:
+        """A reason to answer at once without deferring, or None."""
+        cmd = self.app.registry.commands.get(name)
+        if not self.accepting:
+            return "The bot is restarting; try again in a minute."
+        if cmd is None:
+            return f"/{name} is not available any more; the command list will refresh soon."
+        if cmd.owner_only and interaction.user.id not in self.owner_ids:
+            return f"/{name} is for the bot's owners only."
+        now = time.monotonic()
+        key = (interaction.user.id, name)
+        ready_at = self._cooldowns.get(key, 0.0)
+        if now < ready_at:
+            return f"Slow down a little: you can use /{name} again in {ready_at - now:.0f} s."
+        busy = self.app.inference.retry_hint_if_full()
+        if busy is not None:
+            return f"The bot is busy right now; try again in {busy:.0f} s."
+        self._cooldowns[key] = now + self.settings.cooldown_s
+        return None
+
+    async def _command(self, interaction: discord.Interaction) -> None:
+        data: dict[str, Any] = interaction.data or {}  # type: ignore[assignment]
+        name = data.get("name", "")
+        refusal = self._refusal(interaction, name)
+        if refusal is not None:
+            with contextlib.suppress(discord.HTTPException):
+                await interaction.response.send_message(escape(refusal), ephemeral=True)
+            return
+        try:
+            await interaction.response.defer(thinking=True)
+        except discord.HTTPException:
+            log.warning("could not defer /%s in time; Discord has dropped the interaction", name)
+            return
+        try:
+            reply = await self.app.execute(name, option_values(data), self._context(interaction))
+        except asyncio.CancelledError:
+            # Shutting down past the grace period: release the interaction with a word, not silence.
+            with contextlib.suppress(discord.HTTPException):
+                await interaction.followup.send("The bot is restarting; please ask again in a minute.")
+            raise
+        except Exception:  # execute() already turns plugin errors into replies; this is a last resort
+            log.exception("unexpected error answering /%s", name)
+            reply = Reply.failure("Something went wrong; please try again.")
+        await self._send(interaction, reply)
+
+    def _context(self, interaction: discord.Interaction) -> Context:
+        user = interaction.user
+        return Context(
+            user=User(str(user.id), user.name, is_owner=user.id in self.owner_ids),
+            app=self.app,
+            guild_id=str(interaction.guild_id) if interaction.guild_id else None,
+            transport="discord",
+        )
+
+    async def _send(self, interaction: discord.Interaction, reply: Reply) -> None:
+        rendered = render_reply(reply)
+        try:
+            if rendered.ephemeral:
+                # The "thinking…" message is public; an ephemeral answer replaces it privately.
+                with contextlib.suppress(discord.HTTPException):
+                    await interaction.delete_original_response()
+            await interaction.followup.send(**rendered.kwargs())
+        except discord.NotFound:
+            # The token expired or the message is gone: retrying would only earn invalid-request strikes.
+            log.warning("the interaction for /%s is gone; its answer was dropped", interaction.data)
+        except discord.HTTPException as exc:
+            log.error("could not answer an interaction: %s", exc)
+            if exc.status < 500:
+                with contextlib.suppress(discord.HTTPException):
+                    await interaction.followup.send("Sorry, that answer could not be sent.", ephemeral=True)
+
+    # ------------------------------------------------------------------ shutdown
+
+    async def shutdown(self) -> None:
+        """Stop taking interactions, let in-flight ones finish, stop the workers, disconnect."""
+        if not self.accepting:
+            return
+        self.accepting = False
+        pending = [t for t in self.in_flight if not t.done()]
+        if pending:
+            log.info("waiting for %d interactions to finish", len(pending))
+            _, late = await asyncio.wait(pending, timeout=self.settings.shutdown_grace_s)
+            for task in late:
+                task.cancel()
+        await self.app.close()
+        await self.close()

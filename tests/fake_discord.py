@@ -1,0 +1,282 @@
+"""A small fake Discord (REST + gateway) on 127.0.0.1 for end-to-end tests.
+
+The real, unmodified discord.py client talks to it: tests point discord.py's
+two base URLs here and give the client a resolver that refuses every host
+but loopback. The fake records every REST call the bot makes and can push
+INTERACTION_CREATE events through the gateway.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import socket
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+from aiohttp.abc import AbstractResolver
+
+APP_ID = 1100
+BOT_ID = 1101
+OWNER_ID = 1102
+GUILD_ID = 1200
+CHANNEL_ID = 1300
+
+
+def _user(user_id: int, name: str, bot: bool = False) -> dict[str, Any]:
+    return {"id": str(user_id), "username": name, "discriminator": "0", "global_name": name, "avatar": None, "bot": bot}
+
+
+def _json(data: Any, status: int = 200) -> web.Response:
+    # discord.py parses JSON only when the content type is exactly application/json.
+    return web.Response(body=json.dumps(data).encode(), status=status, headers={"Content-Type": "application/json"})
+
+
+class LoopbackOnlyResolver(AbstractResolver):
+    """Resolves every name to 127.0.0.1, or refuses: tests cannot leave the machine."""
+
+    def __init__(self, allowed: set[str] | None = None) -> None:
+        self.allowed = allowed
+
+    async def resolve(self, host: str, port: int = 0, family: int = socket.AF_INET) -> list[dict[str, Any]]:
+        if host not in ("127.0.0.1", "localhost") and (self.allowed is None or host not in self.allowed):
+            raise OSError(f"tests may only reach 127.0.0.1, not {host}")
+        return [{"hostname": host, "host": "127.0.0.1", "port": port, "family": socket.AF_INET, "proto": 0, "flags": 0}]
+
+    async def close(self) -> None:
+        pass
+
+
+@dataclass
+class Call:
+    method: str
+    path: str
+    body: Any
+    files: list[tuple[str, bytes]] = field(default_factory=list)
+    at: float = 0.0
+
+
+class FakeDiscord:
+    def __init__(self) -> None:
+        self.calls: list[Call] = []
+        self.sockets: list[web.WebSocketResponse] = []
+        self.ready = asyncio.Event()
+        self.seq = itertools.count(2)
+        self.ids = itertools.count(5000)
+        self.new_call = asyncio.Condition()
+        self.fail_callbacks = 0  # answer this many interaction callbacks with a 404
+        app = web.Application()
+        app.router.add_get("/api/v10/users/@me", self.me)
+        app.router.add_get("/api/v10/oauth2/applications/@me", self.application)
+        app.router.add_put("/api/v10/applications/{app}/commands", self.put_commands)
+        app.router.add_put("/api/v10/applications/{app}/guilds/{guild}/commands", self.put_commands)
+        app.router.add_post("/api/v10/interactions/{id}/{token}/callback", self.callback)
+        app.router.add_post("/api/v10/webhooks/{app}/{token}", self.followup)
+        app.router.add_patch("/api/v10/webhooks/{app}/{token}/messages/@original", self.followup)
+        app.router.add_delete("/api/v10/webhooks/{app}/{token}/messages/@original", self.delete)
+        app.router.add_get("/gateway", self.gateway)
+        self.app = app
+        self.runner: web.AppRunner | None = None
+        self.port = 0
+
+    async def start(self) -> None:
+        self.runner = web.AppRunner(self.app)
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, "127.0.0.1", 0)
+        await site.start()
+        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+
+    async def stop(self) -> None:
+        for ws in list(self.sockets):
+            await ws.close()
+        if self.runner is not None:
+            await self.runner.cleanup()
+
+    @property
+    def api(self) -> str:
+        return f"http://127.0.0.1:{self.port}/api/v10"
+
+    @property
+    def gateway_url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/gateway"
+
+    # ------------------------------------------------------------------ recording
+
+    async def _record(self, request: web.Request) -> Call:
+        files: list[tuple[str, bytes]] = []
+        body: Any = None
+        if request.content_type.startswith("multipart/"):
+            reader = await request.multipart()
+            async for part in reader:
+                if part.name == "payload_json":
+                    body = json.loads(await part.text())
+                else:
+                    files.append((part.filename or "", bytes(await part.read())))
+        elif request.can_read_body:
+            text = await request.text()
+            body = json.loads(text) if text else None
+        call = Call(request.method, request.path, body, files, asyncio.get_running_loop().time())
+        self.calls.append(call)
+        async with self.new_call:
+            self.new_call.notify_all()
+        return call
+
+    def calls_to(self, fragment: str, method: str | None = None) -> list[Call]:
+        return [c for c in self.calls if fragment in c.path and (method is None or c.method == method)]
+
+    async def wait_for(self, predicate: Any, timeout: float = 30) -> list[Call]:
+        """Wait until ``predicate(calls)`` is true; return the calls."""
+        async with asyncio.timeout(timeout), self.new_call:
+            await self.new_call.wait_for(lambda: predicate(self.calls))
+        return self.calls
+
+    # ------------------------------------------------------------------ REST
+
+    async def me(self, request: web.Request) -> web.Response:
+        return _json(_user(BOT_ID, "lmbot", bot=True))
+
+    async def application(self, request: web.Request) -> web.Response:
+        return _json(
+            {
+                "id": str(APP_ID),
+                "name": "lmbot",
+                "icon": None,
+                "description": "",
+                "bot_public": True,
+                "bot_require_code_grant": False,
+                "owner": _user(OWNER_ID, "owner"),
+                "team": None,
+                "verify_key": "0" * 64,
+                "flags": 0,
+            }
+        )
+
+    async def put_commands(self, request: web.Request) -> web.Response:
+        call = await self._record(request)
+        return _json(
+            [{**c, "id": str(next(self.ids)), "application_id": str(APP_ID), "version": "1"} for c in call.body]
+        )
+
+    async def callback(self, request: web.Request) -> web.Response:
+        call = await self._record(request)
+        if self.fail_callbacks:
+            self.fail_callbacks -= 1
+            return _json({"message": "Unknown interaction", "code": 10062}, status=404)
+        kind = call.body["type"]
+        body = {
+            "interaction": {
+                "id": request.match_info["id"],
+                "type": 2,
+                "response_message_loading": kind == 5,
+                "response_message_ephemeral": bool((call.body.get("data") or {}).get("flags", 0) & 64),
+            }
+        }
+        return _json(body)
+
+    def _message(self, body: dict[str, Any] | None) -> dict[str, Any]:
+        body = body or {}
+        return {
+            "id": str(next(self.ids)),
+            "channel_id": str(CHANNEL_ID),
+            "author": _user(BOT_ID, "lmbot", bot=True),
+            "content": body.get("content", ""),
+            "timestamp": "2026-11-28T00:00:00+00:00",
+            "edited_timestamp": None,
+            "tts": False,
+            "mention_everyone": False,
+            "mentions": [],
+            "mention_roles": [],
+            "attachments": [],
+            "embeds": body.get("embeds", []),
+            "pinned": False,
+            "type": 0,
+            "flags": body.get("flags", 0),
+            "components": [],
+        }
+
+    async def followup(self, request: web.Request) -> web.Response:
+        call = await self._record(request)
+        return _json(self._message(call.body))
+
+    async def delete(self, request: web.Request) -> web.Response:
+        await self._record(request)
+        return web.Response(status=204)
+
+    # ------------------------------------------------------------------ gateway
+
+    async def gateway(self, request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        self.sockets.append(ws)
+        await ws.send_str(json.dumps({"op": 10, "d": {"heartbeat_interval": 41250}}))
+        async for message in ws:
+            if message.type is not aiohttp.WSMsgType.TEXT:
+                continue
+            payload = json.loads(message.data)
+            if payload["op"] == 1:
+                await ws.send_str(json.dumps({"op": 11}))
+            elif payload["op"] == 2:
+                ready = {
+                    "v": 10,
+                    "user": _user(BOT_ID, "lmbot", bot=True),
+                    "guilds": [],
+                    "session_id": "fake-session",
+                    "resume_gateway_url": self.gateway_url,
+                    "application": {"id": str(APP_ID), "flags": 0},
+                }
+                await ws.send_str(json.dumps({"op": 0, "t": "READY", "s": 1, "d": ready}))
+                self.ready.set()
+        self.sockets.remove(ws)
+        return ws
+
+    async def interact(
+        self,
+        name: str,
+        options: dict[str, Any] | None = None,
+        *,
+        user_id: int = 2000,
+        bot: bool = False,
+        kind: int = 2,
+        focused: str | None = None,
+    ) -> str:
+        """Send an INTERACTION_CREATE for /name; return its token."""
+        interaction_id = next(self.ids)
+        token = f"token-{interaction_id}"
+        types = {bool: 5, int: 4, float: 10, str: 3}
+        data_options = [
+            {"name": k, "type": types[type(v)], "value": v, **({"focused": True} if k == focused else {})}
+            for k, v in (options or {}).items()
+        ]
+        payload = {
+            "id": str(interaction_id),
+            "application_id": str(APP_ID),
+            "type": kind,
+            "token": token,
+            "version": 1,
+            "guild_id": str(GUILD_ID),
+            "channel_id": str(CHANNEL_ID),
+            "channel": {"id": str(CHANNEL_ID), "type": 0, "guild_id": str(GUILD_ID), "name": "study", "position": 0},
+            "member": {
+                "user": _user(user_id, f"student{user_id}", bot=bot),
+                "roles": [],
+                "joined_at": "2026-01-01T00:00:00+00:00",
+                "deaf": False,
+                "mute": False,
+                "permissions": "0",
+                "flags": 0,
+            },
+            "app_permissions": "0",
+            "locale": "en-US",
+            "entitlements": [],
+            "authorizing_integration_owners": {"0": str(GUILD_ID)},
+            "context": 0,
+            "attachment_size_limit": 8 * 1024 * 1024,
+            "data": {"id": "1", "name": name, "type": 1, "options": data_options},
+        }
+        event = json.dumps({"op": 0, "t": "INTERACTION_CREATE", "s": next(self.seq), "d": payload})
+        for ws in self.sockets:
+            await ws.send_str(event)
+        return token

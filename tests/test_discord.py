@@ -1,0 +1,229 @@
+"""The real discord.py client against a fake Discord on 127.0.0.1, end to end."""
+
+from __future__ import annotations
+
+import asyncio
+import types
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import discord
+import pytest
+import yarl
+
+from bot import Reply, Text, command, hookimpl
+from bot.app import App
+from bot.discord_frontend.client import LmbotClient
+from bot.discord_frontend.runner import run_bot
+from tests.conftest import make_config
+from tests.fake_discord import APP_ID, GUILD_ID, OWNER_ID, FakeDiscord, LoopbackOnlyResolver
+from tests.fake_tasks import Slow
+
+EPHEMERAL = 64
+
+
+@command("boom", "Raises inside its handler")
+async def boom(ctx) -> Reply:  # type: ignore[no-untyped-def]
+    raise RuntimeError("internal detail that must not reach Discord")
+
+
+@command("slow", "Takes a while in the model worker", options=[Text("text", "Anything")])
+async def slow(ctx, text: str) -> Reply:  # type: ignore[no-untyped-def]
+    return Reply(await ctx.inference.submit(Slow(text, seconds=1.0)))
+
+
+@command(
+    "pick", "Has a long choice list", options=[Text("word", "A word", choices=[f"word{i:02d}" for i in range(40)])]
+)
+async def pick(ctx, word: str) -> Reply:  # type: ignore[no-untyped-def]
+    return Reply(word)
+
+
+@hookimpl
+def register_commands(register):  # type: ignore[no-untyped-def]
+    register(boom)
+    register(slow)
+    register(pick)
+
+
+TEST_PLUGIN = types.SimpleNamespace(register_commands=register_commands)
+
+
+class Harness:
+    def __init__(self, fake: FakeDiscord, cache: Path, models: dict[str, Path]) -> None:
+        self.fake, self.cache, self.models = fake, cache, models
+        self.client: LmbotClient | None = None
+        self.task: asyncio.Task[int] | None = None
+
+    async def start(self, plugins: list[tuple[object, str]] | None = None, **settings: Any) -> LmbotClient:
+        config = make_config(self.cache, self.models, **settings.pop("inference", {}))
+        if settings:
+            config = config.model_copy(update={"discord": config.discord.model_copy(update=settings)})
+        app = App(config, extra_plugins=plugins if plugins is not None else [(TEST_PLUGIN, "testing")])
+        self.fake.ready.clear()
+        connector = aiohttp.TCPConnector(resolver=LoopbackOnlyResolver())
+        self.client = LmbotClient(app, connector=connector, guild_ready_timeout=0.05)
+        self.task = asyncio.create_task(run_bot(app, "fake-token", self.client))
+        ready = asyncio.create_task(self.fake.ready.wait())
+        done, _ = await asyncio.wait({ready, self.task}, timeout=30, return_when=asyncio.FIRST_COMPLETED)
+        if self.task in done:
+            raise RuntimeError(f"the bot stopped while starting: {self.task.result()}")
+        assert ready in done, "the bot never identified"
+        return self.client
+
+    async def stop(self) -> int:
+        assert self.client is not None and self.task is not None
+        await self.client.shutdown()
+        return await asyncio.wait_for(self.task, 30)
+
+    async def answer(self, token: str) -> Any:
+        """The followup (or immediate reply) that answered interaction ``token``."""
+
+        def answered(calls: list) -> bool:
+            return any(
+                token in c.path and c.method in ("POST", "PATCH") and "webhooks" in c.path for c in calls
+            ) or any(token in c.path and "callback" in c.path and c.body["type"] == 4 for c in calls)
+
+        await self.fake.wait_for(answered)
+        return [c for c in self.fake.calls if token in c.path]
+
+
+@pytest.fixture
+async def harness(monkeypatch, tmp_path: Path, tiny_gpt2: Path) -> AsyncIterator[Harness]:  # type: ignore[no-untyped-def]
+    fake = FakeDiscord()
+    await fake.start()
+    monkeypatch.setattr(discord.http.Route, "BASE", fake.api)
+    monkeypatch.setattr(discord.gateway.DiscordWebSocket, "DEFAULT_GATEWAY", yarl.URL(fake.gateway_url))
+    h = Harness(fake, tmp_path / "cache", {"causal_lm": tiny_gpt2})
+    yield h
+    if h.task is not None and not h.task.done():
+        await h.stop()
+    await fake.stop()
+
+
+async def test_commands_are_synced_once_and_again_only_when_changed(harness: Harness) -> None:
+    await harness.start(guild_ids=[GUILD_ID])
+    puts = harness.fake.calls_to("/commands", "PUT")
+    assert [c.path for c in puts] == [
+        f"/api/v10/applications/{APP_ID}/commands",
+        f"/api/v10/applications/{APP_ID}/guilds/{GUILD_ID}/commands",
+    ]
+    synced = {c["name"]: c for c in puts[0].body}
+    assert {"help", "nexttoken", "tokenize", "mask", "ngram", "compare"} <= set(synced)
+    k = next(o for o in synced["nexttoken"]["options"] if o["name"] == "k")
+    assert (k["type"], k["min_value"], k["max_value"], k["required"]) == (4, 1, 25, False)
+    encoding = next(o for o in synced["tokenize"]["options"] if o["name"] == "encoding")
+    assert [c["value"] for c in encoding["choices"]][:2] == ["cl100k_base", "o200k_base"]
+    assert next(o for o in synced["pick"]["options"])["autocomplete"] is True  # 40 choices > 25
+    assert await harness.stop() == 0
+
+    await harness.start(guild_ids=[GUILD_ID])  # same commands: nothing uploaded
+    assert len(harness.fake.calls_to("/commands", "PUT")) == 2
+    await harness.stop()
+
+    await harness.start(plugins=[], guild_ids=[GUILD_ID])  # one plugin fewer: uploaded again
+    assert len(harness.fake.calls_to("/commands", "PUT")) == 4
+
+
+async def test_slash_command_is_deferred_then_answered_with_embed_and_chart(harness: Harness) -> None:
+    await harness.start()
+    token = await harness.fake.interact("nexttoken", {"prompt": "The capital of France is", "k": 3})
+    calls = await harness.answer(token)
+    callback, followup = calls[0], calls[-1]
+    assert callback.body == {"type": 5}  # defer: "thinking"
+    assert followup.body["allowed_mentions"] == {"parse": []}
+    embed = followup.body["embeds"][0]
+    assert embed["title"].startswith("Next token (tiny-gpt2)")
+    assert "probability" in embed["description"]
+    assert embed["image"]["url"] == "attachment://nexttoken.png"
+    assert followup.files[0][0] == "nexttoken.png" and followup.files[0][1].startswith(b"\x89PNG")
+
+
+async def test_mentions_in_user_text_never_ping(harness: Harness) -> None:
+    await harness.start()
+    token = await harness.fake.interact("maskrecipe", {"sentence": "@everyone meet <@&123> and <@456> @here"})
+    followup = (await harness.answer(token))[-1]
+    assert followup.body["allowed_mentions"] == {"parse": []}
+    text = str(followup.body)
+    for raw in ("@everyone", "@here", "<@&123>", "<@456>"):
+        assert raw not in text
+
+
+async def test_cooldown_answers_privately(harness: Harness) -> None:
+    await harness.start(cooldown_s=60.0)
+    first = await harness.fake.interact("help", {}, user_id=3001)
+    await harness.answer(first)
+    second = await harness.fake.interact("help", {}, user_id=3001)
+    callback = (await harness.answer(second))[0]
+    assert callback.body["type"] == 4
+    assert callback.body["data"]["flags"] == EPHEMERAL
+    assert "Slow down" in callback.body["data"]["content"]
+    other_user = await harness.fake.interact("help", {}, user_id=3002)
+    assert (await harness.answer(other_user))[0].body == {"type": 5}
+
+
+async def test_owner_only_command_is_refused_to_others(harness: Harness) -> None:
+    await harness.start()
+    refused = (await harness.answer(await harness.fake.interact("stats", {}, user_id=4001)))[0]
+    assert refused.body["type"] == 4 and refused.body["data"]["flags"] == EPHEMERAL
+    assert "owners only" in refused.body["data"]["content"]
+    allowed = await harness.answer(await harness.fake.interact("stats", {}, user_id=OWNER_ID))
+    assert allowed[0].body == {"type": 5}
+    assert allowed[-1].body["embeds"][0]["title"] == "Inference stats"
+
+
+async def test_crashing_plugin_answers_with_an_error_id(harness: Harness) -> None:
+    await harness.start()
+    calls = await harness.answer(await harness.fake.interact("boom"))
+    content = calls[-1].body["content"]
+    assert "error id" in content and "internal detail" not in content
+    # Other commands still work.
+    assert (await harness.answer(await harness.fake.interact("help")))[-1].body["embeds"]
+
+
+async def test_bad_input_gets_an_ephemeral_answer(harness: Harness) -> None:
+    await harness.start()
+    calls = await harness.answer(await harness.fake.interact("nexttoken", {"prompt": "   "}))
+    assert [c.method for c in calls] == ["POST", "DELETE", "POST"]  # defer, drop "thinking", private answer
+    assert calls[-1].body["flags"] == EPHEMERAL
+    assert "`prompt` is empty" in calls[-1].body["content"]
+
+
+async def test_busy_queue_answers_at_once(harness: Harness) -> None:
+    client = await harness.start(inference={"max_queue": 1, "max_batch_size": 1})
+    running = [asyncio.create_task(client.app.inference.submit(Slow("a", seconds=2.0)))]
+    await asyncio.sleep(0.5)
+    running.append(asyncio.create_task(client.app.inference.submit(Slow("b", seconds=0.1))))
+    await asyncio.sleep(0.05)
+    callback = (await harness.answer(await harness.fake.interact("nexttoken", {"prompt": "hi"})))[0]
+    assert callback.body["type"] == 4 and callback.body["data"]["flags"] == EPHEMERAL
+    assert "busy right now; try again in" in callback.body["data"]["content"]
+    await asyncio.gather(*running)
+
+
+async def test_other_bots_are_ignored(harness: Harness) -> None:
+    await harness.start()
+    token = await harness.fake.interact("help", bot=True)
+    await asyncio.sleep(0.5)
+    assert not [c for c in harness.fake.calls if token in c.path]
+
+
+async def test_autocomplete_offers_matching_choices(harness: Harness) -> None:
+    await harness.start()
+    token = await harness.fake.interact("pick", {"word": "word1"}, kind=4, focused="word")
+    await harness.fake.wait_for(lambda calls: any(token in c.path for c in calls))
+    callback = next(c for c in harness.fake.calls if token in c.path)
+    assert callback.body["type"] == 8
+    assert [c["value"] for c in callback.body["data"]["choices"]] == [f"word1{i}" for i in range(10)]
+
+
+async def test_shutdown_answers_in_flight_interactions_then_exits_zero(harness: Harness) -> None:
+    await harness.start()
+    token = await harness.fake.interact("slow", {"text": "still answered"})
+    await harness.fake.wait_for(lambda calls: any(token in c.path for c in calls))
+    assert await harness.stop() == 0
+    calls = [c for c in harness.fake.calls if token in c.path]
+    assert calls[-1].body["embeds"][0]["description"] == "done still answered"
+    assert harness.client is not None and harness.client.is_closed()
