@@ -68,6 +68,8 @@ class FakeDiscord:
         self.ids = itertools.count(5000)
         self.new_call = asyncio.Condition()
         self.fail_callbacks = 0  # answer this many interaction callbacks with a 404
+        self.reject_token = False
+        self.sent: dict[str, float] = {}  # interaction token -> when it was dispatched
         app = web.Application()
         app.router.add_get("/api/v10/users/@me", self.me)
         app.router.add_get("/api/v10/oauth2/applications/@me", self.application)
@@ -136,6 +138,8 @@ class FakeDiscord:
     # ------------------------------------------------------------------ REST
 
     async def me(self, request: web.Request) -> web.Response:
+        if self.reject_token:
+            return _json({"message": "401: Unauthorized", "code": 0}, status=401)
         return _json(_user(BOT_ID, "lmbot", bot=True))
 
     async def application(self, request: web.Request) -> web.Response:
@@ -277,6 +281,7 @@ class FakeDiscord:
             "data": {"id": "1", "name": name, "type": 1, "options": data_options},
         }
         event = json.dumps({"op": 0, "t": "INTERACTION_CREATE", "s": next(self.seq), "d": payload})
+        self.sent[token] = asyncio.get_running_loop().time()
         for ws in self.sockets:
             await ws.send_str(event)
         return token

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
+import subprocess
+import sys
 import types
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -15,8 +19,10 @@ import yarl
 
 from bot import Reply, Text, command, hookimpl
 from bot.app import App
+from bot.commands import Field
 from bot.discord_frontend.client import LmbotClient
-from bot.discord_frontend.runner import run_bot
+from bot.discord_frontend.render import render_reply
+from bot.discord_frontend.runner import run_bot, sync_now
 from tests.conftest import make_config
 from tests.fake_discord import APP_ID, GUILD_ID, OWNER_ID, FakeDiscord, LoopbackOnlyResolver
 from tests.fake_tasks import Slow
@@ -227,3 +233,65 @@ async def test_shutdown_answers_in_flight_interactions_then_exits_zero(harness: 
     calls = [c for c in harness.fake.calls if token in c.path]
     assert calls[-1].body["embeds"][0]["description"] == "done still answered"
     assert harness.client is not None and harness.client.is_closed()
+
+
+async def test_sigterm_shuts_down_cleanly(harness: Harness) -> None:
+    await harness.start()
+    os.kill(os.getpid(), signal.SIGTERM)  # run_bot's handler turns this into client.shutdown()
+    assert harness.task is not None
+    assert await asyncio.wait_for(harness.task, 30) == 0
+    assert harness.client is not None and harness.client.is_closed()
+
+
+async def test_rejected_token_is_one_line_and_exit_2(harness: Harness, capsys) -> None:  # type: ignore[no-untyped-def]
+    harness.fake.reject_token = True
+    app = App(make_config(harness.cache, harness.models))
+    client = LmbotClient(app, connector=aiohttp.TCPConnector(resolver=LoopbackOnlyResolver()))
+    assert await run_bot(app, "wrong", client) == 2
+    assert capsys.readouterr().err.strip() == "lmbot: Discord rejected the token in $LMBOT_DISCORD_TOKEN."
+
+
+def test_missing_token_is_one_line_and_exit_2(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "LMBOT_DISCORD_TOKEN"}
+    done = subprocess.run(
+        [sys.executable, "-m", "bot.cli", "run"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 2
+    assert done.stderr.strip().startswith("lmbot: no Discord token: put the bot's token in the LMBOT_DISCORD_TOKEN")
+    assert len(done.stderr.strip().splitlines()) == 1
+
+
+async def test_lmbot_sync_forces_an_upload_to_one_guild(harness: Harness, capsys) -> None:  # type: ignore[no-untyped-def]
+    app = App(make_config(harness.cache, harness.models))
+    original = LmbotClient.__init__
+
+    def loopback_only(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        original(self, *args, connector=aiohttp.TCPConnector(resolver=LoopbackOnlyResolver()), **kwargs)
+
+    LmbotClient.__init__ = loopback_only  # type: ignore[method-assign]
+    try:
+        assert await sync_now(app, "fake-token", 777) == 0
+        assert await sync_now(app, "fake-token", 777) == 0  # forced: uploads even when unchanged
+    finally:
+        LmbotClient.__init__ = original  # type: ignore[method-assign]
+    puts = harness.fake.calls_to(f"/applications/{APP_ID}/guilds/777/commands", "PUT")
+    assert len(puts) == 2
+    assert not harness.fake.calls_to(f"/applications/{APP_ID}/commands", "PUT")
+    assert "synced" in capsys.readouterr().out
+
+
+def test_long_replies_fit_discord_and_overflow_goes_to_a_file() -> None:
+    reply = Reply(
+        title="T" * 400,
+        text="x" * 5000,
+        fields=[Field(f"f{i}", "v" * 2000) for i in range(30)],
+    )
+    rendered = render_reply(reply)
+    embed = rendered.embed
+    assert embed is not None
+    assert len(embed.title or "") <= 256 and len(embed.description or "") <= 4096
+    assert len(embed.fields) <= 25 and all(len(f.value or "") <= 1024 for f in embed.fields)
+    assert len(embed) <= 6000
+    assert [f.filename for f in rendered.files] == ["reply.txt"]
+    error = render_reply(Reply.failure("@everyone " + "y" * 3000))
+    assert error.content is not None and len(error.content) <= 2000 and "@everyone" not in error.content

@@ -26,7 +26,9 @@ def escape(text: str) -> str:
 
 
 def clip(text: str, limit: int) -> str:
-    return text if len(text) <= limit else text[: limit - 1] + "…"
+    if len(text) <= limit:
+        return text
+    return text[: limit - 1] + "…" if limit > 0 else ""
 
 
 def _block(text: str, language: str = "") -> str:
@@ -62,23 +64,28 @@ def render_reply(reply: Reply) -> Rendered:
     if reply.code is not None:
         parts.append(_block(escape(render_code(reply.code, True, DISCORD_ANSI)), "ansi"))
     description = "\n".join(parts)
+    title = clip(escape(reply.title or ""), TITLE)
+    fields = [(clip(escape(f.name), FIELD_NAME), clip(escape(f.value), FIELD_VALUE), f.inline) for f in reply.fields]
+    size = len(title) + len(description) + sum(len(n) + len(v) for n, v, _ in fields)
     files = [
         discord.File(io.BytesIO(i.data), filename=i.filename, description=i.description[:1024]) for i in reply.images
     ]
-    embed = discord.Embed(title=clip(escape(reply.title or ""), TITLE) or None, colour=discord.Colour.blurple())
-    budget = EMBED_TOTAL - len(embed.title or "")
-    overflow = len(description) > DESCRIPTION
-    for item in reply.fields[:FIELDS]:
-        name, value = clip(escape(item.name), FIELD_NAME), clip(escape(item.value), FIELD_VALUE)
-        budget -= len(name) + len(value)
-        embed.add_field(name=name, value=value, inline=item.inline)
-    overflow |= len(reply.fields) > FIELDS or budget < min(len(description), DESCRIPTION)
-    if overflow:
+    if len(description) > DESCRIPTION or len(fields) > FIELDS or size > EMBED_TOTAL:
         # The whole reply, as the console shows it, goes in a file; the embed keeps what fits.
         full = render_text(reply, [i.filename for i in reply.images])
         files.append(discord.File(io.BytesIO(full.encode()), filename="reply.txt"))
-        description = clip(escape(reply.text), max(0, min(DESCRIPTION, budget) - 40)) + "\n(full reply attached)"
-    embed.description = description or None
+        description = clip(escape(reply.text), 1500) + "\n(the full reply is attached as reply.txt)"
+        budget = EMBED_TOTAL - len(title) - len(description)
+        kept = []
+        for name, value, inline in fields[:FIELDS]:
+            budget -= len(name) + len(value)
+            if budget < 0:
+                break
+            kept.append((name, value, inline))
+        fields = kept
+    embed = discord.Embed(title=title or None, description=description or None, colour=discord.Colour.blurple())
+    for name, value, inline in fields:
+        embed.add_field(name=name, value=value, inline=inline)
     if reply.images:
         embed.set_image(url=f"attachment://{reply.images[0].filename}")
     return Rendered(embed=embed, files=files, ephemeral=reply.ephemeral)

@@ -21,9 +21,11 @@ async def run_bot(app: App, token: str, client: LmbotClient | None = None) -> in
     """Run until SIGTERM/SIGINT or disconnect; exit 0 after a clean shutdown, 2 on a bad token."""
     client = client or LmbotClient(app)
     loop = asyncio.get_running_loop()
+    handled = []
     for sig in (signal.SIGTERM, signal.SIGINT):
-        with contextlib.suppress(NotImplementedError, RuntimeError):  # not on the main thread (tests)
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):  # no signals off the main thread
             loop.add_signal_handler(sig, lambda: asyncio.ensure_future(client.shutdown()))
+            handled.append(sig)
     try:
         await client.start(token)
     except discord.LoginFailure:
@@ -33,6 +35,8 @@ async def run_bot(app: App, token: str, client: LmbotClient | None = None) -> in
     finally:
         if not client.is_closed():
             await client.shutdown()
+        for sig in handled:
+            loop.remove_signal_handler(sig)
     return EXIT_OK
 
 
