@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 from bot import core
@@ -49,10 +49,18 @@ class App:
         self.registry: Registry = self.host.build_registry()
         check_roles(config, set(self.registry.roles))
         self.inference: InferenceClient = create_client(config, self.registry.roles)
+        # Set by a front end that publishes commands somewhere (Discord): re-publish them.
+        self.publish_commands: Callable[[], Awaitable[list[str]]] | None = None
 
     @property
     def plugin_records(self) -> list[PluginRecord]:
         return list(self.host.records.values())
+
+    def reload_plugin(self, name: str) -> PluginRecord:
+        """Reload one plugin and rebuild the registry; on a conflict the old registry stays."""
+        record = self.host.reload(name)
+        self.registry = self.host.build_registry()
+        return record
 
     def local_context(self) -> Context:
         """The console's user: whoever runs the process owns the bot."""

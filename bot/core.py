@@ -1,4 +1,5 @@
-"""Commands of the core itself, which need no model: /help, /plugins, /stats."""
+"""Commands of the core itself, which need no model: /help, /plugins, and the
+owner-only /stats, /reload and /sync."""
 
 from __future__ import annotations
 
@@ -112,8 +113,36 @@ async def stats_command(ctx: Context) -> Reply:
     )
 
 
+@command(
+    "reload",
+    "Reload a plugin's code without restarting the bot",
+    options=[Text("plugin", "The plugin's name, as /plugins lists it", max_length=64)],
+    owner_only=True,
+)
+async def reload_command(ctx: Context, plugin: str) -> Reply:
+    try:
+        record = ctx.app.reload_plugin(plugin.strip())
+    except (KeyError, ValueError) as exc:
+        return Reply.failure(str(exc).strip("'\""))
+    if record.status != "loaded":
+        return Reply.failure(f"{record.name} failed to load: {record.error}", ephemeral=False)
+    published = await ctx.app.publish_commands() if ctx.app.publish_commands else []
+    note = f" Commands re-published to {len(published)} place(s)." if published else ""
+    return Reply(f"Reloaded {record.name}: {', '.join('/' + c for c in record.commands) or 'no commands'}.{note}")
+
+
+@command("sync", "Publish the slash commands to Discord now", owner_only=True)
+async def sync_command(ctx: Context) -> Reply:
+    if ctx.app.publish_commands is None:
+        return Reply.failure("Commands are published by the Discord front end; this one has nothing to sync.")
+    published = await ctx.app.publish_commands()
+    return Reply(f"Published {len(ctx.app.registry.commands)} commands to {', '.join(published) or 'nowhere'}.")
+
+
 @hookimpl
 def register_commands(register: Callable[[Command], None]) -> None:
     register(help_command)
     register(plugins_command)
     register(stats_command)
+    register(reload_command)
+    register(sync_command)

@@ -12,6 +12,7 @@ import importlib
 import importlib.metadata
 import logging
 import pkgutil
+import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from types import ModuleType
@@ -40,6 +41,7 @@ class PluginRecord:
     name: str
     source: str  # "builtin", "entry point <dist>", "core" or "test"
     version: str = ""
+    module: str = ""  # what to re-import on reload; empty for plugins given as objects
     status: str = "loaded"  # loaded | disabled | failed
     error: str = ""
     commands: list[str] = field(default_factory=list)
@@ -91,6 +93,7 @@ class PluginHost:
                 "builtin",
                 lambda n=info.name: importlib.import_module(f"{package}.{n}"),
                 version=_core_version(),
+                module=f"{package}.{info.name}",
             )
 
     def load_entry_points(self) -> None:
@@ -98,7 +101,7 @@ class PluginHost:
             dist = ep.dist
             version = dist.version if dist is not None else ""
             source = f"entry point {dist.name}" if dist is not None else "entry point"
-            self._load(ep.name, source, ep.load, version=version)
+            self._load(ep.name, source, ep.load, version=version, module=ep.module)
 
     def add(self, plugin: Any, name: str, source: str = "test") -> None:
         """Register an already-imported plugin object (used by the core and by tests)."""
@@ -110,11 +113,30 @@ class PluginHost:
             self.pm.unregister(plugin, name=name)
         self.records.pop(name, None)
 
-    def _load(self, name: str, source: str, importer: Callable[[], Any], version: str = "") -> None:
+    def reload(self, name: str) -> PluginRecord:
+        """Re-import a plugin's module and register it again (the registry must be rebuilt after)."""
+        record = self.records.get(name)
+        if record is None:
+            raise KeyError(f"there is no plugin named {name!r}")
+        if not record.module:
+            raise ValueError(f"plugin {name!r} was not loaded from a module and cannot be reloaded")
+        plugin = self.pm.get_plugin(name)
+        if plugin is not None:
+            self.pm.unregister(plugin, name=name)
+        del self.records[name]
+
+        def reimport() -> Any:
+            module = sys.modules.get(record.module)
+            return importlib.reload(module) if module is not None else importlib.import_module(record.module)
+
+        self._load(name, record.source, reimport, version=record.version, module=record.module)
+        return self.records[name]
+
+    def _load(self, name: str, source: str, importer: Callable[[], Any], version: str = "", module: str = "") -> None:
         if name in self.records:
             # The same name from two places (e.g. a pip plugin shadowing a built-in) is a conflict.
             raise PluginConflict(f"two plugins are named {name!r} ({self.records[name].source} and {source})")
-        record = PluginRecord(name, source, version=version)
+        record = PluginRecord(name, source, version=version, module=module)
         self.records[name] = record
         if name in self.disabled:
             record.status = "disabled"

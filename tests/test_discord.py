@@ -180,6 +180,14 @@ async def test_owner_only_command_is_refused_to_others(harness: Harness) -> None
     assert allowed[-1].body["embeds"][0]["title"] == "Inference stats"
 
 
+async def test_owner_sync_command_forces_an_upload(harness: Harness) -> None:
+    await harness.start()
+    before = len(harness.fake.calls_to("/commands", "PUT"))
+    calls = await harness.answer(await harness.fake.interact("sync", {}, user_id=OWNER_ID))
+    assert "Published" in calls[-1].body["embeds"][0]["description"]
+    assert len(harness.fake.calls_to("/commands", "PUT")) == before + 1
+
+
 async def test_crashing_plugin_answers_with_an_error_id(harness: Harness) -> None:
     await harness.start()
     calls = await harness.answer(await harness.fake.interact("boom"))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import textwrap
 import types
 from pathlib import Path
 
@@ -117,3 +118,31 @@ def test_plugin_registered_for_one_test_only(app_factory) -> None:  # type: igno
     assert "fine" in app.registry.commands
     app.host.remove("temp")
     assert "temp" not in app.host.records
+
+
+async def test_reload_picks_up_new_code_and_isolates_a_broken_reload(app_factory, tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    install_plugin(tmp_path, "lmbot_reload_demo", ECHO_PLUGIN)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    app = app_factory()
+    assert (await app.execute_line("/echo text:before")).text == "before"
+    new_code = textwrap.dedent(ECHO_PLUGIN).replace("return Reply(text,", "return Reply(text.upper() + ' (v2)',")
+    (tmp_path / "lmbot_reload_demo.py").write_text(new_code)
+    reply = await app.execute_line("/reload plugin:lmbot_reload_demo")
+    assert not reply.error and "Reloaded lmbot_reload_demo: /echo" in reply.text
+    assert (await app.execute_line("/echo text:after")).text == "AFTER (v2)"
+
+    (tmp_path / "lmbot_reload_demo.py").write_text("raise RuntimeError('broken in version three')\n")
+    broken = await app.execute_line("/reload plugin:lmbot_reload_demo")
+    assert broken.error and "broken in version three" in broken.text
+    assert "echo" not in app.registry.commands
+    assert not (await app.execute_line("/help")).error
+
+    refused = await app.execute_line("/reload plugin:core")
+    assert refused.error and "cannot be reloaded" in refused.text
+    unknown = await app.execute_line("/reload plugin:nope")
+    assert unknown.error and "no plugin named" in unknown.text
+
+
+async def test_sync_outside_discord_says_so(app_factory) -> None:  # type: ignore[no-untyped-def]
+    reply = await app_factory().execute_line("/sync")
+    assert reply.error and "Discord front end" in reply.text

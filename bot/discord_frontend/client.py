@@ -49,6 +49,7 @@ class LmbotClient(discord.Client):
     async def setup_hook(self) -> None:
         if not self.serve:
             return
+        self.app.publish_commands = lambda: self.sync_commands(force=True)
         await self.app.inference.start()
         info = self.application or await self.application_info()
         self.owner_ids.add(info.owner.id)
