@@ -22,9 +22,11 @@ def show_token(token: str) -> str:
     """A token as a label: leading/trailing spaces and newlines made visible."""
     visible = token.replace("\n", "⏎").replace("\t", "⇥")
     core = visible.strip(" ")
+    if not core:
+        return "␣" * len(visible) if visible else "∅"
     lead = len(visible) - len(visible.lstrip(" "))
     trail = len(visible) - len(visible.rstrip(" "))
-    return "␣" * lead + core + "␣" * trail if visible else "∅"
+    return "␣" * lead + core + "␣" * trail
 
 
 def bar_chart(

@@ -40,6 +40,11 @@ TOPIC = Topic(
 WORD = re.compile(r"[\w'-]+")
 
 
+def short(model: str) -> str:
+    """A model's name without the note in brackets, for chart titles."""
+    return model.split(" (")[0][:40]
+
+
 def split_at_word(text: str, word: str | None) -> tuple[str, str, str]:
     """(left, hidden word, right): the last occurrence of ``word``, or the last word."""
     matches = [m for m in WORD.finditer(text) if word is None or m.group().lower() == word.lower()]
@@ -71,7 +76,7 @@ async def compare(ctx: Context, text: str, hide: str | None, k: int) -> Reply:
     causal_s = time.perf_counter() - started
     panels.append(
         (
-            f"causal ({causal.model[:40]}): sees only “…{left.rstrip()[-30:]}”",
+            f"{short(causal.model)} reads left to right: “…{left.rstrip()[-25:]}”",
             [show_token(t.token) for t in causal.top],
             [t.prob for t in causal.top],
         )
@@ -97,7 +102,7 @@ async def compare(ctx: Context, text: str, hide: str | None, k: int) -> Reply:
         top = masked.masks[0].top if masked.masks else []
         panels.append(
             (
-                f"masked ({masked.model[:40]}): sees both sides",
+                f"{short(masked.model)} reads both sides",
                 [show_token(t.token) for t in top],
                 [t.prob for t in top],
             )

@@ -128,6 +128,8 @@ def _ordinary_vocab() -> list[str]:
 )
 async def maskrecipe(ctx: Context, sentence: str, seed: int) -> Reply:
     tokens = (await asyncio.to_thread(wordpiece().encode, sentence, add_special_tokens=False)).tokens
+    if not tokens:
+        raise UserError("BERT's tokenizer finds no tokens in that sentence (only invisible characters?).")
     vocab = await asyncio.to_thread(_ordinary_vocab)
     changes = masking_recipe(tokens, vocab, seed)
     by_position = {c[0]: c for c in changes}

@@ -9,7 +9,7 @@ from collections.abc import Callable
 import tiktoken
 
 from bot import Boolean, CodeBlock, Command, Context, Field, Reply, Segment, Table, Text, Topic, command, hookimpl
-from bot.charts import show_token
+from bot.charts import bar_chart, render, show_token
 from bot.tokenizers import TIKTOKEN_ENCODINGS, tiktoken_encoding, token_text, wordpiece
 
 TOPIC = Topic(
@@ -111,6 +111,17 @@ async def tokenize(ctx: Context, text: str, encoding: str, compare: bool) -> Rep
         table, counts = await asyncio.to_thread(_compare, text, enc, ids)
         reply.table = table
         reply.data["compare"] = counts
+        reply.images.append(
+            await render(
+                bar_chart,
+                [row[0] for row in table.rows],
+                [int(row[1]) for row in table.rows],
+                title=f"Tokens for the same {len(text)}-character text",
+                xlabel="tokens",
+                filename="tokenize.png",
+                value_format="{:.0f}",
+            )
+        )
     return reply
 
 
