@@ -74,6 +74,36 @@ def bar_panels(
     return Image(filename, buffer.getvalue(), panels[0][0][:100])
 
 
+def line_chart(
+    series: Sequence[tuple[str, Sequence[float], Sequence[float], str]],
+    *,
+    title: str,
+    xlabel: str,
+    ylabel: str,
+    filename: str = "chart.png",
+    log: bool = True,
+) -> Image:
+    """Lines (label, xs, ys, style) on one axis, log-log by default; ``style`` is a matplotlib format."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(WIDTH, 4.2), dpi=DPI, layout="constrained")
+    ax = fig.add_subplot()
+    for label, xs, ys, style in series:
+        ax.plot(xs, ys, style, label=label)
+    if log:
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title[:80], loc="left", fontsize=11)
+    ax.grid(True, which="major", alpha=0.3)
+    ax.legend(fontsize=9)
+    ax.spines[["top", "right"]].set_visible(False)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    return Image(filename, buffer.getvalue(), title[:100])
+
+
 async def render(draw: Callable[..., Image], *args: Any, **kwargs: Any) -> Image:
     """Draw a chart in a thread so the event loop stays free."""
     return await asyncio.to_thread(draw, *args, **kwargs)

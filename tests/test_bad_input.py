@@ -30,6 +30,11 @@ COMMANDS: dict[str, tuple[str, dict[str, Any]]] = {
     "maskrecipe": ("sentence", {}),
     "ngram": ("context", {}),
     "compare": ("text", {}),
+    "nsp": ("sentence_a", {"sentence_b": "It purred."}),
+    "summarize": ("text", {"max_length": 5}),
+    "sentiment": ("text", {}),
+    "complexity": ("lengths", {"width": 16}),
+    "adapt": ("text", {}),
 }
 
 NASTY = [

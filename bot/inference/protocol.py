@@ -78,7 +78,7 @@ class ModelFailed(InferenceError):
 @dataclass(frozen=True)
 class Request:
     task: ClassVar[str]
-    role: ClassVar[str] = "causal_lm"
+    role: ClassVar[str | None] = "causal_lm"  # None: the task needs no model
 
     def texts(self) -> list[str]:
         """The strings the task tokenizes together (for input and batch limits)."""
@@ -136,6 +136,7 @@ class Generate(Request):
     max_new_tokens: int = 20
     temperature: float = 0.0
     seed: int = 0
+    chat: bool = False  # wrap the text as a user turn in the model's chat template, if it has one
     task: ClassVar[str] = "generate"
 
     def texts(self) -> list[str]:
@@ -145,7 +146,7 @@ class Generate(Request):
         # Sampling draws from one random stream per call, so a sampled request
         # is only reproducible alone; greedy requests batch freely.
         sampled = (self.temperature, self.seed, self.text) if self.temperature > 0 else ()
-        return (self.max_new_tokens, *sampled)
+        return (self.max_new_tokens, self.chat, *sampled)
 
 
 @dataclass(frozen=True)

@@ -131,7 +131,13 @@ def _strip_padding(tokenizer: Any, ids: list[int]) -> list[int]:
 
 def generate(model: Any, tokenizer: Any, batch: Sequence[Generate]) -> list[GenerateResult]:
     first = batch[0]
-    enc = _left_padded(tokenizer, [r.text for r in batch], model.device)
+    texts = [r.text for r in batch]
+    if first.chat and getattr(tokenizer, "chat_template", None):
+        texts = [
+            tokenizer.apply_chat_template([{"role": "user", "content": t}], tokenize=False, add_generation_prompt=True)
+            for t in texts
+        ]
+    enc = _left_padded(tokenizer, texts, model.device)
     options: dict[str, Any] = {"max_new_tokens": first.max_new_tokens, "pad_token_id": tokenizer.pad_token_id}
     if first.temperature > 0:
         torch.manual_seed(first.seed)  # batch_key keeps a sampled request alone, so the seed is its own

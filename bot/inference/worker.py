@@ -22,6 +22,7 @@ import time
 import uuid
 from collections.abc import Sequence
 from multiprocessing.connection import Connection
+from types import SimpleNamespace
 from typing import Any
 
 Outcome = tuple[int, bool, Any]
@@ -105,7 +106,8 @@ def run_batch(cache: Any, settings: Any, items: Sequence[tuple[int, Any, float]]
     role, task_name = type(live[0][1]).role, type(live[0][1]).task
     started = time.perf_counter()
     try:
-        loaded = cache.get(role)
+        # A task of no role (e.g. timing a layer) runs without a model.
+        loaded = cache.get(role) if role is not None else SimpleNamespace(model=None, tokenizer=None, label="")
         task = find_task(task_name)
     except InferenceError as exc:
         return outcomes + [(rid, False, exc) for rid, _ in live], timing
@@ -120,7 +122,11 @@ def run_batch(cache: Any, settings: Any, items: Sequence[tuple[int, Any, float]]
     for request_id, request in live:
         if hasattr(request, "max_new_tokens") and request.max_new_tokens > settings.max_new_tokens:
             request = dataclasses.replace(request, max_new_tokens=settings.max_new_tokens)
-        length = max(len(loaded.tokenizer(t)["input_ids"]) for t in request.texts())
+        texts = request.texts()
+        if loaded.tokenizer is None or not texts:  # nothing to tokenize (e.g. a timing or counting task)
+            sized.append((1, request_id, request))
+            continue
+        length = max(len(loaded.tokenizer(t)["input_ids"]) for t in texts)
         if length == 0:
             outcomes.append((request_id, False, InputTooLong("That text gives the model no tokens to read.")))
         elif length > settings.max_input_tokens:
@@ -169,6 +175,10 @@ def _run_split(task: Any, loaded: Any, chunk: list[tuple[int, Any]], timing: dic
     timing["compute_s"] += time.perf_counter() - started
     timing["sizes"].append(len(chunk))
     return [
-        (rid, True, dataclasses.replace(result, model=loaded.label) if hasattr(result, "model") else result)
+        (
+            rid,
+            True,
+            dataclasses.replace(result, model=loaded.label) if loaded.label and hasattr(result, "model") else result,
+        )
         for (rid, _), result in zip(chunk, results, strict=True)
     ]
