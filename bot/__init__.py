@@ -6,6 +6,7 @@ the command model (``command``, option types, ``Reply``) and the error types.
 
 from bot.commands import (
     Boolean,
+    Button,
     CodeBlock,
     Command,
     CommandError,
@@ -22,12 +23,13 @@ from bot.commands import (
     command,
 )
 from bot.hookspecs import hookimpl
-from bot.topics import ModelRole, Topic
+from bot.topics import ModelRole, QuizQuestion, Topic
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Boolean",
+    "Button",
     "CodeBlock",
     "Command",
     "CommandError",
@@ -37,6 +39,7 @@ __all__ = [
     "Integer",
     "ModelRole",
     "Number",
+    "QuizQuestion",
     "Reply",
     "Segment",
     "Table",

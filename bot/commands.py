@@ -266,6 +266,19 @@ class CodeBlock:
         return "".join(s.text for s in self.segments)
 
 
+@dataclass(frozen=True)
+class Button:
+    """A button that, when pressed, runs ``/command option:value`` for whoever pressed it.
+
+    On Discord it is a real button; in the console it is shown as the command to type.
+    """
+
+    label: str
+    command: str
+    option: str
+    value: str
+
+
 @dataclass
 class Reply:
     """What a command answers.
@@ -281,6 +294,7 @@ class Reply:
     table: Table | None = None
     code: CodeBlock | None = None
     images: list[Image] = field(default_factory=list)
+    buttons: list[Button] = field(default_factory=list)
     data: dict[str, Any] = field(default_factory=dict)
     error: bool = False
     ephemeral: bool = False

@@ -46,6 +46,8 @@ class DiscordSection(_Section):
 
 class PluginsSection(_Section):
     disabled: list[str] = []
+    # Per-plugin settings, e.g. [plugins.options.study] quiz_db = "...". Each plugin documents its own.
+    options: dict[str, dict[str, str | int | float | bool]] = {}
 
 
 class InferenceSection(_Section):

@@ -68,6 +68,8 @@ def render_text(reply: Reply, image_paths: list[str], *, colour: bool = False) -
         parts.append(render_table(reply.table))
     if reply.code is not None:
         parts.append(render_code(reply.code, colour))
+    if reply.buttons:
+        parts.append("\n".join(f"  {b.label}   → /{b.command} {b.option}:{b.value}" for b in reply.buttons))
     parts.extend(f"[image] {path}" for path in image_paths)
     return "\n\n".join(parts)
 
@@ -105,6 +107,7 @@ def render_json(reply: Reply, image_paths: list[str]) -> str:
         else None,
         "code": reply.code.plain if reply.code else None,
         "images": image_paths,
+        "buttons": [{"label": b.label, "command": f"/{b.command} {b.option}:{b.value}"} for b in reply.buttons],
         "data": reply.data,
     }
     return json.dumps(body, ensure_ascii=False, default=_plain)

@@ -9,6 +9,22 @@ from bot.commands import NAME_RE, Table
 
 
 @dataclass(frozen=True)
+class QuizQuestion:
+    """A multiple-choice question: ``answer`` is the index of the right choice."""
+
+    question: str
+    choices: Sequence[str]
+    answer: int
+    why: str
+
+    def __post_init__(self) -> None:
+        if not 2 <= len(self.choices) <= 5:
+            raise ValueError(f"a quiz question needs 2 to 5 choices: {self.question!r}")
+        if not 0 <= self.answer < len(self.choices):
+            raise ValueError(f"answer index out of range: {self.question!r}")
+
+
+@dataclass(frozen=True)
 class Topic:
     """A course topic's study card.
 
@@ -21,7 +37,8 @@ class Topic:
     key_idea: str
     try_command: str = ""
     table: Table | None = None
-    questions: Sequence[str] = field(default_factory=tuple)
+    questions: Sequence[str] = field(default_factory=tuple)  # for the group to discuss
+    quiz: Sequence[QuizQuestion] = field(default_factory=tuple)
     order: int = 100
 
     def __post_init__(self) -> None:

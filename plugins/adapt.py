@@ -7,10 +7,64 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from bot import Command, Context, Field, ModelRole, Reply, Table, Text, Topic, command, hookimpl
+from bot import Command, Context, Field, ModelRole, QuizQuestion, Reply, Table, Text, Topic, command, hookimpl
 from bot.inference.protocol import Generate, Request
 
+QUIZ = (
+    QuizQuestion(
+        "What is the core idea of a foundation model?",
+        (
+            "Pretrain once broadly, then adapt to many tasks",
+            "Train one model per task",
+            "Use no training data",
+            "Only use rules",
+        ),
+        0,
+        "One expensive pretraining run is amortised across products.",
+    ),
+    QuizQuestion(
+        "What does LoRA train?",
+        (
+            "Small low-rank matrices added beside chosen layers",
+            "Every weight of the model",
+            "Only the embeddings",
+            "A new tokenizer",
+        ),
+        0,
+        "The base weights stay frozen; only the low-rank update is learned.",
+    ),
+    QuizQuestion(
+        "What is few-shot prompting?",
+        (
+            "Putting a few solved examples in the prompt",
+            "Training for a few steps",
+            "Using a few GPUs",
+            "Asking a few times and voting",
+        ),
+        0,
+        "The model adapts in context, with no weight updates.",
+    ),
+    QuizQuestion(
+        "When does a task-specific model often win?",
+        (
+            "Fixed labels, tight latency and cost, need for audit",
+            "Constantly changing labels",
+            "No labelled data at all",
+            "Open-ended chat",
+        ),
+        0,
+        "Small dedicated models are cheaper, faster and easier to control.",
+    ),
+    QuizQuestion(
+        "Raising LoRA's rank r does what to the trainable parameter count?",
+        ("Increases it roughly in proportion to r", "Decreases it", "Leaves it unchanged", "Squares it"),
+        0,
+        "Each adapted layer adds r × (inputs + outputs) parameters; /adapt shows the numbers.",
+    ),
+)
+
 TOPIC = Topic(
+    quiz=QUIZ,
     slug="foundation",
     title="Foundation vs task-specific",
     order=8,

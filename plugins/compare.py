@@ -6,11 +6,69 @@ import re
 import time
 from collections.abc import Callable
 
-from bot import Command, Context, Field, Integer, ModelRole, Reply, Table, Text, Topic, UserError, command, hookimpl
+from bot import (
+    Command,
+    Context,
+    Field,
+    Integer,
+    ModelRole,
+    QuizQuestion,
+    Reply,
+    Table,
+    Text,
+    Topic,
+    UserError,
+    command,
+    hookimpl,
+)
 from bot.charts import bar_panels, render, show_token
 from bot.inference.protocol import MASK, FillMask, Generate, NextToken, NoModelForRole
 
+QUIZ = (
+    QuizQuestion(
+        "Which context can an autoregressive model use to predict a token?",
+        ("Only the tokens before it", "Only the tokens after it", "Both sides", "None"),
+        0,
+        "It reads left to right; the future is masked out in training.",
+    ),
+    QuizQuestion(
+        "Why can a masked LM fill a blank better than a causal LM in the middle of a sentence?",
+        (
+            "It sees the words on both sides of the blank",
+            "It has a bigger vocabulary",
+            "It is always larger",
+            "It was trained on more data",
+        ),
+        0,
+        "Bidirectional context pins down the missing word from both ends.",
+    ),
+    QuizQuestion(
+        "Which task suits an autoregressive model most naturally?",
+        (
+            "Open-ended text generation",
+            "Embedding documents for search",
+            "Token classification only",
+            "Nothing without fine-tuning",
+        ),
+        0,
+        "Continuing text token by token is exactly what it was trained to do.",
+    ),
+    QuizQuestion(
+        "BERT, RoBERTa and DeBERTa are examples of…",
+        ("masked language models", "autoregressive models", "n-gram models", "encoder-decoder models"),
+        0,
+        "All three are encoders trained to recover hidden tokens.",
+    ),
+    QuizQuestion(
+        "Is an autoregressive model 'better' than a masked one?",
+        ("It depends on the task", "Always", "Never", "Only when it is larger"),
+        0,
+        "Match the objective to the job: generation versus representation.",
+    ),
+)
+
 TOPIC = Topic(
+    quiz=QUIZ,
     slug="ar-vs-masked",
     title="Autoregressive vs masked models",
     order=2,

@@ -8,11 +8,50 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from bot import Command, Context, Field, Integer, Reply, Table, Text, Topic, UserError, command, hookimpl
+from bot import Command, Context, Field, Integer, QuizQuestion, Reply, Table, Text, Topic, UserError, command, hookimpl
 from bot.charts import line_chart, render
 from bot.inference.protocol import Request
 
+QUIZ = (
+    QuizQuestion(
+        "Why is an RNN hard to parallelise over a sequence?",
+        (
+            "Each step needs the previous hidden state",
+            "It has too many parameters",
+            "It uses attention",
+            "It cannot run on GPUs",
+        ),
+        0,
+        "Step t waits for step t-1, so the steps form a chain.",
+    ),
+    QuizQuestion(
+        "How does self-attention's work grow with sequence length n?",
+        ("With n², since every token is compared with every token", "With n", "With log n", "It does not grow"),
+        0,
+        "n tokens × n tokens pairwise scores.",
+    ),
+    QuizQuestion(
+        "What problem makes early tokens fade in a plain RNN?",
+        ("Vanishing gradients", "Too many heads", "Tokenization", "Quadratic cost"),
+        0,
+        "Signals shrink as they pass through many recurrent steps.",
+    ),
+    QuizQuestion(
+        "How far apart are token 1 and token 1000 inside one attention layer?",
+        ("One step: attention links them directly", "999 steps", "1000 layers", "They cannot interact"),
+        0,
+        "Direct paths make long-range dependencies easier to learn.",
+    ),
+    QuizQuestion(
+        "What replaces the order information an RNN gets for free?",
+        ("Positional encodings", "Dropout", "Layer norm", "A larger vocabulary"),
+        0,
+        "Attention alone is order-blind; positions are added explicitly.",
+    ),
+)
+
 TOPIC = Topic(
+    quiz=QUIZ,
     slug="transformers-vs-rnns",
     title="Transformers vs RNNs",
     order=7,

@@ -14,6 +14,7 @@ from bot import (
     Field,
     Integer,
     ModelRole,
+    QuizQuestion,
     Reply,
     Segment,
     Table,
@@ -27,7 +28,51 @@ from bot.charts import bar_panels, render, show_token
 from bot.inference.protocol import MASK, FillMask
 from bot.tokenizers import wordpiece
 
+QUIZ = (
+    QuizQuestion(
+        "In BERT pretraining, roughly what share of tokens is chosen for prediction?",
+        ("15%", "50%", "1%", "100%"),
+        0,
+        "About 15% of positions are selected; the model must recover the originals there.",
+    ),
+    QuizQuestion(
+        "Of the chosen tokens, what share is replaced by [MASK]?",
+        ("80%", "10%", "50%", "100%"),
+        0,
+        "80% become [MASK], 10% a random token, 10% stay unchanged.",
+    ),
+    QuizQuestion(
+        "Why are some chosen tokens replaced by random tokens or left unchanged?",
+        (
+            "So the model cannot rely on seeing [MASK] and must model every position",
+            "To save compute",
+            "To make training faster",
+            "Because of a bug in BERT",
+        ),
+        0,
+        "[MASK] never appears at fine-tuning time, so the model must not depend on it.",
+    ),
+    QuizQuestion(
+        "What can a masked LM NOT do well on its own?",
+        (
+            "Write a long coherent paragraph token by token",
+            "Fill a blank",
+            "Classify sentiment after fine-tuning",
+            "Produce contextual embeddings",
+        ),
+        0,
+        "It was never trained to generate sequences left to right.",
+    ),
+    QuizQuestion(
+        "Which task benefits most from masked-LM representations?",
+        ("Search ranking and classification", "Story writing", "Chat", "Code completion"),
+        0,
+        "Bidirectional representations are strong for understanding tasks.",
+    ),
+)
+
 TOPIC = Topic(
+    quiz=QUIZ,
     slug="masked-lm",
     title="Masked language modeling",
     order=3,

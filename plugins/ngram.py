@@ -16,6 +16,7 @@ from bot import (
     Integer,
     ModelRole,
     Number,
+    QuizQuestion,
     Reply,
     Table,
     Text,
@@ -27,7 +28,51 @@ from bot import (
 from bot.charts import bar_chart, render
 from bot.inference.protocol import Score
 
+QUIZ = (
+    QuizQuestion(
+        "A trigram model predicts a word from…",
+        ("the previous two words", "the previous word", "the whole document", "the next word"),
+        0,
+        "An n-gram model conditions on the previous n-1 words.",
+    ),
+    QuizQuestion(
+        "Why is smoothing needed in an n-gram model?",
+        (
+            "Unseen word pairs would otherwise get probability zero",
+            "To make counting faster",
+            "To shrink the vocabulary",
+            "To add context",
+        ),
+        0,
+        "Add-k smoothing gives every pair a little probability.",
+    ),
+    QuizQuestion(
+        "Lower perplexity on held-out text means…",
+        ("the model finds the text less surprising", "the model is bigger", "the text is longer", "the model is worse"),
+        0,
+        "Perplexity is the exponentiated average negative log-probability.",
+    ),
+    QuizQuestion(
+        "What can an LLM capture that a count-based model cannot?",
+        ("That 'cat' and 'kitten' are similar", "Exact counts", "Fast lookup", "Tiny memory use"),
+        0,
+        "Dense vectors place related words near each other; counts treat them as unrelated.",
+    ),
+    QuizQuestion(
+        "Where do n-gram models still make sense?",
+        (
+            "Tiny, fast, interpretable settings such as keyboard suggestions",
+            "Open-ended chat",
+            "Long-document reasoning",
+            "Code generation",
+        ),
+        0,
+        "They fit in kilobytes and every number can be inspected.",
+    ),
+)
+
 TOPIC = Topic(
+    quiz=QUIZ,
     slug="ngrams",
     title="LLMs vs classical statistical models",
     order=10,

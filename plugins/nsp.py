@@ -4,10 +4,49 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from bot import Command, Context, Field, ModelRole, Reply, Table, Text, Topic, command, hookimpl
+from bot import Command, Context, Field, ModelRole, QuizQuestion, Reply, Table, Text, Topic, command, hookimpl
 from bot.inference.protocol import NextSentence, NoModelForRole, Score
 
+QUIZ = (
+    QuizQuestion(
+        "In BERT's NSP training data, how often did sentence B really follow A?",
+        ("About half the time", "Always", "Never", "10% of the time"),
+        0,
+        "50% IsNext pairs, 50% random NotNext pairs.",
+    ),
+    QuizQuestion(
+        "Which later model dropped NSP and still matched or beat BERT?",
+        ("RoBERTa", "GPT-2", "Word2vec", "ELMo"),
+        0,
+        "RoBERTa trained with MLM only, on more data for longer.",
+    ),
+    QuizQuestion(
+        "What was NSP meant to teach?",
+        ("Relations between sentences", "Spelling", "Translation", "Tokenization"),
+        0,
+        "Cross-sentence reasoning for tasks such as inference and question answering.",
+    ),
+    QuizQuestion(
+        "ALBERT replaced NSP with…",
+        ("sentence order prediction", "next token prediction", "image captioning", "nothing at all"),
+        0,
+        "Predicting whether two consecutive segments are swapped is a harder, more useful signal.",
+    ),
+    QuizQuestion(
+        "What does this bot's fallback 'coherence score' measure?",
+        (
+            "How much reading A first raises a causal LM's probability of B",
+            "BERT's NSP probability",
+            "Word overlap between A and B",
+            "Sentence length",
+        ),
+        0,
+        "log P(B | A) − log P(B): a different measure, labelled as such.",
+    ),
+)
+
 TOPIC = Topic(
+    quiz=QUIZ,
     slug="nsp",
     title="Next sentence prediction",
     order=5,

@@ -9,10 +9,59 @@ from dataclasses import dataclass
 from importlib.resources import files
 from typing import Any, ClassVar
 
-from bot import Command, Context, Field, ModelRole, Reply, Table, Text, Topic, command, hookimpl
+from bot import Command, Context, Field, ModelRole, QuizQuestion, Reply, Table, Text, Topic, command, hookimpl
 from bot.inference.protocol import Classify, ClassifyResult, Embed, NoModelForRole, Request, Score
 
+QUIZ = (
+    QuizQuestion(
+        "What does a discriminative model learn?",
+        (
+            "P(label | input): the boundary between labels",
+            "P(input): how data is distributed",
+            "How to generate text",
+            "A tokenizer",
+        ),
+        0,
+        "It models the decision, not the data.",
+    ),
+    QuizQuestion(
+        "What can a generative model do that a discriminative one cannot?",
+        ("Sample new data", "Output a label", "Be trained", "Use a GPU"),
+        0,
+        "Modelling the data distribution lets it produce new examples.",
+    ),
+    QuizQuestion(
+        "Which is usually better calibrated on a fixed classification task?",
+        ("A trained classifier", "A prompted general LLM", "They are always equal", "Neither can be calibrated"),
+        0,
+        "A dedicated classifier's confidence tends to track its accuracy more closely.",
+    ),
+    QuizQuestion(
+        "How does this bot's generative side pick a sentiment label?",
+        (
+            "It compares the LM's probabilities of the label words after a prompt",
+            "It counts positive words",
+            "It asks a classifier",
+            "It picks at random",
+        ),
+        0,
+        "P(' positive') vs P(' negative') after the prompt, renormalised over the two.",
+    ),
+    QuizQuestion(
+        "A model is well calibrated when…",
+        (
+            "its 80%-confident answers are right about 80% of the time",
+            "it is always 100% confident",
+            "it never changes its answer",
+            "it is very large",
+        ),
+        0,
+        "Calibration means stated confidence matches observed accuracy.",
+    ),
+)
+
 TOPIC = Topic(
+    quiz=QUIZ,
     slug="gen-vs-disc",
     title="Generative vs discriminative",
     order=9,

@@ -5,10 +5,59 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-from bot import Command, Context, Field, Integer, ModelRole, Reply, Text, Topic, command, hookimpl
+from bot import Command, Context, Field, Integer, ModelRole, QuizQuestion, Reply, Text, Topic, command, hookimpl
 from bot.inference.protocol import Generate, NoModelForRole, Seq2Seq
 
+QUIZ = (
+    QuizQuestion(
+        "What are the two halves of a sequence-to-sequence model?",
+        ("An encoder and a decoder", "A tokenizer and a detokenizer", "Two classifiers", "A generator and a critic"),
+        0,
+        "The encoder reads the input; the decoder writes the output while attending to it.",
+    ),
+    QuizQuestion(
+        "How does T5 tell which task to do?",
+        (
+            "A text prefix such as 'summarize:'",
+            "A separate model per task",
+            "A task id token only",
+            "It guesses from the input",
+        ),
+        0,
+        "Every task is text in, text out, selected by a prefix.",
+    ),
+    QuizQuestion(
+        "Which task is a classic fit for encoder-decoder models?",
+        ("Translation", "Next-word prediction on its own", "Counting bigrams", "Image classification"),
+        0,
+        "Input and output play different roles: source and target languages.",
+    ),
+    QuizQuestion(
+        "How does the decoder produce its output?",
+        (
+            "Token by token, looking at the encoder's representations",
+            "All tokens at once",
+            "By copying the input",
+            "By sorting the input",
+        ),
+        0,
+        "Decoding is autoregressive, conditioned on the encoded input.",
+    ),
+    QuizQuestion(
+        "Can a decoder-only model summarize?",
+        (
+            "Yes, when prompted or tuned to: the input goes in its context",
+            "No, never",
+            "Only with an encoder added",
+            "Only in English",
+        ),
+        0,
+        "Decoder-only models treat the input as a prefix to continue; that is how the offline /summarize works.",
+    ),
+)
+
 TOPIC = Topic(
+    quiz=QUIZ,
     slug="seq2seq",
     title="Sequence-to-sequence",
     order=6,

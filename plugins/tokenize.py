@@ -8,11 +8,84 @@ from collections.abc import Callable
 
 import tiktoken
 
-from bot import Boolean, CodeBlock, Command, Context, Field, Reply, Segment, Table, Text, Topic, command, hookimpl
+from bot import (
+    Boolean,
+    CodeBlock,
+    Command,
+    Context,
+    Field,
+    QuizQuestion,
+    Reply,
+    Segment,
+    Table,
+    Text,
+    Topic,
+    command,
+    hookimpl,
+)
 from bot.charts import bar_chart, render, show_token
 from bot.tokenizers import TIKTOKEN_ENCODINGS, tiktoken_encoding, token_text, wordpiece
 
+QUIZ = (
+    QuizQuestion(
+        "What happens to an unseen word with a fixed word-level vocabulary?",
+        (
+            "It becomes [UNK] and its information is lost",
+            "It is split into pieces",
+            "It is spelled out in bytes",
+            "It is dropped silently",
+        ),
+        0,
+        "Word lists have one symbol for everything they do not know.",
+    ),
+    QuizQuestion(
+        "Why can byte-level BPE encode any string?",
+        (
+            "It can always fall back to single bytes",
+            "Its vocabulary contains every word",
+            "It ignores rare characters",
+            "It uses [UNK]",
+        ),
+        0,
+        "All 256 byte values are tokens, so nothing is ever out of vocabulary.",
+    ),
+    QuizQuestion(
+        "Why do character-level models struggle with long texts?",
+        (
+            "Sequences become very long",
+            "They have an OOV problem",
+            "They cannot handle punctuation",
+            "They need a huge vocabulary",
+        ),
+        0,
+        "No OOV, but every character is a step, so inputs grow several times longer.",
+    ),
+    QuizQuestion(
+        "What does '##' mean in a WordPiece token such as '##ing'?",
+        (
+            "It continues the previous piece of the same word",
+            "It is a hashtag",
+            "It is unknown",
+            "It starts a sentence",
+        ),
+        0,
+        "WordPiece marks word-internal pieces with ##.",
+    ),
+    QuizQuestion(
+        "Does splitting a new word into known pieces mean the model understands it?",
+        (
+            "No: it can read it, and must infer meaning from pieces and context",
+            "Yes, always",
+            "Only for English",
+            "Only if the word is short",
+        ),
+        0,
+        "Tokenization makes text readable to the model; meaning still comes from training and context.",
+    ),
+)
+
 TOPIC = Topic(
+    quiz=QUIZ,
     slug="subwords",
     title="Subword OOV handling",
     order=4,

@@ -97,6 +97,8 @@ def make_config(cache_dir: Path, models: dict[str, Path | str] | None = None, **
         "inference": {"cache_dir": str(cache_dir), "offline": "always", **inference},
         "models": {k: str(v) for k, v in (models or {}).items()},
         "bot": {"log_level": "WARNING"},
+        # Quiz scores go next to the test's cache, never into the user's home.
+        "plugins": {"options": {"study": {"quiz_db": str(cache_dir / "quiz.sqlite3")}}},
     }
     return parse_config(data, source="test-config")
 

@@ -250,6 +250,9 @@ class FakeDiscord:
         interaction_id = next(self.ids)
         token = f"token-{interaction_id}"
         types = {bool: 5, int: 4, float: 10, str: 3}
+        data: dict[str, Any] = {}
+        if kind == 3:  # a button press: the "options" are the component's custom_id
+            data = {"custom_id": (options or {})["custom_id"], "component_type": 2}
         data_options = [
             {"name": k, "type": types[type(v)], "value": v, **({"focused": True} if k == focused else {})}
             for k, v in (options or {}).items()
@@ -278,7 +281,7 @@ class FakeDiscord:
             "authorizing_integration_owners": {"0": str(GUILD_ID)},
             "context": 0,
             "attachment_size_limit": 8 * 1024 * 1024,
-            "data": {"id": "1", "name": name, "type": 1, "options": data_options},
+            "data": data if kind == 3 else {"id": "1", "name": name, "type": 1, "options": data_options},
         }
         event = json.dumps({"op": 0, "t": "INTERACTION_CREATE", "s": next(self.seq), "d": payload})
         self.sent[token] = asyncio.get_running_loop().time()

@@ -303,3 +303,14 @@ def test_long_replies_fit_discord_and_overflow_goes_to_a_file() -> None:
     assert [f.filename for f in rendered.files] == ["reply.txt"]
     error = render_reply(Reply.failure("@everyone " + "y" * 3000))
     assert error.content is not None and len(error.content) <= 2000 and "@everyone" not in error.content
+
+
+async def test_quiz_buttons_round_trip(harness: Harness) -> None:
+    await harness.start()
+    asked = (await harness.answer(await harness.fake.interact("quiz", {"topic": "nsp"})))[-1]
+    buttons = [c for row in asked.body["components"] for c in row["components"]]
+    assert len(buttons) == 4 and all(b["custom_id"].startswith("lmbot|quiz|answer|nsp.") for b in buttons)
+    token = await harness.fake.interact("", {"custom_id": buttons[0]["custom_id"]}, kind=3, user_id=5005)
+    calls = await harness.answer(token)
+    assert calls[0].body == {"type": 5}
+    assert calls[-1].body["embeds"][0]["title"].startswith("student5005: ")

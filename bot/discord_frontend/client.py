@@ -20,7 +20,7 @@ import discord
 
 from bot.app import App
 from bot.commands import Context, Reply, User
-from bot.discord_frontend.render import escape, render_reply
+from bot.discord_frontend.render import escape, parse_button_id, render_reply
 from bot.discord_frontend.schema import autocomplete, commands_payload, focused_option, option_values, payload_hash
 
 log = logging.getLogger(__name__)
@@ -99,14 +99,24 @@ class LmbotClient(discord.Client):
             return  # other bots never drive this one
         if interaction.type is discord.InteractionType.autocomplete:
             await self._autocomplete(interaction)
-        elif interaction.type is discord.InteractionType.application_command:
-            task = asyncio.current_task()
-            assert task is not None
-            self.in_flight.add(task)
-            try:
-                await self._command(interaction)
-            finally:
-                self.in_flight.discard(task)
+            return
+        data: dict[str, Any] = interaction.data or {}  # type: ignore[assignment]
+        if interaction.type is discord.InteractionType.application_command:
+            name, values, cooldown = data.get("name", ""), option_values(data), True
+        elif interaction.type is discord.InteractionType.component:
+            pressed = parse_button_id(str(data.get("custom_id", "")))
+            if pressed is None:
+                return  # not one of ours
+            (name, values), cooldown = pressed, False  # a button answers a question just asked
+        else:
+            return
+        task = asyncio.current_task()
+        assert task is not None
+        self.in_flight.add(task)
+        try:
+            await self._command(interaction, name, values, cooldown)
+        finally:
+            self.in_flight.discard(task)
 
     async def _autocomplete(self, interaction: discord.Interaction) -> None:
         data: dict[str, Any] = interaction.data or {}  # type: ignore[assignment]
@@ -116,7 +126,7 @@ class LmbotClient(discord.Client):
         with contextlib.suppress(discord.HTTPException):
             await interaction.response.autocomplete([discord.app_commands.Choice(**c) for c in choices])
 
-    def _refusal(self, interaction: discord.Interaction, name: str) -> str | None:
+    def _refusal(self, interaction: discord.Interaction, name: str, cooldown: bool) -> str | None:
         """A reason to answer at once without deferring, or None."""
         cmd = self.app.registry.commands.get(name)
         if not self.accepting:
@@ -127,19 +137,20 @@ class LmbotClient(discord.Client):
             return f"/{name} is for the bot's owners only."
         now = time.monotonic()
         key = (interaction.user.id, name)
-        ready_at = self._cooldowns.get(key, 0.0)
+        ready_at = self._cooldowns.get(key, 0.0) if cooldown else 0.0
         if now < ready_at:
             return f"Slow down a little: you can use /{name} again in {ready_at - now:.0f} s."
         busy = self.app.inference.retry_hint_if_full()
         if busy is not None:
             return f"The bot is busy right now; try again in {busy:.0f} s."
-        self._cooldowns[key] = now + self.settings.cooldown_s
+        if cooldown:
+            self._cooldowns[key] = now + self.settings.cooldown_s
         return None
 
-    async def _command(self, interaction: discord.Interaction) -> None:
-        data: dict[str, Any] = interaction.data or {}  # type: ignore[assignment]
-        name = data.get("name", "")
-        refusal = self._refusal(interaction, name)
+    async def _command(
+        self, interaction: discord.Interaction, name: str, values: dict[str, Any], cooldown: bool
+    ) -> None:
+        refusal = self._refusal(interaction, name, cooldown)
         if refusal is not None:
             with contextlib.suppress(discord.HTTPException):
                 await interaction.response.send_message(escape(refusal), ephemeral=True)
@@ -150,7 +161,7 @@ class LmbotClient(discord.Client):
             log.warning("could not defer /%s in time; Discord has dropped the interaction", name)
             return
         try:
-            reply = await self.app.execute(name, option_values(data), self._context(interaction))
+            reply = await self.app.execute(name, values, self._context(interaction))
         except asyncio.CancelledError:
             # Shutting down past the grace period: release the interaction with a word, not silence.
             with contextlib.suppress(discord.HTTPException):
@@ -178,6 +189,9 @@ class LmbotClient(discord.Client):
                 with contextlib.suppress(discord.HTTPException):
                     await interaction.delete_original_response()
             await interaction.followup.send(**rendered.kwargs())
+            if rendered.view is not None:
+                # Presses come back to on_interaction by custom_id; discord.py need not keep the view.
+                rendered.view.stop()
         except discord.NotFound:
             # The token expired or the message is gone: retrying would only earn invalid-request strikes.
             log.warning("the interaction for /%s is gone; its answer was dropped", interaction.data)

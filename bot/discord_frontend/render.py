@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import discord
 
-from bot.commands import Reply
+from bot.commands import Button, Reply
 from bot.render import render_code, render_table, render_text
 
 CONTENT, TITLE, DESCRIPTION, FIELDS, FIELD_NAME, FIELD_VALUE, EMBED_TOTAL = 2000, 256, 4096, 25, 256, 1024, 6000
@@ -37,11 +37,36 @@ def _block(text: str, language: str = "") -> str:
     return f"```{language}\n{safe}\n```"
 
 
+BUTTON_PREFIX = "lmbot"
+MAX_BUTTONS, BUTTON_LABEL, CUSTOM_ID = 25, 80, 100
+
+
+def button_id(button: Button) -> str:
+    """A button's custom_id: the command it runs, with one option, in Discord's 100 characters."""
+    return f"{BUTTON_PREFIX}|{button.command}|{button.option}|{button.value}"[:CUSTOM_ID]
+
+
+def parse_button_id(custom_id: str) -> tuple[str, dict[str, str]] | None:
+    parts = custom_id.split("|", 3)
+    if len(parts) != 4 or parts[0] != BUTTON_PREFIX:
+        return None
+    return parts[1], {parts[2]: parts[3]}
+
+
+def button_view(buttons: list[Button]) -> discord.ui.View:
+    view = discord.ui.View(timeout=None)
+    for button in buttons[:MAX_BUTTONS]:
+        label = clip(escape(button.label), BUTTON_LABEL)
+        view.add_item(discord.ui.Button(label=label, custom_id=button_id(button), style=discord.ButtonStyle.secondary))
+    return view
+
+
 @dataclass
 class Rendered:
     content: str | None = None
     embed: discord.Embed | None = None
     files: list[discord.File] = field(default_factory=list)
+    view: discord.ui.View | None = None
     ephemeral: bool = False
 
     def kwargs(self) -> dict:
@@ -52,6 +77,8 @@ class Rendered:
             out["embed"] = self.embed
         if self.files:
             out["files"] = self.files
+        if self.view is not None:
+            out["view"] = self.view
         return out
 
 
@@ -88,4 +115,5 @@ def render_reply(reply: Reply) -> Rendered:
         embed.add_field(name=name, value=value, inline=inline)
     if reply.images:
         embed.set_image(url=f"attachment://{reply.images[0].filename}")
-    return Rendered(embed=embed, files=files, ephemeral=reply.ephemeral)
+    view = button_view(reply.buttons) if reply.buttons else None
+    return Rendered(embed=embed, files=files, view=view, ephemeral=reply.ephemeral)
