@@ -60,10 +60,17 @@ def render_text(reply: Reply, image_paths: list[str], *, colour: bool = False) -
         parts.append(f"\x1b[1m{reply.title}\x1b[0m" if colour else reply.title)
     if reply.text:
         parts.append(reply.text)
-    inline = [f"{f.name}: {f.value}" for f in reply.fields if "\n" not in f.value]
-    if inline:
-        parts.append("\n".join(inline))
-    parts.extend(f"{f.name}:\n{f.value}" for f in reply.fields if "\n" in f.value)
+    run: list[str] = []  # consecutive short inline fields share one block
+    for item in reply.fields:
+        if item.inline and "\n" not in item.value:
+            run.append(f"{item.name}: {item.value}")
+            continue
+        if run:
+            parts.append("\n".join(run))
+            run = []
+        parts.append(f"{item.name}:\n{item.value}")
+    if run:
+        parts.append("\n".join(run))
     if reply.table is not None:
         parts.append(render_table(reply.table))
     if reply.code is not None:

@@ -35,6 +35,8 @@ COMMANDS: dict[str, tuple[str, dict[str, Any]]] = {
     "sentiment": ("text", {}),
     "complexity": ("lengths", {"width": 16}),
     "adapt": ("text", {}),
+    "topic": ("name", {}),
+    "quiz": ("answer", {}),
 }
 
 NASTY = [
