@@ -51,7 +51,12 @@ class PluginsSection(_Section):
 
 
 class InferenceSection(_Section):
-    backend: Literal["local"] = "local"
+    backend: Literal["local", "ray"] = "local"
+    # Ray Serve backend (backend = "ray"): an existing cluster's address, or "" to start a local Ray.
+    ray_address: str = ""
+    ray_replicas: Annotated[int, Field(ge=1, le=256)] = 1  # per model role
+    ray_num_cpus: Annotated[float, Field(ge=0, le=256)] = 1.0  # per replica
+    ray_num_gpus: Annotated[float, Field(ge=0, le=16)] = 0.0  # per replica; fractions share a GPU
     workers: Annotated[int, Field(ge=1, le=16)] = 1
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"

@@ -29,6 +29,13 @@ class Slow(Request):
 
 
 @dataclass(frozen=True)
+class SlowNoModel(Slow):
+    """Like Slow, but needs no model (its own deployment on the Ray backend)."""
+
+    role: ClassVar[str | None] = None
+
+
+@dataclass(frozen=True)
 class OomAboveOne(Request):
     """Raises out-of-memory for any batch of more than one request."""
 

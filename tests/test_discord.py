@@ -234,7 +234,8 @@ async def test_autocomplete_offers_matching_choices(harness: Harness) -> None:
 
 
 async def test_shutdown_answers_in_flight_interactions_then_exits_zero(harness: Harness) -> None:
-    await harness.start()
+    # A generous grace period: on a busy machine the first request also starts the worker.
+    await harness.start(shutdown_grace_s=120.0)
     token = await harness.fake.interact("slow", {"text": "still answered"})
     await harness.fake.wait_for(lambda calls: any(token in c.path for c in calls))
     assert await harness.stop() == 0

@@ -420,4 +420,8 @@ class LocalInferenceClient(InferenceClient):
 
 def create_client(config: Config, roles: dict[str, ModelRole]) -> InferenceClient:
     """The backend named by ``inference.backend``."""
+    if config.inference.backend == "ray":
+        from bot.inference.ray_backend import RayInferenceClient
+
+        return RayInferenceClient(config, roles)
     return LocalInferenceClient(config, roles)
