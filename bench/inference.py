@@ -4,7 +4,9 @@
     no batching), served one request at a time;
 (b) the raw ceiling: padded batched forwards of the same prompts, in-process,
     with the service's own task function (c prompts per forward at concurrency c);
-(c) the service end to end: the asyncio client, the queue, a worker process.
+(c) the service end to end: the asyncio client, the queue, a worker process;
+(d) with --ray, the same client on Ray Serve (one replica on a local Ray instance;
+    run it in a loopback-only namespace: unshare -n sh -c 'ip link set lo up && python bench/inference.py --ray').
 
 Prints req/s and p50/p99 latency for each way at concurrency 1, 8 and 64, the
 ratios c/a and c/b, and the bot process's RSS without models. The last line is
@@ -128,18 +130,19 @@ def way_b(model, tokenizer, concurrency: int, rounds: int) -> dict[str, float]: 
     }
 
 
-async def way_c(levels: list[int], rounds: int) -> dict[int, dict[str, float]]:
+async def way_c(levels: list[int], rounds: int, backend: str = "local") -> dict[int, dict[str, float]]:
+    """The service end to end; ``backend="ray"`` is way (d), the same client on Ray Serve."""
     from bot.config import parse_config
-    from bot.inference.client import LocalInferenceClient
+    from bot.inference.client import create_client
     from bot.inference.protocol import NextToken
     from bot.inference.registry import BUILTIN_ROLES
 
-    config = parse_config({"inference": {"offline": "always"}, "bot": {"log_level": "WARNING"}})
-    client = LocalInferenceClient(config, {r.name: r for r in BUILTIN_ROLES})
+    inference = {"offline": "always", "backend": backend, "ray_num_cpus": 0.5}
+    config = parse_config({"inference": inference, "bot": {"log_level": "WARNING"}})
+    client = create_client(config, {r.name: r for r in BUILTIN_ROLES})
     await client.start()
     try:
-        await client.load_role("causal_lm")
-        for prompt in PROMPTS[:8]:  # warm up
+        for prompt in PROMPTS[:8]:  # warm up (and load the model)
             await client.submit(NextToken(prompt, k=5))
 
         async def call(prompt: str) -> object:
@@ -174,11 +177,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=2, help="times each of the 64 prompts is sent")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 64])
+    parser.add_argument("--ray", action="store_true", help="also (d): the service on a local Ray Serve")
     args = parser.parse_args()
     levels = args.concurrency
 
     print(f"{len(PROMPTS)} prompts x {args.rounds} rounds, next-token top-5; concurrency {levels}", flush=True)
     c = asyncio.run(way_c(levels, args.rounds))  # the worker process exits before (a) and (b) run
+    d = asyncio.run(way_c(levels, args.rounds, "ray")) if args.ray else {}
     model, tokenizer, label = load_model()
     print(f"model: {label}", flush=True)
     way_a(model, tokenizer, 1, 1)  # warm up
@@ -189,7 +194,10 @@ def main() -> None:
     figures: dict[str, object] = {"model": label, "prompts": len(PROMPTS), "rounds": args.rounds, "rss_mb": rss}
     print(f"\n{'conc':>4}  {'way':<22} {'req/s':>7} {'p50 ms':>8} {'p99 ms':>8}")
     for n in levels:
-        for name, row in (("a) one forward each", a[n]), ("b) padded batch", b[n]), ("c) service", c[n])):
+        ways = [("a) one forward each", a[n]), ("b) padded batch", b[n]), ("c) service", c[n])]
+        if d:
+            ways.append(("d) service on Ray", d[n]))
+        for name, row in ways:
             print(f"{n:>4}  {name:<22} {row['req_s']:7.1f} {row['p50_ms']:8.1f} {row['p99_ms']:8.1f}")
         ratios = {
             "c_over_a": c[n]["req_s"] / a[n]["req_s"],
@@ -200,7 +208,10 @@ def main() -> None:
             f"      throughput c/a {ratios['c_over_a']:.2f}x, c/b {ratios['c_over_b']:.2f}x; "
             f"p50 latency c/a {ratios['c_p50_over_a_p50']:.2f}x"
         )
-        figures[str(n)] = {"a": a[n], "b": b[n], "c": c[n], **ratios}
+        if d:
+            ratios["d_over_c"] = d[n]["req_s"] / c[n]["req_s"]
+            print(f"      Ray Serve vs local workers: d/c {ratios['d_over_c']:.2f}x throughput")
+        figures[str(n)] = {"a": a[n], "b": b[n], "c": c[n], **({"d": d[n]} if d else {}), **ratios}
     print(f"\nbot process RSS without models: {rss:.0f} MB (torch not imported)")
     targets = {
         "c >= 0.9 b at 64": figures.get("64", {}).get("c_over_b", 0) >= 0.9 if "64" in figures else None,

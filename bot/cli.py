@@ -179,6 +179,36 @@ def cmd_stats(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_health(args: argparse.Namespace) -> int:
+    """Exit 0 when the running bot's workers are alive and its queue moves, else 1 (for HEALTHCHECK)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from bot.inference.metrics import summarize
+
+    config = load_config(args.config)
+    port = args.port or config.inference.metrics_port
+    if not port:
+        print("unhealthy: inference.metrics_port is 0, so the bot's workers cannot be checked")
+        return EXIT_ANSWERED_ERROR
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+            families = list(text_string_to_metric_families(response.read().decode()))
+    except (urllib.error.URLError, OSError) as exc:
+        print(f"unhealthy: no bot answers on 127.0.0.1:{port} ({exc})")
+        return EXIT_ANSWERED_ERROR
+    summary = summarize(families)
+    alive, queued = summary.get("workers_alive", 0), summary.get("queue_depth", 0)
+    idle_for = time.time() - summary.get("last_progress_timestamp_seconds", time.time())
+    if config.inference.backend == "local" and alive < 1:
+        print("unhealthy: no inference worker is alive")
+        return EXIT_ANSWERED_ERROR
+    if queued > 0 and idle_for > config.inference.request_timeout_s:
+        print(f"unhealthy: {queued:.0f} requests waiting and nothing finished for {idle_for:.0f} s")
+        return EXIT_ANSWERED_ERROR
+    print(f"healthy: config valid, {alive:.0f} worker(s) alive, {queued:.0f} queued")
+    return EXIT_OK
+
+
 def _stats_text(summary: dict) -> str:
     from bot.commands import Table
 
@@ -264,6 +294,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("roles", nargs="*", help="roles to fetch (default: all)")
     p.add_argument("--load", action="store_true", help="load every role now and report memory and load time")
     p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser(
+        "health", parents=[common], help="exit 0 if a running bot's workers are alive and its queue moves"
+    )
+    p.add_argument("--port", type=int, default=0, help="metrics port (default: inference.metrics_port)")
+    p.set_defaults(func=cmd_health)
 
     p = sub.add_parser("stats", parents=[common], help="a running bot's inference figures (via its metrics port)")
     p.add_argument("--port", type=int, default=0, help="metrics port (default: inference.metrics_port)")

@@ -55,6 +55,8 @@ def test_unknown_model_role_is_reported_like_a_key(tmp_path: Path) -> None:
         check_roles(config, {"causal_lm"})
 
 
-def test_shipped_config_is_valid() -> None:
-    config = load_config(str(Path(__file__).parent.parent / "config.toml"))
-    assert config.bot.token_env == "LMBOT_DISCORD_TOKEN"
+def test_shipped_configs_are_valid() -> None:
+    root = Path(__file__).parent.parent
+    assert load_config(str(root / "config.toml")).bot.token_env == "LMBOT_DISCORD_TOKEN"
+    docker = load_config(str(root / "docker" / "config.toml"))
+    assert docker.inference.metrics_port and docker.plugins.options["study"]["quiz_db"]

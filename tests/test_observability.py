@@ -73,3 +73,33 @@ def test_lmbot_models_lists_roles_and_where_they_resolve(tmp_path: Path, cache_d
     assert "tiny-gpt2" in lines["causal_lm"]
     assert "all-MiniLM-L6-v2 (offline stand-in" in lines["embedder"]
     assert "missing: offline, and bert-base-uncased is not on this machine" in lines["masked_lm"]
+
+
+async def test_lmbot_health_reports_a_running_service(config_factory, tiny_gpt2: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    from bot.inference.client import LocalInferenceClient
+    from tests.conftest import ROLES
+
+    def health(port: int) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "bot.cli", "health", "--port", str(port)],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+    port = free_port()
+    client = LocalInferenceClient(config_factory({"causal_lm": tiny_gpt2}, metrics_port=port), ROLES)
+    await client.start()
+    try:
+        await client.wait_ready()
+        done = await asyncio.to_thread(health, port)
+        assert done.returncode == 0, done.stdout
+        assert done.stdout.startswith("healthy: config valid, 1 worker(s) alive, 0 queued")
+    finally:
+        await client.close()
+    # The metrics endpoint outlives the workers it reports on: stopped workers are unhealthy.
+    done = await asyncio.to_thread(health, port)
+    assert done.returncode == 1 and "no inference worker is alive" in done.stdout
+    nobody = await asyncio.to_thread(health, free_port())
+    assert nobody.returncode == 1 and "no bot answers" in nobody.stdout

@@ -150,6 +150,7 @@ class LocalInferenceClient(InferenceClient):
             with contextlib.suppress(OSError):
                 worker.conn.close()
         self._workers.clear()
+        self.metrics.workers_alive.set(0)
 
     def worker_pids(self) -> list[int]:
         return [w.process.pid for w in self._workers if not w.lost and w.process.is_alive()]
@@ -340,6 +341,7 @@ class LocalInferenceClient(InferenceClient):
         for pending in by_id.values():  # a worker bug: it skipped a request
             if not pending.future.done():
                 pending.future.set_exception(InferenceError("The model worker lost this request; try again."))
+        self.metrics.last_progress.set_to_current_time()
         now = time.monotonic()
         elapsed = max(now - self._last_done, 1e-3)
         self._last_done = now

@@ -36,6 +36,10 @@ class ServiceMetrics:
         self.queue_depth = Gauge("lmbot_queue_depth", "Requests waiting for a worker", registry=r)
         self.workers_alive = Gauge("lmbot_workers_alive", "Worker processes running", registry=r)
         self.worker_restarts = Counter("lmbot_worker_restarts", "Workers restarted after dying", registry=r)
+        self.last_progress = Gauge(
+            "lmbot_last_progress_timestamp_seconds", "Unix time the service last finished a batch", registry=r
+        )
+        self.last_progress.set_to_current_time()
 
     def prometheus_text(self) -> bytes:
         return generate_latest(self.registry)

@@ -162,6 +162,7 @@ class RayInferenceClient(InferenceClient):
             raise value
         self.metrics.requests.labels(task, "ok").inc()
         self.metrics.latency.labels(task).observe(time.monotonic() - started)
+        self.metrics.last_progress.set_to_current_time()
         return value
 
     def _translate(self, exc: Exception, task: str) -> InferenceError:
