@@ -175,19 +175,24 @@ def bot_rss_mb() -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rounds", type=int, default=2, help="times each of the 64 prompts is sent")
+    parser.add_argument("--rounds", type=int, default=4, help="times each of the 64 prompts is sent in (b), (c), (d)")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 64])
     parser.add_argument("--ray", action="store_true", help="also (d): the service on a local Ray Serve")
     args = parser.parse_args()
     levels = args.concurrency
 
-    print(f"{len(PROMPTS)} prompts x {args.rounds} rounds, next-token top-5; concurrency {levels}", flush=True)
+    print(
+        f"{len(PROMPTS)} prompts, {args.rounds} rounds for (b)-(d) and 1 for (a), next-token top-5; "
+        f"concurrency {levels}",
+        flush=True,
+    )
     c = asyncio.run(way_c(levels, args.rounds))  # the worker process exits before (a) and (b) run
     d = asyncio.run(way_c(levels, args.rounds, "ray")) if args.ray else {}
     model, tokenizer, label = load_model()
     print(f"model: {label}", flush=True)
     way_a(model, tokenizer, 1, 1)  # warm up
-    a = {n: way_a(model, tokenizer, n, args.rounds) for n in levels}
+    # (a) serves one request at a time whatever the concurrency; one round keeps the run short.
+    a = {n: way_a(model, tokenizer, n, 1) for n in levels}
     b = {n: way_b(model, tokenizer, n, args.rounds) for n in levels}
     rss = bot_rss_mb()
 

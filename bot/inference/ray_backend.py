@@ -48,7 +48,7 @@ def make_deployment(settings: WorkerSettings, role: str, config: Config) -> Any:
         def __init__(self) -> None:
             from bot.inference.loading import ModelCache
 
-            os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+            os.environ.setdefault("GOMP_SPINCOUNT", "20000")  # as in the local workers
             self.cache = ModelCache(settings)
 
         def pid(self) -> int:

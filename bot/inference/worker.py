@@ -31,9 +31,10 @@ log = logging.getLogger("bot.inference.worker")
 
 def main(conn: Connection, settings: Any, log_level: str = "INFO") -> None:
     """Entry point of a spawned worker; returns (and the process exits) when the pipe closes."""
-    # Idle OpenMP threads otherwise spin for a while after each forward pass, taking the
-    # CPU from the bot process exactly when it has results to route and a batch to send.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    # OpenMP threads spin-wait after each parallel region by default, taking the CPU from the
+    # bot process exactly when it has results to route; sleeping at once (OMP_WAIT_POLICY=PASSIVE)
+    # makes every small op pay a wake-up instead. A short spin is measurably best (bench/inference.py).
+    os.environ.setdefault("GOMP_SPINCOUNT", "20000")
     logging.basicConfig(
         level=log_level, stream=sys.stderr, format=f"%(asctime)s worker[{os.getpid()}] %(levelname)s %(message)s"
     )
