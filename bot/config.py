@@ -69,7 +69,7 @@ class InferenceSection(_Section):
     max_input_chars: Annotated[int, Field(ge=1, le=100_000)] = 2000
     max_input_tokens: Annotated[int, Field(ge=1, le=100_000)] = 512
     max_new_tokens: Annotated[int, Field(ge=1, le=4096)] = 64
-    memory_budget_mb: Annotated[int, Field(ge=64)] = 4096
+    memory_budget_mb: Annotated[int, Field(ge=1)] = 4096
     offline: Literal["auto", "always", "never"] = "auto"
     cache_dir: str = "~/.cache/lmbot"
     preload: list[str] = []

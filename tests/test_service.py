@@ -166,14 +166,36 @@ async def test_role_without_offline_weights_names_the_config_key(causal_service)
     assert time.monotonic() - started_at < 10  # no waiting on an unreachable hub
 
 
-async def test_models_load_lazily_and_lru_unloads_past_budget(config_factory, tiny_gpt2, tiny_bert_mlm) -> None:  # type: ignore[no-untyped-def]
-    client = await started(config_factory({"causal_lm": tiny_gpt2, "masked_lm": tiny_bert_mlm}, memory_budget_mb=64))
+async def loaded_roles(client: LocalInferenceClient) -> set[str]:
+    (worker,) = (await client.status())["workers"]
+    return set(worker["models"])
+
+
+async def test_models_load_lazily_once_and_share_the_budget(config_factory, tiny_gpt2, tiny_bert_mlm) -> None:  # type: ignore[no-untyped-def]
+    roles = {"causal_lm": tiny_gpt2, "masked_lm": tiny_bert_mlm}
+    client = await started(config_factory(roles, memory_budget_mb=100))
     try:
-        (worker,) = (await client.status())["workers"]
-        assert worker["models"] == {}
+        assert await loaded_roles(client) == set()  # nothing until a request needs it
         await client.submit(NextToken("hi"))
-        await client.submit(FillMask("a [MASK] b".replace("[MASK]", "\x00MASK\x00")))
-        (worker,) = (await client.status())["workers"]
-        assert set(worker["models"]) == {"causal_lm", "masked_lm"}
+        first = (await client.status())["workers"][0]["models"]["causal_lm"]["load_s"]
+        await client.submit(NextToken("again"))
+        assert (await client.status())["workers"][0]["models"]["causal_lm"]["load_s"] == first  # loaded once
+        await client.submit(FillMask("a \x00MASK\x00 b"))
+        assert await loaded_roles(client) == {"causal_lm", "masked_lm"}  # both fit in 100 MB
+    finally:
+        await client.close()
+
+
+async def test_least_recently_used_model_is_unloaded_past_the_budget(config_factory, tiny_gpt2, tiny_bert_mlm) -> None:  # type: ignore[no-untyped-def]
+    # Each tiny model is a few MB, so a 1 MB budget holds only the one in use.
+    client = await started(config_factory({"causal_lm": tiny_gpt2, "masked_lm": tiny_bert_mlm}, memory_budget_mb=1))
+    try:
+        await client.submit(NextToken("hi"))
+        assert await loaded_roles(client) == {"causal_lm"}
+        await client.submit(FillMask("a \x00MASK\x00 b"))
+        assert await loaded_roles(client) == {"masked_lm"}
+        result = await client.submit(NextToken("hi"))  # reloaded on demand, same answer
+        assert await loaded_roles(client) == {"causal_lm"}
+        assert result.top
     finally:
         await client.close()
