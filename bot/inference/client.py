@@ -67,7 +67,6 @@ class _Pending:
     future: asyncio.Future[Any]
     enqueued: float
     deadline: float
-    dispatched: float = 0.0
 
 
 @dataclass(eq=False)
@@ -280,7 +279,6 @@ class LocalInferenceClient(InferenceClient):
         worker.in_flight = batch
         task = type(batch[0].request).task
         for pending in batch:
-            pending.dispatched = now
             self.metrics.queue_wait.labels(task).observe(now - pending.enqueued)
         try:
             worker.conn.send(("batch", worker.batch_id, [(p.id, p.request, p.deadline) for p in batch]))
