@@ -155,11 +155,17 @@ def _fetch(app: App, roles: Sequence[str]) -> int:
     return status
 
 
-def cmd_stats(args: argparse.Namespace) -> int:
+def _running_bot_summary(port: int) -> dict:
+    """The metrics summary a running bot serves on 127.0.0.1:``port`` (raises OSError if none)."""
     from prometheus_client.parser import text_string_to_metric_families
 
     from bot.inference.metrics import summarize
 
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        return summarize(text_string_to_metric_families(response.read().decode()))
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     port = args.port or config.inference.metrics_port
     if not port:
@@ -169,34 +175,26 @@ def cmd_stats(args: argparse.Namespace) -> int:
         )
         return EXIT_USAGE
     try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
-            text = response.read().decode()
-    except (urllib.error.URLError, OSError) as exc:
+        summary = _running_bot_summary(port)
+    except OSError as exc:  # URLError is an OSError
         print(f"lmbot: no bot answers on 127.0.0.1:{port} ({exc}).", file=sys.stderr)
         return EXIT_ANSWERED_ERROR
-    summary = summarize(text_string_to_metric_families(text))
     print(json.dumps(summary, indent=2) if args.json else _stats_text(summary))
     return EXIT_OK
 
 
 def cmd_health(args: argparse.Namespace) -> int:
     """Exit 0 when the running bot's workers are alive and its queue moves, else 1 (for HEALTHCHECK)."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    from bot.inference.metrics import summarize
-
     config = load_config(args.config)
     port = args.port or config.inference.metrics_port
     if not port:
         print("unhealthy: inference.metrics_port is 0, so the bot's workers cannot be checked")
         return EXIT_ANSWERED_ERROR
     try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
-            families = list(text_string_to_metric_families(response.read().decode()))
-    except (urllib.error.URLError, OSError) as exc:
+        summary = _running_bot_summary(port)
+    except OSError as exc:
         print(f"unhealthy: no bot answers on 127.0.0.1:{port} ({exc})")
         return EXIT_ANSWERED_ERROR
-    summary = summarize(families)
     alive, queued = summary.get("workers_alive", 0), summary.get("queue_depth", 0)
     idle_for = time.time() - summary.get("last_progress_timestamp_seconds", time.time())
     if config.inference.backend == "local" and alive < 1:

@@ -31,6 +31,12 @@ def wordpiece() -> tokenizers.Tokenizer:
     return tokenizers.BertWordPieceTokenizer(str(wordpiece_vocab()), lowercase=True)
 
 
+@functools.cache
+def wordpiece_tokens() -> frozenset[str]:
+    """The WordPiece vocabulary's tokens (building it from the tokenizer costs a copy of 30,522 entries)."""
+    return frozenset(wordpiece().get_vocab())
+
+
 def token_text(raw: bytes) -> str | None:
     """A token's bytes as text, or ``None`` when they are not valid UTF-8 on their own
     (byte-level BPE splits some characters across tokens)."""

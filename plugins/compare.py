@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import Callable
+from dataclasses import asdict
 
 from bot import (
     Command,
@@ -143,7 +144,7 @@ async def compare(ctx: Context, text: str, hide: str | None, k: int) -> Reply:
     fields.append(Field("causal LM continues the sentence with", continuation.text.strip()[:1000] or "∅", inline=False))
     data["causal"] = {
         "model": causal.model,
-        "top": [{"token": t.token, "id": t.id, "prob": t.prob} for t in causal.top],
+        "top": [asdict(t) for t in causal.top],
         "continuation": continuation.text,
         "seconds": causal_s,
     }
@@ -168,7 +169,7 @@ async def compare(ctx: Context, text: str, hide: str | None, k: int) -> Reply:
         fields.append(Field("masked LM guesses", ", ".join(show_token(t.token) for t in top)))
         data["masked"] = {
             "model": masked.model,
-            "top": [{"token": t.token, "id": t.id, "prob": t.prob} for t in top],
+            "top": [asdict(t) for t in top],
             "seconds": masked_s,
         }
     timing = f"causal {causal_s * 1000:.0f} ms" + (f", masked {masked_s * 1000:.0f} ms" if masked_s else "")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import random
 import re
 from collections.abc import Callable
@@ -26,7 +27,7 @@ from bot import (
 )
 from bot.charts import bar_panels, render, show_token
 from bot.inference.protocol import MASK, FillMask
-from bot.tokenizers import wordpiece
+from bot.tokenizers import wordpiece, wordpiece_tokens
 
 QUIZ = (
     QuizQuestion(
@@ -158,8 +159,9 @@ def masking_recipe(tokens: list[str], vocab: list[str], seed: int) -> list[tuple
     return changes
 
 
+@functools.cache
 def _ordinary_vocab() -> list[str]:
-    return sorted(t for t in wordpiece().get_vocab() if not (t.startswith("[") and t.endswith("]")))
+    return sorted(t for t in wordpiece_tokens() if not (t.startswith("[") and t.endswith("]")))
 
 
 @command(

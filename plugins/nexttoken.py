@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import asdict
 
 from bot import (
     Command,
@@ -134,7 +135,7 @@ async def nexttoken(ctx: Context, prompt: str, k: int, temperature: float) -> Re
             "model": result.model,
             "prompt_tokens": result.prompt_tokens,
             "prompt_ids": result.prompt_ids,
-            "top": [{"token": t.token, "id": t.id, "prob": t.prob} for t in result.top],
+            "top": [asdict(t) for t in result.top],
             "entropy_bits": result.entropy_bits,
             "temperature": temperature,
         },

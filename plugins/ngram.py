@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from collections import Counter, defaultdict
@@ -143,6 +144,7 @@ class NgramModel:
         )
 
 
+@functools.cache
 def builtin_corpus() -> str:
     return files("plugins").joinpath("data/corpus.txt").read_text(encoding="utf-8")
 

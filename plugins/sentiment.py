@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -92,6 +93,7 @@ LABELS = ("negative", "positive")
 PROMPT = 'Classify the sentiment of the review as positive or negative.\nReview: "{text}"\nSentiment:'
 
 
+@functools.cache
 def training_set() -> list[tuple[str, str]]:
     """The plugin's own labelled sentences (label, text)."""
     text = files("plugins").joinpath("data/sentiment.tsv").read_text(encoding="utf-8")

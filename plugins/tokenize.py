@@ -24,7 +24,7 @@ from bot import (
     hookimpl,
 )
 from bot.charts import bar_chart, render, show_token
-from bot.tokenizers import TIKTOKEN_ENCODINGS, tiktoken_encoding, token_text, wordpiece
+from bot.tokenizers import TIKTOKEN_ENCODINGS, tiktoken_encoding, token_text, wordpiece, wordpiece_tokens
 
 QUIZ = (
     QuizQuestion(
@@ -126,7 +126,7 @@ def piece_label(raw: bytes) -> str:
 
 def word_level(text: str) -> tuple[list[str], int]:
     """A word-level vocabulary: BERT's whole-word entries; any other word becomes [UNK]."""
-    vocab = wordpiece().get_vocab()
+    vocab = wordpiece_tokens()
     words = WORD.findall(text.lower())
     out = [w if w in vocab else "[UNK]" for w in words]
     return out, out.count("[UNK]")

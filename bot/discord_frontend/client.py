@@ -144,6 +144,8 @@ class LmbotClient(discord.Client):
         if busy is not None:
             return f"The bot is busy right now; try again in {busy:.0f} s."
         if cooldown:
+            if len(self._cooldowns) > 10_000:  # forget expired entries so the table cannot grow forever
+                self._cooldowns = {k: t for k, t in self._cooldowns.items() if t > now}
             self._cooldowns[key] = now + self.settings.cooldown_s
         return None
 

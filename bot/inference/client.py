@@ -54,7 +54,6 @@ class InferenceClient(abc.ABC):
         """Seconds to suggest waiting when a new request would be refused as busy, else None."""
 
     @abc.abstractmethod
-    @abc.abstractmethod
     async def status(self) -> dict[str, Any]:
         """Workers and the models they hold."""
 
