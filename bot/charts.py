@@ -7,15 +7,41 @@ figure takes tens of milliseconds to draw, which the bot's loop must not wait on
 from __future__ import annotations
 
 import asyncio
+import functools
 import io
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 from bot.commands import Image
 
 # Sized for Discord's inline preview; readable on a phone.
 WIDTH, ROW_HEIGHT, DPI = 7.0, 0.42, 110
+
+# Tokens come in any script. matplotlib falls back glyph by glyph along this list,
+# so a host with these fonts (the Docker image installs them) draws 東京 or عربي
+# instead of boxes; those that are not installed are left out.
+FALLBACK_FONTS = ("Noto Sans CJK JP", "Noto Sans", "Noto Sans Arabic", "Noto Sans Hebrew", "Symbola")
+
+
+@functools.cache
+def font_families() -> tuple[str, ...]:
+    """DejaVu Sans (matplotlib's own) first, then the installed fallback fonts."""
+    from matplotlib import font_manager
+
+    installed = {font.name for font in font_manager.fontManager.ttflist}
+    return ("DejaVu Sans", *(name for name in FALLBACK_FONTS if name in installed))
+
+
+@contextmanager
+def _style() -> Iterator[None]:
+    import matplotlib
+
+    with matplotlib.rc_context({"font.family": list(font_families())}), warnings.catch_warnings():
+        # A glyph no installed font has is drawn as a box; the reply's table has the text.
+        warnings.filterwarnings("ignore", message="Glyph .* missing from font")
+        yield
 
 
 def show_token(token: str) -> str:
@@ -52,6 +78,18 @@ def bar_panels(
     xmax: float | None = None,
 ) -> Image:
     """One bar chart per panel, stacked vertically (e.g. one per blank in a sentence)."""
+    with _style():
+        return _bar_panels(panels, xlabel=xlabel, filename=filename, value_format=value_format, xmax=xmax)
+
+
+def _bar_panels(
+    panels: Sequence[tuple[str, Sequence[str], Sequence[float]]],
+    *,
+    xlabel: str,
+    filename: str,
+    value_format: str,
+    xmax: float | None,
+) -> Image:
     from matplotlib.figure import Figure
 
     rows = sum(len(labels) for _, labels, _ in panels)
@@ -67,10 +105,7 @@ def bar_panels(
         ax.spines[["top", "right"]].set_visible(False)
     axes[-1, 0].set_xlabel(xlabel)
     buffer = io.BytesIO()
-    with warnings.catch_warnings():
-        # A token in a script the font lacks is drawn as a box; the table beside the chart has the text.
-        warnings.filterwarnings("ignore", message="Glyph .* missing from font")
-        fig.savefig(buffer, format="png")
+    fig.savefig(buffer, format="png")
     return Image(filename, buffer.getvalue(), panels[0][0][:100])
 
 
@@ -84,6 +119,19 @@ def line_chart(
     log: bool = True,
 ) -> Image:
     """Lines (label, xs, ys, style) on one axis, log-log by default; ``style`` is a matplotlib format."""
+    with _style():
+        return _line_chart(series, title=title, xlabel=xlabel, ylabel=ylabel, filename=filename, log=log)
+
+
+def _line_chart(
+    series: Sequence[tuple[str, Sequence[float], Sequence[float], str]],
+    *,
+    title: str,
+    xlabel: str,
+    ylabel: str,
+    filename: str,
+    log: bool,
+) -> Image:
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(WIDTH, 4.2), dpi=DPI, layout="constrained")
