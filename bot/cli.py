@@ -22,6 +22,7 @@ from bot import __version__
 from bot.app import App
 from bot.commands import Reply
 from bot.config import Config, ConfigError, load_config
+from bot.inference.registry import ModelSource
 from bot.parsing import UsageError
 from bot.plugins import PluginConflict
 from bot.render import render_json, render_table, render_text, save_images
@@ -32,6 +33,9 @@ EXIT_OK, EXIT_ANSWERED_ERROR, EXIT_USAGE = 0, 1, 2
 def _setup_logging(config: Config, quiet: bool = False) -> None:
     level = "WARNING" if quiet and config.bot.log_level == "INFO" else config.bot.log_level
     logging.basicConfig(level=level, stream=sys.stderr, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    # One INFO line per HTTP request would bury the download progress bars.
+    for noisy in ("httpx", "httpx2", "huggingface_hub"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 def _load_app(args: argparse.Namespace) -> App:
@@ -90,7 +94,7 @@ def cmd_models(args: argparse.Namespace) -> int:
     for name, role in sorted(app.registry.roles.items()):
         source = resolve(role, config.models.get(name), config.inference.offline)
         size = source.size_bytes()
-        where = source.label if source.kind != "missing" else f"missing: {source.reason}"
+        where = _where(source)
         info = loaded.get(name)
         state = f"yes ({info['mb']:.0f} MB in memory, {info['load_s']:.1f} s)" if isinstance(info, dict) else "no"
         if isinstance(info, str):
@@ -100,6 +104,18 @@ def cmd_models(args: argparse.Namespace) -> int:
 
     print(render_table(Table(["role", "configured", "resolves to", "size", "loaded"], rows)))
     return EXIT_OK
+
+
+def _where(source: ModelSource) -> str:
+    if source.kind == "missing":
+        return f"missing: {source.reason}"
+    if source.kind == "hub":
+        return "hub, not downloaded yet (first use or `lmbot models fetch` downloads it)"
+    if source.kind == "hub-cache":
+        return "hub, downloaded"
+    if source.kind == "path":
+        return "local folder"
+    return source.label
 
 
 def _size(nbytes: int | None) -> str:
@@ -130,16 +146,18 @@ def _fetch(app: App, roles: Sequence[str]) -> int:
 
     from bot.inference.registry import hub_offline
 
+    wanted = roles or sorted(app.registry.roles)
+    unknown = [name for name in wanted if name not in app.registry.roles]
+    if unknown:
+        known = ", ".join(sorted(app.registry.roles))
+        print(f"lmbot: unknown role {unknown[0]!r} (roles: {known})", file=sys.stderr)
+        return EXIT_USAGE
     if hub_offline(app.config.inference.offline):
         print("lmbot: the Hugging Face hub cannot be reached from here; nothing to fetch.", file=sys.stderr)
         return EXIT_ANSWERED_ERROR
-    wanted = roles or sorted(app.registry.roles)
     status = EXIT_OK
     for name in wanted:
-        role = app.registry.roles.get(name)
-        if role is None:
-            print(f"lmbot: unknown role {name!r}", file=sys.stderr)
-            return EXIT_USAGE
+        role = app.registry.roles[name]
         target = app.config.models.get(name, role.default)
         if Path(os.path.expanduser(target)).exists():
             print(f"{name}: {target} is a local folder; nothing to fetch")
@@ -148,7 +166,9 @@ def _fetch(app: App, roles: Sequence[str]) -> int:
         try:
             path = snapshot_download(target, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model"])
         except Exception as exc:
-            print(f"{name}: failed: {exc}", file=sys.stderr)
+            # Hub errors run to several lines with URLs and advice; the first one says what happened.
+            first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            print(f"{name}: could not fetch {target}: {first_line}", file=sys.stderr)
             status = EXIT_ANSWERED_ERROR
         else:
             print(f"{name}: ready in {path}")

@@ -14,7 +14,7 @@ import transformers
 from bot.inference.offline import bert_tokenizer_dir
 from bot.tokenizers import TIKTOKEN_ENCODINGS
 from plugins.mask import masking_recipe
-from tests.plugin_helpers import assert_fits_discord
+from tests.plugin_helpers import assert_fits_discord, causal_reference
 
 TOL = 1e-5
 
@@ -22,14 +22,6 @@ TOL = 1e-5
 @pytest.fixture
 def models(tiny_gpt2: Path, tiny_bert_mlm: Path) -> dict[str, Path]:
     return {"causal_lm": tiny_gpt2, "masked_lm": tiny_bert_mlm}
-
-
-def causal_reference(path: Path, prompt: str, temperature: float = 1.0) -> torch.Tensor:
-    model = transformers.AutoModelForCausalLM.from_pretrained(path).eval()
-    tok = transformers.AutoTokenizer.from_pretrained(path)
-    with torch.no_grad():
-        logits = model(**tok(prompt, return_tensors="pt")).logits[0, -1]
-    return torch.softmax(logits / temperature, -1)
 
 
 # ----------------------------------------------------------------------------- /nexttoken

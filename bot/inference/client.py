@@ -78,6 +78,7 @@ class _Worker:
     ready: asyncio.Event = field(default_factory=asyncio.Event)
     device: str = ""
     lost: bool = False
+    loading: str | None = None  # the role it is loading (or downloading) right now
 
 
 class LocalInferenceClient(InferenceClient):
@@ -204,7 +205,7 @@ class LocalInferenceClient(InferenceClient):
         except TimeoutError:
             self._forget(pending)
             self.metrics.requests.labels(task, "deadline").inc()
-            raise DeadlineExceeded() from None
+            raise self._deadline_error(type(request).role) from None
         except asyncio.CancelledError:
             self._forget(pending)
             self.metrics.requests.labels(task, "cancelled").inc()
@@ -215,6 +216,14 @@ class LocalInferenceClient(InferenceClient):
         self.metrics.requests.labels(task, "ok").inc()
         self.metrics.latency.labels(task).observe(time.monotonic() - pending.enqueued)
         return result
+
+    def _deadline_error(self, role: str | None) -> DeadlineExceeded:
+        """Say why when the wait was a model loading for the first time (a download, maybe)."""
+        if role is not None and any(w.loading == role for w in self._workers if not w.lost):
+            return DeadlineExceeded(
+                f"The `{role}` model is still loading (the first use may download it); try again in a minute."
+            )
+        return DeadlineExceeded()
 
     def _forget(self, pending: _Pending) -> None:
         """Remove a request that nobody awaits any more, if it is still queued."""
@@ -253,7 +262,7 @@ class LocalInferenceClient(InferenceClient):
                 expired = queue.popleft()
                 self._waiting -= 1
                 if not expired.future.done():
-                    expired.future.set_exception(DeadlineExceeded())
+                    expired.future.set_exception(self._deadline_error(type(expired.request).role))
             if not queue:
                 del self._queues[key]
         next_due: float | None = None
@@ -313,7 +322,10 @@ class LocalInferenceClient(InferenceClient):
             waiter = self._status_waiters.pop(message[1], None)
             if waiter is not None and not waiter.done():
                 waiter.set_result(message[2])
+        elif kind == "loading":
+            worker.loading = message[1]
         elif kind == "done":
+            worker.loading = None
             self._on_done(worker, message[1], message[2], message[3])
 
     def _on_done(self, worker: _Worker, batch_id: int, outcomes: list[tuple[int, bool, Any]], timing: dict) -> None:
@@ -349,6 +361,7 @@ class LocalInferenceClient(InferenceClient):
         if worker.lost:
             return
         worker.lost = True
+        worker.loading = None
         for pending in worker.in_flight or []:
             if not pending.future.done():
                 pending.future.set_exception(WorkerDied())

@@ -96,12 +96,14 @@ def hub_reachable(timeout: float = 2.0) -> bool:
     with _hub_lock:
         if "up" in _hub_state:
             return _hub_state["up"]
-        host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+        endpoint = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+        host = endpoint.hostname or "huggingface.co"
+        port = endpoint.port or (80 if endpoint.scheme == "http" else 443)
         result: list[bool] = []
 
         def probe() -> None:
             try:
-                socket.create_connection((host, 443), timeout=timeout).close()
+                socket.create_connection((host, port), timeout=timeout).close()
                 result.append(True)
             except OSError:
                 result.append(False)

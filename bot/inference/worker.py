@@ -20,7 +20,7 @@ import pickle
 import sys
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from multiprocessing.connection import Connection
 from types import SimpleNamespace
 from typing import Any
@@ -71,7 +71,7 @@ def main(conn: Connection, settings: Any, log_level: str = "INFO") -> None:
             conn.send(("status", message[1], answer))
         elif kind == "batch":
             _, batch_id, items = message
-            outcomes, timing = run_batch(cache, settings, items)
+            outcomes, timing = run_batch(cache, settings, items, on_load=lambda role: conn.send(("loading", role)))
             conn.send(("done", batch_id, outcomes, timing))
 
 
@@ -87,8 +87,18 @@ def _error_id() -> str:
     return uuid.uuid4().hex[:8]
 
 
-def run_batch(cache: Any, settings: Any, items: Sequence[tuple[int, Any, float]]) -> tuple[list[Outcome], dict]:
-    """Run one batch of same-(role, task) requests; never raises."""
+def run_batch(
+    cache: Any,
+    settings: Any,
+    items: Sequence[tuple[int, Any, float]],
+    on_load: Callable[[str], None] | None = None,
+) -> tuple[list[Outcome], dict]:
+    """Run one batch of same-(role, task) requests; never raises.
+
+    ``on_load(role)`` is called before a model that is not in memory yet is loaded
+    (which on first use may mean a download), so the caller can tell people why
+    their request is slow.
+    """
     from bot.inference.protocol import DeadlineExceeded, InferenceError, InputTooLong, ModelFailed
     from bot.inference.tasks import find_task
 
@@ -107,6 +117,8 @@ def run_batch(cache: Any, settings: Any, items: Sequence[tuple[int, Any, float]]
     role, task_name = type(live[0][1]).role, type(live[0][1]).task
     started = time.perf_counter()
     try:
+        if role is not None and role not in cache.loaded and on_load is not None:
+            on_load(role)
         # A task of no role (e.g. timing a layer) runs without a model.
         loaded = cache.get(role) if role is not None else SimpleNamespace(model=None, tokenizer=None, label="")
         task = find_task(task_name)
