@@ -87,7 +87,7 @@ def cmd_models(args: argparse.Namespace) -> int:
     config = app.config
     if args.action == "fetch":
         return _fetch(app, args.roles)
-    loaded: dict[str, dict] = {}
+    loaded: dict[str, dict | str] = {}
     if args.load:
         loaded = asyncio.run(_load_all(app))
     rows = []

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic_core import ErrorDetails
 
 DEFAULT_PATH = "config.toml"
 ENV_VAR = "LMBOT_CONFIG"
@@ -91,7 +92,7 @@ class Config(_Section):
         return Path(os.path.expanduser(self.inference.cache_dir))
 
 
-def _describe(error: dict) -> str:
+def _describe(error: ErrorDetails) -> str:
     key = ".".join(str(p) for p in error["loc"])
     kind = error["type"]
     if kind == "extra_forbidden":

@@ -36,8 +36,11 @@ def register_commands(register: Callable[[Command], None]) -> None:
 
 
 @hookspec
-def register_models(register: Callable[[ModelRole], None]) -> None:
-    """Declare the model roles the plugin's commands use: ``register(ModelRole(...))``.
+def register_models(register: Callable[[ModelRole | str], None]) -> None:
+    """Declare the model roles the plugin's commands use.
+
+    ``register("causal_lm")`` names a built-in role (see ``lmbot models``);
+    ``register(ModelRole(...))`` adds a new one with its default hub id.
 
     The core only loads a role's model when a command first asks for it; this
     hook lets ``lmbot models`` and the config check know about every role.

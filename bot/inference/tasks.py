@@ -42,7 +42,7 @@ LN2 = math.log(2)
 
 
 @functools.cache
-def _accepts(model_type: type, name: str) -> bool:
+def _accepts(model_type: Any, name: str) -> bool:
     return name in inspect.signature(model_type.forward).parameters
 
 
@@ -59,9 +59,9 @@ def _position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
 def _causal_forward(model: Any, enc: dict[str, torch.Tensor], keep: int | None) -> torch.Tensor:
     """Logits of the last ``keep`` positions (all positions when ``keep`` is None)."""
     kwargs: dict[str, Any] = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
-    if _accepts(type(model), "position_ids"):
+    if _accepts(model.__class__, "position_ids"):
         kwargs["position_ids"] = _position_ids(enc["attention_mask"])
-    if keep is not None and _accepts(type(model), "logits_to_keep"):
+    if keep is not None and _accepts(model.__class__, "logits_to_keep"):
         # Skips the vocabulary projection for every position but the last ones.
         kwargs["logits_to_keep"] = keep
     logits = model(**kwargs).logits
