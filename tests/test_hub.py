@@ -89,8 +89,9 @@ def test_first_use_downloads_in_the_worker(tmp_path: Path, cache_dir: Path, tiny
 
 
 def test_a_download_longer_than_the_deadline_is_explained(tmp_path: Path, cache_dir: Path, tiny_gpt2: Path) -> None:
-    workdir = write_config(tmp_path, cache_dir, timeout_s=2)
-    with FakeHub({REPO: tiny_gpt2}, slow_files={"model.safetensors": 8}) as hub:
+    # Long enough for the worker to start (torch import) on a busy machine, far shorter than the download.
+    workdir = write_config(tmp_path, cache_dir, timeout_s=10)
+    with FakeHub({REPO: tiny_gpt2}, slow_files={"model.safetensors": 30}) as hub:
         answer = lmbot(["ask", "/nexttoken prompt:hello"], workdir, hub.url)
     assert answer.returncode == 1
     assert "The `causal_lm` model is still loading (the first use may download it)" in answer.stdout

@@ -199,3 +199,15 @@ async def test_least_recently_used_model_is_unloaded_past_the_budget(config_fact
         assert result.top
     finally:
         await client.close()
+
+
+async def test_a_deadline_while_workers_start_says_so(config_factory, tiny_gpt2: Path) -> None:  # type: ignore[no-untyped-def]
+    client = LocalInferenceClient(config_factory({"causal_lm": tiny_gpt2}), ROLES)
+    await client.start()  # spawning a worker and importing torch takes far longer than the deadline below
+    try:
+        with pytest.raises(DeadlineExceeded, match="The model workers are still starting"):
+            await client.submit(Slow("early"), timeout=0.05)
+        await client.wait_ready()
+        assert await client.submit(Slow("ready")) == "done ready"
+    finally:
+        await client.close()

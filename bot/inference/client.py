@@ -219,10 +219,13 @@ class LocalInferenceClient(InferenceClient):
 
     def _deadline_error(self, role: str | None) -> DeadlineExceeded:
         """Say why when the wait was a model loading for the first time (a download, maybe)."""
-        if role is not None and any(w.loading == role for w in self._workers if not w.lost):
+        alive = [w for w in self._workers if not w.lost]
+        if role is not None and any(w.loading == role for w in alive):
             return DeadlineExceeded(
                 f"The `{role}` model is still loading (the first use may download it); try again in a minute."
             )
+        if alive and not any(w.ready.is_set() for w in alive):
+            return DeadlineExceeded("The model workers are still starting; try again in a few seconds.")
         return DeadlineExceeded()
 
     def _forget(self, pending: _Pending) -> None:
