@@ -4,7 +4,6 @@ apps and inference services built for one test or one session."""
 from __future__ import annotations
 
 import os
-import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -16,28 +15,18 @@ from bot.config import Config, parse_config
 from bot.inference.client import LocalInferenceClient
 from bot.inference.registry import BUILTIN_ROLES
 from tests import tiny_models
+from tests.loopback_only import sitecustomize as _loopback_only  # noqa: F401  (import = the guard)
 
 # No test may reach the network: the hub is "offline" for every test and every
-# worker process they start (workers inherit the environment).
+# worker process they start (workers inherit the environment), and the import of
+# tests.loopback_only above fails any connection to a host other than loopback.
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
+LOOPBACK_ONLY = str(Path(__file__).parent / "loopback_only")
+os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (LOOPBACK_ONLY, os.environ.get("PYTHONPATH")) if p)
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 ROLES = {r.name: r for r in BUILTIN_ROLES}
-
-
-@pytest.fixture(autouse=True)
-def _no_network(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Fail any connection to a host other than loopback made in the test process."""
-    real = socket.socket.connect
-
-    def guarded(self: socket.socket, address: Any) -> Any:
-        host = address[0] if isinstance(address, tuple) else address
-        if isinstance(host, str) and not (host.startswith("127.") or host in ("::1", "localhost")) and "/" not in host:
-            raise OSError(f"test tried to reach {host}")
-        return real(self, address)
-
-    monkeypatch.setattr(socket.socket, "connect", guarded)
 
 
 @pytest.fixture(scope="session")

@@ -102,3 +102,10 @@ def test_ask_nexttoken_on_the_offline_model(workdir: Path, smollm_dir: Path) -> 
     assert "SmolLM2" in body["data"]["model"]
     image = workdir / body["images"][0]
     assert image.read_bytes().startswith(b"\x89PNG")
+
+
+def test_processes_tests_start_are_loopback_only(tmp_path: Path) -> None:
+    # Checked by inspection: trying a real outside address would send a packet if the guard were broken.
+    code = "import socket; print(getattr(socket.socket.connect, 'guarded', False))"
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert done.stdout.strip() == "True", done.stderr
