@@ -6,6 +6,10 @@ left bare: a bare value runs until the next ``name:`` of one of the command's
 own options (or at a lowercase ``word:value`` that looks like a mistyped
 option), so ``/nexttoken prompt:The capital of France is k:3`` means what it
 looks like, while ``Note: ...``, ``10:30`` and ``http://`` stay text.
+
+Text before the first ``name:`` fills the command's first option, as a shortcut
+the console allows and Discord does not need: ``/quiz scores``,
+``/tokenize hello world``.
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ from typing import Any
 from bot.commands import Command, CommandError
 
 _NAME = re.compile(r"([A-Za-z0-9_-]+):")
+# A lowercase ``word:value`` reads as an option (maybe mistyped), not as text.
+_OPTION_LIKE = re.compile(r"[a-z][a-z0-9_-]*:(?=[^\s/])")
 
 
 class UsageError(CommandError):
@@ -63,9 +69,22 @@ def parse_options(cmd: Command, rest: str) -> dict[str, str]:
     # A bare value ends at the next known option, or at something that looks like
     # a mistyped one ("size:3"); "Note: x", "10:30" and "http://" stay text.
     known = "|".join(map(re.escape, names)) or "(?!)"
-    next_option = re.compile(rf"\s+(?:(?:{known}):|[a-z][a-z0-9_-]*:(?=[^\s/]))")
+    next_option = re.compile(rf"\s+(?:(?:{known}):|{_OPTION_LIKE.pattern})")
     raw: dict[str, str] = {}
     pos = len(rest) - len(rest.lstrip())
+    if not names and pos < len(rest):
+        raise UsageError(f"/{cmd.name} takes no options. {_usage(cmd)}")
+    leading = _NAME.match(rest, pos)
+    if pos < len(rest) and names and not (leading and (leading.group(1) in names or _OPTION_LIKE.match(rest, pos))):
+        # Text before any option fills the first option.
+        if rest[pos] in "\"'":
+            value, pos = _quoted(rest, pos, cmd, names[0])
+        else:
+            found = next_option.search(rest, pos)
+            end = found.start() if found else len(rest)
+            value, pos = rest[pos:end].strip(), end
+        raw[names[0]] = value
+        pos += len(rest[pos:]) - len(rest[pos:].lstrip())
     while pos < len(rest):
         match = _NAME.match(rest, pos)
         if match is None:

@@ -191,13 +191,14 @@ async def _answer(ctx: Context, answer: str) -> Reply:
     "quiz",
     "A multiple-choice question on a course topic; scores are kept per server",
     options=[
-        Text("topic", "Only questions from this topic", required=False, max_length=60),
+        Text("topic", "Only questions from this topic; `scores` shows the leaderboard", required=False, max_length=60),
         Text("answer", "An answer (the buttons fill this in)", required=False, max_length=80),
         Boolean("leaderboard", "Show this server's scores instead of a question", default=False),
     ],
 )
 async def quiz(ctx: Context, topic: str | None, answer: str | None, leaderboard: bool) -> Reply:
-    if leaderboard:
+    # `/quiz scores` reads naturally in the console; on Discord it is `topic: scores` or `leaderboard: True`.
+    if leaderboard or (topic or "").strip().lower() in ("scores", "leaderboard"):
         rows = await asyncio.to_thread(scores_for(ctx).leaderboard, ctx.guild_id or ctx.transport)
         if not rows:
             return Reply("No quiz answers here yet. Start with /quiz.", data={"leaderboard": []})

@@ -26,7 +26,8 @@ DEMO = Command(
         Text("enc", "A choice", default="gpt2", choices=("gpt2", "cl100k_base")),
     ),
 )
-COMMANDS = {"demo": DEMO}
+BARE = Command("bare", "A command without options", _handler, ())
+COMMANDS = {"demo": DEMO, "bare": BARE}
 
 
 def parse(line: str) -> dict:
@@ -35,6 +36,18 @@ def parse(line: str) -> dict:
 
 def test_bare_value_runs_until_next_option() -> None:
     assert parse("/demo text:The capital of France is k:4") == {"text": "The capital of France is", "k": 4}
+
+
+def test_text_before_any_option_fills_the_first_option() -> None:
+    assert parse("/demo The capital of France is k:4") == {"text": "The capital of France is", "k": 4}
+    assert parse('/demo "quoted k:5" flag:yes') == {"text": "quoted k:5", "flag": True}
+    assert parse("/demo Note: still text") == {"text": "Note: still text"}
+    assert parse("/demo 10:30 at http://x.org") == {"text": "10:30 at http://x.org"}
+
+
+def test_a_command_without_options_takes_no_text() -> None:
+    with pytest.raises(UsageError, match="/bare takes no options"):
+        parse("/bare just words")
 
 
 def test_colon_inside_text_stays_text() -> None:
@@ -70,7 +83,7 @@ def test_empty_value_is_rejected_with_a_clear_message() -> None:
         ("/demo text:x text:y", "`text` is given twice"),
         ('/demo text:"never closed', "never closed"),
         ("/demo k:3", "needs `text`"),
-        ("/demo just words", "Expected `option:value`"),
+        ("/demo size:3 words", "has no option `size`"),
         ("/nothing", "There is no /nothing command"),
         ("demo text:x", "start with a slash"),
     ],

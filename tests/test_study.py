@@ -58,7 +58,7 @@ async def test_quiz_asks_checks_and_scores(app_factory) -> None:  # type: ignore
     assert first.data["correct"] is False and "Not quite" in first.title
     again = await app.execute("quiz", {"answer": right}, app.local_context())
     assert again.data["counted"] is False and again.data["score"] == [0, 1]  # only the first answer counts
-    board = await app.execute_line("/quiz leaderboard:true")
+    board = await app.execute_line("/quiz scores")
     assert board.data["leaderboard"] == [("console", 0, 1)]
     bad = await app.execute("quiz", {"answer": "ngrams.99.1.A"}, app.local_context())
     assert bad.error and "start a new one" in bad.text
