@@ -278,6 +278,16 @@ class Button:
     option: str
     value: str
 
+    # Discord carries command, option and value in the button's 100-character id (with
+    # a prefix and separators); a longer button is left out, never run with a cut value.
+    MAX_LENGTH: ClassVar[int] = 90
+
+    @property
+    def fits(self) -> bool:
+        """Whether command, option and value together fit every front end."""
+        text = self.command + self.option + self.value
+        return len(text.encode("utf-16-le")) // 2 <= self.MAX_LENGTH  # Discord counts UTF-16 units
+
 
 @dataclass
 class Reply:

@@ -130,6 +130,11 @@ def format_line(cmd: Command, values: Mapping[str, Any]) -> str:
     parts = [f"/{cmd.name}"]
     for key, value in values.items():
         text = str(value).lower() if isinstance(value, bool) else str(value)
-        escaped = text.replace("\\", "\\\\").replace('"', '\\"')
-        parts.append(f'{key}:"{escaped}"')
+        parts.append(f"{key}:{quote(text)}")
     return " ".join(parts)
+
+
+def quote(text: str) -> str:
+    """``text`` in double quotes, escaped so that :func:`parse_line` reads it back exactly."""
+    escaped = text.replace("\\", "\\\\").replace('"', '\\"')
+    return f'"{escaped}"'

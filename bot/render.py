@@ -13,7 +13,8 @@ from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import Any
 
-from bot.commands import CodeBlock, Reply, Table
+from bot.commands import Button, CodeBlock, Reply, Table
+from bot.parsing import quote
 
 ANSI = {"gray": 90, "red": 31, "green": 32, "yellow": 33, "blue": 34, "pink": 35, "cyan": 36, "white": 37}
 _SLUG = re.compile(r"[^A-Za-z0-9._-]+")
@@ -54,6 +55,14 @@ def render_code(code: CodeBlock, colour: bool, palette: dict[str, int] = ANSI) -
     )
 
 
+def button_line(button: Button) -> str:
+    """The command line a button runs, as a person would type it in the console."""
+    value = button.value
+    if not value or any(c.isspace() or c in "\"':" for c in value):
+        value = quote(value)
+    return f"/{button.command} {button.option}:{value}"
+
+
 def render_text(reply: Reply, image_paths: list[str], *, colour: bool = False) -> str:
     parts: list[str] = []
     if reply.title:
@@ -76,7 +85,8 @@ def render_text(reply: Reply, image_paths: list[str], *, colour: bool = False) -
     if reply.code is not None:
         parts.append(render_code(reply.code, colour))
     if reply.buttons:
-        parts.append("\n".join(f"  {b.label}   → /{b.command} {b.option}:{b.value}" for b in reply.buttons))
+        width = max(len(b.label) for b in reply.buttons)
+        parts.append("\n".join(f"  {b.label.ljust(width)}  → {button_line(b)}" for b in reply.buttons))
     parts.extend(f"[image] {path}" for path in image_paths)
     return "\n\n".join(parts)
 
@@ -114,7 +124,7 @@ def render_json(reply: Reply, image_paths: list[str]) -> str:
         else None,
         "code": reply.code.plain if reply.code else None,
         "images": image_paths,
-        "buttons": [{"label": b.label, "command": f"/{b.command} {b.option}:{b.value}"} for b in reply.buttons],
+        "buttons": [{"label": b.label, "command": button_line(b)} for b in reply.buttons],
         "data": reply.data,
     }
     return json.dumps(body, ensure_ascii=False, default=_plain)

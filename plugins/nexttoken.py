@@ -6,6 +6,7 @@ from collections.abc import Callable
 from dataclasses import asdict
 
 from bot import (
+    Button,
     Command,
     Context,
     Field,
@@ -22,6 +23,8 @@ from bot import (
 )
 from bot.charts import bar_chart, render, show_token
 from bot.inference.protocol import NextToken
+
+STEPS = 3  # buttons that append one of the likeliest tokens
 
 QUIZ = (
     QuizQuestion(
@@ -121,9 +124,14 @@ async def nexttoken(ctx: Context, prompt: str, k: int, temperature: float) -> Re
         filename="nexttoken.png",
     )
     shown = sum(t.prob for t in result.top)
+    # One step of generation by hand: each button appends a token and asks again.
+    steps = [Button(f"+ {show_token(t.token)}", "nexttoken", "prompt", prompt + t.token) for t in result.top[:STEPS]]
+    steps = [b for b in steps if b.fits]
+    hint = " Each button appends its token and asks again: generation one step at a time." if steps else ""
     return Reply(
         title=f"Next token ({result.model})",
-        text=f"The top {len(result.top)} tokens cover {shown:.1%} of the probability.",
+        text=f"The top {len(result.top)} tokens cover {shown:.1%} of the probability.{hint}",
+        buttons=steps,
         fields=[
             Field("prompt tokens", str(len(result.prompt_ids))),
             Field("entropy", f"{result.entropy_bits:.2f} bits"),

@@ -100,6 +100,7 @@ def test_ask_nexttoken_on_the_offline_model(workdir: Path, smollm_dir: Path) -> 
     assert top[0]["token"] == " Paris"
     assert abs(top[0]["prob"] - 0.7725) < 0.01
     assert "SmolLM2" in body["data"]["model"]
+    assert body["buttons"][0] == {"label": "+ ␣Paris", "command": '/nexttoken prompt:"The capital of France is Paris"'}
     image = workdir / body["images"][0]
     assert image.read_bytes().startswith(b"\x89PNG")
 

@@ -19,7 +19,7 @@ import yarl
 
 from bot import Reply, Text, command, hookimpl
 from bot.app import App
-from bot.commands import Field
+from bot.commands import Button, Field
 from bot.discord_frontend.client import LmbotClient
 from bot.discord_frontend.render import render_reply
 from bot.discord_frontend.runner import run_bot, sync_now
@@ -315,3 +315,26 @@ async def test_quiz_buttons_round_trip(harness: Harness) -> None:
     calls = await harness.answer(token)
     assert calls[0].body == {"type": 5}
     assert calls[-1].body["embeds"][0]["title"].startswith("student5005: ")
+
+
+async def test_nexttoken_step_buttons_round_trip(harness: Harness) -> None:
+    await harness.start()
+    asked = (await harness.answer(await harness.fake.interact("nexttoken", {"prompt": "Hello world", "k": 3})))[-1]
+    buttons = [c for row in asked.body["components"] for c in row["components"]]
+    assert len(buttons) == 3
+    assert all(b["custom_id"].startswith("lmbot|nexttoken|prompt|Hello world") for b in buttons)
+    assert all(len(b["custom_id"]) <= 100 and b["label"].startswith("+ ") for b in buttons)
+    token = await harness.fake.interact("", {"custom_id": buttons[0]["custom_id"]}, kind=3)
+    stepped = (await harness.answer(token))[-1]
+    prompt = buttons[0]["custom_id"].split("|", 3)[3]
+    assert stepped.body["embeds"][0]["title"].startswith("Next token")
+    # The chart's description (its title) names the prompt the button ran: one token longer.
+    assert any(prompt[-50:] in a.get("description", "") for a in stepped.body["attachments"])
+
+
+def test_a_button_whose_command_does_not_fit_is_left_out() -> None:
+    fits = Button("+ a", "nexttoken", "prompt", "x" * 60)
+    too_long = Button("+ b", "nexttoken", "prompt", "x" * 200)
+    view = render_reply(Reply("hi", buttons=[fits, too_long])).view
+    assert view is not None
+    assert [item.custom_id for item in view.children] == [f"lmbot|nexttoken|prompt|{'x' * 60}"]  # type: ignore[attr-defined]

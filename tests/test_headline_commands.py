@@ -41,6 +41,22 @@ async def test_nexttoken_equals_softmax_of_last_logits(app_factory, models, tiny
     assert len(reply.table.rows) == 7
 
 
+async def test_nexttoken_buttons_step_through_generation(app_factory, models, tiny_gpt2: Path) -> None:  # type: ignore[no-untyped-def]
+    app = app_factory(models)
+    prompt = "The capital of France is"
+    reply = await app.execute_line(f'/nexttoken prompt:"{prompt}" k:5')
+    assert [b.value for b in reply.buttons] == [prompt + t["token"] for t in reply.data["top"][:3]]
+    pressed = reply.buttons[0]
+    step = await app.execute(pressed.command, {pressed.option: pressed.value}, app.local_context())
+    want = torch.topk(causal_reference(tiny_gpt2, pressed.value), 10)
+    assert [t["id"] for t in step.data["top"]] == want.indices.tolist()
+    assert [t["prob"] for t in step.data["top"]] == pytest.approx(want.values.tolist(), abs=TOL)
+
+    # A prompt too long for a button's command gets no buttons (never a cut prompt).
+    long = await app.execute_line(f"/nexttoken prompt:{'word ' * 30}")
+    assert not long.error and long.buttons == [] and "Each button" not in long.text
+
+
 # ----------------------------------------------------------------------------- /tokenize
 
 

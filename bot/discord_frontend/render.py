@@ -43,7 +43,10 @@ MAX_BUTTONS, BUTTON_LABEL, CUSTOM_ID = 25, 80, 100
 
 def button_id(button: Button) -> str:
     """A button's custom_id: the command it runs, with one option, in Discord's 100 characters."""
-    return f"{BUTTON_PREFIX}|{button.command}|{button.option}|{button.value}"[:CUSTOM_ID]
+    custom_id = f"{BUTTON_PREFIX}|{button.command}|{button.option}|{button.value}"
+    if len(custom_id) > CUSTOM_ID:  # Button.fits keeps this from happening
+        raise ValueError(f"button id over {CUSTOM_ID} characters: {custom_id[:40]}…")
+    return custom_id
 
 
 def parse_button_id(custom_id: str) -> tuple[str, dict[str, str]] | None:
@@ -55,7 +58,7 @@ def parse_button_id(custom_id: str) -> tuple[str, dict[str, str]] | None:
 
 def button_view(buttons: list[Button]) -> discord.ui.View:
     view = discord.ui.View(timeout=None)
-    for button in buttons[:MAX_BUTTONS]:
+    for button in [b for b in buttons if b.fits][:MAX_BUTTONS]:
         label = clip(escape(button.label), BUTTON_LABEL)
         view.add_item(discord.ui.Button(label=label, custom_id=button_id(button), style=discord.ButtonStyle.secondary))
     return view
