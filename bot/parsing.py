@@ -70,21 +70,25 @@ def parse_options(cmd: Command, rest: str) -> dict[str, str]:
     # a mistyped one ("size:3"); "Note: x", "10:30" and "http://" stay text.
     known = "|".join(map(re.escape, names)) or "(?!)"
     next_option = re.compile(rf"\s+(?:(?:{known}):|{_OPTION_LIKE.pattern})")
+
+    def value_at(pos: int, key: str) -> tuple[str, int]:
+        """The value starting at ``pos`` and where the next option starts."""
+        if pos < len(rest) and rest[pos] in "\"'":
+            value, pos = _quoted(rest, pos, cmd, key)
+        else:
+            # A bare value ends where the next option begins ("k: x:1" gives k an empty value).
+            found = next_option.search(rest, pos)
+            end = found.start() if found else len(rest)
+            value, pos = rest[pos:end].strip(), end
+        return value, pos + len(rest[pos:]) - len(rest[pos:].lstrip())
+
     raw: dict[str, str] = {}
     pos = len(rest) - len(rest.lstrip())
     if not names and pos < len(rest):
         raise UsageError(f"/{cmd.name} takes no options. {_usage(cmd)}")
     leading = _NAME.match(rest, pos)
-    if pos < len(rest) and names and not (leading and (leading.group(1) in names or _OPTION_LIKE.match(rest, pos))):
-        # Text before any option fills the first option.
-        if rest[pos] in "\"'":
-            value, pos = _quoted(rest, pos, cmd, names[0])
-        else:
-            found = next_option.search(rest, pos)
-            end = found.start() if found else len(rest)
-            value, pos = rest[pos:end].strip(), end
-        raw[names[0]] = value
-        pos += len(rest[pos:]) - len(rest[pos:].lstrip())
+    if pos < len(rest) and not (leading and (leading.group(1) in names or _OPTION_LIKE.match(rest, pos))):
+        raw[names[0]], pos = value_at(pos, names[0])  # text before any option fills the first one
     while pos < len(rest):
         match = _NAME.match(rest, pos)
         if match is None:
@@ -96,17 +100,7 @@ def parse_options(cmd: Command, rest: str) -> dict[str, str]:
             raise UsageError(f"/{cmd.name} has no option `{key}`{hint}. {_usage(cmd)}")
         if key in raw:
             raise UsageError(f"`{key}` is given twice. {_usage(cmd)}")
-        pos = match.end()
-        if pos < len(rest) and rest[pos] in "\"'":
-            value, pos = _quoted(rest, pos, cmd, key)
-        else:
-            # A bare value ends where the next option begins ("k: x:1" gives k an empty value).
-            found = next_option.search(rest, pos)
-            end = found.start() if found else len(rest)
-            value = rest[pos:end].strip()
-            pos = end
-        raw[key] = value
-        pos += len(rest[pos:]) - len(rest[pos:].lstrip())
+        raw[key], pos = value_at(match.end(), key)
     return raw
 
 
