@@ -88,6 +88,17 @@ class App:
             )
         return reply
 
+    async def execute_text(self, name: str, texts: dict[str, str], ctx: Context) -> Reply:
+        """Run a command from option text, converted as the console would (a pressed button)."""
+        cmd = self.registry.commands.get(name)
+        if cmd is None:
+            return Reply.failure(f"There is no /{name} command. Try /help.")
+        try:
+            values = cmd.convert(texts)
+        except CommandError as exc:
+            return Reply.failure(str(exc), error_kind=type(exc).__name__)
+        return await self.execute(name, values, ctx)
+
     async def execute_line(self, line: str, ctx: Context | None = None) -> Reply:
         """Parse a console line and run it. A malformed line raises :class:`UsageError`."""
         try:

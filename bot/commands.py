@@ -12,7 +12,7 @@ import inspect
 import math
 import re
 import unicodedata
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import KW_ONLY, dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
@@ -385,6 +385,16 @@ class Command:
 
     def usage(self) -> str:
         return " ".join([f"/{self.name}", *(o.usage() for o in self.options)])
+
+    def convert(self, texts: Mapping[str, str]) -> dict[str, Any]:
+        """Typed values from option text (a console line, a button's value)."""
+        values: dict[str, Any] = {}
+        for key, text in texts.items():
+            option = self.option(key)
+            if option is None:
+                raise OptionError(f"/{self.name} has no option `{key}`. Usage: {self.usage()}")
+            values[key] = option.convert(text)
+        return values
 
     def bind(self, values: dict[str, Any]) -> dict[str, Any]:
         """Check already-typed values (from Discord or tests) and fill defaults."""

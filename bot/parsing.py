@@ -115,8 +115,7 @@ def parse_line(line: str, commands: Mapping[str, Command]) -> tuple[Command, dic
     missing = [o.name for o in cmd.options if o.required and o.name not in raw]
     if missing:
         raise UsageError(f"/{cmd.name} needs `{missing[0]}`. {_usage(cmd)}")
-    values = {key: cmd.option(key).convert(value) for key, value in raw.items()}  # type: ignore[union-attr]
-    return cmd, values
+    return cmd, cmd.convert(raw)
 
 
 def format_line(cmd: Command, values: Mapping[str, Any]) -> str:

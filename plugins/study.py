@@ -183,6 +183,11 @@ async def _answer(ctx: Context, answer: str) -> Reply:
         title=f"{ctx.user.name}: {verdict}",
         text=f"{question.why}{note}",
         fields=[Field("score", f"{right} of {total} right")],
+        buttons=[
+            Button("Next question", "quiz", "topic", slug),
+            Button("Study card", "topic", "name", slug),
+            Button("Scores", "quiz", "leaderboard", "true"),
+        ],
         data={"question": f"{slug}.{number}", "correct": correct, "counted": first, "score": [right, total]},
     )
 

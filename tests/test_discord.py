@@ -315,6 +315,11 @@ async def test_quiz_buttons_round_trip(harness: Harness) -> None:
     calls = await harness.answer(token)
     assert calls[0].body == {"type": 5}
     assert calls[-1].body["embeds"][0]["title"].startswith("student5005: ")
+    # The answer offers what to do next; "Scores" carries a true/false option as text.
+    after = {c["label"]: c["custom_id"] for row in calls[-1].body["components"] for c in row["components"]}
+    assert after["Next question"] == "lmbot|quiz|topic|nsp"
+    board = await harness.answer(await harness.fake.interact("", {"custom_id": after["Scores"]}, kind=3))
+    assert board[-1].body["embeds"][0]["title"] == "Quiz leaderboard"
 
 
 async def test_nexttoken_step_buttons_round_trip(harness: Harness) -> None:

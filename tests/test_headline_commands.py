@@ -47,7 +47,7 @@ async def test_nexttoken_buttons_step_through_generation(app_factory, models, ti
     reply = await app.execute_line(f'/nexttoken prompt:"{prompt}" k:5')
     assert [b.value for b in reply.buttons] == [prompt + t["token"] for t in reply.data["top"][:3]]
     pressed = reply.buttons[0]
-    step = await app.execute(pressed.command, {pressed.option: pressed.value}, app.local_context())
+    step = await app.execute_text(pressed.command, {pressed.option: pressed.value}, app.local_context())
     want = torch.topk(causal_reference(tiny_gpt2, pressed.value), 10)
     assert [t["id"] for t in step.data["top"]] == want.indices.tolist()
     assert [t["prob"] for t in step.data["top"]] == pytest.approx(want.values.tolist(), abs=TOL)

@@ -60,6 +60,12 @@ async def test_quiz_asks_checks_and_scores(app_factory) -> None:  # type: ignore
     assert again.data["counted"] is False and again.data["score"] == [0, 1]  # only the first answer counts
     board = await app.execute_line("/quiz scores")
     assert board.data["leaderboard"] == [("console", 0, 1)]
+    # After an answer: the next question on the same topic, its study card, the scores.
+    ctx = app.local_context()
+    pressed = {b.label: await app.execute_text(b.command, {b.option: b.value}, ctx) for b in again.buttons}
+    assert pressed["Next question"].data["question"].startswith(f"{slug}.")
+    assert pressed["Study card"].title and app.registry.topics[slug].title in pressed["Study card"].title
+    assert pressed["Scores"].data["leaderboard"] == board.data["leaderboard"]
     bad = await app.execute("quiz", {"answer": "ngrams.99.1.A"}, app.local_context())
     assert bad.error and "start a new one" in bad.text
 

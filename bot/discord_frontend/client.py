@@ -102,19 +102,20 @@ class LmbotClient(discord.Client):
             return
         data: dict[str, Any] = interaction.data or {}  # type: ignore[assignment]
         if interaction.type is discord.InteractionType.application_command:
-            name, values, cooldown = data.get("name", ""), option_values(data), True
+            name, values, cooldown, typed = data.get("name", ""), option_values(data), True, True
         elif interaction.type is discord.InteractionType.component:
             pressed = parse_button_id(str(data.get("custom_id", "")))
             if pressed is None:
                 return  # not one of ours
-            (name, values), cooldown = pressed, False  # a button answers a question just asked
+            # A button answers a question just asked (no cooldown); its value is option text.
+            (name, values), cooldown, typed = pressed, False, False
         else:
             return
         task = asyncio.current_task()
         assert task is not None
         self.in_flight.add(task)
         try:
-            await self._command(interaction, name, values, cooldown)
+            await self._command(interaction, name, values, cooldown, typed)
         finally:
             self.in_flight.discard(task)
 
@@ -150,8 +151,9 @@ class LmbotClient(discord.Client):
         return None
 
     async def _command(
-        self, interaction: discord.Interaction, name: str, values: dict[str, Any], cooldown: bool
+        self, interaction: discord.Interaction, name: str, values: dict[str, Any], cooldown: bool, typed: bool
     ) -> None:
+        """Answer one interaction; ``typed`` values come from a slash command, others are option text."""
         refusal = self._refusal(interaction, name, cooldown)
         if refusal is not None:
             with contextlib.suppress(discord.HTTPException):
@@ -163,7 +165,11 @@ class LmbotClient(discord.Client):
             log.warning("could not defer /%s in time; Discord has dropped the interaction", name)
             return
         try:
-            reply = await self.app.execute(name, values, self._context(interaction))
+            ctx = self._context(interaction)
+            if typed:
+                reply = await self.app.execute(name, values, ctx)
+            else:
+                reply = await self.app.execute_text(name, values, ctx)
         except asyncio.CancelledError:
             # Shutting down past the grace period: release the interaction with a word, not silence.
             with contextlib.suppress(discord.HTTPException):
