@@ -18,6 +18,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from bot import Boolean, Button, Command, Context, Field, Reply, Table, Text, Topic, UserError, command, hookimpl
+from bot.commands import CommandError
+from bot.parsing import parse_options, split_command
 from bot.topics import QuizQuestion
 
 DEFAULT_DB = "~/.local/share/lmbot/quiz.sqlite3"
@@ -123,13 +125,30 @@ async def topic(ctx: Context, name: str | None) -> Reply:
     fields = [Field("try", f"`{card.try_command}`", inline=False)] if card.try_command else []
     if card.questions:
         fields.append(Field("discuss", "\n".join(f"• {q}" for q in card.questions), inline=False))
+    buttons = [b for b in (_try_button(ctx, card), Button("Quiz me", "quiz", "topic", card.slug)) if b is not None]
     return Reply(
         title=card.title,
         text=card.key_idea,
         table=card.table,
         fields=fields,
+        buttons=[b for b in buttons if b.fits],
         data={"topic": card.slug, "questions": list(card.questions), "quiz_questions": len(card.quiz)},
     )
+
+
+def _try_button(ctx: Context, card: Topic) -> Button | None:
+    """The card's command as a button, when it is one command with one option."""
+    try:
+        cmd, rest = split_command(card.try_command, ctx.app.registry.commands)
+        texts = parse_options(cmd, rest)
+    except CommandError:  # no such command here (a disabled plugin), or no command at all
+        return None
+    if len(texts) != 1:
+        return None
+    ((option, value),) = texts.items()
+    if value.startswith("<") and value.endswith(">"):  # a placeholder for the reader to fill in
+        return None
+    return Button("Try it", cmd.name, option, value)
 
 
 def shuffled(count: int, seed: int) -> list[int]:

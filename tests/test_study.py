@@ -34,6 +34,23 @@ async def test_every_course_topic_has_a_card_a_command_and_five_questions(app_fa
         assert_fits_discord(reply)
 
 
+async def test_a_card_offers_its_command_and_a_quiz(app_factory) -> None:  # type: ignore[no-untyped-def]
+    app = app_factory()
+    ctx = app.local_context()
+    card = await app.execute_line("/topic name:transformers-vs-rnns")
+    buttons = {b.label: b for b in card.buttons}
+    assert set(buttons) == {"Try it", "Quiz me"}
+    tried = await app.execute_text(buttons["Try it"].command, {buttons["Try it"].option: buttons["Try it"].value}, ctx)
+    direct = await app.execute_line(app.registry.topics["transformers-vs-rnns"].try_command)
+    assert not tried.error and tried.data["lengths"] == direct.data["lengths"]
+    quizzed = await app.execute_text("quiz", {"topic": buttons["Quiz me"].value}, ctx)
+    assert quizzed.data["question"].startswith("transformers-vs-rnns.")
+    # Two options, or a placeholder to fill in, make no "Try it" button.
+    for slug in ("subwords", "seq2seq"):
+        labels = [b.label for b in (await app.execute_line(f"/topic name:{slug}")).buttons]
+        assert labels == ["Quiz me"], slug
+
+
 async def test_unknown_topic_lists_the_known_ones(app_factory) -> None:  # type: ignore[no-untyped-def]
     reply = await app_factory().execute_line("/topic name:astrology")
     assert reply.error and "Topics: ar-vs-masked" in reply.text
