@@ -13,9 +13,9 @@ from prompt_toolkit.document import Document
 from prompt_toolkit.history import FileHistory, InMemoryHistory
 
 from bot.app import App
-from bot.commands import Command
+from bot.commands import Button, Command
 from bot.parsing import UsageError
-from bot.render import render_text, save_images
+from bot.render import button_line, render_text, save_images
 
 BANNER = "lmbot console. Type /help for the commands, Tab to complete, Ctrl-D to quit."
 
@@ -62,25 +62,44 @@ def _history(app: App) -> FileHistory | InMemoryHistory:
         return InMemoryHistory()
 
 
-async def _answer(app: App, line: str) -> None:
-    try:
-        reply = await app.execute_line(line)
-    except UsageError as exc:
-        print(str(exc))
-        return
-    stem = f"{line.split()[0].lstrip('/')}-{time.strftime('%Y%m%d-%H%M%S')}"
-    paths = save_images(reply, Path(app.config.bot.output_dir), stem)
-    print(render_text(reply, paths, colour=sys.stdout.isatty()))
+class Console:
+    """Answers lines one by one; a bare number presses that button of the last reply."""
+
+    def __init__(self, app: App) -> None:
+        self.app = app
+        self.buttons: list[Button] = []
+
+    async def answer(self, line: str) -> None:
+        line = line.strip()
+        if line.isdecimal() and self.buttons:
+            if not 1 <= int(line) <= len(self.buttons):
+                print(f"There is no button {line}; the last reply has {len(self.buttons)}.")
+                return
+            button = self.buttons[int(line) - 1]
+            print(f"→ {button_line(button)}")
+            reply = await self.app.execute_text(button.command, {button.option: button.value}, self.app.local_context())
+            name = button.command
+        else:
+            try:
+                reply = await self.app.execute_line(line)
+            except UsageError as exc:
+                print(str(exc))
+                return
+            name = line.split()[0].lstrip("/")
+        self.buttons = list(reply.buttons)
+        paths = save_images(reply, Path(self.app.config.bot.output_dir), f"{name}-{time.strftime('%Y%m%d-%H%M%S')}")
+        print(render_text(reply, paths, colour=sys.stdout.isatty(), numbered=True))
 
 
 async def run_console(app: App) -> int:
     interactive = sys.stdin.isatty()
+    console = Console(app)
     try:
         if not interactive:
             # Piped input (scripts, tests): one command per line, no prompt.
             for line in sys.stdin:
                 if line.strip():
-                    await _answer(app, line)
+                    await console.answer(line)
             return 0
         print(BANNER)
         session: PromptSession[str] = PromptSession(
@@ -96,6 +115,6 @@ async def run_console(app: App) -> int:
             if line.strip() in ("exit", "quit", "/exit", "/quit"):
                 return 0
             if line.strip():
-                await _answer(app, line)
+                await console.answer(line)
     finally:
         await app.close()

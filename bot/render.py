@@ -63,7 +63,8 @@ def button_line(button: Button) -> str:
     return f"/{button.command} {button.option}:{value}"
 
 
-def render_text(reply: Reply, image_paths: list[str], *, colour: bool = False) -> str:
+def render_text(reply: Reply, image_paths: list[str], *, colour: bool = False, numbered: bool = False) -> str:
+    """The reply as plain text; ``numbered`` puts [1], [2], … before buttons (the console presses them)."""
     parts: list[str] = []
     if reply.title:
         parts.append(f"\x1b[1m{reply.title}\x1b[0m" if colour else reply.title)
@@ -86,7 +87,11 @@ def render_text(reply: Reply, image_paths: list[str], *, colour: bool = False) -
         parts.append(render_code(reply.code, colour))
     if reply.buttons:
         width = max(len(b.label) for b in reply.buttons)
-        parts.append("\n".join(f"  {b.label.ljust(width)}  → {button_line(b)}" for b in reply.buttons))
+        lines = [f"{b.label.ljust(width)}  → {button_line(b)}" for b in reply.buttons]
+        if numbered:
+            lines = [f"[{n}] {line}" for n, line in enumerate(lines, 1)]
+            lines.append("(type a number to press that button)")
+        parts.append("\n".join(f"  {line}" for line in lines))
     parts.extend(f"[image] {path}" for path in image_paths)
     return "\n\n".join(parts)
 

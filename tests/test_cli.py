@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -110,3 +111,13 @@ def test_processes_tests_start_are_loopback_only(tmp_path: Path) -> None:
     code = "import socket; print(getattr(socket.socket.connect, 'guarded', False))"
     done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert done.stdout.strip() == "True", done.stderr
+
+
+def test_console_presses_buttons_by_number(workdir: Path) -> None:
+    done = run(["console"], workdir, stdin="/topic name:nsp\n1\n2\n9\n")
+    assert done.returncode == 0, done.stderr[-2000:]
+    out = done.stdout
+    assert "[1] Quiz me  → /quiz topic:nsp" in out
+    assert "→ /quiz topic:nsp\nQuiz: Next sentence prediction" in out  # 1 pressed "Quiz me"
+    assert re.search(r"→ /quiz answer:nsp\.\d+\.\d+\.B\n.*: (Correct!|Not quite)", out)  # 2 answered B
+    assert "There is no button 9; the last reply has 3." in out  # the answer's own buttons
