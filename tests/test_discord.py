@@ -343,3 +343,6 @@ def test_a_button_whose_command_does_not_fit_is_left_out() -> None:
     view = render_reply(Reply("hi", buttons=[fits, too_long])).view
     assert view is not None
     assert [item.custom_id for item in view.children] == [f"lmbot|nexttoken|prompt|{'x' * 60}"]  # type: ignore[attr-defined]
+    # Discord counts UTF-16 units: 40 emoji are 40 Python characters but 80 units.
+    assert Button("+", "nexttoken", "prompt", "x" * 70).fits
+    assert not Button("+", "nexttoken", "prompt", "🙂" * 40).fits
