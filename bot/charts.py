@@ -133,6 +133,7 @@ def _line_chart(
     log: bool,
 ) -> Image:
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     fig = Figure(figsize=(WIDTH, 4.2), dpi=DPI, layout="constrained")
     ax = fig.add_subplot()
@@ -141,6 +142,8 @@ def _line_chart(
     if log:
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
+    elif all(float(x).is_integer() for _, xs, _, _ in series for x in xs):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps, counts: no 2.5
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title[:80], loc="left", fontsize=11)

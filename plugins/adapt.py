@@ -1,4 +1,5 @@
-"""Topic "Foundation vs task-specific": prompting a base model, and what LoRA would train."""
+"""Topic "Foundation vs task-specific": prompting a base model, what LoRA would train,
+and (on a GPU worker, or where allowed) a short real LoRA run."""
 
 from __future__ import annotations
 
@@ -7,8 +8,23 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from bot import Command, Context, Field, ModelRole, QuizQuestion, Reply, Table, Text, Topic, command, hookimpl
+from bot import (
+    Boolean,
+    Command,
+    Context,
+    Field,
+    ModelRole,
+    QuizQuestion,
+    Reply,
+    Table,
+    Text,
+    Topic,
+    command,
+    hookimpl,
+)
+from bot.charts import line_chart, render
 from bot.inference.protocol import Generate, Request
+from plugins.sentiment import training_set
 
 QUIZ = (
     QuizQuestion(
@@ -128,6 +144,40 @@ class LoraTable:
     rows: list[LoraRow]
 
 
+@dataclass(frozen=True)
+class LoraTrain(Request):
+    """Train LoRA matrices on labelled examples for a few steps; compare greedy answers before and after."""
+
+    prompt: str
+    examples: tuple[tuple[str, str], ...]  # (prompt, answer) pairs
+    steps: int = 20
+    r: int = 8
+    learning_rate: float = 5e-4
+    allow_cpu: bool = False
+    max_new_tokens: int = 3
+    task: ClassVar[str] = "plugins.adapt:lora_train"
+
+    def texts(self) -> list[str]:
+        # Only the user's text counts against the input limits; the examples are the plugin's own.
+        return [self.prompt]
+
+    def batch_key(self) -> tuple[Any, ...]:
+        return ("alone", id(self))  # each run trains its own matrices
+
+
+@dataclass(frozen=True)
+class LoraRun:
+    model: str
+    device: str
+    before: str = ""
+    after: str = ""
+    losses: tuple[float, ...] = ()
+    trainable: int = 0
+    total: int = 0
+    seconds: float = 0.0
+    refused: str = ""  # why it did not train (e.g. a CPU worker where training is off)
+
+
 def first_line(text: str) -> str:
     lines = text.strip().splitlines()
     return lines[0] if lines else "∅"
@@ -167,13 +217,77 @@ def lora_counts(model: Any, tokenizer: Any, batch: Sequence[LoraCounts]) -> list
     return tables
 
 
+def _greedy(model: Any, tokenizer: Any, prompt: str, max_new_tokens: int) -> str:
+    import torch
+
+    enc = tokenizer(prompt, return_tensors="pt").to(model.device)
+    with torch.inference_mode():
+        out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    return str(tokenizer.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True))
+
+
+def lora_train(model: Any, tokenizer: Any, batch: Sequence[LoraTrain]) -> list[LoraRun]:
+    """Runs in the worker. LoRA is injected into the served model, trained, used once and
+    unloaded again in ``finally``, so the served weights come back untouched (the base
+    weights are frozen throughout; only the injected matrices get gradients)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    runs = []
+    for request in batch:
+        device = str(model.device)
+        if model.device.type == "cpu" and not request.allow_cpu:
+            reason = 'LoRA training runs on GPU workers here (set plugins.options.adapt.training = "always").'
+            runs.append(LoraRun("", device, refused=reason))
+            continue
+        started = time.perf_counter()
+        before = _greedy(model, tokenizer, request.prompt, request.max_new_tokens)
+        grads = {name: p.requires_grad for name, p in model.named_parameters()}
+        config = LoraConfig(r=request.r, lora_alpha=2 * request.r, target_modules=attention_targets(model))
+        torch.manual_seed(0)
+        with torch.inference_mode(False), torch.enable_grad():
+            peft_model = get_peft_model(model, config)
+            try:
+                trainable, total = peft_model.get_nb_trainable_parameters()
+                # The end-of-text token after each answer teaches the model to stop there.
+                texts = [prompt + answer + (tokenizer.eos_token or "") for prompt, answer in request.examples]
+                enc = tokenizer(texts, return_tensors="pt", padding=True, padding_side="right").to(model.device)
+                # The loss counts only the answer's tokens: the skill taught is answering, not the prompt.
+                labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
+                for row, (prompt, _) in enumerate(request.examples):
+                    labels[row, : len(tokenizer(prompt)["input_ids"])] = -100
+                params = [p for p in peft_model.parameters() if p.requires_grad]
+                optimizer = torch.optim.AdamW(params, lr=request.learning_rate)
+                losses = []
+                peft_model.train()
+                for _ in range(request.steps):
+                    loss = peft_model(**enc, labels=labels).loss
+                    loss.backward()
+                    optimizer.step()
+                    optimizer.zero_grad()
+                    losses.append(float(loss.detach()))
+                peft_model.eval()
+                after = _greedy(peft_model, tokenizer, request.prompt, request.max_new_tokens)
+            finally:
+                peft_model.unload()  # takes the LoRA layers out again
+                model.eval()
+                for name, p in model.named_parameters():
+                    p.requires_grad_(grads.get(name, False))
+        seconds = time.perf_counter() - started
+        runs.append(LoraRun("", device, before, after, tuple(losses), int(trainable), int(total), seconds))
+    return runs
+
+
 @command(
     "adapt",
     "Zero-shot vs few-shot prompting, and what LoRA would train",
     topic=TOPIC.slug,
-    options=[Text("text", "A short review to classify", max_length=500)],
+    options=[
+        Text("text", "A short review to classify", max_length=500),
+        Boolean("train", "Also train a LoRA for a few steps and compare (GPU workers)", default=False),
+    ],
 )
-async def adapt(ctx: Context, text: str) -> Reply:
+async def adapt(ctx: Context, text: str, train: bool) -> Reply:
     started = time.perf_counter()
     zero = await ctx.inference.submit(Generate(ZERO_SHOT.format(text=text), max_new_tokens=3))
     few = await ctx.inference.submit(Generate(FEW_SHOT.format(text=text), max_new_tokens=3))
@@ -183,25 +297,71 @@ async def adapt(ctx: Context, text: str) -> Reply:
         [row.targets, str(row.r), f"{row.trainable:,}", f"{row.total:,}", f"{row.trainable / row.total:.3%}"]
         for row in lora.rows
     ]
+    fields = [
+        Field("zero-shot answer", first_line(zero.text)),
+        Field("few-shot answer", first_line(few.text)),
+        Field("prompting time", f"{prompt_s * 1000:.0f} ms"),
+    ]
+    images = []
+    run: LoraRun | None = None
+    mode = str(ctx.config.plugins.options.get("adapt", {}).get("training", "gpu"))
+    if train and mode == "never":
+        fields.append(Field("LoRA training", "Training is turned off on this bot.", inline=False))
+    elif train:
+        # Training takes longer than a forward pass: a longer deadline than other requests.
+        deadline = ctx.config.inference.request_timeout_s * 5
+        run = await ctx.inference.submit(training_request(text, allow_cpu=mode == "always"), timeout=deadline)
+        if run.refused:
+            fields.append(Field("LoRA training", run.refused, inline=False))
+        else:
+            fields += [
+                Field("zero-shot after LoRA", first_line(run.after)),
+                Field("LoRA run", f"{len(run.losses)} steps, loss {run.losses[0]:.2f} → {run.losses[-1]:.2f}"),
+                Field("training time", f"{run.seconds:.1f} s on {run.device}"),
+            ]
+            steps = list(range(1, len(run.losses) + 1))
+            images.append(
+                await render(
+                    line_chart,
+                    [("training loss", steps, list(run.losses), "o-")],
+                    title=f"LoRA r={LORA_RANK} on {TRAINING_EXAMPLES} labelled reviews",
+                    xlabel="step",
+                    ylabel="loss on the answer tokens",
+                    filename="lora.png",
+                    log=False,
+                )
+            )
     return Reply(
         title=f"Adapting {zero.model}",
         text=(
             "The same base model, asked two ways (greedy, 3 tokens), then the cost of LoRA fine-tuning: "
             "only the low-rank matrices train; everything else stays frozen."
         ),
-        fields=[
-            Field("zero-shot answer", first_line(zero.text)),
-            Field("few-shot answer", first_line(few.text)),
-            Field("prompting time", f"{prompt_s * 1000:.0f} ms"),
-        ],
+        fields=fields,
         table=Table(["LoRA on", "r", "trainable", "total", "share"], rows, align="lrrrr"),
+        images=images,
         data={
             "model": zero.model,
             "zero_shot": zero.text,
             "few_shot": few.text,
             "lora": [row.__dict__ for row in lora.rows],
+            "lora_run": run.__dict__ if run is not None else None,
         },
     )
+
+
+LORA_RANK = 8
+TRAINING_EXAMPLES = 16
+
+
+def training_request(text: str, allow_cpu: bool) -> LoraTrain:
+    """A LoRA run that teaches the zero-shot prompt to answer with the label word."""
+    labelled = training_set()
+    # Balanced: the first half of each label's sentences, interleaved.
+    by_label = {label: [t for lab, t in labelled if lab == label] for label in ("positive", "negative")}
+    pairs = [(label, by_label[label][i]) for i in range(TRAINING_EXAMPLES // 2) for label in by_label]
+    examples = tuple((ZERO_SHOT.format(text=t), f" {label}") for label, t in pairs)
+    return LoraTrain(ZERO_SHOT.format(text=text), examples, r=LORA_RANK, allow_cpu=allow_cpu)
 
 
 @hookimpl

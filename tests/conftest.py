@@ -81,13 +81,18 @@ def smollm_dir(cache_dir: Path) -> Path:
     return _gguf_to_safetensors(folder, packaged.gguf_file or "", cache_dir)
 
 
-def make_config(cache_dir: Path, models: dict[str, Path | str] | None = None, **inference: Any) -> Config:
+def make_config(
+    cache_dir: Path,
+    models: dict[str, Path | str] | None = None,
+    plugin_options: dict[str, dict[str, Any]] | None = None,
+    **inference: Any,
+) -> Config:
     data: dict[str, Any] = {
         "inference": {"cache_dir": str(cache_dir), "offline": "always", **inference},
         "models": {k: str(v) for k, v in (models or {}).items()},
         "bot": {"log_level": "WARNING"},
         # Quiz scores go next to the test's cache, never into the user's home.
-        "plugins": {"options": {"study": {"quiz_db": str(cache_dir / "quiz.sqlite3")}}},
+        "plugins": {"options": {"study": {"quiz_db": str(cache_dir / "quiz.sqlite3")}, **(plugin_options or {})}},
     }
     return parse_config(data, source="test-config")
 

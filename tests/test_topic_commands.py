@@ -11,9 +11,11 @@ import torch
 import transformers
 from peft import LoraConfig, get_peft_model
 
-from plugins.adapt import FEW_SHOT, ZERO_SHOT
+from bot.app import App
+from plugins.adapt import FEW_SHOT, ZERO_SHOT, LoraTrain, lora_train
 from plugins.sentiment import LABELS, PROMPT, training_set
 from plugins.summarize import PREFIX
+from tests.conftest import make_config
 from tests.plugin_helpers import assert_fits_discord
 
 TOL = 1e-5
@@ -170,3 +172,74 @@ async def test_adapt_lora_closed_form_for_llama(app_factory, tiny_llama: Path) -
     d, kv = config.hidden_size, config.num_key_value_heads * (config.hidden_size // config.num_attention_heads)
     row = next(r for r in reply.data["lora"] if r["modules"] == ["q_proj", "v_proj"] and r["r"] == 8)
     assert row["trainable"] == config.num_hidden_layers * 8 * ((d + d) + (d + kv))
+
+
+def _lora_request(allow_cpu: bool = True, steps: int = 6) -> LoraTrain:
+    examples = ((ZERO_SHOT.format(text="Loved it"), " positive"), (ZERO_SHOT.format(text="Hated it"), " negative"))
+    return LoraTrain(ZERO_SHOT.format(text="Fine"), examples, steps=steps, r=4, learning_rate=1e-2, allow_cpu=allow_cpu)
+
+
+@pytest.mark.parametrize("fixture", ["tiny_llama", "tiny_gpt2"])
+def test_lora_run_trains_then_leaves_the_served_model_untouched(request, fixture: str) -> None:  # type: ignore[no-untyped-def]
+    path = request.getfixturevalue(fixture)
+    model = transformers.AutoModelForCausalLM.from_pretrained(path).eval()
+    tok = transformers.AutoTokenizer.from_pretrained(path)
+    tok.pad_token = tok.pad_token or tok.eos_token
+    before_state = {k: v.clone() for k, v in model.state_dict().items()}
+    before_names = {name for name, _ in model.named_modules()}
+    with torch.inference_mode():  # as the worker runs every task
+        (run,) = lora_train(model, tok, [_lora_request()])
+    assert not run.refused and len(run.losses) == 6
+    assert run.losses[-1] < run.losses[0]  # it learns the two answers
+    fresh = transformers.AutoModelForCausalLM.from_pretrained(path)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=run_targets(fresh))
+    assert (run.trainable, run.total) == get_peft_model(fresh, config).get_nb_trainable_parameters()
+    # The served model comes back exactly: same modules, same weights, and it still answers as before.
+    assert {name for name, _ in model.named_modules()} == before_names
+    assert all(torch.equal(v, before_state[k]) for k, v in model.state_dict().items())
+    enc = tok(ZERO_SHOT.format(text="Fine"), return_tensors="pt")
+    out = model.generate(**enc, max_new_tokens=3, do_sample=False, pad_token_id=tok.pad_token_id)
+    assert run.before == tok.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+
+
+def run_targets(model: transformers.PreTrainedModel) -> list[str]:
+    from plugins.adapt import attention_targets
+
+    return attention_targets(model)
+
+
+def test_lora_run_is_refused_on_a_cpu_worker_unless_allowed(tiny_gpt2: Path) -> None:
+    model = transformers.AutoModelForCausalLM.from_pretrained(tiny_gpt2).eval()
+    tok = transformers.AutoTokenizer.from_pretrained(tiny_gpt2)
+    (run,) = lora_train(model, tok, [_lora_request(allow_cpu=False)])
+    assert "GPU workers" in run.refused and 'training = "always"' in run.refused and not run.losses
+
+
+async def test_adapt_train_through_the_service(tmp_path: Path, tiny_gpt2: Path) -> None:
+    app = App(make_config(tmp_path, {"causal_lm": tiny_gpt2}, {"adapt": {"training": "always"}}))
+    try:
+        reply = await app.execute_line("/adapt text:Great product train:true")
+        assert not reply.error, reply.text
+        assert_fits_discord(reply)
+        run = reply.data["lora_run"]
+        assert len(run["losses"]) == 20 and run["losses"][-1] < run["losses"][0]
+        assert [i.filename for i in reply.images] == ["lora.png"]
+        assert any(f.name == "zero-shot after LoRA" for f in reply.fields)
+        # Untouched afterwards: the plain command still answers exactly as transformers does.
+        again = await app.execute_line("/adapt text:Great product")
+        assert again.data["zero_shot"] == reply.data["zero_shot"] == run["before"]
+    finally:
+        await app.close()
+
+
+async def test_adapt_train_by_default_only_on_gpu_workers(app_factory, tmp_path: Path, tiny_gpt2: Path) -> None:  # type: ignore[no-untyped-def]
+    refused = await app_factory({"causal_lm": tiny_gpt2}).execute_line("/adapt text:ok train:true")
+    assert not refused.error and refused.data["lora_run"]["refused"]
+    assert any(f.name == "LoRA training" and "GPU workers" in f.value for f in refused.fields)
+    app = App(make_config(tmp_path, {"causal_lm": tiny_gpt2}, {"adapt": {"training": "never"}}))
+    try:
+        off = await app.execute_line("/adapt text:ok train:true")
+        assert off.data["lora_run"] is None
+        assert any(f.value == "Training is turned off on this bot." for f in off.fields)
+    finally:
+        await app.close()
