@@ -266,6 +266,11 @@ class CodeBlock:
         return "".join(s.text for s in self.segments)
 
 
+def utf16_length(text: str) -> int:
+    """Length as Discord (and JavaScript) count it: characters outside the BMP count twice."""
+    return len(text.encode("utf-16-le")) // 2
+
+
 @dataclass(frozen=True)
 class Button:
     """A button that, when pressed, runs ``/command option:value`` for whoever pressed it.
@@ -285,8 +290,7 @@ class Button:
     @property
     def fits(self) -> bool:
         """Whether command, option and value together fit every front end."""
-        text = self.command + self.option + self.value
-        return len(text.encode("utf-16-le")) // 2 <= self.MAX_LENGTH  # Discord counts UTF-16 units
+        return utf16_length(self.command + self.option + self.value) <= self.MAX_LENGTH
 
 
 @dataclass

@@ -161,9 +161,6 @@ class LoraTrain(Request):
         # Only the user's text counts against the input limits; the examples are the plugin's own.
         return [self.prompt]
 
-    def batch_key(self) -> tuple[Any, ...]:
-        return ("alone", id(self))  # each run trains its own matrices
-
 
 @dataclass(frozen=True)
 class LoraRun:
@@ -217,21 +214,17 @@ def lora_counts(model: Any, tokenizer: Any, batch: Sequence[LoraCounts]) -> list
     return tables
 
 
-def _greedy(model: Any, tokenizer: Any, prompt: str, max_new_tokens: int) -> str:
-    import torch
-
-    enc = tokenizer(prompt, return_tensors="pt").to(model.device)
-    with torch.inference_mode():
-        out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
-    return str(tokenizer.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True))
-
-
 def lora_train(model: Any, tokenizer: Any, batch: Sequence[LoraTrain]) -> list[LoraRun]:
     """Runs in the worker. LoRA is injected into the served model, trained, used once and
     unloaded again in ``finally``, so the served weights come back untouched (the base
     weights are frozen throughout; only the injected matrices get gradients)."""
     import torch
     from peft import LoraConfig, get_peft_model
+
+    from bot.inference.tasks import generate
+
+    def greedy(served: Any, prompt: str, max_new_tokens: int) -> str:
+        return generate(served, tokenizer, [Generate(prompt, max_new_tokens=max_new_tokens)])[0].text
 
     runs = []
     for request in batch:
@@ -241,7 +234,7 @@ def lora_train(model: Any, tokenizer: Any, batch: Sequence[LoraTrain]) -> list[L
             runs.append(LoraRun("", device, refused=reason))
             continue
         started = time.perf_counter()
-        before = _greedy(model, tokenizer, request.prompt, request.max_new_tokens)
+        before = greedy(model, request.prompt, request.max_new_tokens)
         grads = {name: p.requires_grad for name, p in model.named_parameters()}
         config = LoraConfig(r=request.r, lora_alpha=2 * request.r, target_modules=attention_targets(model))
         torch.manual_seed(0)
@@ -267,7 +260,7 @@ def lora_train(model: Any, tokenizer: Any, batch: Sequence[LoraTrain]) -> list[L
                     optimizer.zero_grad()
                     losses.append(float(loss.detach()))
                 peft_model.eval()
-                after = _greedy(peft_model, tokenizer, request.prompt, request.max_new_tokens)
+                after = greedy(peft_model, request.prompt, request.max_new_tokens)
             finally:
                 peft_model.unload()  # takes the LoRA layers out again
                 model.eval()

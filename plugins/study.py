@@ -131,7 +131,7 @@ async def topic(ctx: Context, name: str | None) -> Reply:
         text=card.key_idea,
         table=card.table,
         fields=fields,
-        buttons=[b for b in buttons if b.fits],
+        buttons=buttons,
         data={"topic": card.slug, "questions": list(card.questions), "quiz_questions": len(card.quiz)},
     )
 

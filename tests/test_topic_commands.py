@@ -12,7 +12,7 @@ import transformers
 from peft import LoraConfig, get_peft_model
 
 from bot.app import App
-from plugins.adapt import FEW_SHOT, ZERO_SHOT, LoraTrain, lora_train
+from plugins.adapt import FEW_SHOT, ZERO_SHOT, LoraTrain, attention_targets, lora_train
 from plugins.sentiment import LABELS, PROMPT, training_set
 from plugins.summarize import PREFIX
 from tests.conftest import make_config
@@ -192,7 +192,7 @@ def test_lora_run_trains_then_leaves_the_served_model_untouched(request, fixture
     assert not run.refused and len(run.losses) == 6
     assert run.losses[-1] < run.losses[0]  # it learns the two answers
     fresh = transformers.AutoModelForCausalLM.from_pretrained(path)
-    config = LoraConfig(r=4, lora_alpha=8, target_modules=run_targets(fresh))
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=attention_targets(fresh))
     assert (run.trainable, run.total) == get_peft_model(fresh, config).get_nb_trainable_parameters()
     # The served model comes back exactly: same modules, same weights, and it still answers as before.
     assert {name for name, _ in model.named_modules()} == before_names
@@ -200,12 +200,6 @@ def test_lora_run_trains_then_leaves_the_served_model_untouched(request, fixture
     enc = tok(ZERO_SHOT.format(text="Fine"), return_tensors="pt")
     out = model.generate(**enc, max_new_tokens=3, do_sample=False, pad_token_id=tok.pad_token_id)
     assert run.before == tok.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True)
-
-
-def run_targets(model: transformers.PreTrainedModel) -> list[str]:
-    from plugins.adapt import attention_targets
-
-    return attention_targets(model)
 
 
 def test_lora_run_is_refused_on_a_cpu_worker_unless_allowed(tiny_gpt2: Path) -> None:

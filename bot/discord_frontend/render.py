@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import discord
 
-from bot.commands import Button, Reply
+from bot.commands import Button, Reply, utf16_length
 from bot.render import render_code, render_table, render_text
 
 CONTENT, TITLE, DESCRIPTION, FIELDS, FIELD_NAME, FIELD_VALUE, EMBED_TOTAL = 2000, 256, 4096, 25, 256, 1024, 6000
@@ -44,7 +44,7 @@ MAX_BUTTONS, BUTTON_LABEL, CUSTOM_ID = 25, 80, 100
 def button_id(button: Button) -> str:
     """A button's custom_id: the command it runs, with one option, in Discord's 100 characters."""
     custom_id = f"{BUTTON_PREFIX}|{button.command}|{button.option}|{button.value}"
-    if len(custom_id.encode("utf-16-le")) // 2 > CUSTOM_ID:  # Button.fits keeps this from happening
+    if utf16_length(custom_id) > CUSTOM_ID:  # Button.fits keeps this from happening
         raise ValueError(f"button id over {CUSTOM_ID} characters: {custom_id[:40]}…")
     return custom_id
 
