@@ -1,7 +1,10 @@
 """lmbot: a study bot that shows how language models work.
 
 Plugin authors need only what this module exports: the ``hookimpl`` marker,
-the command model (``command``, option types, ``Reply``) and the error types.
+the command model (``command``, option types, ``Reply``), study cards
+(``Topic``, ``QuizQuestion``), model roles, the inference requests and results
+a handler submits to ``ctx.inference``, and the error types. Charts are drawn
+with :mod:`bot.charts`.
 """
 
 from bot.commands import (
@@ -9,7 +12,6 @@ from bot.commands import (
     Button,
     CodeBlock,
     Command,
-    CommandError,
     Context,
     Field,
     Image,
@@ -19,33 +21,92 @@ from bot.commands import (
     Segment,
     Table,
     Text,
-    UserError,
     command,
 )
+from bot.errors import (
+    Busy,
+    CommandError,
+    DeadlineExceeded,
+    InferenceError,
+    InputTooLong,
+    ModelFailed,
+    NoModelForRole,
+    OptionError,
+    UserError,
+    WorkerDied,
+)
 from bot.hookspecs import hookimpl
+from bot.inference.protocol import (
+    MASK,
+    Classify,
+    ClassifyResult,
+    Embed,
+    EmbedResult,
+    FillMask,
+    FillMaskResult,
+    Generate,
+    GenerateResult,
+    MaskFill,
+    NextSentence,
+    NextSentenceResult,
+    NextToken,
+    NextTokenResult,
+    Request,
+    Score,
+    ScoreResult,
+    Seq2Seq,
+    TokenProb,
+)
 from bot.topics import ModelRole, QuizQuestion, Topic
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "MASK",
     "Boolean",
+    "Busy",
     "Button",
+    "Classify",
+    "ClassifyResult",
     "CodeBlock",
     "Command",
     "CommandError",
     "Context",
+    "DeadlineExceeded",
+    "Embed",
+    "EmbedResult",
     "Field",
+    "FillMask",
+    "FillMaskResult",
+    "Generate",
+    "GenerateResult",
     "Image",
+    "InferenceError",
+    "InputTooLong",
     "Integer",
+    "MaskFill",
+    "ModelFailed",
     "ModelRole",
+    "NextSentence",
+    "NextSentenceResult",
+    "NextToken",
+    "NextTokenResult",
+    "NoModelForRole",
     "Number",
+    "OptionError",
     "QuizQuestion",
     "Reply",
+    "Request",
+    "Score",
+    "ScoreResult",
     "Segment",
+    "Seq2Seq",
     "Table",
     "Text",
+    "TokenProb",
     "Topic",
     "UserError",
+    "WorkerDied",
     "__version__",
     "command",
     "hookimpl",

@@ -14,10 +14,12 @@ import re
 import unicodedata
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import KW_ONLY, dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar, Protocol
+from typing import Any, ClassVar, Protocol
 
-if TYPE_CHECKING:
-    from bot.inference.client import InferenceClient
+# Defined in bot.errors (which both this module and the inference service build on); re-exported here.
+from bot.errors import CommandError as CommandError
+from bot.errors import OptionError as OptionError
+from bot.errors import UserError as UserError
 
 # Discord's own limits on command and option names/descriptions; keeping them
 # in the core means a plugin cannot register something Discord would reject.
@@ -27,25 +29,6 @@ MAX_OPTIONS = 25
 # A run of combining marks longer than this on one base character is a
 # "zalgo" flood: it renders as a smear and can slow down layout engines.
 MAX_COMBINING_RUN = 4
-
-
-class CommandError(Exception):
-    """An error whose message is meant for the user (short, no traceback).
-
-    Front ends show ``str(error)`` as is; the command "answered with an error".
-    """
-
-    ephemeral: ClassVar[bool] = False
-
-
-class UserError(CommandError):
-    """Bad input: the user can fix it by asking differently."""
-
-    ephemeral = True
-
-
-class OptionError(UserError):
-    """An option value that does not fit the option's type or limits."""
 
 
 # --------------------------------------------------------------------------- options
@@ -328,6 +311,18 @@ class User:
     is_owner: bool = False
 
 
+class InferenceService(Protocol):
+    """What a handler uses of the inference service (``ctx.inference``)."""
+
+    metrics: Any
+
+    async def submit(self, request: Any, *, timeout: float | None = None) -> Any:
+        """Run a request in a worker and return its result, or raise an ``InferenceError``."""
+        ...
+
+    def retry_hint_if_full(self) -> float | None: ...
+
+
 class CommandCatalog(Protocol):
     """What the ``/help`` and ``/plugins`` commands read about the running bot."""
 
@@ -344,7 +339,7 @@ class Context:
     transport: str = "console"
 
     @property
-    def inference(self) -> InferenceClient:
+    def inference(self) -> InferenceService:
         return self.app.inference
 
     @property

@@ -13,9 +13,11 @@ from bot import (
     Command,
     Context,
     Field,
+    Generate,
     ModelRole,
     QuizQuestion,
     Reply,
+    Request,
     Table,
     Text,
     Topic,
@@ -23,7 +25,6 @@ from bot import (
     hookimpl,
 )
 from bot.charts import line_chart, render
-from bot.inference.protocol import Generate, Request
 from plugins.sentiment import training_set
 
 QUIZ = (

@@ -9,11 +9,16 @@ from dataclasses import asdict
 from typing import Any
 
 from bot import (
+    MASK,
     Command,
     Context,
     Field,
+    FillMask,
+    Generate,
     Integer,
     ModelRole,
+    NextToken,
+    NoModelForRole,
     QuizQuestion,
     Reply,
     Table,
@@ -24,7 +29,6 @@ from bot import (
     hookimpl,
 )
 from bot.charts import bar_panels, render, show_token
-from bot.inference.protocol import MASK, FillMask, Generate, NextToken, NoModelForRole
 
 QUIZ = (
     QuizQuestion(

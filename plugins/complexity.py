@@ -9,9 +9,22 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from bot import Command, Context, Field, Integer, QuizQuestion, Reply, Table, Text, Topic, UserError, command, hookimpl
+from bot import (
+    Command,
+    Context,
+    Field,
+    Integer,
+    QuizQuestion,
+    Reply,
+    Request,
+    Table,
+    Text,
+    Topic,
+    UserError,
+    command,
+    hookimpl,
+)
 from bot.charts import line_chart, render
-from bot.inference.protocol import Request
 
 QUIZ = (
     QuizQuestion(

@@ -9,10 +9,12 @@ import re
 from collections.abc import Callable
 
 from bot import (
+    MASK,
     CodeBlock,
     Command,
     Context,
     Field,
+    FillMask,
     Integer,
     ModelRole,
     QuizQuestion,
@@ -26,7 +28,6 @@ from bot import (
     hookimpl,
 )
 from bot.charts import bar_panels, render, show_token
-from bot.inference.protocol import MASK, FillMask
 from bot.tokenizers import wordpiece, wordpiece_tokens
 
 QUIZ = (

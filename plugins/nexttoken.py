@@ -12,6 +12,7 @@ from bot import (
     Field,
     Integer,
     ModelRole,
+    NextToken,
     Number,
     QuizQuestion,
     Reply,
@@ -22,7 +23,6 @@ from bot import (
     hookimpl,
 )
 from bot.charts import bar_chart, render, show_token
-from bot.inference.protocol import NextToken
 
 STEPS = 3  # buttons that append one of the likeliest tokens
 

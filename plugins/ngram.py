@@ -19,6 +19,7 @@ from bot import (
     Number,
     QuizQuestion,
     Reply,
+    Score,
     Table,
     Text,
     Topic,
@@ -27,7 +28,6 @@ from bot import (
     hookimpl,
 )
 from bot.charts import bar_chart, render
-from bot.inference.protocol import Score
 
 QUIZ = (
     QuizQuestion(

@@ -4,8 +4,22 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from bot import Command, Context, Field, ModelRole, QuizQuestion, Reply, Table, Text, Topic, command, hookimpl
-from bot.inference.protocol import NextSentence, NoModelForRole, Score
+from bot import (
+    Command,
+    Context,
+    Field,
+    ModelRole,
+    NextSentence,
+    NoModelForRole,
+    QuizQuestion,
+    Reply,
+    Score,
+    Table,
+    Text,
+    Topic,
+    command,
+    hookimpl,
+)
 
 QUIZ = (
     QuizQuestion(

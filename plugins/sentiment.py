@@ -10,8 +10,25 @@ from dataclasses import dataclass
 from importlib.resources import files
 from typing import Any, ClassVar
 
-from bot import Command, Context, Field, ModelRole, QuizQuestion, Reply, Table, Text, Topic, command, hookimpl
-from bot.inference.protocol import Classify, ClassifyResult, Embed, NoModelForRole, Request, Score
+from bot import (
+    Classify,
+    ClassifyResult,
+    Command,
+    Context,
+    Embed,
+    Field,
+    ModelRole,
+    NoModelForRole,
+    QuizQuestion,
+    Reply,
+    Request,
+    Score,
+    Table,
+    Text,
+    Topic,
+    command,
+    hookimpl,
+)
 
 QUIZ = (
     QuizQuestion(

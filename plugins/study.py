@@ -17,8 +17,21 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from bot import Boolean, Button, Command, Context, Field, Reply, Table, Text, Topic, UserError, command, hookimpl
-from bot.commands import CommandError
+from bot import (
+    Boolean,
+    Button,
+    Command,
+    CommandError,
+    Context,
+    Field,
+    Reply,
+    Table,
+    Text,
+    Topic,
+    UserError,
+    command,
+    hookimpl,
+)
 from bot.parsing import parse_options, split_command
 from bot.topics import QuizQuestion
 

@@ -5,8 +5,22 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-from bot import Command, Context, Field, Integer, ModelRole, QuizQuestion, Reply, Text, Topic, command, hookimpl
-from bot.inference.protocol import Generate, NoModelForRole, Seq2Seq
+from bot import (
+    Command,
+    Context,
+    Field,
+    Generate,
+    Integer,
+    ModelRole,
+    NoModelForRole,
+    QuizQuestion,
+    Reply,
+    Seq2Seq,
+    Text,
+    Topic,
+    command,
+    hookimpl,
+)
 
 QUIZ = (
     QuizQuestion(

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import settings
 
 from bot.app import App
 from bot.config import Config, parse_config
@@ -27,6 +28,19 @@ os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (LOOPBACK_ONLY, os.environ
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 ROLES = {r.name: r for r in BUILTIN_ROLES}
+
+# Property-based tests: a fixed seed by default, so a clean checkout is green or red the same
+# way every time; `HYPOTHESIS_PROFILE=fuzz python -m pytest -k "hypothesis or arbitrary"` runs
+# a long random search instead (see README, Tests).
+settings.register_profile("ci", derandomize=True, database=None, print_blob=True)
+settings.register_profile("fuzz", derandomize=False, max_examples=4000, print_blob=True)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+FUZZ_FACTOR = 40 if os.environ.get("HYPOTHESIS_PROFILE") == "fuzz" else 1
+
+
+def examples(n: int) -> int:
+    """``n`` property examples in CI, many more in the fuzz profile."""
+    return n * FUZZ_FACTOR
 
 
 @pytest.fixture(scope="session")
@@ -71,7 +85,13 @@ def tiny_t5(models_dir: Path, cache_dir: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def smollm_dir(cache_dir: Path) -> Path:
-    """The packaged SmolLM2 converted once to safetensors (the product's own code path)."""
+    """The packaged SmolLM2 converted once to safetensors (the product's own code path).
+
+    ``LMBOT_TEST_MODEL_CACHE`` names a folder that keeps the conversion between runs.
+    """
+    kept = os.environ.get("LMBOT_TEST_MODEL_CACHE")
+    if kept:
+        cache_dir = Path(kept)
     from bot.inference.loading import _gguf_to_safetensors
     from bot.inference.registry import PACKAGED
 

@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 from bot.app import App
 from bot.commands import Reply
-from tests.conftest import make_config
+from tests.conftest import examples, make_config
 from tests.plugin_helpers import assert_fits_discord
 
 # The text option of each command and the other values it needs.
@@ -91,7 +91,7 @@ def test_nasty_inputs_get_short_answers(run_app, name: str, text: str) -> None: 
 
 
 @pytest.mark.parametrize("name", sorted(COMMANDS))
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=examples(25), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(text=st.text(st.characters(exclude_categories=("Cs",)), max_size=300))
 def test_arbitrary_text_never_raises(run_app, name: str, text: str) -> None:  # type: ignore[no-untyped-def]
     _, run = run_app

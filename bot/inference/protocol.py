@@ -13,63 +13,17 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from bot.commands import CommandError
+from bot.errors import Busy as Busy
+from bot.errors import DeadlineExceeded as DeadlineExceeded
+from bot.errors import InferenceError as InferenceError
+from bot.errors import InputTooLong as InputTooLong
+from bot.errors import ModelFailed as ModelFailed
+from bot.errors import NoModelForRole as NoModelForRole
+from bot.errors import WorkerDied as WorkerDied
 
 # The placeholder a fill-mask request uses for a blank; the worker swaps it for
 # the model's own mask token ([MASK] for BERT, <mask> for RoBERTa, ...).
 MASK = "\x00MASK\x00"
-
-
-# --------------------------------------------------------------------------- errors
-
-
-class InferenceError(CommandError):
-    """A request that could not be answered; the message is shown to the user."""
-
-
-class Busy(InferenceError):
-    """The queue is full. ``retry_after`` is a hint in seconds."""
-
-    ephemeral = True
-
-    def __init__(self, retry_after: float) -> None:
-        self.retry_after = retry_after
-        super().__init__(f"The bot is busy right now; try again in {retry_after:.0f} s.")
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (Busy, (self.retry_after,))
-
-
-class DeadlineExceeded(InferenceError):
-    def __init__(self, message: str = "That took too long and was given up; try again in a moment.") -> None:
-        super().__init__(message)
-
-
-class WorkerDied(InferenceError):
-    def __init__(
-        self, message: str = "The model worker stopped unexpectedly; it is being restarted, try again."
-    ) -> None:
-        super().__init__(message)
-
-
-class NoModelForRole(InferenceError):
-    """No weights for a role: offline with no packaged stand-in, or a bad path."""
-
-    def __init__(self, role: str, reason: str = "") -> None:
-        self.role, self.reason = role, reason
-        why = f" ({reason})" if reason else ""
-        super().__init__(f"No `{role}` model is available{why}: set `models.{role}` in config.toml to a local folder.")
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (NoModelForRole, (self.role, self.reason))
-
-
-class InputTooLong(InferenceError):
-    ephemeral = True
-
-
-class ModelFailed(InferenceError):
-    """The model raised; the worker logged the traceback under ``error_id``."""
 
 
 # --------------------------------------------------------------------------- requests
