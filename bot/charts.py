@@ -38,7 +38,12 @@ def font_families() -> tuple[str, ...]:
 def _style() -> Iterator[None]:
     import matplotlib
 
-    with matplotlib.rc_context({"font.family": list(font_families())}), warnings.catch_warnings():
+    # parse_math off: every string drawn is literal, so "$5 and $6" in a prompt (or a " $$"
+    # token a model predicts) is text, never mathtext to parse.
+    with (
+        matplotlib.rc_context({"font.family": list(font_families()), "text.parse_math": False}),
+        warnings.catch_warnings(),
+    ):
         # A glyph no installed font has is drawn as a box; the reply's table has the text.
         warnings.filterwarnings("ignore", message="Glyph .* missing from font")
         yield
@@ -53,6 +58,16 @@ def show_token(token: str) -> str:
     lead = len(visible) - len(visible.lstrip(" "))
     trail = len(visible) - len(visible.rstrip(" "))
     return "␣" * lead + core + "␣" * trail
+
+
+def show_bytes(raw: bytes) -> str:
+    """A token from its bytes: its text as :func:`show_token` shows it, or its bytes in hex
+    (⟨E6 9D⟩) when they are not text on their own (part of a character)."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return "⟨" + " ".join(f"{b:02X}" for b in raw) + "⟩"
+    return show_token(text)
 
 
 def bar_chart(

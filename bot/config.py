@@ -70,6 +70,8 @@ class InferenceSection(_Section):
     max_input_chars: Annotated[int, Field(ge=1, le=100_000)] = 2000
     max_input_tokens: Annotated[int, Field(ge=1, le=100_000)] = 512
     max_new_tokens: Annotated[int, Field(ge=1, le=4096)] = 64
+    # Estimated multiply-accumulates one request may cost (Request.cost()); more is refused up front.
+    max_request_cost: Annotated[float, Field(gt=0, le=1e15)] = 5e10
     memory_budget_mb: Annotated[int, Field(ge=1)] = 4096
     offline: Literal["auto", "always", "never"] = "auto"
     cache_dir: str = "~/.cache/lmbot"

@@ -35,12 +35,3 @@ def wordpiece() -> tokenizers.Tokenizer:
 def wordpiece_tokens() -> frozenset[str]:
     """The WordPiece vocabulary's tokens (building it from the tokenizer costs a copy of 30,522 entries)."""
     return frozenset(wordpiece().get_vocab())
-
-
-def token_text(raw: bytes) -> str | None:
-    """A token's bytes as text, or ``None`` when they are not valid UTF-8 on their own
-    (byte-level BPE splits some characters across tokens)."""
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError:
-        return None

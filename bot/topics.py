@@ -40,6 +40,7 @@ class Topic:
     questions: Sequence[str] = field(default_factory=tuple)  # for the group to discuss
     quiz: Sequence[QuizQuestion] = field(default_factory=tuple)
     order: int = 100
+    go_deeper: Sequence[str] = field(default_factory=tuple)  # command lines that explore the topic further
 
     def __post_init__(self) -> None:
         if not NAME_RE.match(self.slug):

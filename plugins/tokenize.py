@@ -23,8 +23,8 @@ from bot import (
     command,
     hookimpl,
 )
-from bot.charts import bar_chart, render, show_token
-from bot.tokenizers import TIKTOKEN_ENCODINGS, tiktoken_encoding, token_text, wordpiece, wordpiece_tokens
+from bot.charts import bar_chart, render, show_bytes, show_token
+from bot.tokenizers import TIKTOKEN_ENCODINGS, tiktoken_encoding, wordpiece, wordpiece_tokens
 
 QUIZ = (
     QuizQuestion(
@@ -116,14 +116,6 @@ WORD = re.compile(r"\w+|[^\w\s]")
 MAX_ROWS = 30
 
 
-def piece_label(raw: bytes) -> str:
-    """A token for display: its text, or its bytes in hex when they are not text on their own."""
-    text = token_text(raw)
-    if text is None:
-        return "⟨" + " ".join(f"{b:02X}" for b in raw) + "⟩"
-    return show_token(text)
-
-
 def word_level(text: str) -> tuple[list[str], int]:
     """A word-level vocabulary: BERT's whole-word entries; any other word becomes [UNK]."""
     vocab = wordpiece_tokens()
@@ -135,7 +127,7 @@ def word_level(text: str) -> tuple[list[str], int]:
 def _compare(text: str, enc: tiktoken.Encoding, ids: list[int]) -> tuple[Table, dict]:
     words, unknown = word_level(text)
     pieces = wordpiece().encode(text, add_special_tokens=False).tokens
-    bpe = [piece_label(enc.decode_single_token_bytes(i)) for i in ids]
+    bpe = [show_bytes(enc.decode_single_token_bytes(i)) for i in ids]
     rows = [
         ["characters", str(len(text)), "0", " ".join(show_token(c) for c in text[:14])],
         ["word list", str(len(words)), str(unknown), " ".join(words[:10])],
@@ -166,7 +158,7 @@ async def tokenize(ctx: Context, text: str, encoding: str, compare: bool) -> Rep
     enc = await asyncio.to_thread(tiktoken_encoding, encoding, ctx.config.cache_dir)
     ids = await asyncio.to_thread(enc.encode, text, disallowed_special=())
     raw = [enc.decode_single_token_bytes(i) for i in ids]
-    labels = [piece_label(b) for b in raw]
+    labels = [show_bytes(b) for b in raw]
     segments = [Segment(label, COLOURS[n % len(COLOURS)]) for n, label in enumerate(labels)]
     rows = [[str(n), label, str(i), str(len(b))] for n, (label, i, b) in enumerate(zip(labels, ids, raw, strict=True))]
     shown = rows[:MAX_ROWS]

@@ -42,3 +42,15 @@ def test_a_glyph_no_font_has_draws_a_box_without_a_warning() -> None:
         warnings.simplefilter("error")
         image = charts.bar_chart(["\U0001d11e\U00013000"], [1.0], title="rare scripts", xlabel="probability")
     assert image.data.startswith(b"\x89PNG")
+
+
+@pytest.mark.parametrize("text", ["Pay $5 (20% off) instead of $6", "$$0", " $$", r"$\frac{1}{0}$", "a_b^c $x"])
+def test_dollar_signs_are_literal_text_never_mathtext(text: str) -> None:
+    image = charts.bar_chart([text, "x"], [0.5, 0.5], title=f"Next token after “{text}”", xlabel=text)
+    assert image.data.startswith(b"\x89PNG")
+
+
+def test_show_bytes_shows_text_or_hex_for_part_of_a_character() -> None:
+    assert charts.show_bytes(b" Paris") == "␣Paris"
+    assert charts.show_bytes("東".encode()[:2]) == "⟨E6 9D⟩"
+    assert charts.show_bytes("東".encode()) == "東"

@@ -176,3 +176,32 @@ def test_embedding_of_the_packaged_minilm(cache_dir: Path) -> None:
         assert got.vector == pytest.approx(want.tolist(), abs=TOL)
     cos = [sum(a * b for a, b in zip(together[0].vector, v.vector, strict=True)) for v in together[1:]]
     assert cos[0] > cos[1]  # the real model knows a kitten on a rug is closer than revenue
+
+
+def test_token_bytes_equal_tiktokens_gpt2_bytes_for_every_token(tiny_gpt2: Path, cache_dir: Path) -> None:
+    """The real GPT-2 BPE: every vocabulary entry's bytes, as tiktoken's own gpt2 table has them."""
+    from bot.tokenizers import tiktoken_encoding
+
+    tok = transformers.AutoTokenizer.from_pretrained(tiny_gpt2)
+    enc = tiktoken_encoding("gpt2", cache_dir)
+    ids = list(range(enc.n_vocab - 1))  # the last id is <|endoftext|>, a special token
+    assert tasks.token_bytes(tok, ids) == [enc.decode_single_token_bytes(i) for i in ids]
+
+
+@pytest.mark.parametrize("text", ["日本の首都は", "emoji 🙂🦜 and 東京", "café"])
+def test_token_bytes_join_into_the_texts_own_bytes(smollm_dir: Path, text: str) -> None:
+    tok = transformers.AutoTokenizer.from_pretrained(smollm_dir)
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    pieces = tasks.token_bytes(tok, ids)
+    assert b"".join(pieces) == text.encode()
+    assert any("\ufffd" in tok.decode([i]) for i in ids) == (text != "café")  # the point: some are partial
+
+
+def test_next_token_reports_each_tokens_bytes(smollm_dir: Path) -> None:
+    model, tok = load(smollm_dir)
+    with torch.inference_mode():
+        (result,) = tasks.next_token(model, tok, [NextToken("日本の首都は", k=10)])
+    for t in result.top:
+        assert t.raw == b"".join(tasks.token_bytes(tok, [t.id]))
+        if "\ufffd" not in t.token:
+            assert t.raw == t.token.encode()

@@ -42,6 +42,16 @@ class Request:
         """Requests batch together only when these values are equal."""
         return ()
 
+    def cost(self) -> float:
+        """Estimated multiply-accumulate operations of this request.
+
+        0 (the default) means an ordinary model request, bounded by the input token
+        limits. Tasks whose work grows with their options (timing a layer on a long
+        sequence, say) say how much, so the service can refuse what is too costly
+        before it is queued.
+        """
+        return 0.0
+
 
 @dataclass(frozen=True)
 class NextToken(Request):
@@ -163,8 +173,9 @@ class Score(Request):
 @dataclass(frozen=True)
 class TokenProb:
     id: int
-    token: str  # the token decoded on its own
+    token: str  # the token decoded on its own (U+FFFD where its bytes are not text alone)
     prob: float
+    raw: bytes = b""  # the token's own bytes; a byte-level BPE token may be part of a character
 
 
 @dataclass(frozen=True)

@@ -68,11 +68,50 @@ def _causal_forward(model: Any, enc: dict[str, torch.Tensor], keep: int | None) 
     return (logits if keep is None else logits[:, -keep:, :]).float()
 
 
+@functools.cache
+def _byte_level_alphabet() -> dict[str, int]:
+    """GPT-2's byte-level BPE writes each byte as a printable character; this inverts that."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars = printable[:]
+    extra = 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            chars.append(256 + extra)
+            extra += 1
+    return {chr(c): b for b, c in zip(printable, chars, strict=True)}
+
+
+def token_bytes(tokenizer: Any, ids: Sequence[int]) -> list[bytes]:
+    """Each token's own bytes.
+
+    Decoding a token alone gives U+FFFD when it holds only part of a character (byte-level
+    BPE splits 東 into several tokens); its bytes then come from the vocabulary entry itself:
+    GPT-2-style byte characters, or SentencePiece's ``<0xE6>`` byte tokens.
+    """
+    alphabet = _byte_level_alphabet()
+    out = []
+    for token_id in ids:
+        text = tokenizer.decode([int(token_id)])
+        if "\ufffd" not in text:
+            out.append(text.encode("utf-8"))
+            continue
+        piece = tokenizer.convert_ids_to_tokens(int(token_id))
+        if isinstance(piece, str) and len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+            out.append(bytes([int(piece[3:5], 16)]))
+        elif isinstance(piece, str) and piece and all(ch in alphabet for ch in piece):
+            out.append(bytes(alphabet[ch] for ch in piece))
+        else:
+            out.append(text.encode("utf-8"))
+    return out
+
+
 def _top(tokenizer: Any, probs: torch.Tensor, k: int) -> list[TokenProb]:
     values, ids = torch.topk(probs, min(k, probs.shape[-1]))
+    id_list = [int(i) for i in ids.tolist()]
     return [
-        TokenProb(int(i), tokenizer.decode([int(i)]), float(v))
-        for v, i in zip(values.tolist(), ids.tolist(), strict=True)
+        TokenProb(i, tokenizer.decode([i]), float(v), raw)
+        for v, i, raw in zip(values.tolist(), id_list, token_bytes(tokenizer, id_list), strict=True)
     ]
 
 
