@@ -118,6 +118,7 @@ def load_topic(package: str, name: str) -> Topic:
     from their ``register_topics`` hook. A third-party plugin does the same with its own
     package name, and ships the file as package data (setuptools:
     ``[tool.setuptools.package-data] my_package = ["data/topics/*.toml"]``);
+    ``name`` may also be a path inside the package (``"cards/ngrams.toml"``), and
     ``Topic.from_toml(path)`` reads a file from anywhere else.
 
     The file, in words a lecturer can edit (texts in ``"..."``, or in ``\"\"\"...\"\"\"`` over
@@ -146,7 +147,9 @@ def load_topic(package: str, name: str) -> Topic:
     raises :class:`TopicFileError` naming the file and the key, so a broken file is one
     plugin's load error (``lmbot plugins`` shows it), never a crash of the bot.
     """
-    return _read_topic(files(package).joinpath(*TOPIC_FOLDER, f"{name}.toml"))
+    if "/" in name:  # a path inside the package, for a plugin that keeps its cards elsewhere
+        return _read_topic(files(package).joinpath(*name.split("/")))
+    return _read_topic(files(package).joinpath(*TOPIC_FOLDER, name if name.endswith(".toml") else f"{name}.toml"))
 
 
 def _read_topic(path: Traversable) -> Topic:
