@@ -172,9 +172,7 @@ async def _load_all(app: App) -> dict[str, dict | str]:
 
 
 def _fetch(app: App, roles: Sequence[str]) -> int:
-    from huggingface_hub import snapshot_download
-
-    from bot.inference.registry import hub_offline
+    from bot.inference.registry import download, first_line, hub_offline
 
     wanted = roles or sorted(app.registry.roles)
     unknown = [name for name in wanted if name not in app.registry.roles]
@@ -194,11 +192,9 @@ def _fetch(app: App, roles: Sequence[str]) -> int:
             continue
         print(f"{name}: fetching {target}")
         try:
-            path = snapshot_download(target, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model"])
+            path = download(target)
         except Exception as exc:
-            # Hub errors run to several lines with URLs and advice; the first one says what happened.
-            first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            print(f"{name}: could not fetch {target}: {first_line}", file=sys.stderr)
+            print(f"{name}: could not fetch {target}: {first_line(exc)}", file=sys.stderr)
             status = EXIT_ANSWERED_ERROR
         else:
             print(f"{name}: ready in {path}")
