@@ -34,7 +34,8 @@ EXIT_OK, EXIT_ANSWERED_ERROR, EXIT_USAGE = 0, 1, 2
 # Terminal commands print warnings only; -v shows what the bot logs, -vv everything.
 VERBOSITY = ("WARNING", "INFO", "DEBUG")
 # First use of the packaged causal LM converts it (tens of seconds, more on a busy machine): a
-# person at a terminal would rather wait for it than be told to try again.
+# person at a terminal would rather wait for it than be told to try again, unless the config
+# sets inference.request_timeout_s itself.
 ASK_TIMEOUT_S = 600.0
 
 
@@ -91,8 +92,9 @@ async def _ask(app: App, line: str, as_json: bool, out_dir: str | None) -> int:
 
 def cmd_ask(args: argparse.Namespace) -> int:
     config = _terminal_config(args)
-    timeout = max(config.inference.request_timeout_s, ASK_TIMEOUT_S)
-    config = config.model_copy(update={"inference": config.inference.model_copy(update={"request_timeout_s": timeout})})
+    if "request_timeout_s" not in config.inference.model_fields_set:
+        inference = config.inference.model_copy(update={"request_timeout_s": ASK_TIMEOUT_S})
+        config = config.model_copy(update={"inference": inference})
     return asyncio.run(_ask(App(config), args.line, args.json, args.out))
 
 
