@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import hashlib
+import json
 import logging
 import os
 import shutil
@@ -16,13 +18,15 @@ import sys
 import time
 import warnings
 from collections import OrderedDict
-from dataclasses import dataclass
+from concurrent.futures import Future
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 import transformers
 
+from bot.inference import engines
 from bot.inference.protocol import NoModelForRole
 from bot.inference.registry import ModelSource, resolve
 from bot.inference.settings import WorkerSettings
@@ -33,11 +37,25 @@ log = logging.getLogger(__name__)
 @dataclass
 class LoadedModel:
     role: str
-    label: str
+    label: str  # what replies show: the model, its precision and the engine that answers
     model: Any
     tokenizer: Any
     nbytes: int
     load_seconds: float
+    base_label: str = ""
+    precision: str = "fp32"
+    engine: str = "torch"
+    wanted_engine: str = "torch"
+    pending_engine: Future[Any] | None = field(default=None, repr=False)
+    batches: int = 0
+
+    def relabel(self) -> None:
+        self.label = model_label(self.base_label or self.label, self.precision, self.engine)
+
+
+def model_label(base: str, precision: str, engine: str) -> str:
+    """The model line of every reply: which weights, in which precision, on which engine."""
+    return f"{base} · {precision}, {engine}"
 
 
 def pick_device(setting: str) -> torch.device:
@@ -49,8 +67,21 @@ def pick_device(setting: str) -> torch.device:
 
 
 def pick_dtype(setting: str, device: torch.device) -> torch.dtype:
+    """``auto`` is fp32 on every CPU, even one with native bf16.
+
+    bf16 keeps 8 bits of mantissa: SmolLM2's next-token probabilities move by up to
+    0.03 and the top token changes on a few percent of prompts (README, Performance).
+    This bot exists to show a model's real numbers, so that trade is made only when
+    someone asks for it (``inference.dtype = "bfloat16"``), and every reply then says so.
+    """
     if setting != "auto":
-        return getattr(torch, setting)
+        dtype: torch.dtype = getattr(torch, setting)
+        if device.type == "cpu" and dtype == torch.bfloat16 and not engines.cpu_has_native_bf16():
+            log.warning(
+                "inference.dtype is bfloat16 but this CPU has no native bf16 (AVX512_BF16/AMX): "
+                "torch emulates it, which is slower than float32 here"
+            )
+        return dtype
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return torch.float32
@@ -117,6 +148,58 @@ def _gguf_to_safetensors(folder: Path, gguf_file: str, cache_dir: Path) -> Path:
     return target
 
 
+_SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
+
+
+def _weight_dtypes(folder: Path) -> set[str] | None:
+    """The dtypes of the floating-point tensors in a folder's safetensors files (headers only)."""
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        return None
+    found: set[str] = set()
+    for path in files:
+        with open(path, "rb") as handle:
+            size = int.from_bytes(handle.read(8), "little")
+            header = json.loads(handle.read(size))
+        found |= {v["dtype"] for k, v in header.items() if k != "__metadata__" and v["dtype"].startswith(("F", "BF"))}
+    return found
+
+
+def _precision_copy(folder: Path, model_class: Any, dtype: torch.dtype, cache_dir: Path) -> Path:
+    """A copy of a local model whose weights are stored in ``dtype``, converted once and cached.
+
+    transformers maps safetensors files into memory, so a model stored in the dtype it
+    runs in is shared by every worker through the page cache; converting at load time
+    would give each worker a private copy instead. Returns ``folder`` itself when its
+    weights are already in ``dtype``.
+    """
+    wanted = _SAFETENSORS_DTYPES.get(dtype)
+    found = _weight_dtypes(folder)
+    if wanted is None or found == {wanted}:
+        return folder
+    stamp = hashlib.sha256(str(folder.resolve()).encode())
+    for path in sorted(folder.glob("*")):
+        if path.is_file():
+            stat = path.stat()
+            stamp.update(f"{path.name}|{stat.st_size}|{stat.st_mtime_ns}".encode())
+    target = cache_dir / "precision" / f"{folder.name}-{engines.precision_name(dtype)}-{stamp.hexdigest()[:12]}"
+    if (target / "config.json").exists():
+        return target
+    print(
+        f"lmbot: storing {folder.name} in {dtype} once, so workers can share it ({target})", file=sys.stderr, flush=True
+    )
+    model = model_class.from_pretrained(folder, dtype=dtype, local_files_only=True)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    partial = target.with_name(f"{target.name}.partial-{os.getpid()}")
+    model.save_pretrained(partial)
+    tokenizer.save_pretrained(partial)
+    try:
+        partial.rename(target)
+    except OSError:  # another worker stored it first
+        shutil.rmtree(partial, ignore_errors=True)
+    return target
+
+
 def load_source(source: ModelSource, auto_class: str, settings: WorkerSettings) -> LoadedModel:
     if source.kind == "missing":
         raise NoModelForRole(source.role, source.reason)
@@ -129,6 +212,8 @@ def load_source(source: ModelSource, auto_class: str, settings: WorkerSettings) 
         location = _gguf_to_safetensors(Path(source.location), source.gguf_file, Path(settings.cache_dir))
     model_class = getattr(transformers, auto_class)
     try:
+        if local_only and device.type == "cpu":
+            location = _precision_copy(Path(location), model_class, dtype, Path(settings.cache_dir))
         tokenizer = transformers.AutoTokenizer.from_pretrained(location, local_files_only=local_only)
         model = model_class.from_pretrained(location, dtype=dtype, local_files_only=local_only)
     except OSError as exc:
@@ -140,7 +225,16 @@ def load_source(source: ModelSource, auto_class: str, settings: WorkerSettings) 
     nbytes = sum(p.numel() * p.element_size() for p in model.parameters())
     elapsed = time.perf_counter() - started
     log.info("loaded %s for %s on %s in %.1f s (%.0f MB)", source.label, source.role, device, elapsed, nbytes / 2**20)
-    return LoadedModel(source.role, source.label, model, tokenizer, nbytes, elapsed)
+    precision = engines.precision_name(dtype)
+    wanted = engines.wanted_engine(getattr(settings, "engine", "auto"), device, dtype, auto_class)
+    label = model_label(source.label, precision, "torch")
+    return LoadedModel(
+        source.role, label, model, tokenizer, nbytes, elapsed, source.label, precision, "torch", wanted_engine=wanted
+    )
+
+
+# Batches a role serves on torch before its faster engine is built (unless preloaded).
+ENGINE_AFTER_BATCHES = 32
 
 
 class ModelCache:
@@ -151,19 +245,64 @@ class ModelCache:
         self.settings = settings
         self.loaded: OrderedDict[str, LoadedModel] = OrderedDict()
         self.budget = settings.memory_budget_mb * 2**20
+        # Threads per worker: inference.threads, else cores ÷ workers (see engines.default_threads).
+        self.threads = engines.configure_threads(settings.threads, getattr(settings, "workers", 1))
 
     def get(self, role: str) -> LoadedModel:
         if role in self.loaded:
             self.loaded.move_to_end(role)
-            return self.loaded[role]
+            entry = self.loaded[role]
+            self._advance_engine(entry)
+            return entry
         spec = self.settings.roles.get(role)
         if spec is None:
             raise NoModelForRole(role, "no plugin declares this role")
         source = resolve(spec, self.settings.models.get(role), self.settings.offline)
         entry = load_source(source, spec.auto_class, self.settings)
         self.loaded[role] = entry
+        self._advance_engine(entry)
         self._evict(keep=role)
         return entry
+
+    def _advance_engine(self, entry: LoadedModel) -> None:
+        """Build a role's faster engine in the background, and switch to it once ready.
+
+        The build starts at once for a preloaded role (a bot expecting traffic), else
+        once the role has served :data:`ENGINE_AFTER_BATCHES` batches: exporting costs
+        tens of seconds of CPU the first time, which a one-shot ``lmbot ask`` or a
+        handful of requests would never earn back. Torch answers until then. Called
+        between batches (a worker runs one batch at a time), so each batch is answered
+        by one engine and its label names that one.
+        """
+        entry.batches += 1
+        if entry.wanted_engine == entry.engine:
+            return
+        if entry.pending_engine is None:
+            if entry.role in self.settings.preload or entry.batches > ENGINE_AFTER_BATCHES:
+                entry.pending_engine = engines.build_in_background(
+                    entry.model, entry.tokenizer, Path(self.settings.cache_dir), self.threads
+                )
+            return
+        if entry.pending_engine.done():
+            engine = entry.pending_engine.result()
+            entry.pending_engine = None
+            if engine is None:
+                entry.wanted_engine = "torch"  # verified unusable: stay on torch for good
+                return
+            engines.attach(entry.model, engine)
+            entry.engine = engine.name
+            entry.relabel()
+
+    def wait_for_engine(self, role: str, timeout: float = 600) -> str:
+        """Build a role's engine now and switch to it (benchmarks, ``lmbot models --load``)."""
+        entry = self.get(role)
+        if entry.wanted_engine != entry.engine and entry.pending_engine is None:
+            entry.batches = max(entry.batches, ENGINE_AFTER_BATCHES)
+            self._advance_engine(entry)
+        if entry.pending_engine is not None:
+            entry.pending_engine.result(timeout)
+            self._advance_engine(entry)
+        return entry.label
 
     def _evict(self, keep: str) -> None:
         while sum(m.nbytes for m in self.loaded.values()) > self.budget and len(self.loaded) > 1:
@@ -177,6 +316,14 @@ class ModelCache:
 
     def describe(self) -> dict[str, dict[str, Any]]:
         return {
-            r: {"label": m.label, "mb": round(m.nbytes / 2**20, 1), "load_s": round(m.load_seconds, 2)}
+            r: {
+                "label": m.label,
+                "mb": round(m.nbytes / 2**20, 1),
+                "load_s": round(m.load_seconds, 2),
+                "precision": m.precision,
+                "engine": m.engine,
+                "engine_pending": m.pending_engine is not None,
+                "threads": self.threads,
+            }
             for r, m in self.loaded.items()
         }

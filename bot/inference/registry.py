@@ -173,3 +173,33 @@ def first_line(exc: BaseException) -> str:
     """Hub errors run to several lines with URLs and advice; the first one says what happened."""
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
+
+
+def runs_as(role: ModelRole, device: str = "auto", dtype: str = "auto", engine: str = "auto") -> str:
+    """The precision and engine a role will run in, said without loading it (``lmbot models``).
+
+    Arguments are the config's ``inference.device``, ``inference.dtype`` and engine
+    setting (``LMBOT_ENGINE`` overrides it, as in the workers). Nothing here imports
+    torch; ``bot.inference.engines.wanted_engine`` is the worker-side decision this mirrors.
+    """
+    engine = os.environ.get("LMBOT_ENGINE", engine) or "auto"
+    on_cpu = device == "cpu" or (device == "auto" and not _cuda_visible())
+    if dtype == "auto":
+        precision = "fp32" if on_cpu else "bf16 or fp16 (GPU)"
+    else:
+        precision = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}.get(dtype, dtype)
+    onnx = (
+        engine != "torch"
+        and on_cpu
+        and precision == "fp32"
+        and role.auto_class == "AutoModelForCausalLM"
+        and importlib.util.find_spec("onnxruntime") is not None
+    )
+    return f"{precision}, onnxruntime once warm (torch until then)" if onnx else f"{precision}, torch"
+
+
+def _cuda_visible() -> bool:
+    """A guess without importing torch: an NVIDIA driver is present and not hidden."""
+    if os.environ.get("CUDA_VISIBLE_DEVICES", None) in ("", "-1"):
+        return False
+    return Path("/proc/driver/nvidia/version").exists()

@@ -16,6 +16,7 @@ class WorkerSettings:
     device: str = "auto"
     dtype: str = "auto"
     threads: int = 0
+    workers: int = 1  # with threads = 0, each worker takes cores ÷ workers threads
     max_input_tokens: int = 512
     max_batch_tokens: int = 8192
     max_new_tokens: int = 64
@@ -33,6 +34,7 @@ class WorkerSettings:
             device=inf.device,
             dtype=inf.dtype,
             threads=inf.threads,
+            workers=inf.workers,
             max_input_tokens=inf.max_input_tokens,
             max_batch_tokens=inf.max_batch_tokens,
             max_new_tokens=inf.max_new_tokens,

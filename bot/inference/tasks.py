@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from bot.inference.engines import engine_of
 from bot.inference.protocol import (
     MASK,
     Classify,
@@ -58,6 +59,10 @@ def _position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
 
 def _causal_forward(model: Any, enc: dict[str, torch.Tensor], keep: int | None) -> torch.Tensor:
     """Logits of the last ``keep`` positions (all positions when ``keep`` is None)."""
+    engine = engine_of(model)
+    if engine is not None and keep is not None:
+        # The role's faster engine (verified against this model when it was built).
+        return engine.logits(enc, keep)
     kwargs: dict[str, Any] = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
     if _accepts(model.__class__, "position_ids"):
         kwargs["position_ids"] = _position_ids(enc["attention_mask"])
