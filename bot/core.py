@@ -52,9 +52,12 @@ async def help_command(ctx: Context, command: str | None) -> Reply:
 @command("plugins", "List the plugins, their commands and any load errors")
 async def plugins_command(ctx: Context) -> Reply:
     rows = []
+    stalls = getattr(ctx.app, "stalls", {})  # handlers that blocked the event loop (bot.app.LoopStall)
     for record in ctx.app.plugin_records:
         commands = ", ".join(f"/{c}" for c in record.commands) or "-"
         status = record.status if not record.error else f"{record.status}: {record.error}"
+        if stall := stalls.get(record.name):
+            status += f"; {stall.describe()}"
         rows.append([record.name, record.version or "-", record.source, commands, status])
     data = [
         {
@@ -64,6 +67,7 @@ async def plugins_command(ctx: Context) -> Reply:
             "commands": r.commands,
             "status": r.status,
             "error": r.error,
+            "stalls": stalls[r.name].count if r.name in stalls else 0,
         }
         for r in ctx.app.plugin_records
     ]
