@@ -14,8 +14,10 @@ guild ``g`` goes only to the connection of shard ``(g >> 22) % shard_count``
 from __future__ import annotations
 
 import asyncio
+import base64
 import itertools
 import json
+import secrets
 import socket
 from dataclasses import dataclass, field
 from typing import Any
@@ -305,7 +307,10 @@ class FakeDiscord:
         ``kind`` 3 is a button press (``options`` holds its ``custom_id``), 5 a modal submit.
         """
         interaction_id = next(self.ids)
-        token = f"token-{interaction_id}"
+        # Shaped like Discord's: long base64url text (an id in it keeps tokens unique in a test).
+        token = (
+            "aW50ZXJhY3Rpb246" + base64.urlsafe_b64encode(f"{interaction_id}:{secrets.token_hex(24)}".encode()).decode()
+        )
         types = {bool: 5, int: 4, float: 10, str: 3}
         data: dict[str, Any] = {}
         if kind == 3:  # a button press: the "options" are the component's custom_id

@@ -18,8 +18,9 @@ from typing import Any
 REDACTED = "<redacted>"
 # Interaction callbacks and webhooks carry the token as the path segment after the id.
 TOKEN_IN_URL = re.compile(r"(\b(?:interactions|webhooks)/\d+/)[^/\s?'\"]+")
-# A payload printed as JSON or as a Python dict: "token": "..." / 'token': '...'.
-TOKEN_IN_PAYLOAD = re.compile(r"""(["']token["']\s*:\s*["'])[^"']+""")
+# A payload printed as JSON or as a Python dict: "token": "..." / 'token': '...' (interaction
+# tokens are long; a short value, such as a model's token " Paris", is left alone).
+TOKEN_IN_PAYLOAD = re.compile(r"""(["']token["']\s*:\s*["'])[\w.=-]{20,}""")
 # The shape of a Discord bot token (three base64url parts), wherever it appears.
 BOT_TOKEN_SHAPE = re.compile(r"\b[\w-]{23,28}\.[\w-]{6,7}\.[\w-]{27,}\b")
 

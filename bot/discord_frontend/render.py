@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import discord
 
-from bot.commands import Button, Reply, utf16_length
+from bot.commands import Button, Reply, Table, utf16_length
 from bot.render import render_code, render_table, render_text
 
 CONTENT, TITLE, DESCRIPTION, FIELDS, FIELD_NAME, FIELD_VALUE, EMBED_TOTAL = 2000, 256, 4096, 25, 256, 1024, 6000
@@ -211,7 +211,12 @@ def render_reply(reply: Reply) -> Rendered:
         return Rendered(content=fit(reply.text, CONTENT), ephemeral=reply.ephemeral)
     parts = [escape(reply.text)] if reply.text else []
     if reply.table is not None:
-        parts.append(_block(render_table(reply.table)))
+        # Marks for bidi controls before the columns are measured, so that they stay aligned.
+        table = reply.table
+        shown = Table(
+            [literal(h) for h in table.headers], [[literal(str(c)) for c in r] for r in table.rows], table.align
+        )
+        parts.append(_block(render_table(shown)))
     if reply.code is not None:
         parts.append(_block(render_code(reply.code, True, DISCORD_ANSI), "ansi"))
     description = "\n".join(parts)
