@@ -344,15 +344,21 @@ async def _leaderboard(ctx: Context) -> Reply:
         rows = await scores_for(ctx).leaderboard(scope_of(ctx))
     except ScoresUnavailable as exc:
         return Reply.failure(f"The scores cannot be read right now: {exc}.", ephemeral=False)
-    where = "on this server" if ctx.guild_id else "of yours here (direct messages keep one board per person)"
+    if ctx.guild_id:
+        empty, shown = "No quiz answers on this server yet.", "Scores on this server."
+    else:
+        empty, shown = (
+            "No quiz answers from you here yet.",
+            "Your own scores: outside a server, each person has a board.",
+        )
     if not rows:
-        return Reply(f"No quiz answers {where} yet. Start with /quiz.", data={"leaderboard": []})
+        return Reply(f"{empty} Start with /quiz.", title="Quiz leaderboard", data={"leaderboard": []})
     table = Table(
         ["#", "who", "right", "answered"],
         [[str(n), who, str(r), str(t)] for n, (who, r, t) in enumerate(rows, 1)],
         align="rlrr",
     )
-    return Reply(title="Quiz leaderboard", text=f"Scores {where}.", table=table, data={"leaderboard": rows})
+    return Reply(title="Quiz leaderboard", text=shown, table=table, data={"leaderboard": rows})
 
 
 @command(

@@ -355,3 +355,30 @@ async def test_an_unavailable_store_says_so_in_words() -> None:
     with pytest.raises(ScoresUnavailable, match="not working right now"):
         await store.record("s", "u", "n", "q", True)
     assert await store.key() is None and "not working" in store.key_problem
+
+
+async def test_scores_kept_by_earlier_versions_carry_over(tmp_path: Path) -> None:
+    """The old table kept one board per server and one shared by every direct message: server rows
+    stay on their server's board, direct-message and console rows move to each person's own."""
+    path = tmp_path / "quiz.sqlite3"
+    with contextlib.closing(sqlite3.connect(path)) as db, db:
+        db.execute(
+            "CREATE TABLE answers (guild TEXT NOT NULL, user TEXT NOT NULL, name TEXT NOT NULL, question TEXT NOT NULL,"
+            " correct INTEGER NOT NULL, at REAL NOT NULL, PRIMARY KEY (guild, user, question))"
+        )
+        db.executemany(
+            "INSERT INTO answers VALUES (?, ?, ?, ?, ?, 0)",
+            [
+                ("4242", "1", "Ann", "t.0", 1),
+                ("discord", "7", "Dee", "t.0", 1),
+                ("discord", "8", "Eve", "t.0", 0),
+                ("console", "local", "console", "t.1", 1),
+            ],
+        )
+    store = open_store(str(path))
+    assert await store.leaderboard("4242") == [("Ann", 1, 1)]
+    assert await store.leaderboard("discord:7") == [("Dee", 1, 1)]
+    assert await store.leaderboard("discord:8") == [("Eve", 0, 1)]
+    assert await store.leaderboard("console:local") == [("console", 1, 1)]
+    assert await store.leaderboard("discord") == []
+    assert await store.record("discord:7", "7", "Dee", "t.0", False) == (False, 1, 1)  # answered before
