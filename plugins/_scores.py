@@ -106,6 +106,18 @@ def _remaining(deadline: float) -> float:
     return left
 
 
+@contextlib.contextmanager
+def _held(lock: threading.Lock, deadline: float) -> Iterator[None]:
+    """A lock taken within the call's deadline: threads queued behind a first use that waits on a
+    locked database give up in time too."""
+    if not lock.acquire(timeout=_remaining(deadline)):
+        raise TimeoutError("waited too long for another thread's first use of the database")
+    try:
+        yield
+    finally:
+        lock.release()
+
+
 # --------------------------------------------------------------------------- SQLite
 
 SQLITE_SCHEMA = (
@@ -169,7 +181,7 @@ class SQLiteBackend(Backend):
         """Create the file, tables and key once; never touch a file that is not a database."""
         if self._ready:
             return
-        with self._ready_lock:
+        with _held(self._ready_lock, deadline):
             if self._ready:
                 return
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -289,7 +301,7 @@ class PostgresBackend(Backend):
         """Create the tables and key once, committed before any other thread may use them."""
         if self._ready:
             return
-        with self._ready_lock:
+        with _held(self._ready_lock, deadline):
             if self._ready:
                 return
             self._bound(db, deadline)

@@ -98,7 +98,8 @@ def runnable(ctx: Context, card: Topic) -> bool:
     if not words or not words[0].startswith("/") or PLACEHOLDER.search(card.try_command):
         return False
     cmd = ctx.app.registry.commands.get(words[0][1:])
-    return cmd is not None and not cmd.owner_only
+    # A card that points at a card (`/topic ...`) would run itself; an owner's command is not for students.
+    return cmd is not None and not cmd.owner_only and cmd.name != "topic"
 
 
 def _code(line: str) -> str:

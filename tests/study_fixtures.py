@@ -24,6 +24,7 @@ from bot import (
 # The longest slug a topic may have (32 characters): its quiz buttons must still fit Discord's ids.
 LONG_SLUG = "quiz-fixture-" + "x" * 19
 MULTI, PLACEHOLDER, MISSING, NO_MODEL = "fixture-multi", "fixture-placeholder", "fixture-missing", "fixture-no-model"
+LOOP = "fixture-loop"
 
 QUESTIONS = tuple(
     QuizQuestion(
@@ -74,6 +75,7 @@ TOPICS = (
     Topic(PLACEHOLDER, "Fixture: placeholder", "Fill it in.", "/pair first:<your text> second:b", order=902),
     Topic(MISSING, "Fixture: missing command", "Not on this bot.", "/nosuchcommand text:hi", order=903),
     Topic(NO_MODEL, "Fixture: no model", "Needs a model.", "/needsmodel text:The [MASK] sat.", order=904),
+    Topic(LOOP, "Fixture: a card that runs itself", "Never runs.", f"/topic try:{LOOP}", order=905),
 )
 
 

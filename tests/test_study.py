@@ -170,7 +170,7 @@ async def test_try_it_runs_the_cards_whole_command_on_the_server(study_app: App)
     # Three options, one of them quoted: all of them reach the command.
     assert tried.data == {"first": "two words", "second": "three", "times": 4}
     # A card to fill in, or one whose command this bot lacks, offers no button; asking anyway is told why.
-    for slug in (study_fixtures.PLACEHOLDER, study_fixtures.MISSING):
+    for slug in (study_fixtures.PLACEHOLDER, study_fixtures.MISSING, study_fixtures.LOOP):
         labels = [b.label for b in (await study_app.execute("topic", {"name": slug}, ctx)).buttons]
         assert labels == ["Quiz me"], slug
         refused = await study_app.execute("topic", {"try": slug}, ctx)
