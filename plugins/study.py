@@ -102,6 +102,12 @@ def runnable(ctx: Context, card: Topic) -> bool:
     return cmd is not None and not cmd.owner_only and cmd.name != "topic"
 
 
+def _names_a_command(ctx: Context, line: str) -> bool:
+    words = line.split()
+    cmd = ctx.app.registry.commands.get(words[0][1:]) if words and words[0].startswith("/") else None
+    return cmd is not None and not cmd.owner_only
+
+
 def _code(line: str) -> str:
     fence = "``" if "`" in line else "`"
     return f"{fence} {line} {fence}" if fence == "``" else f"`{line}`"
@@ -149,7 +155,8 @@ async def topic(ctx: Context, name: str | None, **more: str | None) -> Reply:
     fields = [Field("try", _code(card.try_command), inline=False)] if card.try_command else []
     if card.questions:
         fields.append(Field("discuss", "\n".join(f"• {q}" for q in card.questions)[:FIELD_VALUE], inline=False))
-    deeper = command_lines(card.go_deeper)
+    # Only lines this bot can run (a plugin may be disabled, or not installed here).
+    deeper = command_lines([line for line in card.go_deeper if _names_a_command(ctx, line)])
     if deeper:
         fields.append(Field("go deeper", deeper, inline=False))
     buttons = [Button("Try it", "topic", "try", card.slug)] if runnable(ctx, card) else []

@@ -39,6 +39,7 @@ QUESTIONS = tuple(
 GO_DEEPER = (
     "/pair first:one second:two",
     "/pair first:`ticks` second:three",
+    "/notonthisbot text:hidden",
     *(f"/pair first:line {n} second:{'x' * 60}" for n in range(40)),
 )
 

@@ -213,7 +213,8 @@ async def test_go_deeper_lines_are_on_the_card_within_discord_limits(study_app: 
     assert lines[1] == "• `` /pair first:`ticks` second:three ``"  # a backtick inside stays code
     assert len(deeper.value) <= 1024 and re.fullmatch(r"… and \d+ more", lines[-1])
     shown = len(lines) - 1
-    assert lines[-1] == f"… and {len(study_fixtures.GO_DEEPER) - shown} more"
+    assert lines[-1] == f"… and {len(study_fixtures.GO_DEEPER) - 1 - shown} more"  # one names no command here
+    assert "notonthisbot" not in deeper.value
     assert_fits_discord(card)
     embed = render_reply(card).embed
     assert embed is not None and len(embed) <= 6000
