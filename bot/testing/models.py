@@ -132,4 +132,4 @@ def packaged_causal_lm(cache: Path, kept: Path) -> Path:
         link.parent.mkdir(parents=True, exist_ok=True)
         with contextlib.suppress(FileExistsError):  # another test process linked it first
             os.symlink(converted, link, target_is_directory=True)
-    return converted
+    return link if link.exists() else converted
