@@ -609,7 +609,8 @@ def check_plugin_config(config: Config, host: PluginHost, registry: Registry) ->
     ``disabled`` may not name the core (that would remove /help and /plugins). Each
     ``[plugins.options.<plugin>]`` key must be one the plugin declared with
     ``register_options``, with a value its option accepts. Options of a plugin that
-    failed to load or is disabled cannot be checked and are left alone.
+    failed to load, is disabled or is not installed cannot be checked and are left alone
+    (the last with a warning in the log, in case the name is a typo).
     """
     source = config.path or "<config>"
     if "core" in config.plugins.disabled:
@@ -617,10 +618,10 @@ def check_plugin_config(config: Config, host: PluginHost, registry: Registry) ->
     for plugin, values in config.plugins.options.items():
         record = host.records.get(plugin)
         if record is None:
+            # One config may serve hosts with different plugins installed: said, not refused.
             known = ", ".join(sorted(n for n in host.records if n != "core"))
-            raise ConfigError(
-                f"{source}: unknown key `plugins.options.{plugin}` (no plugin is named {plugin!r}; plugins: {known})"
-            )
+            log.warning("%s: [plugins.options.%s] names no plugin here (plugins: %s); ignored", source, plugin, known)
+            continue
         if record.status != "loaded":
             continue
         declared = registry.options.get(plugin, {})
