@@ -456,8 +456,9 @@ class PluginHost:
 
     def _fail(self, record: PluginRecord, exc: BaseException, when: str) -> None:
         record.status, record.error = "failed", _short_error(exc)
-        # The traceback helps the plugin's author; a rule broken on purpose needs none.
-        log.error("plugin %s failed %s; skipping it: %s", record.name, when, record.error, exc_info=exc)
+        # A traceback helps the plugin's author find an exception; a broken rule is said in full already.
+        trace = exc if not isinstance(exc, PluginLoadError) or exc.__cause__ is not None else None
+        log.error("plugin %s failed %s; skipping it: %s", record.name, when, record.error, exc_info=trace)
 
     def _load(self, name: str, source: str, importer: Callable[[], Any], version: str = "", module: str = "") -> None:
         if name in self.records:
