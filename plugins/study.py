@@ -40,6 +40,7 @@ from bot import (
     UserError,
     command,
     hookimpl,
+    plugin_options,
 )
 from plugins._scores import DEFAULT_DB, ScoreStore, ScoresUnavailable, open_store
 
@@ -55,8 +56,7 @@ PLACEHOLDER = re.compile(r"<[^<>]+>")  # `/summarize text:<a paragraph>` is for 
 
 
 def scores_for(ctx: Context) -> ScoreStore:
-    options = ctx.config.plugins.options.get("study", {})
-    return open_store(str(options.get("quiz_db", DEFAULT_DB)))
+    return open_store(str(plugin_options(ctx, "study")["quiz_db"]))
 
 
 def scope_of(ctx: Context) -> str:
@@ -395,5 +395,5 @@ def register_commands(register: Callable[[Command], None]) -> None:
 
 @hookimpl
 def register_options(register: Callable[[Text], None]) -> None:
-    # [plugins.options.study] quiz_db: the SQLite file that keeps quiz scores.
-    register(Text("quiz_db", "The SQLite file that keeps quiz scores", default=DEFAULT_DB, max_length=4096))
+    # [plugins.options.study] quiz_db: where quiz scores are kept.
+    register(Text("quiz_db", "Quiz scores: a SQLite file, or a postgresql:// URL", default=DEFAULT_DB, max_length=4096))
