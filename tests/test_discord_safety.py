@@ -23,7 +23,7 @@ from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 
 from bot import Reply, Text, command, hookimpl
-from bot.commands import Button, Field, Table
+from bot.commands import Button, Field, Image, Table
 from bot.discord_frontend.redact import REDACTED, RedactSecrets
 from bot.discord_frontend.render import escape, escape_mentions, fit, render_reply
 from tests.conftest import examples
@@ -239,10 +239,14 @@ ATTACKS = [
 async def test_echoed_text_is_inert_in_every_part_of_a_public_reply(harness: Harness, text: str) -> None:
     await harness.start()
     followup = (await harness.answer(await harness.fake.interact("echo", {"text": text})))[-1]
+    assert not any(c in json.dumps(followup.body, ensure_ascii=False) for c in BIDI)
+    if "embeds" not in followup.body:  # the input was refused (direction overrides are): the refusal is inert too
+        assert followup.body["flags"] == EPHEMERAL
+        assert_inert(followup.body["content"])
+        return
     embed = followup.body["embeds"][0]
     for part in [embed["title"], embed["description"], *(f[k] for f in embed["fields"] for k in ("name", "value"))]:
         assert_inert(part)
-    assert not any(c in json.dumps(followup.body, ensure_ascii=False) for c in BIDI)
     description = embed["description"]
     # The table's block still closes where it should: nothing in it can end the fence early.
     _, block, after = description.rsplit(FENCE, 2)
@@ -252,6 +256,30 @@ async def test_echoed_text_is_inert_in_every_part_of_a_public_reply(harness: Har
     if text == ATTACKS[0]:
         assert f"`/echo text:{text}`" in description
     assert "@everyone" not in json.dumps(followup.body) and "<@456>" not in description
+
+
+def test_bidi_controls_from_any_source_never_reach_discord() -> None:
+    # Input checks may refuse them in typed text, but a model can generate them and a plugin can add them.
+    odd = "x" + BIDI + "y"
+    reply = Reply(
+        title=odd,
+        text=odd,
+        fields=[Field(odd, odd)],
+        table=Table(["token", "p"], [[odd, "0.5"], ["plain", "0.5"]]),
+        images=[Image("chart.png", b"\x89PNG", description=odd)],
+        buttons=[Button(odd, "echo", "text", "safe"), Button("+ z", "echo", "text", odd)],
+    )
+    rendered = render_reply(reply)
+    assert rendered.embed is not None and rendered.view is not None
+    shown = json.dumps(rendered.embed.to_dict(), ensure_ascii=False)
+    labels = [item.label for item in rendered.view.children]  # type: ignore[attr-defined]
+    ids = [item.custom_id for item in rendered.view.children]  # type: ignore[attr-defined]
+    for text in [shown, *labels, *(f.description or "" for f in rendered.files)]:
+        assert not any(c in text for c in BIDI), text
+        assert "⟨U+202E⟩" in text  # shown as a visible mark, not dropped silently
+    assert ids == ["lmbot|echo|text|safe"]  # a button that would run with them is left out
+    rows = [line for line in rendered.embed.description.split(FENCE)[1].splitlines() if line.endswith("0.5")]  # type: ignore[union-attr]
+    assert len(rows) == 2 and len({row.rindex("0.5") for row in rows}) == 1  # the marks keep columns aligned
 
 
 def test_long_echoes_are_cut_before_escaping_so_no_span_is_cut_open() -> None:
@@ -339,3 +367,15 @@ def test_redaction_covers_urls_payloads_and_bot_tokens() -> None:
     for secret in ("aW50ZXJhY3Rpb24tdG9rZW4", "abc.def-ghi", "my-own-secret", "GaBcDe"):
         assert secret not in message
     assert "/interactions/123/<redacted>/callback" in message and "webhooks/1100/<redacted>/messages" in message
+
+
+@pytest.mark.parametrize("how", ["exit", "interrupt", "other"])
+async def test_any_base_exception_is_contained_for_every_front_end(tmp_path: Path, how: str) -> None:
+    # The console and `lmbot ask` run commands through App.execute too.
+    from bot.app import App
+    from tests.conftest import make_config
+
+    app = App(make_config(tmp_path), builtins=False, entry_points=False, extra_plugins=[(PLUGIN, "careless")])
+    reply = await app.execute_line(f"/quits how:{how}")
+    assert reply.error and "error id" in reply.text and reply.data["error_kind"] == "PluginError"
+    assert not app.running  # nothing is left marked as running
