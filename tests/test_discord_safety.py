@@ -379,3 +379,18 @@ async def test_any_base_exception_is_contained_for_every_front_end(tmp_path: Pat
     reply = await app.execute_line(f"/quits how:{how}")
     assert reply.error and "error id" in reply.text and reply.data["error_kind"] == "PluginError"
     assert not app.running  # nothing is left marked as running
+
+
+@hypothesis_settings(max_examples=examples(500), deadline=None)
+@given(st.text(alphabet="`a\n\\ ", max_size=30))
+def test_code_spans_are_found_as_discords_own_rule_finds_them(text: str) -> None:
+    # Discord's inline-code rule, as a regex (it backtracks: quadratic on runs of backticks, so the
+    # renderer finds spans another way in linear time); both must agree on every span.
+    from bot.discord_frontend.render import BACKTICKS, _Runs
+
+    discord_rule = re.compile(r"(`+)([\s\S]*?[^`])\1(?!`)")
+    runs = _Runs(text)
+    for run in BACKTICKS.finditer(text):
+        for start in range(run.start(), run.end()):
+            expected = discord_rule.match(text, start)
+            assert runs.inline_code_end(start, run.end() - start) == (expected.end() if expected else None)

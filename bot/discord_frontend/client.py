@@ -249,7 +249,8 @@ class LmbotClient(discord.AutoShardedClient):
         )
 
     async def _send(self, interaction: discord.Interaction, reply: Reply) -> None:
-        rendered = render_reply(reply)
+        # Escaping and fitting a long reply is CPU work: off this loop, which must stay free to acknowledge.
+        rendered = await asyncio.to_thread(render_reply, reply)
         try:
             if rendered.ephemeral:
                 # The "thinking…" message is public; an ephemeral answer replaces it privately.

@@ -145,8 +145,9 @@ class CommandLoop:
         # Code the handler started as a task of its own: the command that task belongs to, if any.
         with contextlib.suppress(RuntimeError):
             task = asyncio.current_task(self.loop)
-            if task is not None and task in self.app.running:
-                return (*self.app.running[task], where)
+            running = self.app.running.get(task) if task is not None else None  # .get: the loop's thread edits it
+            if running is not None:
+                return (*running, where)
         return None, None, where
 
 

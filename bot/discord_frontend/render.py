@@ -16,6 +16,7 @@ instead of reordering the text around them.
 
 from __future__ import annotations
 
+import bisect
 import io
 import re
 from dataclasses import dataclass, field
@@ -42,10 +43,32 @@ ESCAPABLE = re.compile(r"\\[!-/:-@\[-`{-~]")
 # What Discord links as a bare URL: kept verbatim (an escape inside would change the link).
 # It stops at brackets and backticks, which are escaped like any others (a link may break, never form).
 URL = re.compile(r"https?://[^\s<\[\]`]+[^<.,:;\"')\[\]`\s]")
-# Discord's code rules: a fenced block (optional language line) and an inline span of n backticks.
+# Discord's code rules: a fenced block (optional language line), and an inline span, which is
+# /^(`+)([\s\S]*?[^`])\1(?!`)/ (matched by _inline_code_end in linear time: that regex backtracks).
 CODE_BLOCK = re.compile(r"```(?:[a-z0-9_+\-.#]+?\n)?\n*[^\n][\s\S]*?\n*```")
-INLINE_CODE = re.compile(r"(`+)([\s\S]*?[^`])\1(?!`)")
 BACKTICKS = re.compile("`+")
+
+
+class _Runs:
+    """Where each maximal run of backticks starts, by its length."""
+
+    def __init__(self, text: str) -> None:
+        self.starts: dict[int, list[int]] = {}
+        for run in BACKTICKS.finditer(text):
+            self.starts.setdefault(len(run.group()), []).append(run.start())
+
+    def inline_code_end(self, i: int, opening: int) -> int | None:
+        """The end of the inline span opened by ``opening`` backticks at ``i``, or None.
+
+        As Discord's greedy ``(`+)`` backtracks: the longest delimiter d <= opening for
+        which a later run of exactly d backticks exists; the span ends with the first one.
+        """
+        for d in range(opening, 0, -1):
+            starts = self.starts.get(d, [])
+            k = bisect.bisect_left(starts, i + opening)  # runs after the opening one
+            if k < len(starts):
+                return starts[k] + d
+        return None
 
 
 def show_bidi(text: str) -> str:
@@ -85,6 +108,7 @@ def escape(text: str) -> str:
     the same to Discord as it did here, however the user's text was mixed in.
     """
     text = show_bidi(escape_mentions(text))
+    runs = _Runs(text)
     out: list[str] = []
     plain_from = i = 0
     while i < len(text):
@@ -93,13 +117,15 @@ def escape(text: str) -> str:
             i += 2  # an escape pair is plain text, and an escaped backtick opens nothing
             continue
         if char == "`":
-            code = CODE_BLOCK.match(text, i) or INLINE_CODE.match(text, i)
-            if code is not None:
+            run_end = BACKTICKS.match(text, i).end()  # type: ignore[union-attr]
+            block = CODE_BLOCK.match(text, i)
+            end = block.end() if block else runs.inline_code_end(i, run_end - i)
+            if end is not None:
                 out.append(_escape_plain(text[plain_from:i]))
-                out.append(code.group())
-                plain_from = i = code.end()
+                out.append(text[i:end])
+                plain_from = i = end
                 continue
-            i = BACKTICKS.match(text, i).end()  # type: ignore[union-attr]  # a run that opens no span
+            i = run_end  # a run that opens no span: escaped as plain text
             continue
         i += 1
     out.append(_escape_plain(text[plain_from:]))
@@ -117,7 +143,8 @@ def fit(text: str, limit: int) -> str:
     escaped = escape(text)
     if len(escaped) <= limit:
         return escaped
-    low, high = 0, len(text)  # the longest prefix whose escaped form (with "…") fits
+    # The longest prefix whose escaped form (with "…") fits; escaping never shortens text.
+    low, high = 0, min(len(text), limit)
     while low < high:
         middle = (low + high + 1) // 2
         if len(escape(text[:middle] + "…")) <= limit:
