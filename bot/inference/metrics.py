@@ -36,6 +36,12 @@ class ServiceMetrics:
         self.queue_depth = Gauge("lmbot_queue_depth", "Requests waiting for a worker", registry=r)
         self.workers_alive = Gauge("lmbot_workers_alive", "Worker processes running", registry=r)
         self.worker_restarts = Counter("lmbot_worker_restarts", "Workers restarted after dying", registry=r)
+        self.worker_stalls = Counter(
+            "lmbot_worker_stalls", "Workers killed by the watchdog: a batch ran far past its deadline", registry=r
+        )
+        self.requests_retried = Counter(
+            "lmbot_requests_retried", "Requests run again alone after a worker crashed with them in a batch", registry=r
+        )
         self.last_progress = Gauge(
             "lmbot_last_progress_timestamp_seconds", "Unix time the service last finished a batch", registry=r
         )
