@@ -14,7 +14,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from bot.inference.protocol import Request
+from bot.inference.protocol import InferenceError, Request
 
 
 @dataclass(frozen=True)
@@ -115,6 +115,22 @@ class Unreadable:
         return (_explode_outside, (self.bot_pid,))
 
 
+def _explode_inside(bot_pid: int) -> int:
+    if os.getpid() == bot_pid:
+        raise RuntimeError("this value cannot be rebuilt in the bot process")
+    return bot_pid
+
+
+@dataclass(frozen=True)
+class UnreadableInBot:
+    """Pickles in a worker; unpickling it in the bot process raises."""
+
+    bot_pid: int
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_explode_inside, (self.bot_pid,))
+
+
 @dataclass(frozen=True)
 class CarriesUnreadable(Slow):
     payload: Any = None
@@ -175,3 +191,34 @@ def crash_on_poison(model: Any, tokenizer: Any, batch: list[CrashOnPoison]) -> l
     if any(r.text.startswith("poison") for r in batch):
         os._exit(3)  # no cleanup, no exception: what a crash in native code looks like from outside
     return [f"ok {r.text}" for r in batch]
+
+
+class PluginError(InferenceError):
+    """A plugin's own error whose constructor takes more than the message (pickle cannot rebuild it)."""
+
+    def __init__(self, code: int, detail: str) -> None:
+        super().__init__(f"Plugin error {code}: {detail}")
+
+
+@dataclass(frozen=True)
+class Answers(Request):
+    """Answers as ``mode`` says: "ok", "unreadable" (a result the bot process cannot unpickle)
+    or "plugin-error" (raises :class:`PluginError`)."""
+
+    text: str
+    mode: str = "ok"
+    bot_pid: int = 0
+    task: ClassVar[str] = "tests.fake_tasks:answers"
+    role: ClassVar[str | None] = None
+
+    def texts(self) -> list[str]:
+        return [self.text]
+
+    def batch_key(self) -> tuple[Any, ...]:
+        return (self.mode,)
+
+
+def answers(model: Any, tokenizer: Any, batch: list[Answers]) -> list[Any]:
+    if any(r.mode == "plugin-error" for r in batch):
+        raise PluginError(7, "the plugin says no")
+    return [UnreadableInBot(r.bot_pid) if r.mode == "unreadable" else f"ok {r.text}" for r in batch]

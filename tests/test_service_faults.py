@@ -30,6 +30,7 @@ from bot.config import Config
 from bot.inference.client import InferenceClient, LocalInferenceClient, create_client
 from bot.inference.protocol import (
     DeadlineExceeded,
+    InferenceError,
     InputTooLong,
     InvalidText,
     ModelFailed,
@@ -44,6 +45,7 @@ from bot.inference.protocol import (
 from bot.inference.ray_backend import RayInferenceClient
 from tests.conftest import ROLES, examples, make_config
 from tests.fake_tasks import (
+    Answers,
     CarriesUnreadable,
     Costly,
     CrashOnPoison,
@@ -417,3 +419,15 @@ async def test_a_stopped_worker_of_two_is_replaced_while_the_other_serves(
         with contextlib.suppress(ProcessLookupError):
             os.kill(pids[0], signal.SIGCONT)
         await client.close()
+
+
+async def test_answers_the_bot_cannot_read_fail_their_batch_at_once(poison_client) -> None:  # type: ignore[no-untyped-def]
+    (pid,) = poison_client.worker_pids()
+    started_at = time.monotonic()
+    with pytest.raises(InferenceError, match="answer could not be read"):
+        await poison_client.submit(Answers("x", mode="unreadable", bot_pid=os.getpid()))
+    with pytest.raises(InferenceError, match="Plugin error 7: the plugin says no"):
+        await poison_client.submit(Answers("y", mode="plugin-error"))
+    assert time.monotonic() - started_at < 30  # answered, not left to the 200 s deadline
+    assert await poison_client.submit(Answers("z")) == "ok z"
+    assert poison_client.worker_pids() == [pid]

@@ -457,8 +457,9 @@ class LocalInferenceClient(InferenceClient):
                 message = worker.conn.recv()
             except (EOFError, OSError):
                 break
-            except Exception:  # an unpicklable result; the worker is still fine
+            except Exception:  # an answer that cannot be unpickled here; the worker is still fine
                 log.exception("could not read a message from worker %d", worker.index)
+                self._call(self._on_unreadable, worker)
                 continue
             self._call(self._on_message, worker, message)
         # Reap the process, so its exit code tells a crash from a kill.
@@ -494,11 +495,24 @@ class LocalInferenceClient(InferenceClient):
             worker.loading = None
             self._on_done(worker, message[1], message[2], message[3])
 
+    def _on_unreadable(self, worker: _Worker) -> None:
+        """An answer from ``worker`` could not be read: its batch fails instead of waiting forever."""
+        if worker.lost:
+            return
+        for pending in worker.in_flight or []:
+            if not pending.future.done():
+                pending.future.set_exception(
+                    InferenceError("The model's answer could not be read (a bug in the task's result type).")
+                )
+        worker.in_flight = None
+        self._wake.set()
+
     def _on_done(self, worker: _Worker, batch_id: int, outcomes: list[tuple[int, bool, Any]], timing: dict) -> None:
+        if batch_id != worker.batch_id:  # its batch was already given up (its answer was unreadable)
+            log.warning("worker %d answered an old batch %d", worker.index, batch_id)
+            return
         batch = worker.in_flight or []
         worker.in_flight = None
-        if batch_id != worker.batch_id:
-            log.warning("worker %d answered an old batch %d", worker.index, batch_id)
         by_id = {p.id: p for p in batch}
         task = type(batch[0].request).task if batch else "?"
         for size in timing.get("sizes", []):

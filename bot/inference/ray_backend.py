@@ -5,7 +5,10 @@ same :class:`~bot.inference.loading.ModelCache` the local workers use) and runs
 the same tasks through :func:`bot.inference.worker.run_batch`; ``@serve.batch``
 gathers concurrent requests into batches. Ray's backpressure becomes the bot's
 Busy reply, and a replica that dies fails its requests with WorkerDied while
-Serve replaces it.
+Serve replaces it. Admission (readable text, size, cost budget, per-user share)
+is the one every backend shares (:class:`bot.inference.service.InferenceClient`);
+Serve forms its own batches, so the local backend's round-robin between users
+does not apply here.
 
 Choose it with ``inference.backend = "ray"``; ``inference.ray_address`` names an
 existing cluster (empty: start a local Ray instance). Task functions and plugins

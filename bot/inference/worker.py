@@ -118,6 +118,7 @@ def _all_failed(items: Sequence[tuple[int, Any, float]], what: str) -> list[Outc
 
 def _send_done(conn: Connection, batch_id: int, outcomes: list[Outcome], timing: dict) -> None:
     """Send a batch's outcomes; an answer that cannot be pickled fails alone, not the worker."""
+    outcomes = [(rid, ok, value if ok else _portable_error(value)) for rid, ok, value in outcomes]
     try:
         conn.send(("done", batch_id, outcomes, timing))
         return
@@ -138,6 +139,20 @@ def _send_done(conn: Connection, batch_id: int, outcomes: list[Outcome], timing:
             log.error("error %s: the answer to request %d cannot be sent back (%r)", eid, request_id, type(value))
             checked.append((request_id, False, ModelFailed(f"The model's answer could not be sent (error id {eid}).")))
     conn.send(("done", batch_id, checked, timing if _picklable(timing) else {}))
+
+
+def _portable_error(error: Any) -> Any:
+    """``error``, or one with its message that the bot process can unpickle (a plugin's own error
+    class whose ``__init__`` takes other arguments than its message cannot be rebuilt there)."""
+    from bot.inference.protocol import InferenceError, ModelFailed
+
+    try:
+        pickle.loads(pickle.dumps(error))
+        return error
+    except Exception:
+        if isinstance(error, InferenceError):  # a message meant for the user
+            return InferenceError(str(error))
+        return ModelFailed(f"The model failed on this request ({type(error).__name__}).")
 
 
 def _picklable(value: Any) -> bool:
