@@ -287,6 +287,18 @@ async def test_a_crash_is_pinned_on_the_request_that_caused_it(poison_client, tm
     assert await poison_client.submit(Slow("after")) == "done after"
 
 
+async def test_answers_the_bot_cannot_read_fail_their_batch_at_once(poison_client) -> None:  # type: ignore[no-untyped-def]
+    (pid,) = poison_client.worker_pids()
+    started_at = time.monotonic()
+    with pytest.raises(InferenceError, match="answer could not be read"):
+        await poison_client.submit(Answers("x", mode="unreadable", bot_pid=os.getpid()))
+    with pytest.raises(InferenceError, match="Plugin error 7: the plugin says no"):
+        await poison_client.submit(Answers("y", mode="plugin-error"))
+    assert time.monotonic() - started_at < 30  # answered, not left to the 200 s deadline
+    assert await poison_client.submit(Answers("z")) == "ok z"
+    assert poison_client.worker_pids() == [pid]
+
+
 # --------------------------------------------------------------------------- distinct replies
 
 
@@ -419,15 +431,3 @@ async def test_a_stopped_worker_of_two_is_replaced_while_the_other_serves(
         with contextlib.suppress(ProcessLookupError):
             os.kill(pids[0], signal.SIGCONT)
         await client.close()
-
-
-async def test_answers_the_bot_cannot_read_fail_their_batch_at_once(poison_client) -> None:  # type: ignore[no-untyped-def]
-    (pid,) = poison_client.worker_pids()
-    started_at = time.monotonic()
-    with pytest.raises(InferenceError, match="answer could not be read"):
-        await poison_client.submit(Answers("x", mode="unreadable", bot_pid=os.getpid()))
-    with pytest.raises(InferenceError, match="Plugin error 7: the plugin says no"):
-        await poison_client.submit(Answers("y", mode="plugin-error"))
-    assert time.monotonic() - started_at < 30  # answered, not left to the 200 s deadline
-    assert await poison_client.submit(Answers("z")) == "ok z"
-    assert poison_client.worker_pids() == [pid]
