@@ -290,3 +290,16 @@ def register_models(register: Callable[[ModelRole | str], None]) -> None:
 @hookimpl
 def register_topics(register: Callable[[Topic], None]) -> None:
     register(TOPIC)
+
+
+@hookimpl
+def register_options(register: Callable[[Text], None]) -> None:
+    # [plugins.options.adapt] training: where `/adapt train:true` may run a LoRA run.
+    register(
+        Text(
+            "training",
+            "Where /adapt train:true may train: gpu (GPU workers only), always, or never",
+            choices=("gpu", "always", "never"),
+            default="gpu",
+        )
+    )
