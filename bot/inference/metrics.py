@@ -100,6 +100,16 @@ def summarize(families: Iterable[Any]) -> dict[str, Any]:
     return {"tasks": out, **service}
 
 
+def read_running(port: int, timeout: float = 5.0) -> dict[str, Any]:
+    """The summary a running bot serves on 127.0.0.1:``port`` (raises OSError if none answers)."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=timeout) as response:
+        return summarize(text_string_to_metric_families(response.read().decode()))
+
+
 def _quantile(buckets: list[tuple[float, float]], count: float, q: float) -> float:
     """Upper bound of the bucket holding the q-quantile (what Prometheus histograms allow)."""
     target = q * count
