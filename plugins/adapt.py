@@ -309,7 +309,7 @@ async def adapt(ctx: Context, text: str, train: bool) -> Reply:
     zero = await ctx.inference.submit(Generate(zero_prompt, max_new_tokens=3))
     few = await ctx.inference.submit(Generate(few_prompt, max_new_tokens=3))
     # Timed again once the model is loaded, so the times compare the two prompts and not loading.
-    prompt_ms = {}
+    prompt_ms: dict[str, float] = {}
     for name, prompt in (("zero-shot", zero_prompt), ("few-shot", few_prompt)):
         started = time.perf_counter()
         await ctx.inference.submit(Generate(prompt, max_new_tokens=3))
@@ -359,10 +359,10 @@ async def adapt(ctx: Context, text: str, train: bool) -> Reply:
     return Reply(
         title=f"Adapting {zero.model}",
         text=(
-            "The same base model, asked two ways: zero-shot (the instruction alone) and few-shot (the same task "
-            "with solved examples first). Below are the two prompts exactly as the model reads them, with its "
-            "greedy 3-token answer in «…» (green); no weight changes, only the prompt. Then the cost of LoRA "
-            "fine-tuning: only the low-rank matrices train; everything else stays frozen."
+            "The same base model, asked two ways: zero-shot (the instruction alone) and few-shot (two solved "
+            "examples first). Only the prompt changes, no weights. The table gives the cost of LoRA fine-tuning "
+            "instead: only its low-rank matrices train; everything else stays frozen. At the end: both prompts "
+            "exactly as the model reads them, with its greedy 3-token answer in «…» (green)."
         ),
         fields=fields,
         table=Table(["LoRA on", "r", "trainable", "total", "share"], rows, align="lrrrr"),

@@ -225,11 +225,16 @@ def joined(items: Sequence[str], sep: str, limit: int) -> str:
     """Items joined within ``limit`` characters, saying how many were left out."""
     out = ""
     for i, item in enumerate(items):
-        candidate = out + sep + item if out else item
+        candidate = out + sep + item if out else clipped(item, limit - 20)
         if len(candidate) > limit - 20:  # room for the tail
             return f"{out}{sep}… ({len(items) - i} more)"
         out = candidate
     return out
+
+
+def clipped(word: str, limit: int = 24) -> str:
+    """A word cut to ``limit`` characters for a table cell (a "word" of user text can be very long)."""
+    return word if len(word) <= limit else word[: limit - 1] + "…"
 
 
 @functools.cache
@@ -354,7 +359,7 @@ async def ngram(ctx: Context, context: str, n: int, text: str | None, sentence: 
         text="\n".join(text_lines),
         table=Table(
             ["next word", "count/total", "probability"],
-            [[w, f"{c}/{total}", f"{p:.4f}"] for w, c, p in top],
+            [[clipped(w), f"{c}/{total}", f"{p:.4f}"] for w, c, p in top],
             align="lrr",
         )
         if top
