@@ -56,10 +56,14 @@ async def help_command(ctx: Context, command: str | None) -> Reply:
 
 @command("plugins", "List the plugins, their commands and any load errors")
 async def plugins_command(ctx: Context) -> Reply:
+    # Load errors may name files on the host: owners see them, everyone else sees that it failed.
+    owner = ctx.user.is_owner
     rows = []
     for record in ctx.app.plugin_records:
         commands = ", ".join(f"/{c}" for c in record.commands) or "-"
-        status = record.status if not record.error else f"{record.status}: {record.error}"
+        status = record.status
+        if record.error:
+            status = f"{record.status}: {record.error}" if owner else "failed to load"
         rows.append([record.name, record.version or "-", record.source, commands, status])
     data = [
         {
@@ -68,7 +72,7 @@ async def plugins_command(ctx: Context) -> Reply:
             "source": r.source,
             "commands": r.commands,
             "status": r.status,
-            "error": r.error,
+            "error": r.error if owner else "",
         }
         for r in ctx.app.plugin_records
     ]

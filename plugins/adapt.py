@@ -16,7 +16,6 @@ from bot import (
     Field,
     Generate,
     ModelRole,
-    QuizQuestion,
     Reply,
     Request,
     Segment,
@@ -29,87 +28,7 @@ from bot import (
 from bot.charts import line_chart, render
 from plugins.sentiment import training_set
 
-QUIZ = (
-    QuizQuestion(
-        "What is the core idea of a foundation model?",
-        (
-            "Pretrain once broadly, then adapt to many tasks",
-            "Train one model per task",
-            "Use no training data",
-            "Only use rules",
-        ),
-        0,
-        "One expensive pretraining run is amortised across products.",
-    ),
-    QuizQuestion(
-        "What does LoRA train?",
-        (
-            "Small low-rank matrices added beside chosen layers",
-            "Every weight of the model",
-            "Only the embeddings",
-            "A new tokenizer",
-        ),
-        0,
-        "The base weights stay frozen; only the low-rank update is learned.",
-    ),
-    QuizQuestion(
-        "What is few-shot prompting?",
-        (
-            "Putting a few solved examples in the prompt",
-            "Training for a few steps",
-            "Using a few GPUs",
-            "Asking a few times and voting",
-        ),
-        0,
-        "The model adapts in context, with no weight updates.",
-    ),
-    QuizQuestion(
-        "When does a task-specific model often win?",
-        (
-            "Fixed labels, tight latency and cost, need for audit",
-            "Constantly changing labels",
-            "No labelled data at all",
-            "Open-ended chat",
-        ),
-        0,
-        "Small dedicated models are cheaper, faster and easier to control.",
-    ),
-    QuizQuestion(
-        "Raising LoRA's rank r does what to the trainable parameter count?",
-        ("Increases it roughly in proportion to r", "Decreases it", "Leaves it unchanged", "Squares it"),
-        0,
-        "Each adapted layer adds r × (inputs + outputs) parameters; /adapt shows the numbers.",
-    ),
-)
-
-TOPIC = Topic(
-    quiz=QUIZ,
-    slug="foundation",
-    title="Foundation vs task-specific",
-    order=8,
-    key_idea=(
-        "Instead of training one model per task, start from a broadly pretrained model and adapt it: by "
-        "prompting (zero or a few examples), or by light fine-tuning such as LoRA, which freezes the model and "
-        "trains small low-rank matrices beside some layers. One pretraining run pays for many products, but a "
-        "small task-specific model can still win on cost, latency and control."
-    ),
-    try_command="/adapt text:This product exceeded all my expectations!",
-    table=Table(
-        ["", "foundation model", "task-specific model"],
-        [
-            ["changing labels", "easy", "retrain"],
-            ["cost per answer", "higher", "lower"],
-            ["latency", "higher", "lower"],
-            ["control and audit", "harder", "easier"],
-            ["labelled data", "none or a few", "a training set"],
-        ],
-    ),
-    questions=(
-        "What are the risks of building on a third-party foundation model?",
-        "Is fine-tuning a foundation model the same as building a task-specific one?",
-        "How do you choose between prompting and fine-tuning?",
-    ),
-)
+TOPIC = Topic.load("plugins", "foundation")  # plugins/data/topics/foundation.toml
 
 ZERO_SHOT = 'Classify the following review as positive or negative.\nReview: "{text}"\nClassification:'
 FEW_SHOT = (
@@ -408,3 +327,16 @@ def register_models(register: Callable[[ModelRole | str], None]) -> None:
 @hookimpl
 def register_topics(register: Callable[[Topic], None]) -> None:
     register(TOPIC)
+
+
+@hookimpl
+def register_options(register: Callable[[Text], None]) -> None:
+    # [plugins.options.adapt] training: where `/adapt train:true` may run a LoRA run.
+    register(
+        Text(
+            "training",
+            "Where /adapt train:true may train: gpu (GPU workers only), always, or never",
+            choices=("gpu", "always", "never"),
+            default="gpu",
+        )
+    )

@@ -14,7 +14,6 @@ from bot import (
     Context,
     Field,
     Integer,
-    QuizQuestion,
     Reply,
     Request,
     Table,
@@ -26,61 +25,7 @@ from bot import (
 )
 from bot.charts import line_chart, render
 
-QUIZ = (
-    QuizQuestion(
-        "Why is an RNN hard to parallelise over a sequence?",
-        (
-            "Each step needs the previous hidden state",
-            "It has too many parameters",
-            "It uses attention",
-            "It cannot run on GPUs",
-        ),
-        0,
-        "Step t waits for step t-1, so the steps form a chain.",
-    ),
-    QuizQuestion(
-        "How does self-attention's work grow with sequence length n?",
-        ("With n², since every token is compared with every token", "With n", "With log n", "It does not grow"),
-        0,
-        "n tokens × n tokens pairwise scores.",
-    ),
-    QuizQuestion(
-        "What problem makes early tokens fade in a plain RNN?",
-        ("Vanishing gradients", "Too many heads", "Tokenization", "Quadratic cost"),
-        0,
-        "Signals shrink as they pass through many recurrent steps.",
-    ),
-    QuizQuestion(
-        "How far apart are token 1 and token 1000 inside one attention layer?",
-        ("One step: attention links them directly", "999 steps", "1000 layers", "They cannot interact"),
-        0,
-        "Direct paths make long-range dependencies easier to learn.",
-    ),
-    QuizQuestion(
-        "What replaces the order information an RNN gets for free?",
-        ("Positional encodings", "Dropout", "Layer norm", "A larger vocabulary"),
-        0,
-        "Attention alone is order-blind; positions are added explicitly.",
-    ),
-)
-
-TOPIC = Topic(
-    quiz=QUIZ,
-    slug="transformers-vs-rnns",
-    title="Transformers vs RNNs",
-    order=7,
-    key_idea=(
-        "A recurrent network updates one hidden state per token, so step t must wait for step t-1: long inputs "
-        "mean long chains, slow training and fading signals. Self-attention lets every token look at every other "
-        "token in one parallel step, at the price of work that grows with the square of the length."
-    ),
-    try_command="/complexity lengths:128,512,2048",
-    questions=(
-        "Are recurrent networks gone from modern NLP?",
-        "What are state-space models, and could they replace attention?",
-        "How do positional encodings stand in for the order an RNN gets for free?",
-    ),
-)
+TOPIC = Topic.load("plugins", "transformers-vs-rnns")  # plugins/data/topics/transformers-vs-rnns.toml
 
 # Counting needs no measurement, so lengths go well past what can be timed (the course's 32,768 and beyond).
 MAX_LENGTH, MAX_LENGTHS, HEADS, REPEATS = 65_536, 6, 4, 3

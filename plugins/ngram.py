@@ -17,7 +17,6 @@ from bot import (
     Integer,
     ModelRole,
     Number,
-    QuizQuestion,
     Reply,
     Score,
     Table,
@@ -29,67 +28,7 @@ from bot import (
 )
 from bot.charts import bar_chart, render
 
-QUIZ = (
-    QuizQuestion(
-        "A trigram model predicts a word from…",
-        ("the previous two words", "the previous word", "the whole document", "the next word"),
-        0,
-        "An n-gram model conditions on the previous n-1 words.",
-    ),
-    QuizQuestion(
-        "Why is smoothing needed in an n-gram model?",
-        (
-            "Unseen word pairs would otherwise get probability zero",
-            "To make counting faster",
-            "To shrink the vocabulary",
-            "To add context",
-        ),
-        0,
-        "Add-k smoothing gives every pair a little probability.",
-    ),
-    QuizQuestion(
-        "Lower perplexity on held-out text means…",
-        ("the model finds the text less surprising", "the model is bigger", "the text is longer", "the model is worse"),
-        0,
-        "Perplexity is the exponentiated average negative log-probability.",
-    ),
-    QuizQuestion(
-        "What can an LLM capture that a count-based model cannot?",
-        ("That 'cat' and 'kitten' are similar", "Exact counts", "Fast lookup", "Tiny memory use"),
-        0,
-        "Dense vectors place related words near each other; counts treat them as unrelated.",
-    ),
-    QuizQuestion(
-        "Where do n-gram models still make sense?",
-        (
-            "Tiny, fast, interpretable settings such as keyboard suggestions",
-            "Open-ended chat",
-            "Long-document reasoning",
-            "Code generation",
-        ),
-        0,
-        "They fit in kilobytes and every number can be inspected.",
-    ),
-)
-
-TOPIC = Topic(
-    quiz=QUIZ,
-    slug="ngrams",
-    title="LLMs vs classical statistical models",
-    order=10,
-    key_idea=(
-        "An n-gram model predicts the next word from the previous n-1 words using counts, smoothed so that "
-        "unseen pairs are not impossible. It is tiny, fast and fully inspectable, but blind beyond its window "
-        "and to meaning: 'cat' and 'kitten' share nothing. Neural models replace counts with learned vectors "
-        "and see the whole context."
-    ),
-    try_command="/ngram context:the cat",
-    questions=(
-        "Where would you still pick an n-gram model today?",
-        "Why does perplexity rise so fast for an n-gram model on new sentences?",
-        "What does a neural model know about 'kitten' after reading only 'cat'?",
-    ),
-)
+TOPIC = Topic.load("plugins", "ngrams")  # plugins/data/topics/ngrams.toml
 
 START, END, UNKNOWN = "<s>", "</s>", "<unk>"
 WORD = re.compile(r"[\w']+|[.,!?;:]")

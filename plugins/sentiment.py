@@ -21,7 +21,6 @@ from bot import (
     Field,
     ModelRole,
     NoModelForRole,
-    QuizQuestion,
     Reply,
     Request,
     Score,
@@ -32,81 +31,7 @@ from bot import (
     hookimpl,
 )
 
-QUIZ = (
-    QuizQuestion(
-        "What does a discriminative model learn?",
-        (
-            "P(label | input): the boundary between labels",
-            "P(input): how data is distributed",
-            "How to generate text",
-            "A tokenizer",
-        ),
-        0,
-        "It models the decision, not the data.",
-    ),
-    QuizQuestion(
-        "What can a generative model do that a discriminative one cannot?",
-        ("Sample new data", "Output a label", "Be trained", "Use a GPU"),
-        0,
-        "Modelling the data distribution lets it produce new examples.",
-    ),
-    QuizQuestion(
-        "Which is usually better calibrated on a fixed classification task?",
-        ("A trained classifier", "A prompted general LLM", "They are always equal", "Neither can be calibrated"),
-        0,
-        "A dedicated classifier's confidence tends to track its accuracy more closely.",
-    ),
-    QuizQuestion(
-        "How does this bot's generative side pick a sentiment label?",
-        (
-            "It compares the LM's probabilities of the label words after a prompt",
-            "It counts positive words",
-            "It asks a classifier",
-            "It picks at random",
-        ),
-        0,
-        "P(' positive') vs P(' negative') after the prompt, renormalised over the two.",
-    ),
-    QuizQuestion(
-        "A model is well calibrated when…",
-        (
-            "its 80%-confident answers are right about 80% of the time",
-            "it is always 100% confident",
-            "it never changes its answer",
-            "it is very large",
-        ),
-        0,
-        "Calibration means stated confidence matches observed accuracy.",
-    ),
-)
-
-TOPIC = Topic(
-    quiz=QUIZ,
-    slug="gen-vs-disc",
-    title="Generative vs discriminative",
-    order=9,
-    key_idea=(
-        "A generative model learns how the data itself is distributed and can produce new text; a discriminative "
-        "model learns only the boundary between labels. A prompted LLM can label text too, which blurs the line, "
-        "but a small trained classifier is usually faster, cheaper and better calibrated on its one task."
-    ),
-    try_command="/sentiment text:The plot was thin but the acting saved it.",
-    table=Table(
-        ["", "generative (prompted LM)", "discriminative (classifier)"],
-        [
-            ["flexibility", "many tasks via prompts", "one task"],
-            ["cost per answer", "higher", "lower"],
-            ["calibration", "harder", "easier"],
-            ["labelled data", "zero or a few examples", "needs a training set"],
-            ["output", "may wander off format", "fixed labels"],
-        ],
-    ),
-    questions=(
-        "When would you classify with a generative model instead of a classifier?",
-        "Can one pipeline use both?",
-        "What does it mean for a model's confidence to be calibrated?",
-    ),
-)
+TOPIC = Topic.load("plugins", "gen-vs-disc")  # plugins/data/topics/gen-vs-disc.toml
 
 T = TypeVar("T")
 LABELS = ("negative", "positive")

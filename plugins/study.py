@@ -254,3 +254,9 @@ async def quiz(ctx: Context, topic: str | None, answer: str | None, leaderboard:
 def register_commands(register: Callable[[Command], None]) -> None:
     register(topic)
     register(quiz)
+
+
+@hookimpl
+def register_options(register: Callable[[Text], None]) -> None:
+    # [plugins.options.study] quiz_db: the SQLite file that keeps quiz scores.
+    register(Text("quiz_db", "The SQLite file that keeps quiz scores", default=DEFAULT_DB, max_length=4096))
