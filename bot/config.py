@@ -135,6 +135,10 @@ class InferenceSection(_Section):
     max_new_tokens: Annotated[int, Field(ge=1, le=4096)] = 64
     # Estimated multiply-accumulates one request may cost (Request.cost()); more is refused up front.
     max_request_cost: Annotated[float, Field(gt=0, le=1e15)] = 5e10
+    # Requests one user may have queued or running at once; more are refused with "try again when they finish".
+    max_per_user: Annotated[int, Field(ge=1, le=100_000)] = 16
+    # A worker whose batch runs this long past its requests' last deadline is killed and replaced.
+    watchdog_margin_s: Annotated[float, Field(gt=0, le=3600)] = 5.0
     memory_budget_mb: Annotated[int, Field(ge=1, le=16 * 2**20)] = 4096  # up to 16 TB
     offline: Literal["auto", "always", "never"] = "auto"
     cache_dir: PathText = "~/.cache/lmbot"
