@@ -337,6 +337,8 @@ class InferenceService(Protocol):
     """What a handler uses of the inference service (``ctx.inference``)."""
 
     metrics: Any
+    # The most one request may cost (``Request.cost()``, multiply-accumulates); more is refused.
+    max_request_cost: float
 
     async def submit(self, request: Any, *, timeout: float | None = None) -> Any:
         """Run a request in a worker and return its result, or raise an ``InferenceError``."""
@@ -362,7 +364,10 @@ class Context:
 
     @property
     def inference(self) -> InferenceService:
-        return self.app.inference
+        """The shared service, seen as this user: their requests count against their own share."""
+        service = self.app.inference
+        for_user = getattr(service, "for_user", None)
+        return for_user(self.user.id) if for_user is not None else service
 
     @property
     def config(self) -> Any:
@@ -370,6 +375,39 @@ class Context:
 
 
 Handler = Callable[..., Awaitable[Reply]]
+
+
+def _check_handler_parameters(name: str, handler: Handler, options: Sequence[Option]) -> None:
+    """The handler is called as ``handler(ctx, **options)``: its parameters must be ctx and the options.
+
+    Checked when the command is made, so a renamed option fails when the plugin loads
+    rather than on a student's first use.
+    """
+    try:
+        params = list(inspect.signature(handler).parameters.values())
+    except (TypeError, ValueError):  # a callable whose signature cannot be read: nothing to check
+        return
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    if not params or params[0].kind not in positional:
+        raise TypeError(f"command {name!r}: the handler's first parameter must be ctx")
+    rest = params[1:]
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in rest)
+    named = [p for p in rest if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)]
+    option_names = [o.name for o in options]
+    for param in rest:
+        if param.kind is inspect.Parameter.POSITIONAL_ONLY:
+            raise TypeError(f"command {name!r}: handler parameter `{param.name}` cannot be passed by name")
+    takes = ", ".join(["ctx", *(p.name for p in named)])
+    for param in named:
+        if param.name not in option_names:
+            raise TypeError(
+                f"command {name!r}: handler parameter `{param.name}` is not an option "
+                f"(options: {', '.join(option_names) or 'none'})"
+            )
+    if not takes_any:
+        for option in option_names:
+            if option not in {p.name for p in named}:
+                raise TypeError(f"command {name!r}: option `{option}` is not a parameter of the handler ({takes})")
 
 
 @dataclass(frozen=True)
@@ -400,6 +438,7 @@ class Command:
             seen_optional |= not option.required
         if not inspect.iscoroutinefunction(self.handler):
             raise TypeError(f"command {self.name!r}: handler must be an async function")
+        _check_handler_parameters(self.name, self.handler, self.options)
 
     def option(self, name: str) -> Option | None:
         return next((o for o in self.options if o.name == name), None)
