@@ -124,7 +124,9 @@ def test_engine_that_cannot_export_falls_back_to_torch(tiny_gpt2: Path, tmp_path
 
     monkeypatch.setattr(torch.onnx, "export", broken)
     assert engines.build_onnx_engine(model, tok, tmp_path, threads=1) is None
-    settings = WorkerSettings(roles=ROLES, models={"causal_lm": str(tiny_gpt2)}, offline="always", cache_dir=str(tmp_path))
+    settings = WorkerSettings(
+        roles=ROLES, models={"causal_lm": str(tiny_gpt2)}, offline="always", cache_dir=str(tmp_path)
+    )
     cache = loading.ModelCache(settings)
     assert cache.wait_for_engine("causal_lm").endswith("· fp32, torch")
     entry = cache.get("causal_lm")
