@@ -18,7 +18,7 @@ import sys
 import time
 import warnings
 from collections import OrderedDict
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -214,14 +214,8 @@ def load_source(source: ModelSource, auto_class: str, settings: WorkerSettings) 
     try:
         if local_only and device.type == "cpu":
             location = _precision_copy(Path(location), model_class, dtype, Path(settings.cache_dir))
-        # The tokenizer (~0.7 s for a 50k vocabulary) loads in a thread while the weights are
-        # mapped: both mostly wait on files and native code, so a cold start saves most of it.
-        with ThreadPoolExecutor(1, thread_name_prefix="lmbot-tokenizer") as pool:
-            tokenizer_future = pool.submit(
-                transformers.AutoTokenizer.from_pretrained, location, local_files_only=local_only
-            )
-            model = model_class.from_pretrained(location, dtype=dtype, local_files_only=local_only)
-            tokenizer = tokenizer_future.result()
+        tokenizer = transformers.AutoTokenizer.from_pretrained(location, local_files_only=local_only)
+        model = model_class.from_pretrained(location, dtype=dtype, local_files_only=local_only)
     except OSError as exc:
         raise NoModelForRole(source.role, f"cannot load {source.configured}: {str(exc).splitlines()[0]}") from exc
     model.to(device).eval()
