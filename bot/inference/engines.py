@@ -307,6 +307,10 @@ def build_onnx_engine(model: Any, tokenizer: Any, cache_dir: Path, threads: int)
 def build_in_background(model: Any, tokenizer: Any, cache_dir: Path, threads: int) -> Future[OnnxCausalEngine | None]:
     """Start building the engine in a daemon thread; torch keeps answering meanwhile."""
     future: Future[OnnxCausalEngine | None] = Future()
+    # Imported here, in the worker's own thread: module imports racing between threads are
+    # where libraries with lazy imports break.
+    import onnxruntime  # noqa: F401
+    import torch.onnx  # noqa: F401
 
     def run() -> None:
         try:
