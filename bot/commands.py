@@ -482,6 +482,9 @@ class Command:
             raise ValueError(f"command {self.name!r}: description must be 1-{MAX_DESCRIPTION} characters")
         if len(self.options) > MAX_OPTIONS:
             raise ValueError(f"command {self.name!r}: at most {MAX_OPTIONS} options")
+        for option in self.options:
+            if not isinstance(option, Option):
+                raise TypeError(f"command {self.name!r}: options are Text, Integer, Number or Boolean, not {option!r}")
         names = [o.name for o in self.options]
         if len(set(names)) != len(names):
             raise ValueError(f"command {self.name!r}: option names repeat")
@@ -491,6 +494,16 @@ class Command:
             if option.required and seen_optional:
                 raise ValueError(f"command {self.name!r}: required option {option.name!r} after an optional one")
             seen_optional |= not option.required
+            if option.default is not None:
+                # The handler gets the default unchecked when the option is left out: a default the
+                # option's own rules refuse (out of range, not a choice) is the author's mistake.
+                try:
+                    option.check(option.default)
+                except OptionError as exc:
+                    raise ValueError(
+                        f"command {self.name!r}: the default of option {option.name!r} ({option.default!r}) is "
+                        f"refused by the option itself: {exc}"
+                    ) from None
         if not inspect.iscoroutinefunction(self.handler):
             raise TypeError(f"command {self.name!r}: handler must be an async function")
         _check_handler_parameters(self.name, self.handler, self.options)
