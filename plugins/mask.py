@@ -148,7 +148,7 @@ async def mask(ctx: Context, sentence: str, k: int) -> Reply:
     return Reply(
         title=f"Fill the blank ({result.model})",
         text=f"Best guess: {best}",
-        table=Table(["blank", "#", "token", "score"], rows, align="rrlr"),
+        table=Table(["blank", "#", "token", "probability"], rows, align="rrlr"),
         images=[chart],
         data={
             "model": result.model,
@@ -156,7 +156,10 @@ async def mask(ctx: Context, sentence: str, k: int) -> Reply:
             "masks": [
                 {
                     "position": f.position,
-                    "top": [{"token": token_text(t.token, t.raw), "id": t.id, "score": t.prob} for t in f.top],
+                    "top": [
+                        {"token": token_text(t.token, t.raw), "id": t.id, "score": t.prob, "bytes": t.raw.hex()}
+                        for t in f.top
+                    ],
                 }
                 for f in result.masks
             ],

@@ -157,7 +157,9 @@ async def summarize(ctx: Context, text: str, max_length: int) -> Reply:
     seconds = time.perf_counter() - started
     summary = result.text.rstrip("\ufffd").strip()  # a cut at the token limit can split a character
     numbers, names = unsupported(summary, text)
-    if numbers or names:
+    if not summary:
+        check = "Nothing to check: the model produced no text."
+    elif numbers or names:
         check = "Not in your text, so check them: " + ", ".join([*numbers, *names])
     else:
         check = (
