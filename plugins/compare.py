@@ -38,7 +38,6 @@ TOPIC = Topic.load("plugins", "ar-vs-masked")  # plugins/data/topics/ar-vs-maske
 log = logging.getLogger(__name__)
 
 WORD = re.compile(r"[\w'-]+")
-CJK = ("han", "hiragana", "katakana", "hangul")
 LONG_HAN_RUN, HAN_WORD = 4, 2  # a longer run of kanji/hanzi is cut: its last 2 characters are hidden
 NO_MASKED_LM = (
     "This server has no masked language model (a BERT-style model), so only the left-to-right side is shown. "
