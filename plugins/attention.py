@@ -196,6 +196,11 @@ def short(model: str) -> str:
     return model.split(" (")[0][:40]
 
 
+def panel_title(result: AttentionWeights, layer: int | None, head: int | None, how: str) -> str:
+    which = f"layer {layer} head {head}" if head is not None else f"layer {layer}" if layer is not None else "average"
+    return f"{short(result.model)}, {which}: {how}"
+
+
 @command(
     "attention",
     "Which tokens each token looks at: a real model's attention weights",
@@ -216,7 +221,7 @@ async def attention(ctx: Context, text: str, layer: int | None, head: int | None
     n = len(causal_labels)
     last = causal.weights[-1]
     ranked = sorted(range(n), key=lambda j: -last[j])[:TOP]
-    panels = [(f"{short(causal.model)}: causal, looks back only", causal_labels, causal.weights, True)]
+    panels = [(panel_title(causal, layer, head, "causal, looks back only"), causal_labels, causal.weights, True)]
     fields = [
         Field("causal LM", f"{causal.model}: {what_is_shown(causal, layer, head)}", inline=False),
         Field("tokens", str(n)),
@@ -263,7 +268,8 @@ async def attention(ctx: Context, text: str, layer: int | None, head: int | None
     elif masked is not None:
         masked_labels = labels(masked)
         ahead = looks_ahead(masked.weights)
-        panels.append((f"{short(masked.model)}: masked, looks both ways", masked_labels, masked.weights, False))
+        title = panel_title(masked, layer, head, "masked, looks both ways")
+        panels.append((title, masked_labels, masked.weights, False))
         fields.append(Field("masked LM", f"{masked.model}: {what_is_shown(masked, layer, head)}", inline=False))
         lines.append(
             f"The masked LM lets every token look both ways: on average {ahead:.0%} of a token's attention goes "

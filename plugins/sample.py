@@ -289,7 +289,8 @@ async def sample_command(
     )
     return Reply(
         title=f"Sampling: {settings_line(temperature, top_k, top_p)}",
-        text="\n".join(steps) + "\nEach sample below lists its tokens with the probability each had when drawn.",
+        text="\n".join(steps)
+        + "\nEach sample lists its tokens with the probability each had in the distribution it was drawn from.",
         fields=fields,
         table=Table(["token", "model", f"T={temperature:g}", "drawn from", ""], rows, align="lrrrl"),
         images=[chart],

@@ -33,10 +33,10 @@ TOP = 5  # most surprising tokens listed
 NGRAM_ORDER, NGRAM_SMOOTHING = 2, 1.0  # /ngram's defaults: a bigram model, add-one smoothing
 # Console colours by surprisal (bits): (upper bound, colour, meaning).
 BANDS: tuple[tuple[float, str | None, str], ...] = (
-    (2.0, "green", "under 2 bits: expected"),
-    (6.0, None, "2–6 plain"),
-    (12.0, "yellow", "6–12 yellow"),
-    (math.inf, "red", "12 or more red: rarer than 1 in 4,096"),
+    (2.0, "green", "green under 2 bits (expected)"),
+    (6.0, None, "plain 2–6"),
+    (12.0, "yellow", "yellow 6–12"),
+    (math.inf, "red", "red 12 or more (rarer than 1 in 4,096)"),
 )
 
 
@@ -198,7 +198,7 @@ async def surprise(ctx: Context, text: str, ngram: bool) -> Reply:
         "scored from the ones before it.",
         f"Perplexity {perplexity:.1f} per token (2 to the average surprisal, {mean_bits:.2f} bits): on average "
         f"the model was as unsure as choosing among {perplexity:.0f} equally likely tokens. Lower is better.",
-        "Colours: " + "; ".join(meaning for _, _, meaning in BANDS) + ".",
+        "Colours below: " + ", ".join(meaning for _, _, meaning in BANDS) + ".",
     ]
     fields = [Field("tokens", str(len(bits))), Field("perplexity", f"{perplexity:.1f} per token")]
     panels = [(f"{short(result.model)}: surprisal of each token (bits)", pieces, bits)]
