@@ -19,7 +19,7 @@ from bot.config import Config, check_roles
 from bot.inference.client import InferenceClient, create_client
 from bot.inference.registry import BUILTIN_ROLES
 from bot.parsing import UsageError, parse_line
-from bot.plugins import PluginHost, PluginRecord, Registry
+from bot.plugins import PluginHost, PluginRecord, Registry, check_plugin_config
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +48,7 @@ class App:
             self.host.add(plugin, name)
         self.registry: Registry = self.host.build_registry()
         check_roles(config, set(self.registry.roles))
+        check_plugin_config(config, self.host, self.registry)
         self.inference: InferenceClient = create_client(config, self.registry.roles)
         # Set by a front end that publishes commands somewhere (Discord): re-publish them.
         self.publish_commands: Callable[[], Awaitable[list[str]]] | None = None

@@ -11,10 +11,9 @@ import asyncio
 import json
 import logging
 import os
+import socket
 import sys
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from bot import __version__
 from bot.app import App
 from bot.commands import Reply
 from bot.config import Config, ConfigError, load_config
+from bot.inference.metrics import read_running
 from bot.inference.registry import ModelSource
 from bot.parsing import UsageError
 from bot.plugins import PluginConflict
@@ -30,40 +30,71 @@ from bot.render import render_json, render_table, render_text, save_images
 EXIT_OK, EXIT_ANSWERED_ERROR, EXIT_USAGE = 0, 1, 2
 
 
-def _setup_logging(config: Config, quiet: bool = False) -> None:
-    level = "WARNING" if quiet and config.bot.log_level == "INFO" else config.bot.log_level
+# Terminal commands print warnings only; -v shows what the bot logs, -vv everything.
+VERBOSITY = ("WARNING", "INFO", "DEBUG")
+# First use of the packaged causal LM converts it (tens of seconds, more on a busy machine): a
+# person at a terminal would rather wait for it than be told to try again, unless the config
+# sets inference.request_timeout_s itself.
+ASK_TIMEOUT_S = 600.0
+
+
+def _setup_logging(config: Config, verbose: int, *, server: bool = False) -> Config:
+    """Configure logging; return the config with the log level the workers should use too.
+
+    ``lmbot run`` (a server) logs at ``bot.log_level``; commands at a terminal are quiet
+    unless ``-v`` is given, so an answer is not buried under loading lines.
+    """
+    level = config.bot.log_level if server else VERBOSITY[min(verbose, len(VERBOSITY) - 1)]
     logging.basicConfig(level=level, stream=sys.stderr, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     # One INFO line per HTTP request would bury the download progress bars.
     for noisy in ("httpx", "httpx2", "huggingface_hub"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
+    return config.model_copy(update={"bot": config.bot.model_copy(update={"log_level": level})})
+
+
+def _terminal_config(args: argparse.Namespace) -> Config:
+    """The config for a command run at a terminal: quiet, no metrics port (that is the bot's)."""
+    config = _setup_logging(load_config(args.config), args.verbose)
+    inference = config.inference.model_copy(update={"metrics_port": 0})
+    return config.model_copy(update={"inference": inference})
 
 
 def _load_app(args: argparse.Namespace) -> App:
-    config = load_config(args.config)
-    _setup_logging(config, quiet=getattr(args, "json", False))
-    return App(config)
+    return App(_terminal_config(args))
+
+
+def _usage_json(message: str) -> str:
+    return json.dumps({"ok": False, "usage_error": True, "text": message}, ensure_ascii=False)
 
 
 async def _ask(app: App, line: str, as_json: bool, out_dir: str | None) -> int:
     try:
-        reply = await app.execute_line(line)
-    except UsageError as exc:
-        print(f"lmbot: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+        try:
+            reply = await app.execute_line(line)
+        except UsageError as exc:
+            print(_usage_json(str(exc)) if as_json else f"lmbot: {exc}", file=sys.stdout if as_json else sys.stderr)
+            return EXIT_USAGE
+        folder = Path(out_dir or app.config.bot.output_dir)
+        try:
+            paths = save_images(reply, folder, f"{line.split()[0].lstrip('/')}-{time.strftime('%Y%m%d-%H%M%S')}")
+        except OSError as exc:
+            print(f"lmbot: could not save the chart in {folder}: {exc.strerror or exc}", file=sys.stderr)
+            paths = []
+        if as_json:
+            print(render_json(reply, paths), flush=True)
+        else:
+            print(render_text(reply, paths, colour=sys.stdout.isatty()), flush=True)
+        return EXIT_ANSWERED_ERROR if reply.error else EXIT_OK
     finally:
-        await app.close()
-    folder = Path(out_dir or app.config.bot.output_dir)
-    paths = save_images(reply, folder, f"{line.split()[0].lstrip('/')}-{time.strftime('%Y%m%d-%H%M%S')}")
-    if as_json:
-        print(render_json(reply, paths))
-    else:
-        print(render_text(reply, paths, colour=sys.stdout.isatty()))
-    return EXIT_ANSWERED_ERROR if reply.error else EXIT_OK
+        await app.close()  # after the answer is printed: stopping the workers takes a moment
 
 
 def cmd_ask(args: argparse.Namespace) -> int:
-    app = _load_app(args)
-    return asyncio.run(_ask(app, args.line, args.json, args.out))
+    config = _terminal_config(args)
+    if "request_timeout_s" not in config.inference.model_fields_set:
+        inference = config.inference.model_copy(update={"request_timeout_s": ASK_TIMEOUT_S})
+        config = config.model_copy(update={"inference": inference})
+    return asyncio.run(_ask(App(config), args.line, args.json, args.out))
 
 
 def cmd_console(args: argparse.Namespace) -> int:
@@ -142,9 +173,7 @@ async def _load_all(app: App) -> dict[str, dict | str]:
 
 
 def _fetch(app: App, roles: Sequence[str]) -> int:
-    from huggingface_hub import snapshot_download
-
-    from bot.inference.registry import hub_offline
+    from bot.inference.registry import download, first_line, hub_offline
 
     wanted = roles or sorted(app.registry.roles)
     unknown = [name for name in wanted if name not in app.registry.roles]
@@ -164,25 +193,13 @@ def _fetch(app: App, roles: Sequence[str]) -> int:
             continue
         print(f"{name}: fetching {target}")
         try:
-            path = snapshot_download(target, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model"])
+            path = download(target)
         except Exception as exc:
-            # Hub errors run to several lines with URLs and advice; the first one says what happened.
-            first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            print(f"{name}: could not fetch {target}: {first_line}", file=sys.stderr)
+            print(f"{name}: could not fetch {target}: {first_line(exc)}", file=sys.stderr)
             status = EXIT_ANSWERED_ERROR
         else:
             print(f"{name}: ready in {path}")
     return status
-
-
-def _running_bot_summary(port: int) -> dict:
-    """The metrics summary a running bot serves on 127.0.0.1:``port`` (raises OSError if none)."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    from bot.inference.metrics import summarize
-
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
-        return summarize(text_string_to_metric_families(response.read().decode()))
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
@@ -195,7 +212,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
         )
         return EXIT_USAGE
     try:
-        summary = _running_bot_summary(port)
+        summary = read_running(port)
     except OSError as exc:  # URLError is an OSError
         print(f"lmbot: no bot answers on 127.0.0.1:{port} ({exc}).", file=sys.stderr)
         return EXIT_ANSWERED_ERROR
@@ -211,7 +228,7 @@ def cmd_health(args: argparse.Namespace) -> int:
         print("unhealthy: inference.metrics_port is 0, so the bot's workers cannot be checked")
         return EXIT_ANSWERED_ERROR
     try:
-        summary = _running_bot_summary(port)
+        summary = read_running(port)
     except OSError as exc:
         print(f"unhealthy: no bot answers on 127.0.0.1:{port} ({exc})")
         return EXIT_ANSWERED_ERROR
@@ -259,10 +276,28 @@ def _token(config: Config) -> str | None:
     return token
 
 
+def _port_free(port: int) -> bool:
+    with socket.socket() as probe:
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from bot.discord_frontend.runner import run_bot
 
-    app = _load_app(args)
+    config = _setup_logging(load_config(args.config), args.verbose, server=True)
+    port = config.inference.metrics_port
+    if port and not _port_free(port):
+        print(
+            f"lmbot: {config.path}: `inference.metrics_port`: port {port} on 127.0.0.1 is already in use "
+            "(another lmbot? pick a free port or 0 to turn metrics off)",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
+    app = App(config)
     token = _token(app.config)
     if token is None:
         return EXIT_USAGE
@@ -283,6 +318,9 @@ def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
         "--config", metavar="PATH", help="config file (default: $LMBOT_CONFIG or ./config.toml)", default=None
+    )
+    common.add_argument(
+        "-v", "--verbose", action="count", default=0, help="show log lines (-v: info, -vv: debug); quiet by default"
     )
     parser = argparse.ArgumentParser(prog="lmbot", description="A study bot that shows how language models work.")
     parser.add_argument("--version", action="version", version=f"lmbot {__version__}")
@@ -332,7 +370,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.func(args)
     except (ConfigError, PluginConflict) as exc:
-        print(f"lmbot: {exc}", file=sys.stderr)
+        if getattr(args, "json", False):
+            print(_usage_json(str(exc)))
+        else:
+            print(f"lmbot: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         return 130

@@ -87,29 +87,51 @@ class Option:
         return value
 
 
+# Bidirectional embedding, override and isolate controls: they reorder how the text
+# around them is displayed, so echoed text could be made to read differently than typed.
+BIDI_CONTROLS = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+# Invisible format characters (joiners, tags) may follow a base character too, but a long
+# run of them is a flood like a combining-mark flood; emoji tag sequences need up to 7.
+MAX_FORMAT_RUN = 8
+
+
 def clean_text(value: str, *, name: str, max_length: int) -> str:
     """Reject text that no command should have to handle.
 
-    Blank text, text over ``max_length`` characters, control characters and
+    Blank or invisible-only text, text over ``max_length`` characters, control
+    characters, lone surrogates (not text at all), bidirectional overrides and
     floods of combining marks each get a short explanation. Newlines and tabs
     are allowed; everything else printable, emoji and right-to-left scripts
     included, passes through unchanged.
     """
-    if not value.strip():
-        raise OptionError(f"`{name}` is empty: type some text after `{name}:`.")
     if len(value) > max_length:
         raise OptionError(f"`{name}` is too long: {len(value):,} characters, the limit is {max_length:,}.")
-    run = 0
+    marks = formats = 0
+    visible = False
     for ch in value:
         category = unicodedata.category(ch)
         if category == "Cc" and ch not in "\n\t":
             raise OptionError(f"`{name}` contains a control character (U+{ord(ch):04X}); remove it and try again.")
+        if category == "Cs":
+            raise OptionError(f"`{name}` contains a broken character (a lone surrogate, U+{ord(ch):04X}).")
+        if ch in BIDI_CONTROLS:
+            raise OptionError(
+                f"`{name}` contains a direction override (U+{ord(ch):04X}), which reorders how text is shown; "
+                "remove it and try again."
+            )
         if category in ("Mn", "Me"):
-            run += 1
-            if run > MAX_COMBINING_RUN:
+            marks += 1  # a format character in between does not start a new run
+            if marks > MAX_COMBINING_RUN:
                 raise OptionError(f"`{name}` has too many combining marks stacked on one character.")
+        elif category == "Cf":
+            formats += 1
+            if formats > MAX_FORMAT_RUN:
+                raise OptionError(f"`{name}` has too many invisible characters in a row.")
         else:
-            run = 0
+            marks = formats = 0
+            visible = visible or not (ch.isspace() or category == "Zs")
+    if not visible:
+        raise OptionError(f"`{name}` is empty: type some text after `{name}:`.")
     return value
 
 
@@ -315,6 +337,8 @@ class InferenceService(Protocol):
     """What a handler uses of the inference service (``ctx.inference``)."""
 
     metrics: Any
+    # The most one request may cost (``Request.cost()``, multiply-accumulates); more is refused.
+    max_request_cost: float
 
     async def submit(self, request: Any, *, timeout: float | None = None) -> Any:
         """Run a request in a worker and return its result, or raise an ``InferenceError``."""
@@ -340,7 +364,10 @@ class Context:
 
     @property
     def inference(self) -> InferenceService:
-        return self.app.inference
+        """The shared service, seen as this user: their requests count against their own share."""
+        service = self.app.inference
+        for_user = getattr(service, "for_user", None)
+        return for_user(self.user.id) if for_user is not None else service
 
     @property
     def config(self) -> Any:
@@ -348,6 +375,39 @@ class Context:
 
 
 Handler = Callable[..., Awaitable[Reply]]
+
+
+def _check_handler_parameters(name: str, handler: Handler, options: Sequence[Option]) -> None:
+    """The handler is called as ``handler(ctx, **options)``: its parameters must be ctx and the options.
+
+    Checked when the command is made, so a renamed option fails when the plugin loads
+    rather than on a student's first use.
+    """
+    try:
+        params = list(inspect.signature(handler).parameters.values())
+    except (TypeError, ValueError):  # a callable whose signature cannot be read: nothing to check
+        return
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    if not params or params[0].kind not in positional:
+        raise TypeError(f"command {name!r}: the handler's first parameter must be ctx")
+    rest = params[1:]
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in rest)
+    named = [p for p in rest if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)]
+    option_names = [o.name for o in options]
+    for param in rest:
+        if param.kind is inspect.Parameter.POSITIONAL_ONLY:
+            raise TypeError(f"command {name!r}: handler parameter `{param.name}` cannot be passed by name")
+    takes = ", ".join(["ctx", *(p.name for p in named)])
+    for param in named:
+        if param.name not in option_names:
+            raise TypeError(
+                f"command {name!r}: handler parameter `{param.name}` is not an option "
+                f"(options: {', '.join(option_names) or 'none'})"
+            )
+    if not takes_any:
+        for option in option_names:
+            if option not in {p.name for p in named}:
+                raise TypeError(f"command {name!r}: option `{option}` is not a parameter of the handler ({takes})")
 
 
 @dataclass(frozen=True)
@@ -378,6 +438,7 @@ class Command:
             seen_optional |= not option.required
         if not inspect.iscoroutinefunction(self.handler):
             raise TypeError(f"command {self.name!r}: handler must be an async function")
+        _check_handler_parameters(self.name, self.handler, self.options)
 
     def option(self, name: str) -> Option | None:
         return next((o for o in self.options if o.name == name), None)

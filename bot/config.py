@@ -9,11 +9,12 @@ the environment variable that holds them.
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 from pydantic_core import ErrorDetails
 
 DEFAULT_PATH = "config.toml"
@@ -24,16 +25,44 @@ class ConfigError(Exception):
     """The config file is missing, unreadable or invalid (exit code 2)."""
 
 
+def _upper(value: object) -> object:
+    return value.upper() if isinstance(value, str) else value
+
+
+def _path_text(value: str) -> str:
+    if not value.strip():
+        raise ValueError("must name a file or folder, not be empty")
+    if "\x00" in value:
+        raise ValueError("must not contain a NUL character")
+    return value
+
+
+def _env_var_name(value: str) -> str:
+    # Checked here so that a token pasted in by mistake is refused without being echoed.
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,127}", value):
+        raise ValueError(
+            "must be the NAME of the environment variable that holds the Discord token "
+            "(e.g. LMBOT_DISCORD_TOKEN), never the token itself"
+        )
+    return value
+
+
+PathText = Annotated[str, AfterValidator(_path_text)]
+LogLevel = Annotated[Literal["DEBUG", "INFO", "WARNING", "ERROR"], BeforeValidator(_upper)]
+# Keys whose value is never repeated in an error message (it may be a secret pasted by mistake).
+SECRET_KEYS = {("bot", "token_env")}
+
+
 class _Section(BaseModel):
     # strict: TOML already has types, so "5" for an integer is a mistake worth reporting.
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
 
 class BotSection(_Section):
-    token_env: str = "LMBOT_DISCORD_TOKEN"
-    owner_ids: list[int] = []
-    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
-    output_dir: str = "lmbot-out"
+    token_env: Annotated[str, AfterValidator(_env_var_name)] = "LMBOT_DISCORD_TOKEN"
+    owner_ids: list[Annotated[int, Field(ge=0)]] = []
+    log_level: LogLevel = "INFO"  # any case: "debug" means DEBUG
+    output_dir: PathText = "lmbot-out"
 
 
 class DiscordSection(_Section):
@@ -72,9 +101,13 @@ class InferenceSection(_Section):
     max_new_tokens: Annotated[int, Field(ge=1, le=4096)] = 64
     # Estimated multiply-accumulates one request may cost (Request.cost()); more is refused up front.
     max_request_cost: Annotated[float, Field(gt=0, le=1e15)] = 5e10
-    memory_budget_mb: Annotated[int, Field(ge=1)] = 4096
+    # Requests one user may have queued or running at once; more are refused with "try again when they finish".
+    max_per_user: Annotated[int, Field(ge=1, le=100_000)] = 16
+    # A worker whose batch runs this long past its requests' last deadline is killed and replaced.
+    watchdog_margin_s: Annotated[float, Field(gt=0, le=3600)] = 5.0
+    memory_budget_mb: Annotated[int, Field(ge=1, le=16 * 2**20)] = 4096  # up to 16 TB
     offline: Literal["auto", "always", "never"] = "auto"
-    cache_dir: str = "~/.cache/lmbot"
+    cache_dir: PathText = "~/.cache/lmbot"
     preload: list[str] = []
     metrics_port: Annotated[int, Field(ge=0, le=65535)] = 0
 
@@ -85,7 +118,7 @@ class Config(_Section):
     plugins: PluginsSection = PluginsSection()
     inference: InferenceSection = InferenceSection()
     # role -> hub id or local path; roles are checked against the registered ones after plugins load.
-    models: dict[str, str] = {}
+    models: dict[str, PathText] = {}
 
     path: str | None = None
 
@@ -101,8 +134,12 @@ def _describe(error: ErrorDetails) -> str:
         return f"unknown key `{key}`"
     if kind == "missing":
         return f"`{key}` is required"
-    got = error.get("input")
-    return f"`{key}`: {error['msg'].lower()} (got {got!r})"
+    message = error["msg"].removeprefix("Value error, ")
+    message = message[:1].lower() + message[1:]
+    if tuple(str(p) for p in error["loc"][:2]) in SECRET_KEYS:
+        return f"`{key}`: {message} (the value is not shown)"
+    got = repr(error.get("input"))
+    return f"`{key}`: {message} (got {got if len(got) <= 60 else got[:57] + '...'})"
 
 
 def parse_config(data: dict, *, source: str = "<config>") -> Config:
@@ -134,11 +171,19 @@ def load_config(explicit: str | None = None) -> Config:
             raise ConfigError(f"{path}: no such config file")
         return parse_config({}, source="<defaults>")
     try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+        raw = path.read_bytes()
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+    try:
+        text = raw.decode("utf-8-sig")  # a byte-order mark (some Windows editors add one) is fine
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"{path}: not UTF-8 text (byte 0x{raw[exc.start]:02X} at offset {exc.start}); save the file as UTF-8"
+        ) from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
     return parse_config(data, source=str(path))
 
 
@@ -147,3 +192,8 @@ def check_roles(config: Config, known: set[str]) -> None:
     for role in config.models:
         if role not in known:
             raise ConfigError(f"{config.path}: unknown key `models.{role}` (known roles: {', '.join(sorted(known))})")
+    for role in config.inference.preload:
+        if role not in known:
+            raise ConfigError(
+                f"{config.path}: `inference.preload`: unknown role {role!r} (known roles: {', '.join(sorted(known))})"
+            )

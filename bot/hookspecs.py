@@ -1,5 +1,7 @@
 """The hooks a plugin can implement: all registration-only.
 
+The author's guide is ``docs/plugins.md``.
+
 A plugin is a module (or any object) with functions named after these hooks,
 decorated with :data:`hookimpl`. Each hook receives a ``register`` callable;
 the plugin calls it once per thing it contributes::
@@ -23,7 +25,7 @@ from collections.abc import Callable
 
 import pluggy
 
-from bot.commands import Command
+from bot.commands import Command, Option
 from bot.topics import ModelRole, Topic
 
 hookspec = pluggy.HookspecMarker("lmbot")
@@ -50,3 +52,15 @@ def register_models(register: Callable[[ModelRole | str], None]) -> None:
 @hookspec
 def register_topics(register: Callable[[Topic], None]) -> None:
     """Register the study card of the course topic the plugin teaches."""
+
+
+@hookspec
+def register_options(register: Callable[[Option], None]) -> None:
+    """Declare the keys of the plugin's ``[plugins.options.<plugin>]`` section in config.toml.
+
+    ``register(Text("quiz_db", "Where quiz scores are kept", default="~/quiz.sqlite3"))``
+    for each key, with the option types commands use (``Text``, ``Integer``, ``Number``,
+    ``Boolean``: their ``choices``, ranges and ``default`` apply). The bot checks the
+    section when it starts: an unknown key or a value the option refuses is a config
+    error naming the key. A handler reads the values with ``bot.plugin_options(ctx, name)``.
+    """

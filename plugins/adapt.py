@@ -10,14 +10,15 @@ from typing import Any, ClassVar
 
 from bot import (
     Boolean,
+    CodeBlock,
     Command,
     Context,
     Field,
     Generate,
     ModelRole,
-    QuizQuestion,
     Reply,
     Request,
+    Segment,
     Table,
     Text,
     Topic,
@@ -27,87 +28,7 @@ from bot import (
 from bot.charts import line_chart, render
 from plugins.sentiment import training_set
 
-QUIZ = (
-    QuizQuestion(
-        "What is the core idea of a foundation model?",
-        (
-            "Pretrain once broadly, then adapt to many tasks",
-            "Train one model per task",
-            "Use no training data",
-            "Only use rules",
-        ),
-        0,
-        "One expensive pretraining run is amortised across products.",
-    ),
-    QuizQuestion(
-        "What does LoRA train?",
-        (
-            "Small low-rank matrices added beside chosen layers",
-            "Every weight of the model",
-            "Only the embeddings",
-            "A new tokenizer",
-        ),
-        0,
-        "The base weights stay frozen; only the low-rank update is learned.",
-    ),
-    QuizQuestion(
-        "What is few-shot prompting?",
-        (
-            "Putting a few solved examples in the prompt",
-            "Training for a few steps",
-            "Using a few GPUs",
-            "Asking a few times and voting",
-        ),
-        0,
-        "The model adapts in context, with no weight updates.",
-    ),
-    QuizQuestion(
-        "When does a task-specific model often win?",
-        (
-            "Fixed labels, tight latency and cost, need for audit",
-            "Constantly changing labels",
-            "No labelled data at all",
-            "Open-ended chat",
-        ),
-        0,
-        "Small dedicated models are cheaper, faster and easier to control.",
-    ),
-    QuizQuestion(
-        "Raising LoRA's rank r does what to the trainable parameter count?",
-        ("Increases it roughly in proportion to r", "Decreases it", "Leaves it unchanged", "Squares it"),
-        0,
-        "Each adapted layer adds r × (inputs + outputs) parameters; /adapt shows the numbers.",
-    ),
-)
-
-TOPIC = Topic(
-    quiz=QUIZ,
-    slug="foundation",
-    title="Foundation vs task-specific",
-    order=8,
-    key_idea=(
-        "Instead of training one model per task, start from a broadly pretrained model and adapt it: by "
-        "prompting (zero or a few examples), or by light fine-tuning such as LoRA, which freezes the model and "
-        "trains small low-rank matrices beside some layers. One pretraining run pays for many products, but a "
-        "small task-specific model can still win on cost, latency and control."
-    ),
-    try_command="/adapt text:This product exceeded all my expectations!",
-    table=Table(
-        ["", "foundation model", "task-specific model"],
-        [
-            ["changing labels", "easy", "retrain"],
-            ["cost per answer", "higher", "lower"],
-            ["latency", "higher", "lower"],
-            ["control and audit", "harder", "easier"],
-            ["labelled data", "none or a few", "a training set"],
-        ],
-    ),
-    questions=(
-        "What are the risks of building on a third-party foundation model?",
-        "Is fine-tuning a foundation model the same as building a task-specific one?",
-        "How do you choose between prompting and fine-tuning?",
-    ),
-)
+TOPIC = Topic.load("plugins", "foundation")  # plugins/data/topics/foundation.toml
 
 ZERO_SHOT = 'Classify the following review as positive or negative.\nReview: "{text}"\nClassification:'
 FEW_SHOT = (
@@ -174,6 +95,27 @@ class LoraRun:
     total: int = 0
     seconds: float = 0.0
     refused: str = ""  # why it did not train (e.g. a CPU worker where training is off)
+
+
+def shown_answer(text: str) -> str:
+    """A generated continuation on one line: line breaks shown as ↵."""
+    return text.replace("\r\n", "\n").replace("\n", "↵")
+
+
+def prompts_block(zero_prompt: str, zero_answer: str, few_prompt: str, few_answer: str) -> CodeBlock:
+    """Both prompts as the model reads them, each followed by what it wrote (in green)."""
+    segments: list[Segment] = []
+    for heading, prompt, answer in (
+        ("zero-shot: the instruction alone", zero_prompt, zero_answer),
+        ("few-shot: two solved examples, then the review", few_prompt, few_answer),
+    ):
+        segments += [
+            Segment(f"── {heading} ──\n", "gray"),
+            Segment(prompt),
+            Segment(f"«{shown_answer(answer)}»", "green"),
+            Segment("\n"),
+        ]
+    return CodeBlock(segments[:-1])
 
 
 def first_line(text: str) -> str:
@@ -282,10 +224,15 @@ def lora_train(model: Any, tokenizer: Any, batch: Sequence[LoraTrain]) -> list[L
     ],
 )
 async def adapt(ctx: Context, text: str, train: bool) -> Reply:
-    started = time.perf_counter()
-    zero = await ctx.inference.submit(Generate(ZERO_SHOT.format(text=text), max_new_tokens=3))
-    few = await ctx.inference.submit(Generate(FEW_SHOT.format(text=text), max_new_tokens=3))
-    prompt_s = time.perf_counter() - started
+    zero_prompt, few_prompt = ZERO_SHOT.format(text=text), FEW_SHOT.format(text=text)
+    zero = await ctx.inference.submit(Generate(zero_prompt, max_new_tokens=3))
+    few = await ctx.inference.submit(Generate(few_prompt, max_new_tokens=3))
+    # Timed again once the model is loaded, so the times compare the two prompts and not loading.
+    prompt_ms: dict[str, float] = {}
+    for name, prompt in (("zero-shot", zero_prompt), ("few-shot", few_prompt)):
+        started = time.perf_counter()
+        await ctx.inference.submit(Generate(prompt, max_new_tokens=3))
+        prompt_ms[name] = (time.perf_counter() - started) * 1000
     lora = await ctx.inference.submit(LoraCounts())
     rows = [
         [row.targets, str(row.r), f"{row.trainable:,}", f"{row.total:,}", f"{row.trainable / row.total:.3%}"]
@@ -294,7 +241,10 @@ async def adapt(ctx: Context, text: str, train: bool) -> Reply:
     fields = [
         Field("zero-shot answer", first_line(zero.text)),
         Field("few-shot answer", first_line(few.text)),
-        Field("prompting time", f"{prompt_s * 1000:.0f} ms"),
+        Field(
+            "prompting time (warm)",
+            " · ".join(f"{name} {value:.0f} ms" for name, value in prompt_ms.items()),
+        ),
     ]
     images = []
     run: LoraRun | None = None
@@ -328,16 +278,22 @@ async def adapt(ctx: Context, text: str, train: bool) -> Reply:
     return Reply(
         title=f"Adapting {zero.model}",
         text=(
-            "The same base model, asked two ways (greedy, 3 tokens), then the cost of LoRA fine-tuning: "
-            "only the low-rank matrices train; everything else stays frozen."
+            "The same base model, asked two ways: zero-shot (the instruction alone) and few-shot (two solved "
+            "examples first). Only the prompt changes, no weights. The table gives the cost of LoRA fine-tuning "
+            "instead: only its low-rank matrices train; everything else stays frozen. At the end: both prompts "
+            "exactly as the model reads them, with its greedy 3-token answer in «…» (green)."
         ),
         fields=fields,
         table=Table(["LoRA on", "r", "trainable", "total", "share"], rows, align="lrrrr"),
+        code=prompts_block(zero_prompt, zero.text, few_prompt, few.text),
         images=images,
         data={
             "model": zero.model,
+            "zero_shot_prompt": zero_prompt,
+            "few_shot_prompt": few_prompt,
             "zero_shot": zero.text,
             "few_shot": few.text,
+            "prompt_ms": prompt_ms,
             "lora": [row.__dict__ for row in lora.rows],
             "lora_run": run.__dict__ if run is not None else None,
         },
@@ -371,3 +327,16 @@ def register_models(register: Callable[[ModelRole | str], None]) -> None:
 @hookimpl
 def register_topics(register: Callable[[Topic], None]) -> None:
     register(TOPIC)
+
+
+@hookimpl
+def register_options(register: Callable[[Text], None]) -> None:
+    # [plugins.options.adapt] training: where `/adapt train:true` may run a LoRA run.
+    register(
+        Text(
+            "training",
+            "Where /adapt train:true may train: gpu (GPU workers only), always, or never",
+            choices=("gpu", "always", "never"),
+            default="gpu",
+        )
+    )

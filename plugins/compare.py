@@ -19,9 +19,7 @@ from bot import (
     ModelRole,
     NextToken,
     NoModelForRole,
-    QuizQuestion,
     Reply,
-    Table,
     Text,
     Topic,
     UserError,
@@ -30,76 +28,7 @@ from bot import (
 )
 from bot.charts import bar_panels, render, show_token
 
-QUIZ = (
-    QuizQuestion(
-        "Which context can an autoregressive model use to predict a token?",
-        ("Only the tokens before it", "Only the tokens after it", "Both sides", "None"),
-        0,
-        "It reads left to right; the future is masked out in training.",
-    ),
-    QuizQuestion(
-        "Why can a masked LM fill a blank better than a causal LM in the middle of a sentence?",
-        (
-            "It sees the words on both sides of the blank",
-            "It has a bigger vocabulary",
-            "It is always larger",
-            "It was trained on more data",
-        ),
-        0,
-        "Bidirectional context pins down the missing word from both ends.",
-    ),
-    QuizQuestion(
-        "Which task suits an autoregressive model most naturally?",
-        (
-            "Open-ended text generation",
-            "Embedding documents for search",
-            "Token classification only",
-            "Nothing without fine-tuning",
-        ),
-        0,
-        "Continuing text token by token is exactly what it was trained to do.",
-    ),
-    QuizQuestion(
-        "BERT, RoBERTa and DeBERTa are examples of…",
-        ("masked language models", "autoregressive models", "n-gram models", "encoder-decoder models"),
-        0,
-        "All three are encoders trained to recover hidden tokens.",
-    ),
-    QuizQuestion(
-        "Is an autoregressive model 'better' than a masked one?",
-        ("It depends on the task", "Always", "Never", "Only when it is larger"),
-        0,
-        "Match the objective to the job: generation versus representation.",
-    ),
-)
-
-TOPIC = Topic(
-    quiz=QUIZ,
-    slug="ar-vs-masked",
-    title="Autoregressive vs masked models",
-    order=2,
-    key_idea=(
-        "The training objective sets a model's habits. Trained to continue text, a model reads left to right "
-        "and is natural at writing. Trained to fill gaps, it reads in both directions and builds strong "
-        "representations for classifying and searching. Neither is better in general; the task decides."
-    ),
-    try_command="/compare text:The capital of France is Paris.",
-    table=Table(
-        ["", "autoregressive", "masked"],
-        [
-            ["reads", "left to right", "both directions"],
-            ["strong at", "generation, continuation", "representation, understanding"],
-            ["at inference", "one token at a time", "whole input at once"],
-            ["adapted by", "prompting, RLHF, fine-tuning", "fine-tuning with a head"],
-            ["examples", "GPT, LLaMA, Claude", "BERT, RoBERTa, DeBERTa"],
-        ],
-    ),
-    questions=(
-        "Can an autoregressive model classify text? How?",
-        "Why did autoregressive models win for general assistants?",
-        "Is there a model that trains with both objectives?",
-    ),
-)
+TOPIC = Topic.load("plugins", "ar-vs-masked")  # plugins/data/topics/ar-vs-masked.toml
 
 WORD = re.compile(r"[\w'-]+")
 

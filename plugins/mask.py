@@ -17,7 +17,6 @@ from bot import (
     FillMask,
     Integer,
     ModelRole,
-    QuizQuestion,
     Reply,
     Segment,
     Table,
@@ -30,74 +29,7 @@ from bot import (
 from bot.charts import bar_panels, render, show_token
 from bot.tokenizers import wordpiece, wordpiece_tokens
 
-QUIZ = (
-    QuizQuestion(
-        "In BERT pretraining, roughly what share of tokens is chosen for prediction?",
-        ("15%", "50%", "1%", "100%"),
-        0,
-        "About 15% of positions are selected; the model must recover the originals there.",
-    ),
-    QuizQuestion(
-        "Of the chosen tokens, what share is replaced by [MASK]?",
-        ("80%", "10%", "50%", "100%"),
-        0,
-        "80% become [MASK], 10% a random token, 10% stay unchanged.",
-    ),
-    QuizQuestion(
-        "Why are some chosen tokens replaced by random tokens or left unchanged?",
-        (
-            "So the model cannot rely on seeing [MASK] and must model every position",
-            "To save compute",
-            "To make training faster",
-            "Because of a bug in BERT",
-        ),
-        0,
-        "[MASK] never appears at fine-tuning time, so the model must not depend on it.",
-    ),
-    QuizQuestion(
-        "What can a masked LM NOT do well on its own?",
-        (
-            "Write a long coherent paragraph token by token",
-            "Fill a blank",
-            "Classify sentiment after fine-tuning",
-            "Produce contextual embeddings",
-        ),
-        0,
-        "It was never trained to generate sequences left to right.",
-    ),
-    QuizQuestion(
-        "Which task benefits most from masked-LM representations?",
-        ("Search ranking and classification", "Story writing", "Chat", "Code completion"),
-        0,
-        "Bidirectional representations are strong for understanding tasks.",
-    ),
-)
-
-TOPIC = Topic(
-    quiz=QUIZ,
-    slug="masked-lm",
-    title="Masked language modeling",
-    order=3,
-    key_idea=(
-        "BERT-style models learn by repairing text: some tokens are hidden and the model must recover them "
-        "using the words on both sides. That two-sided view makes rich representations for search and "
-        "classification, but the model never learns to write text one token after another."
-    ),
-    try_command="/mask sentence:The [MASK] sat on the mat and purred.",
-    table=Table(
-        ["of the chosen 15% of tokens", "share", "why"],
-        [
-            ["replaced by [MASK]", "80%", "the main training signal"],
-            ["replaced by a random token", "10%", "the model cannot trust any input token blindly"],
-            ["left unchanged", "10%", "keeps real tokens' representations honest"],
-        ],
-    ),
-    questions=(
-        "Why hide only about 15% of the tokens, not more?",
-        "What did RoBERTa change about BERT's masking?",
-        "Could masked filling be used to make new training data?",
-    ),
-)
+TOPIC = Topic.load("plugins", "masked-lm")  # plugins/data/topics/masked-lm.toml
 
 MAX_MASKS = 5
 BLANK = re.compile(r"\[MASK\]|<mask>|_{3,}", re.IGNORECASE)

@@ -14,7 +14,6 @@ from bot import (
     ModelRole,
     NextToken,
     Number,
-    QuizQuestion,
     Reply,
     Table,
     Text,
@@ -26,80 +25,8 @@ from bot.charts import bar_chart, render, show_token
 
 STEPS = 3  # buttons that append one of the likeliest tokens
 
-QUIZ = (
-    QuizQuestion(
-        "What does a language model compute for a given piece of text?",
-        (
-            "A probability for every possible next token",
-            "The single correct next word",
-            "A parse tree",
-            "A translation",
-        ),
-        0,
-        "It outputs a whole distribution; generation then picks or samples from it.",
-    ),
-    QuizQuestion(
-        "Raising the temperature above 1 makes the next-token distribution…",
-        ("flatter, so unlikely tokens gain probability", "sharper", "unchanged", "sum to more than 1"),
-        0,
-        "Dividing logits by a larger number shrinks their differences before the softmax.",
-    ),
-    QuizQuestion(
-        "What does high entropy of the next-token distribution tell you?",
-        (
-            "The model is unsure: probability is spread over many tokens",
-            "The model is certain",
-            "The prompt is too long",
-            "The vocabulary is small",
-        ),
-        0,
-        "Entropy measures spread; one dominant token gives low entropy.",
-    ),
-    QuizQuestion(
-        "Which is NOT one of the things 'large' brings to large language models?",
-        (
-            "A guarantee of correct answers",
-            "Longer training on more varied data",
-            "Bigger context windows",
-            "New failure modes and higher serving cost",
-        ),
-        0,
-        "Scale brings capability and cost, and new failure modes such as hallucination, not guarantees.",
-    ),
-    QuizQuestion(
-        "Model families differ mainly in…",
-        ("their pretraining objective", "their brand name", "the programming language used", "their file format"),
-        0,
-        "Next-token, masked-token and sequence-to-sequence objectives shape what each family is good at.",
-    ),
-)
 
-TOPIC = Topic(
-    quiz=QUIZ,
-    slug="language-model",
-    title="What is a language model",
-    order=1,
-    key_idea=(
-        "A language model assigns a probability to every possible next token given the text so far. "
-        "Everything else (chat, code, translation) is built by asking that one question over and over. "
-        "Scale adds breadth and new failure modes, not a different kind of machine."
-    ),
-    try_command='/nexttoken prompt:"The capital of France is"',
-    table=Table(
-        ["family", "trained to", "good at"],
-        [
-            ["autoregressive", "predict the next token", "writing, dialogue, code"],
-            ["masked", "recover hidden tokens", "classification, search"],
-            ["encoder-decoder", "turn one sequence into another", "translation, summaries"],
-            ["foundation", "pretrain broadly, then adapt", "reuse across many tasks"],
-        ],
-    ),
-    questions=(
-        "Where does a model family end and a single model begin?",
-        "Is there a size at which a model becomes 'large'?",
-        "Which non-language tasks can a next-token predictor take on?",
-    ),
-)
+TOPIC = Topic.load("plugins", "language-model")  # plugins/data/topics/language-model.toml
 
 
 @command(

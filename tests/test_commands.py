@@ -20,6 +20,16 @@ async def _handler(ctx, **values):  # type: ignore[no-untyped-def]
         ("bell\x07", "control character \\(U\\+0007\\)"),
         ("esc\x1b[31m", "control character"),
         ("z" + "\u0301" * 12, "combining marks"),
+        # Invisible joiners between the marks used to start a new run each time.
+        ("a" + "\u0301\u200d" * 30, "combining marks"),
+        ("a" + "\u200d" * 20, "invisible characters"),
+        ("caf\udce9", "lone surrogate"),
+        ("\ud800", "lone surrogate"),
+        ("\u202eevil rtl override", "direction override \\(U\\+202E\\)"),
+        ("isolate \u2067x\u2069", "direction override"),
+        ("\u200b\u200b", "empty"),
+        ("\xad", "empty"),
+        ("\u0301", "empty"),
     ],
 )
 def test_bad_text_gets_a_short_reason(value: str, message: str) -> None:
@@ -28,7 +38,19 @@ def test_bad_text_gets_a_short_reason(value: str, message: str) -> None:
 
 
 @pytest.mark.parametrize(
-    "value", ["hello", "multi\nline\ttext", "café", "👩‍👩‍👧 family", "مرحبا بالعالم", "@everyone <@&123>"]
+    "value",
+    [
+        "hello",
+        "multi\nline\ttext",
+        "café",
+        "cafe\u0301",
+        "👩‍👩‍👧 family",
+        "👍🏽 and 🏳️‍🌈",
+        "\U0001f3f4\U000e0067\U000e0062\U000e0065\U000e006e\U000e0067\U000e007f flag",  # tag sequence
+        "مرحبا بالعالم",
+        "שלום עולם",
+        "@everyone <@&123>",
+    ],
 )
 def test_ordinary_text_passes_unchanged(value: str) -> None:
     assert clean_text(value, name="text", max_length=100) == value

@@ -25,6 +25,14 @@ def write(tmp_path: Path, text: str) -> str:
         ("[bot]\nowner_ids = ['me']\n", "`bot.owner_ids.0`"),
         ("[surprise]\n", "unknown key `surprise`"),
         ("[inference\n", "not valid TOML"),
+        ('[bot]\noutput_dir = "out\\u0000x"\n', "`bot.output_dir`: must not contain a NUL character"),
+        ("[bot]\noutput_dir = ''\n", "`bot.output_dir`: must name a file or folder"),
+        ("[inference]\ncache_dir = ''\n", "`inference.cache_dir`: must name a file or folder"),
+        ("[inference]\ncache_dir = '  '\n", "`inference.cache_dir`: must name a file or folder"),
+        ("[models]\ncausal_lm = ''\n", "`models.causal_lm`: must name a file or folder"),
+        ("[inference]\nmemory_budget_mb = 9223372036854775807\n", "`inference.memory_budget_mb`: input should be less"),
+        ("[bot]\nlog_level = 'verbose'\n", "`bot.log_level`: input should be 'DEBUG'"),
+        ("[bot]\nowner_ids = [-5]\n", "`bot.owner_ids.0`: input should be greater than or equal to 0"),
     ],
 )
 def test_bad_config_names_key_and_file(tmp_path: Path, toml: str, message: str) -> None:
@@ -34,6 +42,37 @@ def test_bad_config_names_key_and_file(tmp_path: Path, toml: str, message: str) 
     assert str(info.value).startswith(path)
     assert message in str(info.value)
     assert "\n" not in str(info.value)
+
+
+def test_a_token_pasted_into_token_env_is_refused_and_never_printed(tmp_path: Path) -> None:
+    token = "MTA5ODc2NTQzMjEwOTg3NjU0.GaBcDe.abcdefghijklmnopqrstuvwxyz0123456789AB"
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, f"[bot]\ntoken_env = '{token}'\n"))
+    assert "`bot.token_env`: must be the NAME of the environment variable" in str(info.value)
+    assert token not in str(info.value) and "abcdefghij" not in str(info.value)
+
+
+@pytest.mark.parametrize("level", ["debug", "Warning", "ERROR"])
+def test_log_level_is_read_in_any_case(tmp_path: Path, level: str) -> None:
+    assert load_config(write(tmp_path, f"[bot]\nlog_level = '{level}'\n")).bot.log_level == level.upper()
+
+
+@pytest.mark.parametrize("encoding", ["utf-8-sig", "latin-1"])
+def test_a_byte_order_mark_is_fine_and_latin_1_is_one_clear_line(tmp_path: Path, encoding: str) -> None:
+    path = tmp_path / "config.toml"
+    path.write_bytes("# café\n[inference]\nworkers = 2\n".encode(encoding))
+    if encoding == "utf-8-sig":
+        assert load_config(str(path)).inference.workers == 2
+        return
+    with pytest.raises(ConfigError) as info:
+        load_config(str(path))
+    assert str(info.value) == f"{path}: not UTF-8 text (byte 0xE9 at offset 5); save the file as UTF-8"
+
+
+def test_an_unknown_preloaded_role_is_reported(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, "[inference]\npreload = ['casual_lm']\n"))
+    with pytest.raises(ConfigError, match="`inference.preload`: unknown role 'casual_lm'"):
+        check_roles(config, {"causal_lm"})
 
 
 def test_missing_named_file_is_an_error_but_default_file_is_optional(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]

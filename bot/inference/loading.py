@@ -7,11 +7,14 @@ once and cached on disk as safetensors, so later starts load it in seconds.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import os
 import shutil
+import sys
 import time
+import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,6 +56,33 @@ def pick_dtype(setting: str, device: torch.device) -> torch.dtype:
     return torch.float32
 
 
+def quiet_libraries() -> None:
+    """At the WARNING log level (commands at a terminal), libraries stay quiet too.
+
+    transformers draws a "Loading weights" bar for a load that takes a second and
+    warns about future API changes; neither helps a student reading an answer.
+    Bars stay for work that takes seconds or more (conversion, downloads).
+    """
+    if logging.getLogger().getEffectiveLevel() <= logging.INFO:
+        return
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+
+
+@contextlib.contextmanager
+def _progress_bars() -> Any:
+    """transformers' progress bars on for slow work, back to how they were after."""
+    was_enabled = transformers.utils.logging.is_progress_bar_enabled()
+    transformers.utils.logging.enable_progress_bar()
+    try:
+        yield
+    finally:
+        if not was_enabled:
+            transformers.utils.logging.disable_progress_bar()
+
+
 def _gguf_to_safetensors(folder: Path, gguf_file: str, cache_dir: Path) -> Path:
     """Dequantise a packaged GGUF model once and keep a safetensors copy.
 
@@ -63,17 +93,23 @@ def _gguf_to_safetensors(folder: Path, gguf_file: str, cache_dir: Path) -> Path:
     target = cache_dir / "models" / Path(gguf_file).stem
     if (target / "config.json").exists():
         return target
-    log.info("converting %s to safetensors (once; cached in %s)", gguf_file, target)
-    tokenizer = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
-    model = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, dtype=torch.float32)
-    config = model.config
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    clean = type(model)(config)
-    clean.load_state_dict(model.state_dict())
-    partial = target.with_name(f"{target.name}.partial-{os.getpid()}")
-    clean.save_pretrained(partial)
-    tokenizer.save_pretrained(partial)
+    # Said at every log level: it happens once and takes tens of seconds.
+    print(
+        f"lmbot: converting the packaged model {gguf_file} to safetensors (first use only; cached in {target})",
+        file=sys.stderr,
+        flush=True,
+    )
+    with _progress_bars():
+        tokenizer = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
+        model = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, dtype=torch.float32)
+        config = model.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        clean = type(model)(config)
+        clean.load_state_dict(model.state_dict())
+        partial = target.with_name(f"{target.name}.partial-{os.getpid()}")
+        clean.save_pretrained(partial)
+        tokenizer.save_pretrained(partial)
     try:
         partial.rename(target)  # atomic: another worker converting at once loses the race harmlessly
     except OSError:
@@ -111,6 +147,7 @@ class ModelCache:
     """Loaded models by role, least recently used first out when over budget."""
 
     def __init__(self, settings: WorkerSettings) -> None:
+        quiet_libraries()
         self.settings = settings
         self.loaded: OrderedDict[str, LoadedModel] = OrderedDict()
         self.budget = settings.memory_budget_mb * 2**20

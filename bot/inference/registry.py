@@ -153,3 +153,23 @@ def resolve(role: ModelRole, configured: str | None, offline_mode: str) -> Model
         label = f"{packaged.label} (offline stand-in for {name})"
         return ModelSource(role.name, name, "packaged", str(folder), label, packaged.gguf_file)
     return ModelSource(role.name, name, "missing", reason=f"offline, and {name} is not on this machine")
+
+
+# What a role needs from a hub repository: config, weights, tokenizer files.
+HUB_FILES = ["*.json", "*.safetensors", "*.txt", "*.model"]
+
+
+def download(hub_id: str) -> str:
+    """Download a hub model into the Hugging Face cache (with its progress bar); return its folder.
+
+    Raises whatever huggingface_hub raises; :func:`first_line` makes that one line.
+    """
+    from huggingface_hub import snapshot_download
+
+    return str(snapshot_download(hub_id, allow_patterns=HUB_FILES))
+
+
+def first_line(exc: BaseException) -> str:
+    """Hub errors run to several lines with URLs and advice; the first one says what happened."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

