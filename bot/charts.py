@@ -218,7 +218,7 @@ def _heatmap(panels: Sequence[HeatmapPanel], *, colorbar: str, filename: str) ->
         ax.set_yticks(range(n), labels, fontsize=font)
         ax.set_xlabel("attended to (key)")
         ax.set_ylabel("attending (query)")
-        ax.set_title(title[:70], loc="left", fontsize=10)
+        ax.set_title(title[:90], loc="left", fontsize=10)
         if n <= 10:  # few cells: write the weights in them
             for i in range(n):
                 for j in range(n):

@@ -198,7 +198,7 @@ def short(model: str) -> str:
 
 def panel_title(result: AttentionWeights, layer: int | None, head: int | None, how: str) -> str:
     which = f"layer {layer} head {head}" if head is not None else f"layer {layer}" if layer is not None else "average"
-    return f"{short(result.model)}, {which}: {how}"
+    return f"{short(result.model)}, {which}\n{how}"
 
 
 @command(

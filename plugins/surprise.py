@@ -25,7 +25,7 @@ from bot import (
     hookimpl,
 )
 from bot.charts import render, shaded_text, show_bytes
-from plugins.ngram import START, NgramModel, builtin_corpus, sentences, words
+from plugins.ngram import UNKNOWN, NgramModel, builtin_corpus, sentences, words
 
 LN2 = math.log(2)
 MAX_TOKENS = 120  # one chart of shaded text, and a reply that fits Discord
@@ -154,12 +154,9 @@ def ngram_scores(text: str) -> NgramScores | None:
     found = words(text)
     if not found:
         return None
-    padded = [START] * (NGRAM_ORDER - 1) + found
-    bits = [
-        -math.log2(model.prob(tuple(padded[i - NGRAM_ORDER + 1 : i]), padded[i]))
-        for i in range(NGRAM_ORDER - 1, len(padded))
-    ]
-    unknown = sorted({w for w in found if w not in model.vocab})
+    steps = model.steps(found)  # add-one smoothing: no word has probability 0
+    bits = [-math.log2(step.prob) for step in steps]
+    unknown = sorted({step.word for step in steps if step.scored_as == UNKNOWN})
     perplexity = math.exp(-model.sentence_logprob(found) / len(found))
     return NgramScores(found, bits, unknown, perplexity)
 
