@@ -296,3 +296,209 @@ async def render(draw: Callable[..., Image], *args: Any, **kwargs: Any) -> Image
         name = getattr(draw, "__name__", repr(draw))
         log.exception("chart %s (%s) could not be drawn; the reply goes without it", filename, name)
         return Image(filename, b"", "")
+
+
+# --------------------------------------------------------------------------- heatmaps, shaded text, grouped bars
+# (/attention, /surprise, /sample)
+
+
+# A heatmap panel: (title, token labels, weights[i][j] = how much token i looks at token j,
+# whether to grey out j > i because a causal model never looks ahead).
+HeatmapPanel = tuple[str, Sequence[str], Sequence[Sequence[float]], bool]
+
+
+def heatmap(panels: Sequence[HeatmapPanel], *, colorbar: str, filename: str = "heatmap.png") -> Image:
+    """Heatmaps side by side, tokens on both axes, one colour scale (square-root, so small weights show)."""
+    with _style():
+        return _heatmap(panels, colorbar=colorbar, filename=filename)
+
+
+def _heatmap(panels: Sequence[HeatmapPanel], *, colorbar: str, filename: str) -> Image:
+    import numpy as np
+    from matplotlib import colormaps
+    from matplotlib.colors import PowerNorm
+    from matplotlib.figure import Figure
+
+    size = max(len(labels) for _, labels, _, _ in panels)
+    font = max(5.0, min(9.0, 260 / max(size, 1)))
+    fig = Figure(figsize=(0.6 + 5.6 * len(panels), 6.2), dpi=DPI, layout="constrained")
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    top = max([w for _, _, weights, _ in panels for row in weights for w in row] + [1e-9])
+    norm = PowerNorm(gamma=0.5, vmin=0.0, vmax=top)
+    cmap = colormaps["viridis"].with_extremes(bad="#e6e6e6")
+    image = None
+    for ax, (title, token_labels, weights, hide_future) in zip(axes, panels, strict=True):
+        n = len(token_labels)
+        grid = np.asarray(weights, dtype=float).reshape(n, n)
+        hidden = np.triu(np.ones((n, n), dtype=bool), k=1) if hide_future else np.zeros((n, n), dtype=bool)
+        image = ax.imshow(np.ma.masked_array(grid, mask=hidden), cmap=cmap, norm=norm, interpolation="nearest")
+        labels = [label[:14] for label in token_labels]
+        ax.set_xticks(range(n), labels, rotation=90, fontsize=font)
+        ax.set_yticks(range(n), labels, fontsize=font)
+        ax.set_xlabel("attended to (key)")
+        ax.set_ylabel("attending (query)")
+        ax.set_title("\n".join(one_line(line, 90) for line in title.split("\n")), loc="left", fontsize=10)
+        if n <= 10:  # few cells: write the weights in them
+            for i in range(n):
+                for j in range(n):
+                    if not hidden[i, j]:
+                        light = norm(grid[i, j]) > 0.6
+                        colour = "black" if light else "white"
+                        ax.text(j, i, f"{grid[i, j]:.2f}", ha="center", va="center", fontsize=7, color=colour)
+    if image is not None:
+        fig.colorbar(image, ax=list(axes), shrink=0.8, label=colorbar)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    return Image(filename, buffer.getvalue(), one_line(panels[0][0], 100))
+
+
+# A shaded-text panel: (title, the text cut into pieces (a leading space starts a new word),
+# one value per piece).
+ShadedPanel = tuple[str, Sequence[str], Sequence[float]]
+
+
+def shaded_text(
+    panels: Sequence[ShadedPanel],
+    *,
+    colorbar: str,
+    filename: str = "shaded.png",
+    value_format: str = "{:.1f}",
+    vmax: float | None = None,
+) -> Image:
+    """Each panel's text with every piece shaded by its value (one colour scale), the value under it."""
+    with _style():
+        return _shaded_text(panels, colorbar=colorbar, filename=filename, value_format=value_format, vmax=vmax)
+
+
+def _shaded_layout(
+    pieces: Sequence[str], width: float, measure: Callable[[str, float], float]
+) -> list[tuple[int, float, str]]:
+    """(line, x, label) for each piece, in points, wrapped at ``width``."""
+    line, x, placed = 0, 0.0, []
+    for piece in pieces:
+        breaks = piece.count("\n")
+        body = piece.replace("\n", "").replace("\t", "⇥")
+        gap = 6.0 if body.startswith(" ") else 1.5  # a word starts after a space; subword pieces join
+        label = body.strip(" ") or ("␣" * len(body) if body else "⏎" if breaks else "∅")
+        if breaks and body.strip(" "):
+            label = label + "⏎"
+        size = max(measure(label, 11), measure("00.0", 7)) + 4
+        if x > 0 and x + gap + size > width:
+            line, x = line + 1, 0.0
+        x = x + gap if x > 0 else 0.0
+        placed.append((line, x, label))
+        x += size
+        if breaks:
+            line, x = line + breaks, 0.0
+    return placed
+
+
+def _shaded_text(
+    panels: Sequence[ShadedPanel], *, colorbar: str, filename: str, value_format: str, vmax: float | None
+) -> Image:
+    from matplotlib import colormaps
+    from matplotlib.backends.backend_agg import RendererAgg
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
+    from matplotlib.figure import Figure
+    from matplotlib.font_manager import FontProperties
+
+    measurer = RendererAgg(10, 10, 72)  # 72 dpi: one pixel is one point
+
+    def measure(text: str, size: float) -> float:
+        width, _, _ = measurer.get_text_width_height_descent(text, FontProperties(size=size), ismath=False)
+        return float(width)
+
+    width_pt, margin, line_h, title_h, bar_h = WIDTH * 72, 14.0, 34.0, 22.0, 64.0
+    layouts = [_shaded_layout(pieces, width_pt - 2 * margin, measure) for _, pieces, _ in panels]
+    heights = [title_h + line_h * (1 + max((line for line, _, _ in placed), default=0)) for placed in layouts]
+    total = sum(heights) + bar_h
+    top = vmax if vmax is not None else max([v for _, _, values in panels for v in values] + [1e-9])
+    norm, cmap = Normalize(0.0, top), colormaps["YlOrRd"]
+    fig = Figure(figsize=(WIDTH, total / 72), dpi=DPI)
+    y = total
+    for (title, _, values), placed, height in zip(panels, layouts, heights, strict=True):
+        y -= height
+        ax = fig.add_axes((0, y / total, 1, height / total))
+        ax.set_xlim(0, width_pt)
+        ax.set_ylim(height, 0)
+        ax.axis("off")
+        ax.text(margin, 4, one_line(title, 90), fontsize=10, va="top", ha="left")
+        for (line, x, label), value in zip(placed, values, strict=True):
+            shade = cmap(norm(min(value, top)))
+            dark = 0.299 * shade[0] + 0.587 * shade[1] + 0.114 * shade[2] < 0.5
+            ax.text(
+                margin + x + 2,
+                title_h + line * line_h + 4,
+                label,
+                fontsize=11,
+                va="top",
+                ha="left",
+                color="white" if dark else "black",
+                bbox={"boxstyle": "square,pad=0.12", "facecolor": shade, "edgecolor": "none"},
+            )
+            ax.text(
+                margin + x + 2,
+                title_h + line * line_h + 21,
+                value_format.format(value),
+                fontsize=7,
+                va="top",
+                ha="left",
+                color="#555555",
+            )
+    cax = fig.add_axes((0.1, 34 / total, 0.8, 10 / total))
+    fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), cax=cax, orientation="horizontal", label=colorbar)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    return Image(filename, buffer.getvalue(), one_line(panels[0][0], 100))
+
+
+def grouped_bars(
+    labels: Sequence[str],
+    series: Sequence[tuple[str, Sequence[float]]],
+    *,
+    title: str,
+    xlabel: str,
+    notes: Sequence[str] = (),
+    filename: str = "chart.png",
+) -> Image:
+    """Horizontal bars, one group per label (top to bottom), one bar per series; ``notes`` go
+    right of each group (e.g. "cut by top-k")."""
+    with _style():
+        return _grouped_bars(labels, series, title=title, xlabel=xlabel, notes=notes, filename=filename)
+
+
+def _grouped_bars(
+    labels: Sequence[str],
+    series: Sequence[tuple[str, Sequence[float]]],
+    *,
+    title: str,
+    xlabel: str,
+    notes: Sequence[str],
+    filename: str,
+) -> Image:
+    from matplotlib.figure import Figure
+
+    groups, per = len(labels), max(1, len(series))
+    fig = Figure(figsize=(WIDTH, 1.3 + 0.2 * per * groups), dpi=DPI, layout="constrained")
+    ax = fig.add_subplot()
+    height = 0.8 / per
+    colours = ("#9DA5B4", "#4C72B0", "#DD8452", "#55A868", "#C44E52")
+    top = max([v for _, values in series for v in values] + [1e-9])
+    for s, (name, values) in enumerate(series):
+        positions = [(groups - 1 - g) + 0.4 - height * (s + 0.5) for g in range(groups)]
+        bars = ax.barh(positions, values, height=height, color=colours[s % len(colours)], label=name)
+        if s == len(series) - 1:
+            ax.bar_label(bars, labels=[f"{v:.1%}" if v > 0 else "" for v in values], padding=2, fontsize=8)
+    for g, note in enumerate(notes):
+        if note:
+            ax.text(top * 0.02, groups - 1 - g - 0.38, note, fontsize=7, color="#C44E52", va="bottom")
+    ax.set_yticks(range(groups)[::-1], [one_line(label, 24) for label in labels])
+    ax.set_xlim(0, top * 1.22)
+    ax.set_xlabel(one_line(xlabel, 90))
+    ax.set_title(one_line(title, 80), loc="left", fontsize=11)
+    ax.legend(fontsize=8, loc="lower right")
+    ax.spines[["top", "right"]].set_visible(False)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    return Image(filename, buffer.getvalue(), one_line(title, 100))
