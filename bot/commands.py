@@ -372,6 +372,9 @@ class Reply:
             raise TypeError(f"a Reply's code must be a CodeBlock, not {type(self.code).__name__}")
         if not isinstance(self.data, dict):
             raise TypeError(f"a Reply's data must be a dict, not {type(self.data).__name__}")
+        # A chart that could not be drawn comes back with no data (bot.charts.render): the
+        # reply goes without it rather than failing.
+        self.images = [image for image in self.images if image.data]
 
     @classmethod
     def failure(cls, message: str, *, ephemeral: bool = True, **data: Any) -> Reply:

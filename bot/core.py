@@ -59,11 +59,14 @@ async def plugins_command(ctx: Context) -> Reply:
     # Load errors may name files on the host: owners see them, everyone else sees that it failed.
     owner = ctx.user.is_owner
     rows = []
+    stalls = getattr(ctx.app, "stalls", {})  # handlers that blocked the event loop (bot.app.LoopStall)
     for record in ctx.app.plugin_records:
         commands = ", ".join(f"/{c}" for c in record.commands) or "-"
         status = record.status
         if record.error:
             status = f"{record.status}: {record.error}" if owner else "failed to load"
+        if stall := stalls.get(record.name):
+            status += f"; {stall.describe()}"
         rows.append([record.name, record.version or "-", record.source, commands, status])
     data = [
         {
@@ -73,6 +76,7 @@ async def plugins_command(ctx: Context) -> Reply:
             "commands": r.commands,
             "status": r.status,
             "error": r.error if owner else "",
+            "stalls": stalls[r.name].count if r.name in stalls else 0,
         }
         for r in ctx.app.plugin_records
     ]
