@@ -6,8 +6,11 @@
     with the service's own task function (c prompts per forward at concurrency c),
     in trials alternating with (c) so both see the same machine (medians shown);
 (c) the service end to end: the asyncio client, the queue, a worker process;
-(d) with --ray, the same client on Ray Serve (one replica on a local Ray instance;
-    run it in a loopback-only namespace: unshare -n sh -c 'ip link set lo up && python bench/inference.py --ray').
+(d) with --ray, the same client on Ray Serve (one replica on a local Ray instance, given the
+    machine's cores as the local worker has them), in trials alternating with a (c) of its own,
+    with the Ray path's breakdown in ms (where a request's time goes) and the ratios d/c;
+    --ray-only runs just that part. Run it in a loopback-only namespace:
+    unshare -n sh -c 'ip link set lo up && python bench/inference.py --ray'.
 
 Prints req/s and p50/p99 latency for each way at concurrency 1, 8 and 64, the
 ratios c/a and c/b, and the bot process's RSS without models. The last line is
@@ -191,6 +194,86 @@ async def way_c(levels: list[int], rounds: int, backend: str = "local") -> dict[
         await client.close()
 
 
+# ---------------------------------------------------------------------- (d) the service on Ray Serve (--ray)
+
+
+async def ray_vs_local(levels: list[int], rounds: int, trials: int) -> dict[str, object]:
+    """(d) the client on Ray Serve against (c) the local workers, in alternating trials.
+
+    Both serve the same model at once; each trial of one is followed by a trial of the
+    other, so the ratio d/c compares them on the same machine. The replica gets the
+    machine's cores (Ray sets its torch threads from ``ray_num_cpus``), as the local
+    worker has them. Each result carries the replica's timestamps, so the Ray trial also
+    says where a request's time went (median ms per stage, ``RayInferenceClient.breakdown``).
+    """
+    from typing import Any
+
+    from bot.config import parse_config
+    from bot.inference.client import InferenceClient, create_client
+    from bot.inference.protocol import NextToken
+    from bot.inference.ray_backend import RayInferenceClient
+    from bot.inference.registry import BUILTIN_ROLES
+
+    roles = {r.name: r for r in BUILTIN_ROLES}
+    cores = os.cpu_count() or 2
+
+    def make(backend: str) -> InferenceClient:
+        inference = {"offline": "always", "backend": backend, "ray_num_cpus": cores}
+        return create_client(parse_config({"inference": inference, "bot": {"log_level": "WARNING"}}), roles)
+
+    on_ray = make("ray")
+    assert isinstance(on_ray, RayInferenceClient)
+    clients = {"c": make("local"), "d": on_ray}
+    figures: dict[str, dict[str, Any]] = {}
+    try:
+        for client in clients.values():
+            await client.start()
+            for prompt in PROMPTS[:8]:  # warm up (and load the model)
+                await client.submit(NextToken(prompt, k=5))
+        print(f"\n{'conc':>4}  {'way':<22} {'req/s':>7} {'p50 ms':>8} {'p99 ms':>8}   (d vs c, alternating trials)")
+        for n in levels:
+            runs: dict[str, list[dict[str, float]]] = {"c": [], "d": []}
+            breakdowns: list[dict[str, float]] = []
+            for _ in range(trials):
+                for way, client in clients.items():
+
+                    async def call(prompt: str, client: InferenceClient = client) -> object:
+                        return await client.submit(NextToken(prompt, k=5))
+
+                    runs[way].append(await closed_loop(call, n, rounds))
+                    if way == "d":
+                        breakdowns.append(on_ray.breakdown(last=len(PROMPTS) * rounds))
+            c, d = median_trial(runs["c"]), median_trial(runs["d"])
+            breakdown = breakdowns[runs["d"].index(d)]
+            level = {
+                "c": c,
+                "d": d,
+                "d_over_c": d["req_s"] / c["req_s"],
+                "d_p50_added_ms": d["p50_ms"] - c["p50_ms"],
+                "ray_breakdown_ms": breakdown,
+            }
+            figures[str(n)] = level
+            for way, row in (("c) local workers", c), ("d) service on Ray", d)):
+                print(f"{n:>4}  {way:<22} {row['req_s']:7.1f} {row['p50_ms']:8.1f} {row['p99_ms']:8.1f}")
+            print(
+                f"      d/c {level['d_over_c']:.2f}x throughput; Ray adds {level['d_p50_added_ms']:+.1f} ms p50; "
+                f"mean batch {breakdown.get('batch_size_mean', 0):.1f}"
+            )
+            stages = [k for k in breakdown if k not in ("batch_size_mean", "requests")]
+            print("      Ray path, median ms: " + ", ".join(f"{k} {breakdown[k]:.1f}" for k in stages))
+    finally:
+        for client in clients.values():
+            await client.close()
+    targets = {}
+    if "64" in figures:
+        targets["d >= 0.8 c at 64"] = figures["64"]["d_over_c"] >= 0.8
+    if "1" in figures:
+        targets["d adds <= 10 ms p50 at 1"] = figures["1"]["d_p50_added_ms"] <= 10
+    for name, met in targets.items():
+        print(f"target {name}: {'met' if met else 'NOT met'}")
+    return {"ray": {**figures, "targets_met": targets, "replica_cpus": cores}}
+
+
 def bot_rss_mb() -> float:
     """RSS of a bot process: config, plugins, commands and a started service, no models."""
     probe = (
@@ -216,9 +299,14 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2, help="times each of the 64 prompts is sent per trial")
     parser.add_argument("--trials", type=int, default=3, help="alternating trials of (b) and (c); medians shown")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 64])
-    parser.add_argument("--ray", action="store_true", help="also (d): the service on a local Ray Serve")
+    parser.add_argument("--ray", action="store_true", help="also (d): the service on a local Ray Serve, against (c)")
+    parser.add_argument("--ray-only", action="store_true", help="only (d) against (c), with the Ray breakdown")
     args = parser.parse_args()
     levels = args.concurrency
+    ray_figures = asyncio.run(ray_vs_local(levels, args.rounds, args.trials)) if args.ray or args.ray_only else {}
+    if args.ray_only:
+        print(json.dumps(ray_figures))
+        return
 
     print(
         f"{len(PROMPTS)} prompts; (b) and (c): median of {args.trials} alternating trials of {args.rounds} rounds; "
@@ -226,7 +314,6 @@ def main() -> None:
         f"concurrency {levels}",
         flush=True,
     )
-    d = asyncio.run(way_c(levels, args.rounds, "ray")) if args.ray else {}
     model, tokenizer, label = load_model()
     print(f"model: {label}", flush=True)
     way_a(model, tokenizer, 1, 1)  # warm up
@@ -239,8 +326,6 @@ def main() -> None:
     print(f"\n{'conc':>4}  {'way':<22} {'req/s':>7} {'p50 ms':>8} {'p99 ms':>8}")
     for n in levels:
         ways = [("a) one forward each", a[n]), ("b) padded batch", b[n]), ("c) service", c[n])]
-        if d:
-            ways.append(("d) service on Ray", d[n]))
         for name, row in ways:
             print(f"{n:>4}  {name:<22} {row['req_s']:7.1f} {row['p50_ms']:8.1f} {row['p99_ms']:8.1f}")
         ratios = {
@@ -252,10 +337,7 @@ def main() -> None:
             f"      throughput c/a {ratios['c_over_a']:.2f}x, c/b {ratios['c_over_b']:.2f}x; "
             f"p50 latency c/a {ratios['c_p50_over_a_p50']:.2f}x"
         )
-        if d:
-            ratios["d_over_c"] = d[n]["req_s"] / c[n]["req_s"]
-            print(f"      Ray Serve vs local workers: d/c {ratios['d_over_c']:.2f}x throughput")
-        figures[str(n)] = {"a": a[n], "b": b[n], "c": c[n], **({"d": d[n]} if d else {}), **ratios}
+        figures[str(n)] = {"a": a[n], "b": b[n], "c": c[n], **ratios}
     print(f"\nbot process RSS without models: {rss:.0f} MB (torch not imported)")
     targets = {
         "c >= 0.9 b at 64": figures.get("64", {}).get("c_over_b", 0) >= 0.9 if "64" in figures else None,
@@ -267,6 +349,7 @@ def main() -> None:
         if met is not None:
             print(f"target {name}: {'met' if met else 'NOT met'}")
     figures["targets_met"] = targets
+    figures.update(ray_figures)  # "ray": (c) and (d) per concurrency, d/c, the breakdown, its targets
     print(json.dumps(figures))
 
 
