@@ -1,21 +1,29 @@
 """Study material: /topic shows a topic's card, /quiz asks its questions and keeps scores.
 
-Cards and questions are registered by each topic's own plugin (see ``Topic``);
-this plugin only presents them. Scores live in SQLite, per server:
-``[plugins.options.study] quiz_db = "path"`` (default ``~/.local/share/lmbot/quiz.sqlite3``).
+Cards and questions are registered by each topic's own plugin (see ``Topic``); this plugin only
+presents them. Scores live in ``[plugins.options.study] quiz_db``: a SQLite path (default
+``~/.local/share/lmbot/quiz.sqlite3``) or a ``postgresql://`` URL shared by several bot processes
+(see ``plugins/_scores.py``). Each server keeps its own leaderboard; a direct message or the
+console is a scope of its own, one per person.
+
+Quiz answers must be earned. Each question is sent with a token the server signs with a secret
+kept in the score database: the question, the scope it was asked in, a fresh nonce, and a tag for
+the person asked. The order of the choices is derived from the same secret, so a button's id
+names a letter that only the server can map to a choice. An answer without a valid token scores
+nothing; a classmate pressing someone else's button sees the answer but scores nothing; a second
+answer to a question scores nothing (the database's primary key).
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
+import base64
+import hashlib
+import hmac
+import logging
 import os
 import random
-import sqlite3
-import threading
-import time
-from collections.abc import Callable, Iterator
-from pathlib import Path
+import re
+from collections.abc import Callable, Sequence
 
 from bot import (
     Boolean,
@@ -24,6 +32,7 @@ from bot import (
     CommandError,
     Context,
     Field,
+    QuizQuestion,
     Reply,
     Table,
     Text,
@@ -31,197 +40,333 @@ from bot import (
     UserError,
     command,
     hookimpl,
+    plugin_options,
 )
-from bot.parsing import parse_options, split_command
-from bot.topics import QuizQuestion
+from plugins._scores import DEFAULT_DB, ScoreStore, ScoresUnavailable, open_store
 
-DEFAULT_DB = "~/.local/share/lmbot/quiz.sqlite3"
+log = logging.getLogger(__name__)
+
 LETTERS = "ABCDE"
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS answers (
-    guild TEXT NOT NULL,
-    user TEXT NOT NULL,
-    name TEXT NOT NULL,
-    question TEXT NOT NULL,
-    correct INTEGER NOT NULL,
-    at REAL NOT NULL,
-    PRIMARY KEY (guild, user, question)
-)
-"""
+NONCE_CHARS = 6  # base64url characters: 36 random bits, a fresh choice order per asking
+MAC_BYTES, TAG_BYTES = 9, 6  # 12 + 8 base64url characters
+SIGNATURE_CHARS = (MAC_BYTES + TAG_BYTES) * 4 // 3
+FIELD_VALUE = 1024  # Discord's limit on one embed field
+MAX_COMMAND_LINE = 300  # a "go deeper" line longer than this is not shown
+PLACEHOLDER = re.compile(r"<[^<>]+>")  # `/summarize text:<a paragraph>` is for the reader to fill in
 
 
-_init_lock = threading.Lock()
-_initialised: set[Path] = set()
+def scores_for(ctx: Context) -> ScoreStore:
+    return open_store(str(plugin_options(ctx, "study")["quiz_db"]))
 
 
-class Scores:
-    """Quiz answers in SQLite. Only a user's first answer to a question counts, and the
-    primary key makes that hold even when two answers arrive at the same moment."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-
-    @contextlib.contextmanager
-    def _connect(self) -> Iterator[sqlite3.Connection]:
-        """A connection for one transaction (committed on success), closed afterwards."""
-        with _init_lock:
-            if self.path not in _initialised:
-                # Once per file: switching the journal mode needs the database to itself.
-                self.path.parent.mkdir(parents=True, exist_ok=True)
-                with contextlib.closing(sqlite3.connect(self.path, timeout=30)) as db, db:
-                    db.execute("PRAGMA journal_mode=WAL")  # readers do not block the writer
-                    db.execute(SCHEMA)
-                _initialised.add(self.path)
-        with contextlib.closing(sqlite3.connect(self.path, timeout=30)) as db, db:
-            yield db
-
-    def record(self, guild: str, user: str, name: str, question: str, correct: bool) -> bool:
-        """Store an answer; False if this user already answered this question here."""
-        with self._connect() as db:
-            cursor = db.execute(
-                "INSERT OR IGNORE INTO answers VALUES (?, ?, ?, ?, ?, ?)",
-                (guild, user, name, question, int(correct), time.time()),
-            )
-            return cursor.rowcount == 1
-
-    def score(self, guild: str, user: str) -> tuple[int, int]:
-        with self._connect() as db:
-            row = db.execute(
-                "SELECT COALESCE(SUM(correct), 0), COUNT(*) FROM answers WHERE guild = ? AND user = ?", (guild, user)
-            ).fetchone()
-        return int(row[0]), int(row[1])
-
-    def leaderboard(self, guild: str, limit: int = 10) -> list[tuple[str, int, int]]:
-        with self._connect() as db:
-            rows = db.execute(
-                "SELECT MAX(name), SUM(correct) AS right, COUNT(*) FROM answers WHERE guild = ? "
-                "GROUP BY user ORDER BY right DESC, COUNT(*) ASC, MAX(name) LIMIT ?",
-                (guild, limit),
-            ).fetchall()
-        return [(name, int(right), int(total)) for name, right, total in rows]
+def scope_of(ctx: Context) -> str:
+    """Whose leaderboard an answer counts on: a server's, or one person's own (DMs, console)."""
+    if ctx.guild_id:
+        return str(ctx.guild_id)
+    return f"{ctx.transport}:{ctx.user.id}"
 
 
-def scores_for(ctx: Context) -> Scores:
-    options = ctx.config.plugins.options.get("study", {})
-    return Scores(Path(os.path.expanduser(str(options.get("quiz_db", DEFAULT_DB)))))
+# --------------------------------------------------------------------------- /topic
+
+
+def ordered_topics(ctx: Context) -> list[Topic]:
+    """The cards in course order, numbered from 1 in `/topic`'s list."""
+    return sorted(ctx.app.registry.topics.values(), key=lambda t: (t.order, t.slug))
 
 
 def find_topic(ctx: Context, name: str) -> Topic:
-    topics: dict[str, Topic] = ctx.app.registry.topics
+    topics = ordered_topics(ctx)
     wanted = name.strip().lower()
-    for topic in topics.values():
+    number = wanted.removeprefix("#")
+    if number.isascii() and number.isdigit():
+        if 1 <= int(number) <= len(topics):
+            return topics[int(number) - 1]
+        raise UserError(f"There is no topic {number[:6]}: the topics are numbered 1 to {len(topics)} (see /topic).")
+    for topic in topics:
         if wanted in (topic.slug, topic.title.lower()):
             return topic
-    matches = [t for t in topics.values() if wanted in t.slug or wanted in t.title.lower()]
+    matches = [t for t in topics if wanted in t.slug or wanted in t.title.lower()]
     if len(matches) == 1:
         return matches[0]
-    known = ", ".join(sorted(topics))
+    known = ", ".join(sorted(t.slug for t in topics))
     raise UserError(f"No topic called “{name.strip()[:40]}”. Topics: {known}.")
+
+
+def runnable(ctx: Context, card: Topic) -> bool:
+    """Whether the card's command can run as written: a command this bot has, nothing to fill in."""
+    words = card.try_command.split()
+    if not words or not words[0].startswith("/") or PLACEHOLDER.search(card.try_command):
+        return False
+    cmd = ctx.app.registry.commands.get(words[0][1:])
+    # A card that points at a card (`/topic ...`) would run itself; an owner's command is not for students.
+    return cmd is not None and not cmd.owner_only and cmd.name != "topic"
+
+
+def _names_a_command(ctx: Context, line: str) -> bool:
+    words = line.split()
+    cmd = ctx.app.registry.commands.get(words[0][1:]) if words and words[0].startswith("/") else None
+    return cmd is not None and not cmd.owner_only
+
+
+def _code(line: str) -> str:
+    fence = "``" if "`" in line else "`"
+    return f"{fence} {line} {fence}" if fence == "``" else f"`{line}`"
+
+
+def command_lines(lines: Sequence[str], limit: int = FIELD_VALUE) -> str:
+    """Command lines as a list that fits in ``limit`` characters; what does not fit is counted."""
+    shown: list[str] = []
+    for n, line in enumerate(lines):
+        one = " ".join(line.split())
+        if not one or len(one) > MAX_COMMAND_LINE:
+            continue
+        item = f"• {_code(one)}"
+        rest = len(lines) - n - 1
+        tail = f"\n… and {rest} more" if rest else ""
+        if len("\n".join([*shown, item])) + len(tail) > limit:
+            shown.append(f"… and {len(lines) - n} more")
+            break
+        shown.append(item)
+    return "\n".join(shown)
 
 
 @command(
     "topic",
     "A study card: the key idea, a table, a command to try, questions to discuss",
-    options=[Text("name", "The topic (leave out to list them all)", required=False, max_length=60)],
+    options=[
+        Text("name", "The topic, by name or number (leave out to list them all)", required=False, max_length=60),
+        Text("try", "Run a topic's example command (the card's Try it button)", required=False, max_length=60),
+    ],
 )
-async def topic(ctx: Context, name: str | None) -> Reply:
-    topics = sorted(ctx.app.registry.topics.values(), key=lambda t: t.order)
+async def topic(ctx: Context, name: str | None, **more: str | None) -> Reply:
+    # "try" is a Python keyword, so it arrives through **more.
+    if more.get("try"):
+        return await _try(ctx, str(more["try"]))
     if not name:
+        topics = ordered_topics(ctx)
         rows = [[str(n), t.slug, t.title, t.try_command.split(" ")[0]] for n, t in enumerate(topics, 1)]
         return Reply(
             title="Course topics",
-            text="Open one with `/topic name:<name>`; test yourself with `/quiz`.",
+            text="Open one with `/topic name:<name or number>`; test yourself with `/quiz`.",
             table=Table(["#", "name", "topic", "try"], rows, align="rlll"),
             data={"topics": [t.slug for t in topics]},
         )
     card = find_topic(ctx, name)
-    fields = [Field("try", f"`{card.try_command}`", inline=False)] if card.try_command else []
+    fields = [Field("try", _code(card.try_command), inline=False)] if card.try_command else []
     if card.questions:
-        fields.append(Field("discuss", "\n".join(f"• {q}" for q in card.questions), inline=False))
-    buttons = [b for b in (_try_button(ctx, card), Button("Quiz me", "quiz", "topic", card.slug)) if b is not None]
+        fields.append(Field("discuss", "\n".join(f"• {q}" for q in card.questions)[:FIELD_VALUE], inline=False))
+    # Only lines this bot can run (a plugin may be disabled, or not installed here).
+    deeper = command_lines([line for line in card.go_deeper if _names_a_command(ctx, line)])
+    if deeper:
+        fields.append(Field("go deeper", deeper, inline=False))
+    buttons = [Button("Try it", "topic", "try", card.slug)] if runnable(ctx, card) else []
+    buttons.append(Button("Quiz me", "quiz", "topic", card.slug))
     return Reply(
         title=card.title,
         text=card.key_idea,
         table=card.table,
         fields=fields,
         buttons=buttons,
-        data={"topic": card.slug, "questions": list(card.questions), "quiz_questions": len(card.quiz)},
+        data={
+            "topic": card.slug,
+            "questions": list(card.questions),
+            "quiz_questions": len(card.quiz),
+            "go_deeper": list(card.go_deeper),
+        },
     )
 
 
-def _try_button(ctx: Context, card: Topic) -> Button | None:
-    """The card's command as a button, when it is one command with one option."""
+async def _try(ctx: Context, name: str) -> Reply:
+    """Run a card's whole command, options and all, for whoever pressed its Try it button."""
+    card = find_topic(ctx, name)
+    if not runnable(ctx, card):
+        shown = f" Its card suggests `{card.try_command}`: fill in your own text." if card.try_command else ""
+        raise UserError(f"The “{card.title}” card has no command to run as it is.{shown}")
     try:
-        cmd, rest = split_command(card.try_command, ctx.app.registry.commands)
-        texts = parse_options(cmd, rest)
-    except CommandError:  # no such command here (a disabled plugin), or no command at all
-        return None
-    if len(texts) != 1:
-        return None
-    ((option, value),) = texts.items()
-    if value.startswith("<") and value.endswith(">"):  # a placeholder for the reader to fill in
-        return None
-    return Button("Try it", cmd.name, option, value)
+        reply: Reply = await ctx.app.execute_line(card.try_command, ctx)
+    except CommandError as exc:  # the card's line is malformed: the plugin's mistake, told in words
+        log.warning("the %s card's command %r does not parse: %s", card.slug, card.try_command, exc)
+        raise UserError(f"The “{card.title}” card's example does not run on this bot.") from None
+    if reply.error and reply.data.get("error_kind") == "NoModelForRole":
+        return _no_model(ctx, card, reply)
+    return reply
 
 
-def shuffled(count: int, seed: int) -> list[int]:
-    """The display order of a question's choices for one asking."""
-    return random.Random(seed).sample(range(count), count)
+def _no_model(ctx: Context, card: Topic, reply: Reply) -> Reply:
+    """A student-facing line for a command whose model this server lacks; the operator's
+    message (which config key to set) goes to the log, and `lmbot models` shows it too."""
+    name = card.try_command.split()[0].lstrip("/")
+    log.warning("/topic try:%s: %s", card.slug, reply.text)
+    roles = ctx.app.registry.roles
+    role = next((roles[r] for r in re.findall(r"`([a-z0-9_-]+)`", reply.text) if r in roles), None)
+    missing = _lower_first(role.description) if role is not None else "model for it"
+    description = ctx.app.registry.commands[name].description.rstrip(".")
+    text = (
+        f"This server has no {missing}, so `/{name}` cannot run here. What it does: {description}. "
+        "The card explains what it would show; on a bot with that model, Try it runs it."
+    )
+    return Reply.failure(text, ephemeral=False, error_kind="NoModelForRole", topic=card.slug)
+
+
+def _lower_first(text: str) -> str:
+    return text[:1].lower() + text[1:]
+
+
+# --------------------------------------------------------------------------- question tokens
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).decode().rstrip("=")
+
+
+def _payload(scope: str, question_id: str, question: QuizQuestion, nonce: str) -> bytes:
+    # The question's content is signed too: a token for a question that has since been rewritten fails.
+    content = repr((question.question, tuple(question.choices), question.answer)).encode()
+    digest = hashlib.sha256(content).hexdigest()[:16]
+    return "\x1f".join(("lmbot-quiz-1", scope, question_id, digest, nonce)).encode()
+
+
+def _mac(key: bytes, purpose: bytes, message: bytes) -> bytes:
+    return hmac.new(key, purpose + b"\x1e" + message, hashlib.sha256).digest()
+
+
+def question_mac(key: bytes, payload: bytes) -> str:
+    """Proves the server asked this question in this scope."""
+    return _b64(_mac(key, b"ask", payload)[:MAC_BYTES])
+
+
+def asker_tag(key: bytes, mac: str, user_id: str) -> str:
+    """Proves whom it was asked to."""
+    return _b64(_mac(key, b"who", f"{mac}\x1f{user_id}".encode())[:TAG_BYTES])
+
+
+def display_order(key: bytes, payload: bytes, count: int) -> list[int]:
+    """The order the choices are shown in (shown position -> choice index), secret to the server."""
+    stream = _mac(key, b"order", payload)
+    order = list(range(count))
+    for i in range(count - 1, 0, -1):  # Fisher-Yates on the keyed hash's bytes
+        j = int.from_bytes(stream[2 * i : 2 * i + 2], "big") % (i + 1)
+        order[i], order[j] = order[j], order[i]
+    return order
 
 
 def _questions(ctx: Context, name: str | None) -> list[tuple[str, QuizQuestion]]:
-    topics = [find_topic(ctx, name)] if name else list(ctx.app.registry.topics.values())
+    topics = [find_topic(ctx, name)] if name else ordered_topics(ctx)
     return [(f"{t.slug}.{n}", q) for t in topics for n, q in enumerate(t.quiz)]
 
 
-def _ask(ctx: Context, name: str | None) -> Reply:
+async def _ask(ctx: Context, name: str | None) -> Reply:
     pool = _questions(ctx, name)
     if not pool:
         raise UserError("There are no quiz questions for that topic yet.")
-    qid, question = random.choice(pool)
-    # A fresh order each time, rebuilt from the seed when the answer comes back, so the
-    # answer names only a letter and never gives away which choice is right.
-    seed = random.randrange(1_000_000)
-    order = shuffled(len(question.choices), seed)
+    question_id, question = random.choice(pool)
+    store = scores_for(ctx)
+    key = await store.key() or store.local_key
+    nonce = _b64(os.urandom(6))[:NONCE_CHARS]
+    payload = _payload(scope_of(ctx), question_id, question, nonce)
+    mac = question_mac(key, payload)
+    token = f"{question_id}.{nonce}.{mac}{asker_tag(key, mac, ctx.user.id)}"
+    order = display_order(key, payload, len(question.choices))
     buttons = [
-        Button(
-            f"{LETTERS[shown]}. {question.choices[original]}"[:80], "quiz", "answer", f"{qid}.{seed}.{LETTERS[shown]}"
-        )
-        for shown, original in enumerate(order)
+        Button(f"{LETTERS[shown]}. {question.choices[choice]}"[:80], "quiz", "answer", f"{token}.{LETTERS[shown]}")
+        for shown, choice in enumerate(order)
     ]
     return Reply(
-        title=f"Quiz: {ctx.app.registry.topics[qid.rsplit('.', 1)[0]].title}",
+        title=f"Quiz: {ctx.app.registry.topics[question_id.rsplit('.', 1)[0]].title}",
         text=question.question,
         buttons=buttons,
-        data={"question": qid, "choices": [question.choices[i] for i in order]},
+        data={"question": question_id, "choices": [question.choices[i] for i in order]},
     )
 
 
+NOT_ASKED = "That answer is not to a question the bot asked here, so it scores nothing; start a new one with /quiz."
+
+
 async def _answer(ctx: Context, answer: str) -> Reply:
-    try:
-        slug, number, seed, letter = answer.rsplit(".", 3)
-        question = ctx.app.registry.topics[slug].quiz[int(number)]
-        picked = shuffled(len(question.choices), int(seed))[LETTERS.index(letter.upper())]
-    except (ValueError, KeyError, IndexError):
-        raise UserError("That answer does not match a quiz question; start a new one with /quiz.") from None
-    correct = picked == question.answer
-    guild = ctx.guild_id or ctx.transport
-    scores = scores_for(ctx)
-    first = await asyncio.to_thread(scores.record, guild, ctx.user.id, ctx.user.name, f"{slug}.{number}", correct)
-    right, total = await asyncio.to_thread(scores.score, guild, ctx.user.id)
+    parts = answer.split(".")
+    if len(parts) != 5:
+        raise UserError(NOT_ASKED)
+    slug, number, nonce, signature, letter = parts
+    topic = ctx.app.registry.topics.get(slug)
+    if (
+        topic is None
+        or not (number.isascii() and number.isdigit() and int(number) < len(topic.quiz))
+        or len(nonce) != NONCE_CHARS
+        or len(signature) != SIGNATURE_CHARS
+        or letter not in LETTERS[: len(topic.quiz[int(number)].choices)]
+    ):
+        raise UserError(NOT_ASKED)
+    question_id, question = f"{slug}.{number}", topic.quiz[int(number)]
+    mac, tag = signature[: MAC_BYTES * 4 // 3], signature[MAC_BYTES * 4 // 3 :]
+    store = scores_for(ctx)
+    database_key = await store.key()
+    payload = _payload(scope_of(ctx), question_id, question, nonce)
+    key = next(
+        (k for k in (database_key, store.local_key) if k and hmac.compare_digest(question_mac(k, payload), mac)), None
+    )
+    if key is None:
+        if database_key is None:  # it may be signed with the key we cannot read now
+            raise UserError(f"Your answer cannot be checked right now: {store.key_problem}.")
+        raise UserError(NOT_ASKED)
+    correct = display_order(key, payload, len(question.choices))[LETTERS.index(letter)] == question.answer
     verdict = "Correct!" if correct else f"Not quite: the answer is “{question.choices[question.answer]}”."
-    note = "" if first else " (You had answered this one before; only your first answer counts.)"
+    notes: list[str] = []
+    fields: list[Field] = []
+    own = hmac.compare_digest(asker_tag(key, mac, ctx.user.id), tag)
+    counted = saved = False
+    score: list[int] | None = None
+    if not own:
+        notes.append("This question was asked to someone else, so your answer does not count; /quiz asks you one.")
+    else:
+        try:
+            counted, right, total = await store.record(scope_of(ctx), ctx.user.id, ctx.user.name, question_id, correct)
+        except ScoresUnavailable as exc:
+            notes.append(f"Your answer was not saved: {exc}.")
+        else:
+            saved, score = True, [right, total]
+            fields.append(Field("score", f"{right} of {total} right"))
+            if not counted:
+                notes.append("You had answered this one before; only your first answer counts.")
     return Reply(
         title=f"{ctx.user.name}: {verdict}",
-        text=f"{question.why}{note}",
-        fields=[Field("score", f"{right} of {total} right")],
+        text="\n".join([question.why, *notes]),
+        fields=fields,
         buttons=[
             Button("Next question", "quiz", "topic", slug),
             Button("Study card", "topic", "name", slug),
             Button("Scores", "quiz", "leaderboard", "true"),
         ],
-        data={"question": f"{slug}.{number}", "correct": correct, "counted": first, "score": [right, total]},
+        data={
+            "question": question_id,
+            "correct": correct,
+            "counted": counted,
+            "saved": saved,
+            "own": own,
+            "score": score,
+        },
     )
+
+
+async def _leaderboard(ctx: Context) -> Reply:
+    try:
+        rows = await scores_for(ctx).leaderboard(scope_of(ctx))
+    except ScoresUnavailable as exc:
+        return Reply.failure(f"The scores cannot be read right now: {exc}.", ephemeral=False)
+    if ctx.guild_id:
+        empty, shown = "No quiz answers on this server yet.", "Scores on this server."
+    else:
+        empty, shown = (
+            "No quiz answers from you here yet.",
+            "Your own scores: outside a server, each person has a board.",
+        )
+    if not rows:
+        return Reply(f"{empty} Start with /quiz.", title="Quiz leaderboard", data={"leaderboard": []})
+    table = Table(
+        ["#", "who", "right", "answered"],
+        [[str(n), who, str(r), str(t)] for n, (who, r, t) in enumerate(rows, 1)],
+        align="rlrr",
+    )
+    return Reply(title="Quiz leaderboard", text=shown, table=table, data={"leaderboard": rows})
 
 
 @command(
@@ -236,18 +381,10 @@ async def _answer(ctx: Context, answer: str) -> Reply:
 async def quiz(ctx: Context, topic: str | None, answer: str | None, leaderboard: bool) -> Reply:
     # `/quiz scores` reads naturally in the console; on Discord it is `topic: scores` or `leaderboard: True`.
     if leaderboard or (topic or "").strip().lower() in ("scores", "leaderboard"):
-        rows = await asyncio.to_thread(scores_for(ctx).leaderboard, ctx.guild_id or ctx.transport)
-        if not rows:
-            return Reply("No quiz answers here yet. Start with /quiz.", data={"leaderboard": []})
-        table = Table(
-            ["#", "who", "right", "answered"],
-            [[str(n), who, str(r), str(t)] for n, (who, r, t) in enumerate(rows, 1)],
-            align="rlrr",
-        )
-        return Reply(title="Quiz leaderboard", table=table, data={"leaderboard": rows})
+        return await _leaderboard(ctx)
     if answer:
         return await _answer(ctx, answer.strip())
-    return _ask(ctx, topic)
+    return await _ask(ctx, topic)
 
 
 @hookimpl
@@ -258,5 +395,5 @@ def register_commands(register: Callable[[Command], None]) -> None:
 
 @hookimpl
 def register_options(register: Callable[[Text], None]) -> None:
-    # [plugins.options.study] quiz_db: the SQLite file that keeps quiz scores.
-    register(Text("quiz_db", "The SQLite file that keeps quiz scores", default=DEFAULT_DB, max_length=4096))
+    # [plugins.options.study] quiz_db: where quiz scores are kept.
+    register(Text("quiz_db", "Quiz scores: a SQLite file, or a postgresql:// URL", default=DEFAULT_DB, max_length=4096))

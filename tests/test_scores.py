@@ -1,0 +1,388 @@
+"""Quiz score storage: one set of tests on SQLite and on a real PostgreSQL server.
+
+Same leaderboard semantics on both; answers from two processes at once lose nothing; a database
+that is locked, full, corrupt, read-only or down costs a student one clear line (their answer and
+its explanation are still shown), slows nothing else, and is left as it was.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import multiprocessing
+import os
+import pwd
+import shutil
+import sqlite3
+import subprocess
+import tempfile
+import time
+from collections.abc import AsyncIterator, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import plugins._scores as scores_module
+from bot.app import App
+from bot.commands import Context, User
+from plugins._scores import ScoresUnavailable, open_store, redact_url
+from tests import score_writers, study_fixtures
+from tests.conftest import make_config
+from tests.postgres import postgres_server, postgres_url  # noqa: F401  (fixtures)
+
+BACKENDS = ["sqlite", "postgresql"]
+
+
+@pytest.fixture(params=BACKENDS)
+def quiz_db(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A fresh score database: a SQLite path, or a PostgreSQL URL on the test server."""
+    if request.param == "sqlite":
+        return str(tmp_path / "scores" / "quiz.sqlite3")
+    return str(request.getfixturevalue("postgres_url"))
+
+
+def rows_of(spec: str) -> list[tuple[Any, ...]]:
+    """Every stored answer, read directly with the driver (not through the store)."""
+    query = "SELECT scope, user_id, name, question, correct FROM quiz_answers ORDER BY scope, user_id, question"
+    if spec.startswith("postgresql://"):
+        import psycopg
+
+        with psycopg.connect(spec) as db:
+            return [tuple(r) for r in db.execute(query).fetchall()]
+    with contextlib.closing(sqlite3.connect(spec)) as db:
+        assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+        return db.execute(query).fetchall()
+
+
+# --------------------------------------------------------------------------- semantics
+
+
+async def test_first_answers_count_and_the_board_orders_them(quiz_db: str) -> None:
+    store = open_store(quiz_db)
+    assert await store.record("g1", "u1", "Ann", "t.0", True) == (True, 1, 1)
+    assert await store.record("g1", "u1", "Ann", "t.0", False) == (False, 1, 1)  # only the first answer counts
+    assert await store.record("g1", "u1", "Ann", "t.1", False) == (True, 1, 2)
+    await store.record("g1", "u2", "amy", "t.0", True)
+    await store.record("g1", "u3", "Zed", "t.0", True)
+    await store.record("g1", "u4", "cy", "t.0", False)
+    await store.record("g2", "u4", "cy", "t.0", True)  # another scope: its own board
+    board = await store.leaderboard("g1")
+    # Most right first, then fewer answers, then the name by code point ("Zed" before "amy"),
+    # whatever the server's locale (the test server's databases sort "amy" first by default).
+    if quiz_db.startswith("postgresql://"):
+        import psycopg
+
+        with psycopg.connect(quiz_db) as db:
+            assert db.execute("SELECT 'amy' < 'Zed'").fetchone() == (True,)
+    assert board == [("Zed", 1, 1), ("amy", 1, 1), ("Ann", 1, 2), ("cy", 0, 1)]
+    assert await store.leaderboard("g1", limit=2) == board[:2]
+    assert await store.leaderboard("g2") == [("cy", 1, 1)]
+    assert await store.score("g1", "u1") == (1, 2)
+    assert await store.score("g1", "nobody") == (0, 0)
+    assert await store.leaderboard("empty") == []
+    # The signing key is made once and is the same for every reader (another process included).
+    key = await store.key()
+    assert key is not None and len(key) == 32
+    scores_module._stores.pop(quiz_db.strip())
+    assert await open_store(quiz_db).key() == key
+
+
+def test_answers_sent_twice_at_once_count_once(quiz_db: str) -> None:
+    backend = open_store(quiz_db).backend
+
+    def answer(i: int) -> bool:
+        # 20 users answer two questions each, and every answer is sent twice at the same moment.
+        deadline = time.monotonic() + 30
+        return backend.record(deadline, "g", f"u{i % 20}", f"user{i % 20}", f"q{i // 40}", True)[0]
+
+    with ThreadPoolExecutor(8) as pool:
+        counted = list(pool.map(answer, range(80)))
+    assert sum(counted) == 40
+    assert len(rows_of(quiz_db)) == 40
+
+
+def test_two_processes_answering_at_once_lose_no_score(quiz_db: str) -> None:
+    context = multiprocessing.get_context("spawn")
+    barrier, results = context.Barrier(2), context.Queue()
+    processes = [
+        context.Process(target=score_writers.answer_from_process, args=(quiz_db, n, barrier, results)) for n in (0, 1)
+    ]
+    for process in processes:
+        process.start()
+    outcomes = {}
+    for _ in processes:
+        process_index, counted, failed = results.get(timeout=240)
+        outcomes[process_index] = (counted, failed)
+    for process in processes:
+        process.join(timeout=30)
+        assert process.exitcode == 0
+    assert [failed for _, failed in outcomes.values()] == [0, 0]  # nothing refused: nothing lost
+    users, shared, own = score_writers.USERS, score_writers.SHARED_QUESTIONS, score_writers.OWN_QUESTIONS
+    assert sum(counted for counted, _ in outcomes.values()) == users * (shared + 2 * own)  # each answer once
+    stored = [row for row in rows_of(quiz_db) if row[0] == "race"]
+    assert len(stored) == users * (shared + 2 * own)
+    expected = {(u, q) for p in (0, 1) for u, q, _ in score_writers.plan(p)}
+    assert {(row[1], row[3]) for row in stored} == expected
+
+
+def test_logs_never_show_a_database_password() -> None:
+    assert redact_url("postgresql://quiz:s3cret@db.example:5433/lmbot") == "postgresql://quiz:***@db.example:5433/lmbot"
+    assert "s3cret" not in open_store("postgresql://quiz:s3cret@db.example/lmbot").backend.description
+
+
+# --------------------------------------------------------------------------- faults
+
+
+def guild_context(app: App, user: str = "7", guild: str = "4242") -> Context:
+    return Context(user=User(user, f"student{user}"), app=app, guild_id=guild, transport="discord")
+
+
+@contextlib.contextmanager
+def lock_held_by_another_process(spec: str) -> Iterator[None]:
+    holder = subprocess.Popen(
+        score_writers.lock_holder_command(spec), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+        yield
+    finally:
+        if holder.stdin is not None:
+            holder.stdin.write("\n")
+            holder.stdin.close()
+        holder.wait(timeout=30)
+
+
+class DiskFullConnection(sqlite3.Connection):
+    """SQLite as it answers when the disk is full: every INSERT fails with SQLITE_FULL."""
+
+    def execute(self, sql: str, *args: Any) -> sqlite3.Cursor:  # type: ignore[override]
+        if sql.lstrip().upper().startswith("INSERT"):
+            raise sqlite3.OperationalError("database or disk is full")
+        return super().execute(sql, *args)
+
+
+@contextlib.contextmanager
+def disk_full(spec: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    if spec.startswith("postgresql://"):
+        import psycopg
+
+        # The error PostgreSQL raises when it cannot extend a table file (SQLSTATE 53100).
+        with psycopg.connect(spec, autocommit=True) as db:
+            db.execute(
+                "CREATE FUNCTION disk_is_full() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+                "RAISE EXCEPTION 'could not extend file: No space left on device' USING ERRCODE = 'disk_full'; "
+                "END $$"
+            )
+            db.execute("CREATE TRIGGER disk_is_full BEFORE INSERT ON quiz_answers EXECUTE FUNCTION disk_is_full()")
+        try:
+            yield
+        finally:
+            with psycopg.connect(spec, autocommit=True) as db:
+                db.execute("DROP TRIGGER disk_is_full ON quiz_answers")
+        return
+    real_connect = sqlite3.connect
+    with monkeypatch.context() as patch:
+        patch.setattr(sqlite3, "connect", lambda *a, **kw: real_connect(*a, factory=DiskFullConnection, **kw))
+        yield
+
+
+@contextlib.contextmanager
+def unprivileged() -> Iterator[None]:
+    """Lose root's right to write anywhere (root ignores directory permissions)."""
+    if os.geteuid() != 0:
+        yield
+        return
+    nobody = pwd.getpwnam("nobody")
+    os.setegid(nobody.pw_gid)
+    os.seteuid(nobody.pw_uid)
+    try:
+        yield
+    finally:
+        os.seteuid(0)
+        os.setegid(0)
+
+
+@contextlib.contextmanager
+def read_only_directory(spec: str) -> Iterator[None]:
+    folder = Path(spec).parent
+    folder.chmod(0o555)
+    try:
+        with unprivileged():
+            yield
+    finally:
+        folder.chmod(0o755)
+
+
+def write_garbage(path: str) -> None:
+    Path(path).write_bytes(b"this is not a database \x00\xff\xfe" * 300)
+
+
+def file_bytes(path: str) -> bytes:
+    return Path(path).read_bytes()
+
+
+FAULTS = [
+    ("sqlite", "locked"),
+    ("sqlite", "locked before first use"),
+    ("sqlite", "disk full"),
+    ("sqlite", "read-only directory"),
+    ("sqlite", "corrupt file"),
+    ("postgresql", "locked"),
+    ("postgresql", "disk full"),
+    ("postgresql", "server down"),
+]
+
+
+@pytest.fixture
+def fault_db(request: pytest.FixtureRequest) -> Iterator[str]:
+    backend, fault = request.param
+    if backend == "postgresql":
+        if fault == "server down":  # a socket folder with no server in it
+            folder = tempfile.mkdtemp(prefix="lmbot-nopg-")
+            yield f"postgresql:///quiz?host={folder}&port=5432&user=lmbot"
+            shutil.rmtree(folder)
+            return
+        yield str(request.getfixturevalue("postgres_url"))
+        return
+    # A folder that an unprivileged user can reach (the read-only case drops root's rights).
+    folder = Path(tempfile.mkdtemp(prefix="lmbot-quiz-"))
+    folder.chmod(0o755)
+    (folder / "db").mkdir(mode=0o755)
+    yield str(folder / "db" / "quiz.sqlite3")
+    (folder / "db").chmod(0o755)
+    shutil.rmtree(folder)
+
+
+@pytest.fixture
+async def fixture_app(cache_dir: Path) -> AsyncIterator[Any]:
+    apps: list[App] = []
+
+    def build(spec: str) -> App:
+        config = make_config(cache_dir, plugin_options={"study": {"quiz_db": spec}})
+        app = App(config, extra_plugins=[(study_fixtures, "study-fixtures")])
+        apps.append(app)
+        return app
+
+    yield build
+    for app in apps:
+        await app.close()
+
+
+@pytest.mark.parametrize("fault_db", FAULTS, indirect=True, ids=[f"{b}-{f}" for b, f in FAULTS])
+async def test_a_storage_fault_costs_one_clear_line_and_harms_nothing(
+    fault_db: str, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch, fixture_app: Any
+) -> None:
+    _backend, fault = request.node.callspec.params["fault_db"]
+    spec = fault_db
+    if fault == "corrupt file":
+        write_garbage(spec)
+    before: list[tuple[Any, ...]] | None = None
+    if fault not in ("corrupt file", "server down", "locked before first use"):
+        store = open_store(spec)
+        await store.record("4242", "1", "earlier", "old.0", True)
+        await store.record("4242", "2", "earlier2", "old.0", False)
+        before = rows_of(spec)
+    original_bytes = file_bytes(spec) if fault == "corrupt file" else b""
+    app = fixture_app(spec)
+    ctx = guild_context(app)
+    faults = {
+        "locked": lambda: lock_held_by_another_process(spec),
+        # A new file in SQLite's default (rollback) journal mode, locked for writing: readers wait too.
+        "locked before first use": lambda: lock_held_by_another_process(spec),
+        "disk full": lambda: disk_full(spec, monkeypatch),
+        "read-only directory": lambda: read_only_directory(spec),
+    }
+    with faults.get(fault, contextlib.nullcontext)():
+        asked = await app.execute("quiz", {"topic": study_fixtures.MULTI}, ctx)
+        assert not asked.error and asked.buttons
+        question = study_fixtures.QUESTIONS[int(asked.data["question"].rsplit(".", 1)[1])]
+        started = time.monotonic()
+        answered = await app.execute("quiz", {"answer": asked.buttons[0].value}, ctx)
+        waited = time.monotonic() - started
+        # The student gets the verdict, the explanation and one line saying the score was not kept.
+        assert not answered.error and answered.data["saved"] is False and answered.data["counted"] is False
+        assert answered.title and answered.title.startswith("student7: ")
+        assert question.why in answered.text
+        note = answered.text.splitlines()[-1]
+        assert note.startswith("Your answer was not saved: the score database is"), note
+        assert "Traceback" not in answered.text and spec not in answered.text
+        assert waited < 8, waited
+        # The rest of the bot answers as usual; the leaderboard answers in words either way.
+        card = await app.execute("topic", {"name": study_fixtures.MULTI}, ctx)
+        assert not card.error and card.title == "Fixture: several options"
+        board = await app.execute("quiz", {"leaderboard": True}, ctx)
+        assert not board.error or board.text.startswith("The scores cannot be read right now: the score database is")
+    if fault == "corrupt file":
+        assert file_bytes(spec) == original_bytes  # never "repaired" or replaced
+    if before is not None:
+        assert rows_of(spec) == before  # intact, and nothing half-written
+    if fault not in ("corrupt file", "server down"):
+        # Once the fault is gone, answers count again.
+        again = await app.execute("quiz", {"topic": study_fixtures.MULTI}, ctx)
+        saved = await app.execute("quiz", {"answer": again.buttons[0].value}, ctx)
+        assert saved.data["saved"] is True
+
+
+async def test_a_locked_database_slows_nothing_else(quiz_db: str, fixture_app: Any) -> None:
+    """The reported case: answers blocked on a lock filled the shared thread pool, so /tokenize
+    waited ~30 s. Storage has its own pool and gives up on a lock after ~1.5 s."""
+    await open_store(quiz_db).record("4242", "1", "earlier", "old.0", True)  # tables exist
+    app = fixture_app(quiz_db)
+    warm = await app.execute_line('/tokenize text:"warm up"')  # loads the encoding once
+    assert not warm.error
+    # More answers than asyncio's default pool has threads, on any machine.
+    count = min(32, (os.cpu_count() or 1) + 4) + 2
+    contexts = [guild_context(app, user=str(100 + n)) for n in range(count)]
+    asked = [await app.execute("quiz", {"topic": study_fixtures.MULTI}, ctx) for ctx in contexts]
+    with lock_held_by_another_process(quiz_db):
+        started = time.monotonic()
+        answering = asyncio.gather(
+            *(app.execute("quiz", {"answer": a.buttons[0].value}, ctx) for a, ctx in zip(asked, contexts, strict=True))
+        )
+        await asyncio.sleep(0.3)  # the answers are waiting on the lock now
+        tokenize_started = time.monotonic()
+        tokenized = await app.execute_line('/tokenize text:"hello world"')
+        tokenize_s = time.monotonic() - tokenize_started
+        answers = await answering
+        answers_s = time.monotonic() - started
+    assert not tokenized.error and tokenize_s < 3, tokenize_s
+    assert all(not a.error and a.data["saved"] is False for a in answers)
+    assert all("the score database is busy" in a.text for a in answers)
+    assert answers_s < 10, answers_s
+
+
+async def test_an_unavailable_store_says_so_in_words() -> None:
+    """A store call that fails answers with a clause a student can read; the reason goes to the log."""
+    store = open_store("/dev/null/lmbot/quiz.sqlite3")  # its folder cannot be made
+    with pytest.raises(ScoresUnavailable, match="not working right now"):
+        await store.record("s", "u", "n", "q", True)
+    assert await store.key() is None and "not working" in store.key_problem
+
+
+async def test_scores_kept_by_earlier_versions_carry_over(tmp_path: Path) -> None:
+    """The old table kept one board per server and one shared by every direct message: server rows
+    stay on their server's board, direct-message and console rows move to each person's own."""
+    path = tmp_path / "quiz.sqlite3"
+    with contextlib.closing(sqlite3.connect(path)) as db, db:
+        db.execute(
+            "CREATE TABLE answers (guild TEXT NOT NULL, user TEXT NOT NULL, name TEXT NOT NULL, question TEXT NOT NULL,"
+            " correct INTEGER NOT NULL, at REAL NOT NULL, PRIMARY KEY (guild, user, question))"
+        )
+        db.executemany(
+            "INSERT INTO answers VALUES (?, ?, ?, ?, ?, 0)",
+            [
+                ("4242", "1", "Ann", "t.0", 1),
+                ("discord", "7", "Dee", "t.0", 1),
+                ("discord", "8", "Eve", "t.0", 0),
+                ("console", "local", "console", "t.1", 1),
+            ],
+        )
+    store = open_store(str(path))
+    assert await store.leaderboard("4242") == [("Ann", 1, 1)]
+    assert await store.leaderboard("discord:7") == [("Dee", 1, 1)]
+    assert await store.leaderboard("discord:8") == [("Eve", 0, 1)]
+    assert await store.leaderboard("console:local") == [("console", 1, 1)]
+    assert await store.leaderboard("discord") == []
+    assert await store.record("discord:7", "7", "Dee", "t.0", False) == (False, 1, 1)  # answered before
