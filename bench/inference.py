@@ -197,6 +197,25 @@ async def way_c(levels: list[int], rounds: int, backend: str = "local") -> dict[
 # ---------------------------------------------------------------------- (d) the service on Ray Serve (--ray)
 
 
+def cpu_by_process(model_pids: set[int]) -> dict[str, float]:
+    """CPU seconds so far: this (bot) process, the model's process, and every other process under this one.
+
+    With a local Ray, everything else under this process is Ray's (GCS, raylet, Serve's
+    controller, idle workers) or the other way's model process, which is idle meanwhile.
+    """
+    import psutil
+
+    me = psutil.Process()
+    used = {"bot": sum(me.cpu_times()[:2]), "model": 0.0, "ray_daemons": 0.0}
+    for child in me.children(recursive=True):
+        try:
+            seconds = sum(child.cpu_times()[:2])
+        except psutil.Error:  # exited meanwhile
+            continue
+        used["model" if child.pid in model_pids else "ray_daemons"] += seconds
+    return used
+
+
 async def ray_vs_local(levels: list[int], rounds: int, trials: int) -> dict[str, object]:
     """(d) the client on Ray Serve against (c) the local workers, in alternating trials.
 
@@ -206,10 +225,11 @@ async def ray_vs_local(levels: list[int], rounds: int, trials: int) -> dict[str,
     worker has them. Each result carries the replica's timestamps, so the Ray trial also
     says where a request's time went (median ms per stage, ``RayInferenceClient.breakdown``).
     """
+    import statistics
     from typing import Any
 
     from bot.config import parse_config
-    from bot.inference.client import InferenceClient, create_client
+    from bot.inference.client import InferenceClient, LocalInferenceClient, create_client
     from bot.inference.protocol import NextToken
     from bot.inference.ray_backend import RayInferenceClient
     from bot.inference.registry import BUILTIN_ROLES
@@ -221,26 +241,35 @@ async def ray_vs_local(levels: list[int], rounds: int, trials: int) -> dict[str,
         inference = {"offline": "always", "backend": backend, "ray_num_cpus": cores}
         return create_client(parse_config({"inference": inference, "bot": {"log_level": "WARNING"}}), roles)
 
-    on_ray = make("ray")
-    assert isinstance(on_ray, RayInferenceClient)
-    clients = {"c": make("local"), "d": on_ray}
+    on_ray, local = make("ray"), make("local")
+    assert isinstance(on_ray, RayInferenceClient) and isinstance(local, LocalInferenceClient)
+    clients = {"c": local, "d": on_ray}
     figures: dict[str, dict[str, Any]] = {}
     try:
         for client in clients.values():
             await client.start()
             for prompt in PROMPTS[:8]:  # warm up (and load the model)
                 await client.submit(NextToken(prompt, k=5))
+        # Who used the CPU while each way ran: the bot process, the model's process (worker or
+        # replica) and Ray's own processes (GCS, raylet, Serve's controller, ...: the rest).
+        model_pids = {"c": set(local.worker_pids()), "d": set(await on_ray.replica_pids("causal_lm"))}
         print(f"\n{'conc':>4}  {'way':<22} {'req/s':>7} {'p50 ms':>8} {'p99 ms':>8}   (d vs c, alternating trials)")
         for n in levels:
             runs: dict[str, list[dict[str, float]]] = {"c": [], "d": []}
             breakdowns: list[dict[str, float]] = []
+            cpu = {way: {"bot": 0.0, "model": 0.0, "ray_daemons": 0.0, "wall": 0.0} for way in clients}
             for _ in range(trials):
                 for way, client in clients.items():
 
                     async def call(prompt: str, client: InferenceClient = client) -> object:
                         return await client.submit(NextToken(prompt, k=5))
 
+                    before, started = cpu_by_process(model_pids[way]), time.perf_counter()
                     runs[way].append(await closed_loop(call, n, rounds))
+                    after = cpu_by_process(model_pids[way])
+                    cpu[way]["wall"] += time.perf_counter() - started
+                    for part in ("bot", "model", "ray_daemons"):
+                        cpu[way][part] += after[part] - before[part]
                     if way == "d":
                         breakdowns.append(on_ray.breakdown(last=len(PROMPTS) * rounds))
             c, d = median_trial(runs["c"]), median_trial(runs["d"])
@@ -251,6 +280,11 @@ async def ray_vs_local(levels: list[int], rounds: int, trials: int) -> dict[str,
                 "d_over_c": d["req_s"] / c["req_s"],
                 "d_p50_added_ms": d["p50_ms"] - c["p50_ms"],
                 "ray_breakdown_ms": breakdown,
+                # cores in use on average while each way ran (2.0 = both cores of this machine)
+                "cpu_cores": {
+                    way: {part: used[part] / used["wall"] for part in ("bot", "model", "ray_daemons")}
+                    for way, used in cpu.items()
+                },
             }
             figures[str(n)] = level
             for way, row in (("c) local workers", c), ("d) service on Ray", d)):
@@ -261,6 +295,23 @@ async def ray_vs_local(levels: list[int], rounds: int, trials: int) -> dict[str,
             )
             stages = [k for k in breakdown if k not in ("batch_size_mean", "requests")]
             print("      Ray path, median ms: " + ", ".join(f"{k} {breakdown[k]:.1f}" for k in stages))
+            for way, used in level["cpu_cores"].items():
+                print(f"      cores used during ({way}): " + ", ".join(f"{k} {v:.2f}" for k, v in used.items()))
+        if "1" in figures:
+            # The same prompt through both, one after the other (order alternating), 64 times: the
+            # median of the differences is what Ray adds, with the host's swings mostly cancelled.
+            added = []
+            for i, prompt in enumerate(PROMPTS):
+                took = {}
+                for way in ("c", "d") if i % 2 else ("d", "c"):
+                    started = time.perf_counter()
+                    await clients[way].submit(NextToken(prompt, k=5))
+                    took[way] = time.perf_counter() - started
+                added.append(1000 * (took["d"] - took["c"]))
+            paired = statistics.median(added)
+            figures["1"]["d_added_ms_paired"] = paired
+            figures["1"]["ray_breakdown_ms_paired"] = on_ray.breakdown(last=len(PROMPTS))
+            print(f"      paired, one request at a time: Ray adds {paired:+.1f} ms (median of 64 differences)")
     finally:
         for client in clients.values():
             await client.close()

@@ -9,11 +9,13 @@ process that calls ``ray.init`` and waits), then real bot processes
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -30,11 +32,22 @@ ray.shutdown()
 """
 
 
+# Ray's token authentication with a token of this module's own (not ~/.ray/auth_token, which
+# other Ray users of this host share): the head requires it, and a bot process joining by
+# address sends it only when told to (RAY_AUTH_MODE=token), as a real deployment must.
+AUTH = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": uuid.uuid4().hex + uuid.uuid4().hex}
+
+
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[str]:
     """A Ray cluster on 127.0.0.1 that outlives every bot process of the module; its GCS address."""
     head = subprocess.Popen(
-        [sys.executable, "-c", HEAD], cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        [sys.executable, "-c", HEAD],
+        cwd=ROOT,
+        env={**os.environ, **AUTH},
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
     )
     assert head.stdout is not None and head.stdin is not None
     address = head.stdout.readline().strip()
@@ -54,6 +67,7 @@ class BotProcess:
         self.process = subprocess.Popen(
             [sys.executable, "-m", "tests.ray_bot_process", json.dumps(config)],
             cwd=ROOT,
+            env={**os.environ, **AUTH},
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,

@@ -51,8 +51,9 @@ async def apps(cache_dir: Path, all_models: dict[str, Path]) -> AsyncIterator[tu
 
 
 def without_timings(value: Any) -> Any:
+    """The data with measured times left out (``seconds``, ``prompt_ms``, ...): only they may differ."""
     if isinstance(value, dict):
-        return {k: without_timings(v) for k, v in value.items() if k not in TIMING_KEYS}
+        return {k: without_timings(v) for k, v in value.items() if k not in TIMING_KEYS and not k.endswith("_ms")}
     if isinstance(value, list | tuple):
         return [without_timings(v) for v in value]
     return value

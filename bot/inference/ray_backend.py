@@ -421,7 +421,15 @@ class RayInferenceClient(InferenceClient):
             ray.init(**options)
         from ray import serve
 
-        serve.start(proxy_location="Disabled")  # handles only: no HTTP server is opened
+        for attempt in range(5):
+            try:
+                serve.start(proxy_location="Disabled")  # handles only: no HTTP server is opened
+                break
+            except ray.exceptions.ActorAlreadyExistsError:
+                # Another bot process started Serve on this cluster at the same moment: join it.
+                if attempt == 4:
+                    raise
+                time.sleep(0.5)
         self._job = ray.get_runtime_context().get_job_id()
 
     # ------------------------------------------------------------------ shared applications
