@@ -12,8 +12,11 @@ The service end to end (the asyncio client, the queue, a worker process):
 c_exact: the default, fp32 (on ONNX Runtime once its engine is built);
 c_fp32_torch: fp32 on torch (LMBOT_ENGINE=torch), the service as it was;
 c_bf16: inference.dtype = "bfloat16";
-(d) with --ray, the service on Ray Serve (one replica on a local Ray instance;
-    run it in a loopback-only namespace: unshare -n sh -c 'ip link set lo up && python bench/inference.py --ray').
+(d) with --ray, the same client on Ray Serve (one replica on a local Ray instance, given the
+    machine's cores as the local worker has them), in trials alternating with a (c) of its own,
+    with the Ray path's breakdown in ms (where a request's time goes) and the ratios d/c;
+    --ray-only runs just that part. Run it in a loopback-only namespace:
+    unshare -n sh -c 'ip link set lo up && python bench/inference.py --ray'.
 
 All ways but (a) and (d) run in one process tree in interleaved trials (the order
 rotates each trial) and the median trial is shown, so ratios compare like with like
@@ -405,6 +408,137 @@ async def way_c(levels: list[int], rounds: int, backend: str = "local") -> dict[
         await client.close()
 
 
+# ---------------------------------------------------------------------- (d) the service on Ray Serve (--ray)
+
+
+def cpu_by_process(model_pids: set[int]) -> dict[str, float]:
+    """CPU seconds so far: this (bot) process, the model's process, and every other process under this one.
+
+    With a local Ray, everything else under this process is Ray's (GCS, raylet, Serve's
+    controller, idle workers) or the other way's model process, which is idle meanwhile.
+    """
+    import psutil
+
+    me = psutil.Process()
+    used = {"bot": sum(me.cpu_times()[:2]), "model": 0.0, "ray_daemons": 0.0}
+    for child in me.children(recursive=True):
+        try:
+            seconds = sum(child.cpu_times()[:2])
+        except psutil.Error:  # exited meanwhile
+            continue
+        used["model" if child.pid in model_pids else "ray_daemons"] += seconds
+    return used
+
+
+async def ray_vs_local(levels: list[int], rounds: int, trials: int) -> dict[str, object]:
+    """(d) the client on Ray Serve against (c) the local workers, in alternating trials.
+
+    Both serve the same model at once; each trial of one is followed by a trial of the
+    other, so the ratio d/c compares them on the same machine. The replica gets the
+    machine's cores (Ray sets its torch threads from ``ray_num_cpus``), as the local
+    worker has them. Each result carries the replica's timestamps, so the Ray trial also
+    says where a request's time went (median ms per stage, ``RayInferenceClient.breakdown``).
+    """
+    import statistics
+    from typing import Any
+
+    from bot.config import parse_config
+    from bot.inference.client import InferenceClient, LocalInferenceClient, create_client
+    from bot.inference.protocol import NextToken
+    from bot.inference.ray_backend import RayInferenceClient
+    from bot.inference.registry import BUILTIN_ROLES
+
+    roles = {r.name: r for r in BUILTIN_ROLES}
+    cores = os.cpu_count() or 2
+
+    def make(backend: str) -> InferenceClient:
+        inference = {"offline": "always", "backend": backend, "ray_num_cpus": cores}
+        return create_client(parse_config({"inference": inference, "bot": {"log_level": "WARNING"}}), roles)
+
+    on_ray, local = make("ray"), make("local")
+    assert isinstance(on_ray, RayInferenceClient) and isinstance(local, LocalInferenceClient)
+    clients = {"c": local, "d": on_ray}
+    figures: dict[str, dict[str, Any]] = {}
+    try:
+        for client in clients.values():
+            await client.start()
+            for prompt in PROMPTS[:8]:  # warm up (and load the model)
+                await client.submit(NextToken(prompt, k=5))
+        # Who used the CPU while each way ran: the bot process, the model's process (worker or
+        # replica) and Ray's own processes (GCS, raylet, Serve's controller, ...: the rest).
+        model_pids = {"c": set(local.worker_pids()), "d": set(await on_ray.replica_pids("causal_lm"))}
+        print(f"\n{'conc':>4}  {'way':<22} {'req/s':>7} {'p50 ms':>8} {'p99 ms':>8}   (d vs c, alternating trials)")
+        for n in levels:
+            runs: dict[str, list[dict[str, float]]] = {"c": [], "d": []}
+            breakdowns: list[dict[str, float]] = []
+            cpu = {way: {"bot": 0.0, "model": 0.0, "ray_daemons": 0.0, "wall": 0.0} for way in clients}
+            for _ in range(trials):
+                for way, client in clients.items():
+
+                    async def call(prompt: str, client: InferenceClient = client) -> object:
+                        return await client.submit(NextToken(prompt, k=5))
+
+                    before, started = cpu_by_process(model_pids[way]), time.perf_counter()
+                    runs[way].append(await closed_loop(call, n, rounds))
+                    after = cpu_by_process(model_pids[way])
+                    cpu[way]["wall"] += time.perf_counter() - started
+                    for part in ("bot", "model", "ray_daemons"):
+                        cpu[way][part] += after[part] - before[part]
+                    if way == "d":
+                        breakdowns.append(on_ray.breakdown(last=len(PROMPTS) * rounds))
+            c, d = median_trial(runs["c"]), median_trial(runs["d"])
+            breakdown = breakdowns[runs["d"].index(d)]
+            level = {
+                "c": c,
+                "d": d,
+                "d_over_c": d["req_s"] / c["req_s"],
+                "d_p50_added_ms": d["p50_ms"] - c["p50_ms"],
+                "ray_breakdown_ms": breakdown,
+                # cores in use on average while each way ran (2.0 = both cores of this machine)
+                "cpu_cores": {
+                    way: {part: used[part] / used["wall"] for part in ("bot", "model", "ray_daemons")}
+                    for way, used in cpu.items()
+                },
+            }
+            figures[str(n)] = level
+            for way, row in (("c) local workers", c), ("d) service on Ray", d)):
+                print(f"{n:>4}  {way:<22} {row['req_s']:7.1f} {row['p50_ms']:8.1f} {row['p99_ms']:8.1f}")
+            print(
+                f"      d/c {level['d_over_c']:.2f}x throughput; Ray adds {level['d_p50_added_ms']:+.1f} ms p50; "
+                f"mean batch {breakdown.get('batch_size_mean', 0):.1f}"
+            )
+            stages = [k for k in breakdown if k not in ("batch_size_mean", "requests")]
+            print("      Ray path, median ms: " + ", ".join(f"{k} {breakdown[k]:.1f}" for k in stages))
+            for way, used in level["cpu_cores"].items():
+                print(f"      cores used during ({way}): " + ", ".join(f"{k} {v:.2f}" for k, v in used.items()))
+        if "1" in figures:
+            # The same prompt through both, one after the other (order alternating), 64 times: the
+            # median of the differences is what Ray adds, with the host's swings mostly cancelled.
+            added = []
+            for i, prompt in enumerate(PROMPTS):
+                took = {}
+                for way in ("c", "d") if i % 2 else ("d", "c"):
+                    started = time.perf_counter()
+                    await clients[way].submit(NextToken(prompt, k=5))
+                    took[way] = time.perf_counter() - started
+                added.append(1000 * (took["d"] - took["c"]))
+            paired = statistics.median(added)
+            figures["1"]["d_added_ms_paired"] = paired
+            figures["1"]["ray_breakdown_ms_paired"] = on_ray.breakdown(last=len(PROMPTS))
+            print(f"      paired, one request at a time: Ray adds {paired:+.1f} ms (median of 64 differences)")
+    finally:
+        for client in clients.values():
+            await client.close()
+    targets = {}
+    if "64" in figures:
+        targets["d >= 0.8 c at 64"] = figures["64"]["d_over_c"] >= 0.8
+    if "1" in figures:
+        targets["d adds <= 10 ms p50 at 1"] = figures["1"]["d_p50_added_ms"] <= 10
+    for name, met in targets.items():
+        print(f"target {name}: {'met' if met else 'NOT met'}")
+    return {"ray": {**figures, "targets_met": targets, "replica_cpus": cores}}
+
+
 def bot_rss_mb() -> float:
     """RSS of a bot process: config, plugins, commands and a started service, no models."""
     probe = (
@@ -432,9 +566,14 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 64])
     parser.add_argument("--rate", type=float, default=20.0, help="open loop: offered requests per second")
     parser.add_argument("--open-requests", type=int, default=200, help="open loop: requests per trial")
-    parser.add_argument("--ray", action="store_true", help="also (d): the service on a local Ray Serve")
+    parser.add_argument("--ray", action="store_true", help="also (d): the service on a local Ray Serve, against (c)")
+    parser.add_argument("--ray-only", action="store_true", help="only (d) against (c), with the Ray breakdown")
     args = parser.parse_args()
     levels = args.concurrency
+    ray_figures = asyncio.run(ray_vs_local(levels, args.rounds, args.trials)) if args.ray or args.ray_only else {}
+    if args.ray_only:
+        print(json.dumps(ray_figures))
+        return
     import torch
 
     print(
@@ -443,7 +582,6 @@ def main() -> None:
         f"{args.rate:g} req/s; {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}",
         flush=True,
     )
-    d = asyncio.run(way_c(levels, args.rounds, "ray")) if args.ray else {}
     fp32, bf16_model, engine = load_models()
     model, tokenizer, label = fp32.model, fp32.tokenizer, fp32.base_label
     print(f"model: {label}", flush=True)
@@ -503,7 +641,7 @@ def main() -> None:
     }
     print(f"\n{'conc':>4}  {'way':<24} {'req/s':>7} {'p50 ms':>8} {'p99 ms':>8}")
     for n in levels:
-        rows = {"a": a[n], **closed[str(n)], **({"d": d[n]} if d else {})}
+        rows = {"a": a[n], **closed[str(n)]}
         for way, row in rows.items():
             print(f"{n:>4}  {names[way]:<24} {row['req_s']:7.1f} {row['p50_ms']:8.1f} {row['p99_ms']:8.1f}")
         c = rows["c_exact"]
@@ -515,8 +653,6 @@ def main() -> None:
             "c_over_a": c["req_s"] / rows["a"]["req_s"],
             "c_p50_over_a_p50": c["p50_ms"] / rows["a"]["p50_ms"],
         }
-        if d:
-            ratios["d_over_c"] = d[n]["req_s"] / c["req_s"]
         print("      " + ", ".join(f"{k} {v:.2f}" for k, v in ratios.items()))
         figures[str(n)] = {**rows, **ratios}
     print(f"\n{'open loop':<22} {'offered':>8} {'served':>8} {'p50 ms':>8} {'p99 ms':>8}")
@@ -544,6 +680,7 @@ def main() -> None:
     for name, met in targets.items():
         print(f"target {name}: {'met' if met else 'NOT met'}")
     figures["targets_met"] = targets
+    figures.update(ray_figures)  # "ray": (c) and (d) per concurrency, d/c, the breakdown, its targets
     print(json.dumps(figures))
 
 

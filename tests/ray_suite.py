@@ -21,7 +21,7 @@ import pytest
 
 from bot.app import App
 from bot.inference.protocol import Busy, FillMask, NextToken, Score, WorkerDied
-from bot.inference.ray_backend import RayInferenceClient
+from bot.inference.ray_backend import ClusterConfigConflict, RayInferenceClient
 from tests.conftest import make_config
 from tests.fake_tasks import Slow, SlowNoModel
 
@@ -51,8 +51,9 @@ async def apps(cache_dir: Path, all_models: dict[str, Path]) -> AsyncIterator[tu
 
 
 def without_timings(value: Any) -> Any:
+    """The data with measured times left out (``seconds``, ``prompt_ms``, ...): only they may differ."""
     if isinstance(value, dict):
-        return {k: without_timings(v) for k, v in value.items() if k not in TIMING_KEYS}
+        return {k: without_timings(v) for k, v in value.items() if k not in TIMING_KEYS and not k.endswith("_ms")}
     if isinstance(value, list | tuple):
         return [without_timings(v) for v in value]
     return value
@@ -129,28 +130,114 @@ async def test_killed_replica_is_a_clear_error_then_recovers(apps) -> None:  # t
     assert (await client.replica_pids("causal_lm")) != [pid]
 
 
-async def test_backpressure_becomes_busy(cache_dir: Path, tiny_gpt2: Path) -> None:
-    app = App(
-        make_config(cache_dir, {"causal_lm": tiny_gpt2}, backend="ray", ray_num_cpus=0.1, max_queue=1, max_batch_size=1)
-    )
+async def test_a_full_queue_is_busy_at_once_and_queued_requests_are_answered(apps, cache_dir: Path) -> None:  # type: ignore[no-untyped-def]
+    ray_app, _ = apps
+    # Same deployment settings as the shared app (max_queue is the bot process's own), so this
+    # client joins a running `_none` application or deploys the one the others would join.
+    app = App(make_config(cache_dir, {}, backend="ray", ray_num_cpus=0.1, max_queue=1))
     try:
-        # 8 requests may be ongoing on the replica and 1 may queue; past that, a request is refused
-        # at once. When the router learns of the replica depends on Ray's timing, so extra requests
-        # keep coming until one is refused, each given 0.3 s to be turned away.
-        # A served request first: the router must know the (re)deployed replica before the burst,
-        # or requests wait for it and are all turned away together, not one by one.
         assert await app.inference.submit(SlowNoModel("warm-up", seconds=0.0)) == "done warm-up"
-        running = [asyncio.create_task(app.inference.submit(SlowNoModel(str(i), seconds=3.0))) for i in range(9)]
-        await asyncio.sleep(1.0)
+        # Two batches in flight (two per replica), then one waits in this process's queue, and
+        # the next is refused at once with a hint. Requests keep coming until one is refused.
+        accepted: list[asyncio.Task[Any]] = []
         refused: BaseException | None = None
-        for attempt in range(12):
-            extra = asyncio.create_task(app.inference.submit(SlowNoModel(f"extra {attempt}", seconds=3.0)))
-            running.append(extra)
-            await asyncio.sleep(0.3)
+        for i in range(12):
+            extra = asyncio.create_task(app.inference.submit(SlowNoModel(str(i), seconds=1.5)))
+            await asyncio.sleep(0.1)
             if extra.done() and isinstance(extra.exception(), Busy):
                 refused = extra.exception()
                 break
+            accepted.append(extra)
         assert isinstance(refused, Busy) and "try again" in str(refused)
-        await asyncio.gather(*running, return_exceptions=True)
+        assert 3 <= len(accepted) < 12
+        # Nothing accepted is lost.
+        assert await asyncio.gather(*accepted) == [f"done {i}" for i in range(len(accepted))]
+        assert app.inference.retry_hint_if_full() is None
     finally:
         await app.close()
+    assert await ray_app.inference.submit(NextToken("Still served", k=2))
+
+
+async def test_the_same_config_joins_the_running_application(apps, cache_dir: Path, all_models) -> None:  # type: ignore[no-untyped-def]
+    ray_app, _ = apps
+    (pid,) = await ray_app.inference.replica_pids("causal_lm")
+    joiner = App(make_config(cache_dir, all_models, backend="ray", ray_num_cpus=0.1))
+    try:
+        assert await joiner.inference.replica_pids("causal_lm") == [pid]
+        assert await joiner.inference.describe_app("causal_lm") == await ray_app.inference.describe_app("causal_lm")
+        want = await ray_app.inference.submit(NextToken(PROMPTS[0], k=3))
+        assert_close(await joiner.inference.submit(NextToken(PROMPTS[0], k=3)), want)
+    finally:
+        await joiner.close()
+    # Closing the joiner left the application to the first app.
+    assert await ray_app.inference.replica_pids("causal_lm") == [pid]
+    assert len((await ray_app.inference.submit(NextToken("After the joiner left", k=2))).top) == 2
+
+
+@pytest.mark.parametrize(
+    ("setting", "value", "shown"),
+    [
+        ("max_batch_size", 7, "inference.max_batch_size: 64 there, 7 here"),
+        ("max_new_tokens", 9, "inference.max_new_tokens: 64 there, 9 here"),
+        ("ray_num_cpus", 0.2, "inference.ray_num_cpus: 0.1 there, 0.2 here"),
+    ],
+)
+async def test_another_config_is_refused_naming_the_difference(  # type: ignore[no-untyped-def]
+    apps, cache_dir: Path, all_models, setting: str, value: object, shown: str
+) -> None:
+    ray_app, _ = apps
+    (pid,) = await ray_app.inference.replica_pids("causal_lm")
+    inference = {"backend": "ray", "ray_num_cpus": 0.1, setting: value}
+    other = App(make_config(cache_dir, all_models, **inference))
+    try:
+        with pytest.raises(ClusterConfigConflict) as refused:
+            await other.inference.submit(NextToken("Hello", k=2))
+        assert shown in str(refused.value) and "lmbot-causal_lm" in str(refused.value)
+        assert str(refused.value).count(" there, ") == 1  # only what differs
+        reply = await other.execute_line("/nexttoken prompt:Hello k:2")
+        assert reply.error and "different config" in reply.text
+    finally:
+        await other.close()
+    # Nothing was replaced: the same replica serves the first app.
+    assert await ray_app.inference.replica_pids("causal_lm") == [pid]
+    assert len((await ray_app.inference.submit(NextToken("Still the same", k=2))).top) == 2
+
+
+async def test_batches_from_two_clients_merge_at_a_busy_replica(apps, cache_dir: Path, all_models) -> None:  # type: ignore[no-untyped-def]
+    ray_app, _ = apps
+    other = App(make_config(cache_dir, all_models, backend="ray", ray_num_cpus=0.1))
+    try:
+        await other.inference.submit(NextToken("warm", k=2))
+        busy = asyncio.create_task(ray_app.inference.submit(Slow("hold the replica", seconds=2.0)))
+        await asyncio.sleep(0.5)
+        # One request from each client arrives while the replica computes: its next run takes both.
+        mine, theirs = await asyncio.gather(
+            ray_app.inference.submit(NextToken(PROMPTS[1], k=3)), other.inference.submit(NextToken(PROMPTS[1], k=3))
+        )
+        assert_close(mine, theirs)
+        assert await busy == "done hold the replica"
+        assert ray_app.inference.breakdown(last=1)["batch_size_mean"] == 2
+        assert other.inference.breakdown(last=1)["batch_size_mean"] == 2
+        assert other.inference.breakdown(last=1)["replica_queue"] > 500  # it waited for the slow batch
+    finally:
+        await other.close()
+
+
+async def test_breakdown_accounts_for_the_request_time(apps) -> None:  # type: ignore[no-untyped-def]
+    ray_app, _ = apps
+    client: RayInferenceClient = ray_app.inference
+    for prompt in PROMPTS[:6]:
+        await client.submit(NextToken(prompt, k=2))
+    for trace in list(client._traces)[-6:]:
+        enqueued, formed, arrived, picked, began, ended, forward, size, returned, done = trace
+        # Every stage is a real interval, in order, on this host's clock.
+        assert enqueued <= formed <= arrived <= picked <= began <= ended <= returned <= done
+        assert 0 < forward <= ended - began and size == 1
+    one = client.breakdown(last=1)
+    parts = ["client_queue", "to_replica", "replica_queue", "thread_hop", "prepare", "forward"]
+    parts += ["replica_return", "to_client"]
+    assert math.isclose(sum(one[p] for p in parts), one["total"], rel_tol=1e-6)
+    assert math.isclose(one["to_replica"] + one["to_client"], one["transport"], rel_tol=1e-6)
+    assert one["forward"] > 0 and one["requests"] == 1
+    status = await client.status()
+    assert status["backend"] == "ray" and "causal_lm" in status["roles"] and status["breakdown_ms"]["forward"] > 0

@@ -1,103 +1,409 @@
 """The Ray Serve backend: the same client interface, inference on a Ray cluster.
 
-One Serve deployment per model role. Each replica owns its role's model (the
-same :class:`~bot.inference.loading.ModelCache` the local workers use) and runs
-the same tasks through :func:`bot.inference.worker.run_batch`; ``@serve.batch``
-gathers concurrent requests into batches. Ray's backpressure becomes the bot's
-Busy reply, and a replica that dies fails its requests with WorkerDied while
-Serve replaces it. Admission (readable text, size, cost budget, per-user share)
-is the one every backend shares (:class:`bot.inference.service.InferenceClient`);
-Serve forms its own batches, so the local backend's round-robin between users
-does not apply here.
+One Serve application per model role (``lmbot-<role>``). Each replica owns its
+role's model (the same :class:`~bot.inference.loading.ModelCache` the local
+workers use) and runs the same tasks through :func:`bot.inference.worker.run_batch`.
+The bot process batches requests as the local backend does (a queue per role,
+task and batch key, taken round-robin by user; ``max_batch_size``,
+``max_wait_ms``, ``max_queue`` and its Busy reply) and sends each batch to the
+application in one handle call, at most two per replica at a time; a replica
+that is busy merges the batches waiting for it, from every bot process, into
+its next run. A replica that dies fails its batch with WorkerDied while Serve
+replaces it. Admission (readable text, size, cost budget, per-user share) is the
+one every backend shares (:class:`bot.inference.service.InferenceClient`).
+
+Many bot processes, one cluster: the applications are shared. A small detached
+actor (:class:`AppRegistry`, ``lmbot-serve-apps`` in namespace ``lmbot``) decides,
+one process at a time, whether a role's application must be deployed, can be
+reused (it runs with the same config: same fingerprint of :func:`app_config`) or
+must be refused (a different config: the message names each difference; a
+running application is never replaced). It counts which processes hold each
+application; the last one to close deletes it. A process that dies without
+closing is dropped from the count once Ray marks its job dead.
+
+The request path is kept short (see ``bench/inference.py --ray`` for the
+measured breakdown): the handle's router runs on the bot's own event loop (no
+hop to Serve's router thread), one call carries a whole batch, each request
+carries its remaining time budget (the replica turns it into a deadline on its
+own clock: no wall-clock conversion and no clock skew between hosts), a run
+crosses to the compute thread once whatever tasks it mixes, and every result
+carries the replica's timestamps so the client can say where a request's time
+went (:meth:`RayInferenceClient.breakdown`).
 
 Choose it with ``inference.backend = "ray"``; ``inference.ray_address`` names an
-existing cluster (empty: start a local Ray instance). Task functions and plugins
-must be importable on every node.
+existing cluster (empty: start a local Ray instance, which lives and dies with
+this process). Task functions and plugins must be importable on every node.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import itertools
+import json
+import math
 import os
+import statistics
 import time
-from collections import defaultdict
+import uuid
+from collections import deque
 from typing import Any
 
 from bot.config import Config
+from bot.inference.local import _FairQueue, _Pending  # the local backend's queue, reused as is
 from bot.inference.protocol import Busy, DeadlineExceeded, InferenceError, Request, WorkerDied
 from bot.inference.service import InferenceClient
 from bot.inference.settings import WorkerSettings
 from bot.topics import ModelRole
 
-NO_ROLE = "_none"  # the deployment for tasks that need no model
+NO_ROLE = "_none"  # the application for tasks that need no model
+APP_PREFIX = "lmbot-"
+REGISTRY_NAME = "lmbot-serve-apps"
+REGISTRY_NAMESPACE = "lmbot"
+DEPLOY_WAIT_S = 600.0  # how long a process waits for another one's deployment of a shared application
 
 
-def make_deployment(settings: WorkerSettings, role: str, config: Config) -> Any:
-    """A Serve application serving one role, built from config (batch size, wait, replicas, GPUs)."""
-    from ray import serve
+def app_name(role: str) -> str:
+    return f"{APP_PREFIX}{role}"
+
+
+class ClusterConfigConflict(InferenceError):
+    """The cluster already runs this role's application with a different config."""
+
+
+# ---------------------------------------------------------------------- what an application is built from
+
+
+def app_config(config: Config, role: str, roles: dict[str, ModelRole]) -> dict[str, Any]:
+    """Every setting a role's Serve application is built from, as the config file spells it.
+
+    Two bot processes share an application only if these agree; what only the bot
+    process uses (its queue: max_queue, max_wait_ms; timeouts, character limits,
+    Discord) is left out.
+    """
+    from bot import __version__
 
     inf = config.inference
-
-    @serve.deployment(
-        name=f"lmbot-{role}",
-        num_replicas=inf.ray_replicas,
-        ray_actor_options={"num_cpus": inf.ray_num_cpus, "num_gpus": inf.ray_num_gpus},
-        max_ongoing_requests=max(inf.max_batch_size * 2, 8),
-        max_queued_requests=inf.max_queue,
+    described: dict[str, Any] = {"lmbot": __version__}
+    if role != NO_ROLE:
+        known = roles.get(role)
+        described["models." + role] = config.models.get(role) or (known.default if known else "")
+        described["model class"] = known.auto_class if known else ""
+        described.update(
+            {
+                "inference.offline": inf.offline,
+                "inference.cache_dir": inf.cache_dir,
+                "inference.memory_budget_mb": inf.memory_budget_mb,
+                "inference.max_input_tokens": inf.max_input_tokens,
+                "inference.max_batch_tokens": inf.max_batch_tokens,
+                "inference.max_new_tokens": inf.max_new_tokens,
+            }
+        )
+    described.update(
+        {
+            "inference.device": inf.device,
+            "inference.dtype": inf.dtype,
+            "inference.threads": inf.threads,
+            "inference.ray_replicas": inf.ray_replicas,
+            "inference.ray_num_cpus": inf.ray_num_cpus,
+            "inference.ray_num_gpus": inf.ray_num_gpus,
+            "inference.max_batch_size": inf.max_batch_size,  # the most a replica's merged run takes
+        }
     )
-    class RoleServer:
-        def __init__(self) -> None:
-            from bot.inference.loading import ModelCache
+    return described
 
-            os.environ.setdefault("GOMP_SPINCOUNT", "20000")  # as in the local workers
-            self.cache = ModelCache(settings)
 
-        def pid(self) -> int:
-            return os.getpid()
+def fingerprint(described: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(described, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
-        @serve.batch(max_batch_size=inf.max_batch_size, batch_wait_timeout_s=inf.max_wait_ms / 1000)
-        async def run(self, items: list[tuple[Request, float]]) -> list[tuple[bool, Any, int]]:
-            from bot.inference.worker import run_batch
 
-            # Deadlines travel as wall-clock times (replicas may be on other hosts).
-            offset = time.monotonic() - time.time()
-            groups: dict[tuple[Any, ...], list[int]] = defaultdict(list)
-            for index, (request, _) in enumerate(items):
-                groups[(type(request), request.batch_key())].append(index)
-            answers: list[tuple[bool, Any, int]] = [(False, InferenceError("not run"), 0)] * len(items)
-            for indices in groups.values():
-                batch = [(i, items[i][0], items[i][1] + offset) for i in indices]
-                outcomes, timing = await asyncio.to_thread(run_batch, self.cache, settings, batch)
-                size = max(timing.get("sizes") or [0])
-                for request_index, ok, value in outcomes:
-                    answers[request_index] = (ok, value, size)
-            return answers
+def differences(theirs: dict[str, Any], ours: dict[str, Any]) -> list[str]:
+    """``key: X there, Y here`` for every setting that differs."""
+    keys = sorted(set(theirs) | set(ours))
+    missing = "(not set)"
+    return [
+        f"{key}: {theirs.get(key, missing)!r} there, {ours.get(key, missing)!r} here"
+        for key in keys
+        if theirs.get(key, missing) != ours.get(key, missing)
+    ]
 
-        async def __call__(self, request: Request, deadline: float) -> tuple[bool, Any, int]:
-            return await self.run((request, deadline))
 
-    return RoleServer.bind()  # type: ignore[attr-defined]  # @serve.deployment made it a Deployment
+# ---------------------------------------------------------------------- the replica
+
+# What a replica answers per request: ok, the result or the error, and its timestamps
+# (arrived, picked for a compute run, compute began in the thread, compute ended,
+# forward seconds, requests in the run, returned).
+Answer = tuple[bool, Any, tuple[float, ...]]
+
+
+class RoleServer:
+    """One replica of a role's application (wrapped by ``serve.deployment`` at deploy time).
+
+    A call carries a whole batch formed in a bot process. Batches that arrive while the
+    replica computes wait, and the next compute run takes all of them together (up to
+    ``max_batch_size`` requests): batches from several bot processes merge here without
+    any added wait.
+    """
+
+    def __init__(self, settings: WorkerSettings, role: str, described: dict[str, Any], max_batch_size: int) -> None:
+        # As in the local workers, and before torch loads libgomp (which reads it once, at load):
+        # OpenMP's default long spin keeps idle threads busy, taking the cores from everything else.
+        os.environ.setdefault("GOMP_SPINCOUNT", "20000")
+        from bot.inference.loading import ModelCache
+
+        if settings.threads:
+            import torch
+
+            torch.set_num_threads(settings.threads)
+        # else Ray has set OMP_NUM_THREADS to the replica's whole CPUs (ray_num_cpus, at least 1)
+        self.settings = settings
+        self.role = role
+        self.described = described
+        self.max_batch_size = max_batch_size
+        self.cache = ModelCache(settings)
+        self._pending: list[tuple[float, list[tuple[Request, float]], asyncio.Future[list[Answer]]]] = []
+        self._runner: asyncio.Task[None] | None = None
+
+    def describe(self) -> dict[str, Any]:
+        """What this application was built from (read by another process before it shares it)."""
+        return {"fingerprint": fingerprint(self.described), "config": self.described}
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    async def __call__(self, items: list[tuple[Request, float]]) -> list[Answer]:
+        """Run a batch of ``(request, seconds left)``; answers in the same order."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[list[Answer]] = loop.create_future()
+        self._pending.append((time.monotonic(), items, future))
+        if self._runner is None or self._runner.done():
+            # Its own task: a caller that is cancelled must not stop the others' batches.
+            self._runner = loop.create_task(self._run_pending())
+        answers = await future
+        returned = time.monotonic()
+        return [(ok, value, (*stamps, returned)) for ok, value, stamps in answers]
+
+    async def _run_pending(self) -> None:
+        while self._pending:
+            taken: list[tuple[float, list[tuple[Request, float]], asyncio.Future[list[Answer]]]] = []
+            count = 0
+            while self._pending and (not taken or count + len(self._pending[0][1]) <= self.max_batch_size):
+                entry = self._pending.pop(0)
+                taken.append(entry)
+                count += len(entry[1])
+            picked = time.monotonic()
+            merged = [(arrived, request, left) for arrived, items, _ in taken for request, left in items]
+            try:
+                # The forward must not block this event loop, where the next batches arrive.
+                answers = await asyncio.to_thread(self._compute, merged, picked)
+            except Exception as exc:  # a bug here must fail these requests, not hang them
+                for _, _, future in taken:
+                    if not future.done():
+                        future.set_exception(exc)
+                continue
+            start = 0
+            for _, items, future in taken:
+                if not future.done():
+                    future.set_result(answers[start : start + len(items)])
+                start += len(items)
+
+    def _compute(self, merged: list[tuple[float, Request, float]], picked: float) -> list[Answer]:
+        from bot.inference.worker import run_batch
+
+        began = time.monotonic()
+        # run_batch takes one (task, batch key) at a time; a batch from one bot process holds one,
+        # merged batches may hold several.
+        groups: dict[tuple[Any, ...], list[tuple[int, Request, float]]] = {}
+        for index, (arrived, request, left) in enumerate(merged):
+            groups.setdefault((type(request), request.batch_key()), []).append((index, request, arrived + left))
+        answers: list[Answer] = [(False, InferenceError("not run"), ())] * len(merged)
+        for group in groups.values():
+            outcomes, timing = run_batch(self.cache, self.settings, group)
+            ended = time.monotonic()
+            forward, size = timing.get("compute_s", 0.0), float(max(timing.get("sizes") or [0]))
+            for index, ok, value in outcomes:
+                answers[index] = (ok, value, (merged[index][0], picked, began, ended, forward, size))
+        return answers
+
+
+# ---------------------------------------------------------------------- the registry of shared applications
+
+
+def _status_name(status: Any) -> str:
+    """``RUNNING`` for Serve's ApplicationStatus.RUNNING (a str enum) or a plain string."""
+    return str(getattr(status, "value", status))
+
+
+class AppRegistry:
+    """Which bot processes hold which lmbot application on this cluster (one detached actor).
+
+    Its methods run one at a time, so two processes starting together deploy a role once,
+    and a deletion never races a new claim.
+    """
+
+    def __init__(self) -> None:
+        # app -> {"fingerprint", "config", "state": "deploying"|"running", "holders": {holder: job id}}
+        self.apps: dict[str, dict[str, Any]] = {}
+
+    def claim(self, app: str, print_: str, described: dict[str, Any], holder: str, job: str) -> tuple[str, Any]:
+        """``("deploy", None)``, ``("reuse", None)`` or ``("refused", their config or None)``."""
+        running = self._serve_status(app)
+        entry = self.apps.get(app)
+        if entry is not None:
+            self._prune(entry)
+            stale = entry["state"] == "running" and running is None  # deleted behind our back
+            orphaned = entry["state"] == "deploying" and entry["deployer"] not in entry["holders"]
+            if stale or orphaned:
+                del self.apps[app]
+                entry = None
+        if entry is None and running is not None:
+            # Running but unknown here (deployed before this registry started): ask the app itself.
+            theirs = self._describe(app)
+            if theirs is None:
+                return "refused", None
+            entry = self.apps[app] = {**theirs, "state": "running", "holders": {}}
+        if entry is None:
+            self.apps[app] = {
+                "fingerprint": print_,
+                "config": described,
+                "state": "deploying",
+                "deployer": holder,
+                "holders": {holder: job},
+            }
+            return "deploy", None
+        if entry["fingerprint"] != print_:
+            return "refused", entry["config"]
+        entry["holders"][holder] = job
+        return "reuse", None
+
+    def deployed(self, app: str, ok: bool) -> None:
+        entry = self.apps.get(app)
+        if entry is not None:
+            if ok:
+                entry["state"] = "running"
+            else:
+                del self.apps[app]
+
+    def state(self, app: str) -> str | None:
+        entry = self.apps.get(app)
+        return None if entry is None else str(entry["state"])
+
+    def holders(self, app: str) -> list[str]:
+        entry = self.apps.get(app)
+        if entry is None:
+            return []
+        self._prune(entry)
+        return sorted(entry["holders"])
+
+    def release(self, app: str, holder: str) -> bool:
+        """Drop ``holder``; the last one out deletes the application (returns True then)."""
+        entry = self.apps.get(app)
+        if entry is None:
+            return False
+        entry["holders"].pop(holder, None)
+        self._prune(entry)
+        if entry["holders"]:
+            return False
+        del self.apps[app]
+        from ray import serve
+
+        with contextlib.suppress(Exception):  # already gone
+            serve.delete(app)
+        return True
+
+    @staticmethod
+    def _serve_status(app: str) -> str | None:
+        from ray import serve
+
+        found = serve.status().applications.get(app)
+        return None if found is None else _status_name(found.status)
+
+    @staticmethod
+    def _describe(app: str) -> dict[str, Any] | None:
+        from ray import serve
+
+        try:
+            answer = serve.get_app_handle(app).describe.remote().result(timeout_s=60)
+        except Exception:  # not an lmbot application, or one from before describe() existed
+            return None
+        return {"fingerprint": answer["fingerprint"], "config": answer["config"]}
+
+    @staticmethod
+    def _prune(entry: dict[str, Any]) -> None:
+        """Forget holders whose bot process is gone (Ray marks a driver's job dead when it exits)."""
+        try:
+            from ray._private import state
+
+            dead = {job["JobID"] for job in state.jobs() if job.get("IsDead")}
+        except Exception:  # no job table here: keep every holder
+            return
+        for holder, job in list(entry["holders"].items()):
+            if job in dead:
+                del entry["holders"][holder]
+
+
+# ---------------------------------------------------------------------- the client
+
+_REGISTRY_CLASS: Any = None  # AppRegistry as a Ray actor class, made on first use
+
+# Where a request's time goes, from the timestamps it carries (see RayInferenceClient.breakdown).
+STAGES = (
+    "client_queue",  # waiting in the bot process for its batch to form (max_wait_ms, or a free slot)
+    "to_replica",  # handle call, router, Ray's actor call, argument deserialisation (same-host clocks)
+    "replica_queue",  # waiting at the replica while it computes an earlier batch
+    "thread_hop",  # the batch crossing to the replica's compute thread
+    "prepare",  # grouping, tokenising, sorting by length, padding
+    "forward",  # the model's forward pass(es) of the batch
+    "replica_return",  # back from the thread to the call's coroutine
+    "to_client",  # result serialisation, transport, the bot's loop resuming the caller (same-host clocks)
+    "transport",  # to_replica + to_client, from durations only (valid across hosts)
+    "total",
+)
 
 
 class RayInferenceClient(InferenceClient):
-    """Submits requests to per-role Serve deployments through their handles."""
+    """Batches requests in the bot process, as the local service does, and sends each batch
+    to its role's Serve application in one handle call."""
 
     def __init__(self, config: Config, roles: dict[str, ModelRole]) -> None:
         super().__init__(config)  # the shared admission rules: text, size, cost, per-user share
+        inf = config.inference
         self.config = config
         self.settings = WorkerSettings.from_config(config, roles)
         self.roles = roles
+        self.max_queue = inf.max_queue
+        self.max_batch = inf.max_batch_size
+        self.max_wait = inf.max_wait_ms / 1000
+        # Batches in flight per role: two per replica, so the next batch travels while one computes.
+        self.slots = 2 * inf.ray_replicas
         self._handles: dict[str, Any] = {}
+        self._held: set[str] = set()  # applications this client holds in the registry
+        self._holder = uuid.uuid4().hex
+        self._job = ""
         self._lock = asyncio.Lock()
         self._start_lock = asyncio.Lock()
         self._started = False
         self._owns_ray = False
+        # The local backend's queue per (role, task, batch key), taken round-robin by user.
+        self._queues: dict[tuple[Any, ...], _FairQueue] = {}
+        self._ids = itertools.count()
+        self._waiting = 0
+        self._in_flight: dict[str, int] = {}
+        self._wake = asyncio.Event()
+        self._scheduler: asyncio.Task[None] | None = None
+        self._sending: set[asyncio.Task[None]] = set()
+        self._done_rate = 0.0
+        self._last_done = time.monotonic()
+        self._traces: deque[tuple[float, ...]] = deque(maxlen=4096)
 
     async def start(self) -> None:
+        if self._started:
+            return
         async with self._start_lock:  # concurrent first requests must not init Ray twice
             if not self._started:
                 await asyncio.to_thread(self._connect)
+                self._scheduler = asyncio.create_task(self._schedule(), name="lmbot-ray-scheduler")
                 self._started = True
 
     def _connect(self) -> None:
@@ -115,55 +421,297 @@ class RayInferenceClient(InferenceClient):
             ray.init(**options)
         from ray import serve
 
-        serve.start(proxy_location="Disabled")  # handles only: no HTTP server is opened
+        for attempt in range(5):
+            try:
+                serve.start(proxy_location="Disabled")  # handles only: no HTTP server is opened
+                break
+            except ray.exceptions.ActorAlreadyExistsError:
+                # Another bot process started Serve on this cluster at the same moment: join it.
+                if attempt == 4:
+                    raise
+                time.sleep(0.5)
+        self._job = ray.get_runtime_context().get_job_id()
+
+    # ------------------------------------------------------------------ shared applications
+
+    def _registry(self) -> Any:
+        import ray
+
+        global _REGISTRY_CLASS
+        if _REGISTRY_CLASS is None:
+            _REGISTRY_CLASS = ray.remote(AppRegistry)
+        return _REGISTRY_CLASS.options(
+            name=REGISTRY_NAME, namespace=REGISTRY_NAMESPACE, lifetime="detached", get_if_exists=True, num_cpus=0
+        ).remote()
+
+    def _registry_call(self, method: str, *args: Any) -> Any:
+        import ray
+
+        for attempt in range(3):
+            try:
+                return ray.get(getattr(self._registry(), method).remote(*args))
+            except ray.exceptions.RayActorError:  # killed or restarting: get_if_exists makes a new one
+                if attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
+
+    def _acquire(self, role: str) -> None:
+        """Deploy ``role``'s application, or join the one already running with the same config."""
+        from ray import serve
+
+        app = app_name(role)
+        described = app_config(self.config, role, self.roles)
+        decision, theirs = self._registry_call("claim", app, fingerprint(described), described, self._holder, self._job)
+        if decision == "refused":
+            raise ClusterConfigConflict(self._conflict_message(app, theirs, described))
+        self._held.add(app)
+        if decision != "deploy":
+            self._wait_until_running(app)
+            return
+        inf = self.config.inference
+        role_server: Any = serve.deployment(RoleServer)  # (its stubs miss the class overload)
+        deployment = role_server.options(
+            name=app,
+            num_replicas=inf.ray_replicas,
+            ray_actor_options={"num_cpus": inf.ray_num_cpus, "num_gpus": inf.ray_num_gpus},
+            # Each call is a whole batch; several bot processes may each have two in flight.
+            max_ongoing_requests=64,
+            # A line per call in the replica's log is work the request path does not need.
+            logging_config={"enable_access_log": False},
+        )
+        try:
+            serve.run(deployment.bind(self.settings, role, described, inf.max_batch_size), name=app, route_prefix=None)
+        except Exception as exc:
+            self._registry_call("deployed", app, False)
+            self._held.discard(app)
+            raise InferenceError(f"Ray could not deploy `{app}`: {type(exc).__name__}: {exc}") from None
+        self._registry_call("deployed", app, True)
+
+    def _wait_until_running(self, app: str) -> None:
+        """Another process deploys ``app`` (or has): wait until Serve says it runs."""
+        from ray import serve
+
+        deadline = time.monotonic() + DEPLOY_WAIT_S
+        while time.monotonic() < deadline:
+            found = serve.status().applications.get(app)
+            status = None if found is None else _status_name(found.status)
+            if status == "RUNNING":
+                return
+            if status in ("DEPLOY_FAILED", "UNHEALTHY"):
+                self._held.discard(app)
+                self._registry_call("release", app, self._holder)
+                raise InferenceError(f"`{app}` failed on the Ray cluster: {found.message if found else ''}".strip())
+            if status is None and self._registry_call("state", app) is None:
+                self._held.discard(app)
+                raise InferenceError(f"Another bot process failed to deploy `{app}`; try again.")
+            time.sleep(0.25)
+        raise InferenceError(f"`{app}` is still deploying on the Ray cluster; try again in a minute.")
+
+    @staticmethod
+    def _conflict_message(app: str, theirs: dict[str, Any] | None, ours: dict[str, Any]) -> str:
+        how = f'remove it first (`serve.delete("{app}")` on the cluster, or `serve shutdown`)'
+        if theirs is None:
+            return f"The Ray cluster runs an application named `{app}` that this lmbot cannot read; {how}."
+        changed = "; ".join(differences(theirs, ours))
+        return (
+            f"The Ray cluster already runs `{app}` with a different config ({changed}). "
+            f"Bot processes sharing a cluster must use the same settings, or {how}; "
+            "a running application is never replaced."
+        )
 
     async def _handle(self, role: str) -> Any:
-        """The role's deployment, deployed on first use (so unused roles cost nothing)."""
-        if role in self._handles:
-            return self._handles[role]
+        """The role's handle, deployed or joined on first use (so unused roles cost nothing)."""
+        handle = self._handles.get(role)
+        if handle is not None:
+            return handle
         async with self._lock:
             if role not in self._handles:
                 from ray import serve
 
-                app = make_deployment(self.settings, role, self.config)
-                handle = await asyncio.to_thread(serve.run, app, name=f"lmbot-{role}", route_prefix=None)
+                await asyncio.to_thread(self._acquire, role)
+                handle = await asyncio.to_thread(serve.get_app_handle, app_name(role))
+                assert handle is not None  # _acquire saw it running
+                with contextlib.suppress(Exception):  # an older Serve: its router keeps its own thread
+                    # The router on this event loop: no hop to Serve's router thread and back per call.
+                    handle._init(_run_router_in_separate_loop=False)
                 self._handles[role] = handle
         return self._handles[role]
 
+    # ------------------------------------------------------------------ requests
+
     async def _submit(self, request: Request, *, timeout: float | None, user: str | None) -> Any:
+        """The Ray path of an admitted request: the bot's queue, a batch call, the result."""
         await self.start()
-        task = type(request).task
+        task, role = type(request).task, type(request).role or NO_ROLE
         budget = timeout or self.timeout
-        started = time.monotonic()
-        handle = await self._handle(type(request).role or NO_ROLE)
-        response = handle.remote(request, time.time() + budget)
+        if role not in self._handles:
+            try:
+                await self._handle(role)  # deployed (or joined) before its first request queues
+            except InferenceError as exc:
+                outcome = "config_conflict" if isinstance(exc, ClusterConfigConflict) else "error"
+                self.metrics.requests.labels(task, outcome).inc()
+                raise
+        if self._waiting >= self.max_queue:
+            self.metrics.requests.labels(task, "busy").inc()
+            raise Busy(self._retry_hint())
+        now = time.monotonic()
+        key = (role, task, type(request), request.batch_key())
+        waiting = _Pending(
+            next(self._ids), request, key, user, asyncio.get_running_loop().create_future(), now, now + budget
+        )
+        self._queues.setdefault(key, _FairQueue()).push(waiting)
+        self._waiting += 1
+        self._wake.set()
         try:
-            ok, value, size = await asyncio.wait_for(response, budget)
+            async with asyncio.timeout(budget):
+                result = await waiting.future
         except TimeoutError:
-            response.cancel()
+            self._forget(waiting)
             self.metrics.requests.labels(task, "deadline").inc()
             raise DeadlineExceeded() from None
         except asyncio.CancelledError:
-            response.cancel()
+            self._forget(waiting)
+            self.metrics.requests.labels(task, "cancelled").inc()
             raise
-        except Exception as exc:
-            raise self._translate(exc, task) from None
-        if size:
-            self.metrics.batch_size.labels(task).observe(size)
-        if not ok:
-            self.metrics.requests.labels(task, type(value).__name__).inc()
-            raise value
+        except InferenceError as exc:
+            self.metrics.requests.labels(task, "busy" if isinstance(exc, Busy) else type(exc).__name__).inc()
+            raise
         self.metrics.requests.labels(task, "ok").inc()
-        self.metrics.latency.labels(task).observe(time.monotonic() - started)
+        self.metrics.latency.labels(task).observe(time.monotonic() - now)
+        return result
+
+    def _forget(self, waiting: _Pending) -> None:
+        """Remove a request that nobody awaits any more, if it is still queued here."""
+        queue = self._queues.get(waiting.key)
+        if queue is not None and queue.remove(waiting):
+            self._waiting -= 1
+
+    def retry_hint_if_full(self) -> float | None:
+        return self._retry_hint() if self._waiting >= self.max_queue else None
+
+    def _retry_hint(self) -> float:
+        return max(1.0, math.ceil(self._waiting / (self._done_rate or 1.0)))
+
+    async def _schedule(self) -> None:
+        while True:
+            self._wake.clear()
+            delay = self._dispatch()
+            if delay is None:
+                await self._wake.wait()
+            else:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(delay):
+                        await self._wake.wait()
+
+    def _dispatch(self) -> float | None:
+        """Send every batch that is due and has a free slot; return how long until the next one is due."""
+        now = time.monotonic()
+        next_due: float | None = None
+        for key, queue in sorted(self._queues.items(), key=lambda kv: kv[1].oldest() if kv[1].size else now):
+            for expired in queue.drop_finished(now):
+                self._waiting -= 1
+                if not expired.future.done():
+                    expired.future.set_exception(DeadlineExceeded())
+            role = key[0]
+            while queue.size and self._in_flight.get(role, 0) < self.slots:
+                due = queue.oldest() + self.max_wait
+                if queue.size < self.max_batch and due > now:
+                    next_due = due - now if next_due is None else min(next_due, due - now)
+                    break
+                batch = queue.take(self.max_batch)
+                self._waiting -= len(batch)
+                self._in_flight[role] = self._in_flight.get(role, 0) + 1
+                sending = asyncio.get_running_loop().create_task(self._send(role, batch, now))
+                self._sending.add(sending)
+                sending.add_done_callback(self._sending.discard)
+            if not queue.size:
+                del self._queues[key]
+        self.metrics.queue_depth.set(self._waiting)
+        return next_due
+
+    async def _send(self, role: str, batch: list[_Pending], formed: float) -> None:
+        """One batch, one handle call; its answers go to each request's future."""
+        task = type(batch[0].request).task
+        items = [(w.request, w.deadline - formed) for w in batch]
+        response = None
+        try:
+            response = self._handles[role].remote(items)
+            # No batch outlives its last request's deadline by much, even if a replica hangs.
+            async with asyncio.timeout(max(w.deadline for w in batch) - formed + 5.0):
+                answers = await response
+        except (Exception, asyncio.CancelledError) as exc:
+            if response is not None and isinstance(exc, TimeoutError | asyncio.CancelledError):
+                response.cancel()
+            if isinstance(exc, asyncio.CancelledError):  # only close() cancels a batch call
+                error: InferenceError = InferenceError("The bot is shutting down.")
+            elif isinstance(exc, TimeoutError):
+                error = DeadlineExceeded()
+            else:
+                error = self._translate(exc, task)
+            for waiting in batch:
+                if not waiting.future.done():
+                    waiting.future.set_exception(error)
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            return
+        finally:
+            self._in_flight[role] -= 1
+            self._wake.set()
+        done = time.monotonic()
+        elapsed = max(done - self._last_done, 1e-3)
+        self._last_done = done
+        self._done_rate = 0.8 * self._done_rate + 0.2 * (len(batch) / elapsed)
+        sizes = set()
+        for waiting, (ok, value, stamps) in zip(batch, answers, strict=True):
+            if len(stamps) == 7:
+                self._traces.append((waiting.enqueued, formed, *stamps, done))
+                sizes.add(stamps[5])
+            if waiting.future.done():
+                continue  # cancelled or timed out while the replica computed
+            if ok:
+                waiting.future.set_result(value)
+            else:
+                waiting.future.set_exception(value)
+        for size in sizes:
+            if size:
+                self.metrics.batch_size.labels(task).observe(size)
         self.metrics.last_progress.set_to_current_time()
-        return value
+
+    def breakdown(self, last: int | None = None) -> dict[str, float]:
+        """Median milliseconds per stage of the last ``last`` answered requests, and their mean batch size.
+
+        ``to_replica`` and ``to_client`` compare this host's clock with the replica's, so they
+        are left out when the replica runs on another host (``transport`` is their sum either way).
+        """
+        traces = list(self._traces)[-last:] if last else list(self._traces)
+        if not traces:
+            return {}
+        columns: dict[str, list[float]] = {stage: [] for stage in STAGES}
+        same_host = True
+        for enqueued, formed, arrived, picked, began, ended, forward, _size, returned, done in traces:
+            columns["client_queue"].append(formed - enqueued)
+            columns["to_replica"].append(arrived - formed)
+            columns["replica_queue"].append(picked - arrived)
+            columns["thread_hop"].append(began - picked)
+            columns["prepare"].append(max(0.0, ended - began - forward))
+            columns["forward"].append(forward)
+            columns["replica_return"].append(returned - ended)
+            columns["to_client"].append(done - returned)
+            columns["transport"].append((done - formed) - (returned - arrived))
+            columns["total"].append(done - enqueued)
+            same_host = same_host and arrived >= formed and done >= returned
+        result = {stage: 1000 * statistics.median(values) for stage, values in columns.items()}
+        if not same_host:
+            del result["to_replica"], result["to_client"]
+        result["batch_size_mean"] = statistics.fmean(t[7] for t in traces)
+        result["requests"] = float(len(traces))
+        return result
 
     def _translate(self, exc: Exception, task: str) -> InferenceError:
         from ray import exceptions as ray_errors
         from ray.serve.exceptions import BackPressureError, ReplicaUnavailableError
 
         if isinstance(exc, BackPressureError):
-            self.metrics.requests.labels(task, "busy").inc()
             return Busy(retry_after=2.0)
         died = (
             ray_errors.RayActorError,
@@ -172,38 +720,61 @@ class RayInferenceClient(InferenceClient):
             ReplicaUnavailableError,
         )
         if isinstance(exc, died):
-            self.metrics.requests.labels(task, "WorkerDied").inc()
             self.metrics.worker_restarts.inc()
             return WorkerDied("The model replica stopped unexpectedly; Ray is replacing it, try again.")
         if isinstance(exc, InferenceError):
             return exc
-        self.metrics.requests.labels(task, "error").inc()
         return InferenceError(f"The Ray backend failed: {type(exc).__name__}")
-
-    def retry_hint_if_full(self) -> float | None:
-        return None  # Ray answers backpressure itself, at submit
 
     async def replica_pids(self, role: str) -> list[int]:
         handle = await self._handle(role)
         return [await handle.pid.remote()]
 
+    async def describe_app(self, role: str) -> dict[str, Any]:
+        """What the running application of ``role`` was built from (its fingerprint and config)."""
+        handle = await self._handle(role)
+        answer: dict[str, Any] = await handle.describe.remote()
+        return answer
+
     async def status(self) -> dict[str, Any]:
-        return {"backend": "ray", "roles": sorted(self._handles)}
+        return {
+            "backend": "ray",
+            "roles": sorted(self._handles),
+            "queue_depth": self._waiting,
+            "breakdown_ms": self.breakdown(),
+        }
 
     async def close(self) -> None:
         self._closing = True
+        for queue in self._queues.values():
+            for waiting in queue.take(queue.size):
+                if not waiting.future.done():
+                    waiting.future.set_exception(InferenceError("The bot is shutting down."))
+        self._queues.clear()
+        self._waiting = 0
         if not self._started:
             return
+        for running in [self._scheduler, *self._sending]:
+            if running is not None:
+                running.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await running
         import ray
         from ray import serve
 
+        for handle in self._handles.values():
+            with contextlib.suppress(Exception):
+                await handle.shutdown_async()
+        self._handles.clear()
+
         def shutdown() -> None:
-            for role in list(self._handles):
-                with contextlib.suppress(Exception):  # already gone (another client replaced it)
-                    serve.delete(f"lmbot-{role}")
-            if self._owns_ray:
+            if self._owns_ray:  # everything on this Ray goes with it
                 serve.shutdown()
                 ray.shutdown()
+                return
+            for app in sorted(self._held):
+                with contextlib.suppress(Exception):  # the registry or the cluster is already gone
+                    self._registry_call("release", app, self._holder)
 
         await asyncio.to_thread(shutdown)
-        self._handles.clear()
+        self._held.clear()
