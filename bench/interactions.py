@@ -5,9 +5,11 @@ the offline causal LM. 200 students send /nexttoken at the same moment; the queu
 holds fewer than that, so some must be told "busy". Prints the time from each
 INTERACTION_CREATE to its first answer (defer or immediate reply), whether every
 interaction was answered, and any "heartbeat blocked" warning from discord.py.
-Last line: one JSON object with every figure.
+With ``--block-s S`` a careless plugin's command that blocks its event loop for
+S seconds (``time.sleep`` in an async handler) is sent first: acknowledgements
+must not wait behind it. Last line: one JSON object with every figure.
 
-    python bench/interactions.py [--interactions 200] [--max-queue 50]
+    python bench/interactions.py [--interactions 200] [--max-queue 50] [--block-s 0]
 """
 
 from __future__ import annotations
@@ -41,7 +43,25 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
-async def main(count: int, max_queue: int) -> dict:
+def blocking_plugin(seconds: float) -> object:
+    """A plugin whose one command blocks the loop it runs on, as a careless plugin would."""
+    import types
+
+    from bot import Reply, command, hookimpl
+
+    @command("block", "Blocks its event loop")
+    async def block(ctx: object) -> Reply:
+        time.sleep(seconds)  # noqa: ASYNC251  (the point of the benchmark)
+        return Reply("done")
+
+    @hookimpl
+    def register_commands(register):  # type: ignore[no-untyped-def]
+        register(block)
+
+    return types.SimpleNamespace(register_commands=register_commands)
+
+
+async def main(count: int, max_queue: int, block_s: float = 0.0) -> dict:
     import aiohttp
     import discord
     import yarl
@@ -69,12 +89,18 @@ async def main(count: int, max_queue: int) -> dict:
     config = config.model_copy(
         update={"inference": config.inference.model_copy(update={"cache_dir": str(Path.home() / ".cache/lmbot")})}
     )
-    app = App(config)
+    app = App(config, extra_plugins=[(blocking_plugin(block_s), "careless")] if block_s else ())
     client = LmbotClient(app, connector=aiohttp.TCPConnector(resolver=LoopbackOnlyResolver()), guild_ready_timeout=0.05)
     bot = asyncio.create_task(run_bot(app, "fake-token", client))
     await asyncio.wait_for(fake.ready.wait(), 60)
-    await app.inference.wait_ready(300)  # the model is preloaded: measure serving, not loading
+    # The model is preloaded: measure serving, not loading. The inference client lives on the
+    # command loop (where handlers run), so it is asked there.
+    await client.command_loop.run(app.inference.wait_ready(300))
 
+    if block_s:
+        blocker = await fake.interact("block", user_id=9_999)
+        await fake.wait_for(lambda calls: any(blocker in c.path for c in calls))
+        await asyncio.sleep(0.2)  # the handler is blocking its loop now
     started = time.perf_counter()
     tokens = [
         await fake.interact("nexttoken", {"prompt": f"Student {i} asks: the capital of France is"}, user_id=10_000 + i)
@@ -108,6 +134,7 @@ async def main(count: int, max_queue: int) -> dict:
     return {
         "interactions": count,
         "max_queue": max_queue,
+        "blocking_handler_s": block_s,
         "seconds_until_all_answered": elapsed,
         "defer_p50_ms": 1000 * percentile([d for d in defer if d is not None], 0.5),
         "defer_p99_ms": 1000 * percentile([d for d in defer if d is not None], 0.99),
@@ -124,10 +151,12 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--interactions", type=int, default=200)
     parser.add_argument("--max-queue", type=int, default=50)
+    parser.add_argument("--block-s", type=float, default=0.0, help="first send a command that blocks for this long")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory():
-        figures = asyncio.run(main(args.interactions, args.max_queue))
-    print(f"{figures['interactions']} interactions at once, queue limit {figures['max_queue']}")
+        figures = asyncio.run(main(args.interactions, args.max_queue, args.block_s))
+    blocking = f", while a handler blocks its loop for {args.block_s:g} s" if args.block_s else ""
+    print(f"{figures['interactions']} interactions at once, queue limit {figures['max_queue']}{blocking}")
     print(
         f"first response (defer or reply): p50 {figures['defer_p50_ms']:.0f} ms, "
         f"p99 {figures['defer_p99_ms']:.0f} ms, max {figures['defer_max_ms']:.0f} ms"

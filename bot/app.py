@@ -3,14 +3,20 @@
 Front ends call :meth:`App.execute` (typed values, e.g. from Discord) or
 :meth:`App.execute_line` (console syntax). Both always return a
 :class:`~bot.commands.Reply`: a handler's exception becomes a short reply with
-an error id, and the traceback goes to the log only.
+an error id, and the traceback goes to the log only. That includes
+``SystemExit``, ``KeyboardInterrupt`` and any other ``BaseException`` a
+handler raises: one plugin's command cannot stop the bot.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import threading
+import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 from bot import core
@@ -26,6 +32,20 @@ log = logging.getLogger(__name__)
 
 def new_error_id() -> str:
     return uuid.uuid4().hex[:8]
+
+
+@dataclass(frozen=True)
+class LoopStall:
+    """A plugin's command that blocked the event loop it ran on (``/plugins`` shows it)."""
+
+    command: str  # the last command of the plugin that blocked
+    count: int
+    longest_s: float
+    last_s: float
+
+    def describe(self) -> str:
+        times = "once" if self.count == 1 else f"{self.count} times"
+        return f"blocked the event loop {times} (longest {self.longest_s:.1f} s, last in /{self.command})"
 
 
 class App:
@@ -52,6 +72,10 @@ class App:
         self.inference: InferenceClient = create_client(config, self.registry.roles)
         # Set by a front end that publishes commands somewhere (Discord): re-publish them.
         self.publish_commands: Callable[[], Awaitable[list[str]]] | None = None
+        # Commands running now, by the task that runs them, and plugins whose handlers blocked their loop.
+        self.running: dict[asyncio.Task[Any], tuple[str, str]] = {}
+        self.stalls: dict[str, LoopStall] = {}
+        self._stalls_lock = threading.Lock()
 
     @property
     def plugin_records(self) -> list[PluginRecord]:
@@ -67,26 +91,49 @@ class App:
         """The console's user: whoever runs the process owns the bot."""
         return Context(user=User("local", "console", is_owner=True), app=self, transport="console")
 
+    def record_stall(self, plugin: str, command: str, seconds: float) -> None:
+        """Note that ``/command`` of ``plugin`` blocked its event loop for ``seconds`` (any thread may call)."""
+        with self._stalls_lock:
+            old = self.stalls.get(plugin)
+            count, longest = (old.count, old.longest_s) if old else (0, 0.0)
+            self.stalls[plugin] = LoopStall(command, count + 1, max(longest, seconds), seconds)
+
     async def execute(self, name: str, values: dict[str, Any], ctx: Context) -> Reply:
         cmd = self.registry.commands.get(name)
         if cmd is None:
             return Reply.failure(f"There is no /{name} command. Try /help.")
         if cmd.owner_only and not ctx.user.is_owner:
             return Reply.failure(f"/{name} is for the bot's owners only.")
+        task = asyncio.current_task()
+        if task is not None:
+            self.running[task] = (name, cmd.plugin)
+        started = time.monotonic()
         try:
             reply = await cmd.invoke(ctx, values)
             if not isinstance(reply, Reply):
                 raise TypeError(f"/{name} returned {type(reply).__name__}, not a Reply")
         except CommandError as exc:
             return Reply.failure(str(exc), ephemeral=exc.ephemeral, error_kind=type(exc).__name__)
-        except Exception:
+        except (asyncio.CancelledError, GeneratorExit):
+            raise  # the caller gave up (shutdown, a timeout): not the plugin's doing
+        except BaseException as exc:  # SystemExit and KeyboardInterrupt too: a plugin cannot stop the bot
             error_id = new_error_id()
-            log.exception("error %s in /%s (plugin %s)", error_id, name, cmd.plugin)
+            log.error(
+                "error %s in /%s (plugin %s) after %.1f s",
+                error_id,
+                name,
+                cmd.plugin,
+                time.monotonic() - started,
+                exc_info=exc,
+            )
             return Reply.failure(
                 f"Something went wrong in /{name} (error id {error_id}). Other commands still work.",
                 error_kind="PluginError",
                 error_id=error_id,
             )
+        finally:
+            if task is not None:
+                self.running.pop(task, None)
         return reply
 
     async def execute_text(self, name: str, texts: dict[str, str], ctx: Context) -> Reply:

@@ -148,7 +148,7 @@ def _line_chart(
     log: bool,
 ) -> Image:
     from matplotlib.figure import Figure
-    from matplotlib.ticker import MaxNLocator
+    from matplotlib.ticker import LogFormatter, MaxNLocator
 
     fig = Figure(figsize=(WIDTH, 4.2), dpi=DPI, layout="constrained")
     ax = fig.add_subplot()
@@ -157,6 +157,10 @@ def _line_chart(
     if log:
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
+        # The default log-axis labels are mathtext, which parse_math=False would show as source code.
+        for axis, base in ((ax.xaxis, 2), (ax.yaxis, 10)):
+            axis.set_major_formatter(LogFormatter(base=base))
+            axis.set_minor_formatter(LogFormatter(base=base, labelOnlyBase=False))
     elif all(float(x).is_integer() for _, xs, _, _ in series for x in xs):
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps, counts: no 2.5
     ax.set_xlabel(xlabel)

@@ -14,8 +14,6 @@ import os
 import socket
 import sys
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -23,6 +21,7 @@ from bot import __version__
 from bot.app import App
 from bot.commands import Reply
 from bot.config import Config, ConfigError, load_config
+from bot.inference.metrics import read_running
 from bot.inference.registry import ModelSource
 from bot.parsing import UsageError
 from bot.plugins import PluginConflict
@@ -203,16 +202,6 @@ def _fetch(app: App, roles: Sequence[str]) -> int:
     return status
 
 
-def _running_bot_summary(port: int) -> dict:
-    """The metrics summary a running bot serves on 127.0.0.1:``port`` (raises OSError if none)."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    from bot.inference.metrics import summarize
-
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
-        return summarize(text_string_to_metric_families(response.read().decode()))
-
-
 def cmd_stats(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     port = args.port or config.inference.metrics_port
@@ -223,7 +212,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
         )
         return EXIT_USAGE
     try:
-        summary = _running_bot_summary(port)
+        summary = read_running(port)
     except OSError as exc:  # URLError is an OSError
         print(f"lmbot: no bot answers on 127.0.0.1:{port} ({exc}).", file=sys.stderr)
         return EXIT_ANSWERED_ERROR
@@ -239,7 +228,7 @@ def cmd_health(args: argparse.Namespace) -> int:
         print("unhealthy: inference.metrics_port is 0, so the bot's workers cannot be checked")
         return EXIT_ANSWERED_ERROR
     try:
-        summary = _running_bot_summary(port)
+        summary = read_running(port)
     except OSError as exc:
         print(f"unhealthy: no bot answers on 127.0.0.1:{port} ({exc})")
         return EXIT_ANSWERED_ERROR

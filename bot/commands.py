@@ -337,6 +337,8 @@ class InferenceService(Protocol):
     """What a handler uses of the inference service (``ctx.inference``)."""
 
     metrics: Any
+    # The most one request may cost (``Request.cost()``, multiply-accumulates); more is refused.
+    max_request_cost: float
 
     async def submit(self, request: Any, *, timeout: float | None = None) -> Any:
         """Run a request in a worker and return its result, or raise an ``InferenceError``."""
@@ -362,7 +364,10 @@ class Context:
 
     @property
     def inference(self) -> InferenceService:
-        return self.app.inference
+        """The shared service, seen as this user: their requests count against their own share."""
+        service = self.app.inference
+        for_user = getattr(service, "for_user", None)
+        return for_user(self.user.id) if for_user is not None else service
 
     @property
     def config(self) -> Any:

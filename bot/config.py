@@ -14,7 +14,16 @@ import tomllib
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
 from pydantic_core import ErrorDetails
 
 DEFAULT_PATH = "config.toml"
@@ -72,6 +81,31 @@ class DiscordSection(_Section):
     cooldown_s: Annotated[float, Field(ge=0, le=3600)] = 3.0  # per user and command
     sync: Literal["auto", "never"] = "auto"  # auto: only when the command set changed
     shutdown_grace_s: Annotated[float, Field(ge=0, le=600)] = 20.0
+    # Sharding (Discord requires it past 2,500 guilds): "auto" asks Discord for the count and runs
+    # every shard in this process; several processes each name their own shard_ids (and one count).
+    shard_count: int | str = "auto"
+    shard_ids: list[Annotated[int, Field(ge=0)]] = []  # [] = every shard; the process with 0 syncs commands
+
+    @field_validator("shard_count", mode="before")
+    @classmethod
+    def _shard_count(cls, count: object) -> object:
+        if count != "auto" and not (isinstance(count, int) and not isinstance(count, bool) and 1 <= count <= 10_000):
+            raise ValueError('must be a number of shards from 1 to 10000, or "auto"')
+        return count
+
+    @field_validator("shard_ids")
+    @classmethod
+    def _shards_exist(cls, ids: list[int], info: ValidationInfo) -> list[int]:
+        if "shard_count" not in info.data:  # shard_count itself was wrong: that is the error to report
+            return ids
+        count = info.data["shard_count"]
+        if ids and count == "auto":
+            raise ValueError("naming shard_ids needs a number in discord.shard_count, not auto")
+        if ids and isinstance(count, int) and max(ids) >= count:
+            raise ValueError(f"shard ids run from 0 to {count - 1} (discord.shard_count = {count})")
+        if len(set(ids)) != len(ids):
+            raise ValueError("a shard id is repeated")
+        return ids
 
 
 class PluginsSection(_Section):
@@ -101,6 +135,10 @@ class InferenceSection(_Section):
     max_new_tokens: Annotated[int, Field(ge=1, le=4096)] = 64
     # Estimated multiply-accumulates one request may cost (Request.cost()); more is refused up front.
     max_request_cost: Annotated[float, Field(gt=0, le=1e15)] = 5e10
+    # Requests one user may have queued or running at once; more are refused with "try again when they finish".
+    max_per_user: Annotated[int, Field(ge=1, le=100_000)] = 16
+    # A worker whose batch runs this long past its requests' last deadline is killed and replaced.
+    watchdog_margin_s: Annotated[float, Field(gt=0, le=3600)] = 5.0
     memory_budget_mb: Annotated[int, Field(ge=1, le=16 * 2**20)] = 4096  # up to 16 TB
     offline: Literal["auto", "always", "never"] = "auto"
     cache_dir: PathText = "~/.cache/lmbot"

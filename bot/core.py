@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from bot.commands import Command, Context, Field, Reply, Table, Text, command
+from bot.commands import Command, Context, Field, Option, Reply, Table, Text, command
 from bot.hookspecs import hookimpl
 
 GENERAL = "General"
@@ -14,6 +14,13 @@ GENERAL = "General"
 def _topic_title(ctx: Context, slug: str | None) -> tuple[int, str]:
     topic = ctx.app.registry.topics.get(slug) if slug else None
     return (topic.order, topic.title) if topic else (10_000, GENERAL)
+
+
+def required_text(option: Option) -> str:
+    """How /help says whether an option must be given (an optional one may have no default)."""
+    if option.required:
+        return "yes"
+    return "optional" if option.default is None else f"optional (default {option.default})"
 
 
 @command(
@@ -27,9 +34,7 @@ async def help_command(ctx: Context, command: str | None) -> Reply:
         cmd = commands.get(command.strip().lstrip("/").lower())
         if cmd is None:
             return Reply.failure(f"There is no /{command.strip()} command. Try /help.")
-        rows = [
-            [o.name, o.kind, "yes" if o.required else f"no (default {o.default})", o.description] for o in cmd.options
-        ]
+        rows = [[o.name, o.kind, required_text(o), o.description] for o in cmd.options]
         return Reply(
             title=f"/{cmd.name}",
             text=f"{cmd.description}\n`{cmd.usage()}`",
@@ -54,11 +59,14 @@ async def plugins_command(ctx: Context) -> Reply:
     # Load errors may name files on the host: owners see them, everyone else sees that it failed.
     owner = ctx.user.is_owner
     rows = []
+    stalls = getattr(ctx.app, "stalls", {})  # handlers that blocked the event loop (bot.app.LoopStall)
     for record in ctx.app.plugin_records:
         commands = ", ".join(f"/{c}" for c in record.commands) or "-"
         status = record.status
         if record.error:
             status = f"{record.status}: {record.error}" if owner else "failed to load"
+        if stall := stalls.get(record.name):
+            status += f"; {stall.describe()}"
         rows.append([record.name, record.version or "-", record.source, commands, status])
     data = [
         {
@@ -68,6 +76,7 @@ async def plugins_command(ctx: Context) -> Reply:
             "commands": r.commands,
             "status": r.status,
             "error": r.error if owner else "",
+            "stalls": stalls[r.name].count if r.name in stalls else 0,
         }
         for r in ctx.app.plugin_records
     ]

@@ -79,3 +79,51 @@ class InputTooLong(InferenceError):
 
 class ModelFailed(InferenceError):
     """The model raised; the worker logged the traceback under an error id."""
+
+
+class InvalidText(UserError, InferenceError):
+    """Text a model cannot read at all (not encodable as UTF-8: a lone surrogate, say)."""
+
+
+class TooCostly(InferenceError):
+    """A request whose estimated cost (``Request.cost()``) is over ``inference.max_request_cost``."""
+
+    ephemeral = True
+
+    def __init__(self, cost: float, limit: float) -> None:
+        self.cost, self.limit = cost, limit
+        super().__init__(
+            f"That request would cost about {cost:.2g} multiply-accumulate operations; "
+            f"this bot allows {limit:.2g} per request. Ask for something smaller."
+        )
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (TooCostly, (self.cost, self.limit))
+
+
+class TooManyRequests(InferenceError):
+    """One user already has ``inference.max_per_user`` requests queued or running."""
+
+    ephemeral = True
+
+    def __init__(self, waiting: int) -> None:
+        self.waiting = waiting
+        super().__init__(f"You have {waiting} requests waiting; try again when they finish.")
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (TooManyRequests, (self.waiting,))
+
+
+class TaskNotFound(InferenceError):
+    """A request names a task function that cannot be found: a bug in the plugin that defines it."""
+
+    def __init__(self, task: str, detail: str = "") -> None:
+        self.task, self.detail = task, detail
+        why = f" ({detail})" if detail else ""
+        super().__init__(
+            f"This command's model task `{task}` was not found{why}: a bug in the plugin that "
+            "defines the command (a typo in its task name?). Please tell the bot's owner."
+        )
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (TaskNotFound, (self.task, self.detail))

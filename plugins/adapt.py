@@ -10,6 +10,7 @@ from typing import Any, ClassVar
 
 from bot import (
     Boolean,
+    CodeBlock,
     Command,
     Context,
     Field,
@@ -17,6 +18,7 @@ from bot import (
     ModelRole,
     Reply,
     Request,
+    Segment,
     Table,
     Text,
     Topic,
@@ -93,6 +95,27 @@ class LoraRun:
     total: int = 0
     seconds: float = 0.0
     refused: str = ""  # why it did not train (e.g. a CPU worker where training is off)
+
+
+def shown_answer(text: str) -> str:
+    """A generated continuation on one line: line breaks shown as ↵."""
+    return text.replace("\r\n", "\n").replace("\n", "↵")
+
+
+def prompts_block(zero_prompt: str, zero_answer: str, few_prompt: str, few_answer: str) -> CodeBlock:
+    """Both prompts as the model reads them, each followed by what it wrote (in green)."""
+    segments: list[Segment] = []
+    for heading, prompt, answer in (
+        ("zero-shot: the instruction alone", zero_prompt, zero_answer),
+        ("few-shot: two solved examples, then the review", few_prompt, few_answer),
+    ):
+        segments += [
+            Segment(f"── {heading} ──\n", "gray"),
+            Segment(prompt),
+            Segment(f"«{shown_answer(answer)}»", "green"),
+            Segment("\n"),
+        ]
+    return CodeBlock(segments[:-1])
 
 
 def first_line(text: str) -> str:
@@ -201,10 +224,15 @@ def lora_train(model: Any, tokenizer: Any, batch: Sequence[LoraTrain]) -> list[L
     ],
 )
 async def adapt(ctx: Context, text: str, train: bool) -> Reply:
-    started = time.perf_counter()
-    zero = await ctx.inference.submit(Generate(ZERO_SHOT.format(text=text), max_new_tokens=3))
-    few = await ctx.inference.submit(Generate(FEW_SHOT.format(text=text), max_new_tokens=3))
-    prompt_s = time.perf_counter() - started
+    zero_prompt, few_prompt = ZERO_SHOT.format(text=text), FEW_SHOT.format(text=text)
+    zero = await ctx.inference.submit(Generate(zero_prompt, max_new_tokens=3))
+    few = await ctx.inference.submit(Generate(few_prompt, max_new_tokens=3))
+    # Timed again once the model is loaded, so the times compare the two prompts and not loading.
+    prompt_ms: dict[str, float] = {}
+    for name, prompt in (("zero-shot", zero_prompt), ("few-shot", few_prompt)):
+        started = time.perf_counter()
+        await ctx.inference.submit(Generate(prompt, max_new_tokens=3))
+        prompt_ms[name] = (time.perf_counter() - started) * 1000
     lora = await ctx.inference.submit(LoraCounts())
     rows = [
         [row.targets, str(row.r), f"{row.trainable:,}", f"{row.total:,}", f"{row.trainable / row.total:.3%}"]
@@ -213,7 +241,10 @@ async def adapt(ctx: Context, text: str, train: bool) -> Reply:
     fields = [
         Field("zero-shot answer", first_line(zero.text)),
         Field("few-shot answer", first_line(few.text)),
-        Field("prompting time", f"{prompt_s * 1000:.0f} ms"),
+        Field(
+            "prompting time (warm)",
+            " · ".join(f"{name} {value:.0f} ms" for name, value in prompt_ms.items()),
+        ),
     ]
     images = []
     run: LoraRun | None = None
@@ -247,16 +278,22 @@ async def adapt(ctx: Context, text: str, train: bool) -> Reply:
     return Reply(
         title=f"Adapting {zero.model}",
         text=(
-            "The same base model, asked two ways (greedy, 3 tokens), then the cost of LoRA fine-tuning: "
-            "only the low-rank matrices train; everything else stays frozen."
+            "The same base model, asked two ways: zero-shot (the instruction alone) and few-shot (two solved "
+            "examples first). Only the prompt changes, no weights. The table gives the cost of LoRA fine-tuning "
+            "instead: only its low-rank matrices train; everything else stays frozen. At the end: both prompts "
+            "exactly as the model reads them, with its greedy 3-token answer in «…» (green)."
         ),
         fields=fields,
         table=Table(["LoRA on", "r", "trainable", "total", "share"], rows, align="lrrrr"),
+        code=prompts_block(zero_prompt, zero.text, few_prompt, few.text),
         images=images,
         data={
             "model": zero.model,
+            "zero_shot_prompt": zero_prompt,
+            "few_shot_prompt": few_prompt,
             "zero_shot": zero.text,
             "few_shot": few.text,
+            "prompt_ms": prompt_ms,
             "lora": [row.__dict__ for row in lora.rows],
             "lora_run": run.__dict__ if run is not None else None,
         },

@@ -27,7 +27,25 @@ from bot.charts import line_chart, render
 
 TOPIC = Topic.load("plugins", "transformers-vs-rnns")  # plugins/data/topics/transformers-vs-rnns.toml
 
-MAX_LENGTH, MAX_LENGTHS, HEADS = 8192, 6, 4
+# Counting needs no measurement, so lengths go well past what can be timed (the course's 32,768 and beyond).
+MAX_LENGTH, MAX_LENGTHS, HEADS, REPEATS = 65_536, 6, 4, 3
+
+
+def recurrent_macs(length: int, width: int) -> int:
+    """A GRU step multiplies the input and the previous state by three d×d matrices each
+    (reset gate, update gate, candidate): 6·d² multiply-accumulates per token, n steps in a row."""
+    return 6 * length * width * width
+
+
+def projection_macs(length: int, width: int) -> int:
+    """Attention's query, key, value and output projections: four d×d matrices per token."""
+    return 4 * length * width * width
+
+
+def pair_macs(length: int, width: int) -> int:
+    """Scores q·k for all n² pairs, then the weighted sum of values: n²·d each. Splitting d
+    across heads changes how the work is grouped, not how much of it there is."""
+    return 2 * length * length * width
 
 
 @dataclass(frozen=True)
@@ -36,7 +54,8 @@ class LayerTiming(Request):
 
     length: int
     width: int
-    repeats: int = 3
+    heads: int = HEADS
+    repeats: int = REPEATS
     task: ClassVar[str] = "plugins.complexity:time_layers"
     role: ClassVar[str | None] = None  # needs no model, only the worker's device
 
@@ -44,7 +63,16 @@ class LayerTiming(Request):
         return []
 
     def batch_key(self) -> tuple[Any, ...]:
-        return (self.length, self.width)  # timed one at a time
+        return (self.length, self.width, self.heads)  # timed one at a time
+
+    def forward_macs(self) -> int:
+        """Multiply-accumulates of one forward pass of both layers (heads leave the count unchanged)."""
+        n, d = self.length, self.width
+        return recurrent_macs(n, d) + projection_macs(n, d) + pair_macs(n, d)
+
+    def cost(self) -> float:
+        # One warm-up forward, then ``repeats`` timed ones, of each layer.
+        return float((self.repeats + 1) * self.forward_macs())
 
 
 @dataclass(frozen=True)
@@ -71,6 +99,16 @@ def _median_ms(fn: Callable[[], Any], repeats: int, cuda: bool) -> float:
     return statistics.median(samples)
 
 
+def build_layers(width: int, heads: int, device: Any) -> tuple[Any, Any]:
+    """The two layers that are timed: one multi-head self-attention layer and one GRU layer."""
+    import torch
+
+    torch.manual_seed(0)
+    attention = torch.nn.MultiheadAttention(width, heads, batch_first=True).to(device).eval()
+    recurrent = torch.nn.GRU(width, width, batch_first=True).to(device).eval()
+    return attention, recurrent
+
+
 def time_layers(model: Any, tokenizer: Any, batch: Sequence[LayerTiming]) -> list[LayerTimes]:
     """Runs in the worker, on its device: one attention layer and one GRU of the same width."""
     import torch
@@ -79,9 +117,7 @@ def time_layers(model: Any, tokenizer: Any, batch: Sequence[LayerTiming]) -> lis
     cuda = device.type == "cuda"
     results = []
     for request in batch:
-        torch.manual_seed(0)
-        attention = torch.nn.MultiheadAttention(request.width, HEADS, batch_first=True).to(device).eval()
-        recurrent = torch.nn.GRU(request.width, request.width, batch_first=True).to(device).eval()
+        attention, recurrent = build_layers(request.width, request.heads, device)
         x = torch.randn(1, request.length, request.width, device=device)
         with torch.inference_mode():
             attention_ms = _median_ms(functools.partial(attention, x, x, x, need_weights=False), request.repeats, cuda)
@@ -102,71 +138,185 @@ def parse_lengths(text: str) -> list[int]:
     return lengths
 
 
+def check_width(width: int) -> None:
+    if width % HEADS:
+        below = width - width % HEADS
+        options = " or ".join(f"{w}" for w in (below, below + HEADS) if w >= 16)
+        raise UserError(
+            f"`width` must be a multiple of {HEADS}: the attention layer splits it across {HEADS} heads "
+            f"of equal size. Try {options}."
+        )
+
+
+def short(number: float) -> str:
+    """A count as a student can read it: 65,536 or 1.37e11."""
+    if number < 1_000_000:
+        return f"{int(number):,}"
+    mantissa, exponent = f"{number:.2e}".split("e")
+    return f"{mantissa}e{int(exponent)}"
+
+
+def request_budget(ctx: Context) -> float:
+    """The service's limit on one request's multiply-accumulates."""
+    return float(getattr(ctx.inference, "max_request_cost", ctx.config.inference.max_request_cost))
+
+
+def listing(numbers: Sequence[int]) -> str:
+    shown = [f"{n:,}" for n in numbers]
+    return shown[0] if len(shown) == 1 else ", ".join(shown[:-1]) + " and " + shown[-1]
+
+
 @command(
     "complexity",
     "Operations and measured time: self-attention vs a recurrent layer",
     topic=TOPIC.slug,
     options=[
         Text("lengths", "Sequence lengths, comma-separated", default="64,256,1024,4096", max_length=60),
-        Integer("width", "Hidden size of both layers", default=256, min_value=16, max_value=1024),
+        Integer(
+            "width", f"Hidden size of both layers (a multiple of {HEADS})", default=256, min_value=16, max_value=1024
+        ),
     ],
 )
 async def complexity(ctx: Context, lengths: str, width: int) -> Reply:
     ns = parse_lengths(lengths)
-    times = [await ctx.inference.submit(LayerTiming(n, width)) for n in ns]
+    check_width(width)
+    budget = request_budget(ctx)
+    requests = [LayerTiming(n, width) for n in ns]
+    timed = [r.cost() <= budget for r in requests]
+    times: list[LayerTimes | None] = []
+    for request, fits in zip(requests, timed, strict=True):
+        times.append(await ctx.inference.submit(request) if fits else None)
+    measured = [(n, t) for n, t in zip(ns, times, strict=True) if t is not None]
+    device = measured[0][1].device if measured else None
+
+    d = width
     rows = []
     for n, t in zip(ns, times, strict=True):
         rows.append(
             [
                 f"{n:,}",
                 f"{n:,}",
-                "1",
-                f"{n * n:,}",
-                f"{n * n * width:,}",
-                f"{t.attention_ms:.2f}",
-                f"{t.recurrent_ms:.2f}",
+                short(recurrent_macs(n, d)),
+                short(projection_macs(n, d)),
+                short(pair_macs(n, d)),
+                f"{t.attention_ms:.2f}" if t else "-",
+                f"{t.recurrent_ms:.2f}" if t else "-",
             ]
         )
-    series = [
-        ("self-attention (measured)", ns, [t.attention_ms for t in times], "o-"),
-        ("GRU (measured)", ns, [t.recurrent_ms for t in times], "s-"),
+
+    # Reference slopes through the longest timed length: there the layers do the most work, and the
+    # fixed cost of launching a forward pass (which flattens the short end of both curves) matters least.
+    reference_n2: list[float] = []
+    reference_n: list[float] = []
+    if len(measured) > 1:
+        n_top, t_top = measured[-1]
+        reference_n2 = [t_top.attention_ms * (n / n_top) ** 2 for n, _ in measured]
+        reference_n = [t_top.recurrent_ms * n / n_top for n, _ in measured]
+
+    slower = next((n for n, t in measured if t.attention_ms > t.recurrent_ms), None)
+    lines = [
+        "A recurrent layer takes n steps that must run one after another; attention takes one parallel step "
+        "but compares all n² pairs of tokens.",
+        f"Both multiply every token by d×d matrices (d = width = {d}): the GRU 6·n·d² multiply-accumulates "
+        f"(three gates, each on the input and on the previous state), attention 4·n·d² (query, key, value and "
+        f"output projections). Only attention adds 2·n²·d for the pairs, which outgrows its projections past "
+        f"n = 2d = {2 * d:,} and makes attention's total larger than the GRU's past n = d = {d:,}.",
     ]
-    # Reference slopes anchored at the first measurement, so the eye can compare shapes.
-    a0, r0, n0 = times[0].attention_ms, times[0].recurrent_ms, ns[0]
-    if len(ns) > 1:
-        series += [
-            ("∝ n² (reference)", ns, [a0 * (n / n0) ** 2 for n in ns], "--"),
-            ("∝ n (reference)", ns, [r0 * n / n0 for n in ns], ":"),
+    if measured:
+        longest = measured[-1][0]
+        if slower is not None:
+            verdict = f"Measured, attention is slower than the GRU from n = {slower:,}"
+            more_work = slower > d
+        else:
+            verdict = "Measured, attention stayed faster than the GRU at every timed length"
+            more_work = longest > d
+        lines.append(
+            f"Times are medians of {REPEATS} warm forwards (after one warm-up) on {device}. {verdict}"
+            + (f", though it does more work than the GRU past n = {d:,}" if more_work else "")
+            + ": the GRU's n steps wait for each other and keep the hardware idle, while attention's work is a "
+            "few large matrix products run in parallel, so its extra work shows in time only once n² dominates."
+            + (
+                " At short lengths both times are mostly fixed overhead, so the reference lines on the chart go "
+                "through the longest timed length."
+                if reference_n2
+                else ""
+            )
+        )
+    skipped = [n for n, fits in zip(ns, timed, strict=True) if not fits]
+    if skipped:
+        worst = max(r.cost() for r, fits in zip(requests, timed, strict=True) if not fits)
+        lines.append(
+            f"Not timed: n = {listing(skipped)}. Timing {'it' if len(skipped) == 1 else 'them'} would take up to "
+            f"{short(worst)} multiply-accumulates, over this service's budget of {short(budget)} per request; "
+            "the counts need no measurement."
+        )
+
+    if measured:
+        series = [
+            ("self-attention (measured)", [n for n, _ in measured], [t.attention_ms for _, t in measured], "o-"),
+            ("GRU (measured)", [n for n, _ in measured], [t.recurrent_ms for _, t in measured], "s-"),
         ]
-    chart = await render(
-        line_chart,
-        series,
-        title=f"One layer, width {width}, on {times[0].device}",
-        xlabel="sequence length (tokens)",
-        ylabel="milliseconds per forward pass",
-        filename="complexity.png",
-    )
+        if reference_n2:
+            xs = [n for n, _ in measured]
+            series += [
+                ("∝ n² (through the longest)", xs, reference_n2, "--"),
+                ("∝ n (through the longest)", xs, reference_n, ":"),
+            ]
+        chart = await render(
+            line_chart,
+            series,
+            title=f"One layer, width {width}, on {device}",
+            xlabel="sequence length (tokens)",
+            ylabel="milliseconds per forward pass",
+            filename="complexity.png",
+        )
+    else:
+        attention_total = [projection_macs(n, d) + pair_macs(n, d) for n in ns]
+        chart = await render(
+            line_chart,
+            [
+                ("GRU 6·n·d²", ns, [recurrent_macs(n, d) for n in ns], "s-"),
+                ("attention 4·n·d² + 2·n²·d", ns, attention_total, "o-"),
+                ("attention pairs 2·n²·d", ns, [pair_macs(n, d) for n in ns], "--"),
+            ],
+            title=f"One layer, width {width}: counted, not timed",
+            xlabel="sequence length (tokens)",
+            ylabel="multiply-accumulates per forward pass",
+            filename="complexity.png",
+        )
     return Reply(
         title="Self-attention vs recurrence",
-        text=(
-            "A recurrent layer takes n steps that must run one after another; attention takes one parallel step "
-            "but compares all n² pairs of tokens. Times are medians of 3 forwards on the worker's device."
-        ),
+        text="\n".join(lines),
         table=Table(
-            ["n", "RNN steps", "attn steps", "attn pairs", "attn pair×width", "attn ms", "GRU ms"],
+            ["n", "RNN steps", "GRU 6nd²", "attn 4nd²", "attn 2n²d", "attn ms", "GRU ms"],
             rows,
             align="rrrrrrr",
         ),
-        fields=[Field("device", times[0].device), Field("width", str(width)), Field("heads", str(HEADS))],
+        fields=[
+            Field("device", device or "not timed"),
+            Field("width", str(width)),
+            Field("heads", str(HEADS)),
+            Field("budget", f"{short(budget)} multiply-accumulates per request"),
+        ],
         images=[chart],
         data={
-            "device": times[0].device,
+            "device": device,
             "width": width,
+            "heads": HEADS,
             "lengths": ns,
-            "attention_ms": [t.attention_ms for t in times],
-            "recurrent_ms": [t.recurrent_ms for t in times],
+            "timed": timed,
+            "timing_cost": [r.cost() for r in requests],
+            "max_request_cost": budget,
+            "attention_ms": [t.attention_ms if t else None for t in times],
+            "recurrent_ms": [t.recurrent_ms if t else None for t in times],
+            "reference_n2": reference_n2,
+            "reference_n": reference_n,
             "attention_pairs": [n * n for n in ns],
             "recurrent_steps": ns,
+            "recurrent_macs": [recurrent_macs(n, d) for n in ns],
+            "attention_projection_macs": [projection_macs(n, d) for n in ns],
+            "attention_pair_macs": [pair_macs(n, d) for n in ns],
+            "measured_attention_slower_from": slower,
         },
     )
 

@@ -6,7 +6,7 @@ import functools
 import math
 import re
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from importlib.resources import files
 
@@ -35,6 +35,10 @@ WORD = re.compile(r"[\w']+|[.,!?;:]")
 SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 DEFAULT_CONTEXT = "the cat sat on the"
 DEFAULT_HELDOUT = "The dog sat on the warm mat by the window."
+TOP = 10
+PERPLEXITY_LINE = (
+    "Perplexity: roughly how many equally likely words a model is choosing between at each step; lower is better."
+)
 
 
 def words(text: str) -> list[str]:
@@ -45,42 +49,131 @@ def sentences(text: str) -> list[list[str]]:
     return [w for s in SENTENCE_END.split(text.strip()) if (w := words(s))]
 
 
+def plural(count: int, noun: str, nouns: str | None = None) -> str:
+    return f"{count:,} {noun if count == 1 else (nouns or noun + 's')}"
+
+
+def times(count: int) -> str:
+    return {1: "once", 2: "twice"}.get(count, f"{count:,} times")
+
+
+def quoted(parts: Iterable[str]) -> str:
+    return "“" + " ".join(parts) + "”"
+
+
+@dataclass(frozen=True)
+class Step:
+    """One held-out word as the n-gram model scores it."""
+
+    context: tuple[str, ...]
+    word: str
+    scored_as: str  # the word itself, or <unk> when it never occurs in the counted text
+    count: int
+    total: int
+    prob: float
+
+
 @dataclass
 class NgramModel:
-    """Counts of each word after each (n-1)-word context, with add-k smoothing."""
+    """Counts of each word after each (n-1)-word context; add-k smoothing, or none when k is 0."""
 
     n: int
     k: float
     counts: dict[tuple[str, ...], Counter[str]] = field(default_factory=lambda: defaultdict(Counter))
-    vocab: set[str] = field(default_factory=set)
+    word_types: set[str] = field(default_factory=set)  # the words of the counted text, no markers
 
     @classmethod
     def fit(cls, corpus: Iterable[list[str]], n: int, k: float) -> NgramModel:
         model = cls(n, k)
         for sentence in corpus:
             padded = [START] * (n - 1) + sentence + [END]
-            model.vocab.update([*sentence, END])
+            model.word_types.update(sentence)
             for i in range(n - 1, len(padded)):
                 model.counts[tuple(padded[i - n + 1 : i])][padded[i]] += 1
-        model.vocab.add(UNKNOWN)  # every unseen word maps here, so it has a (smoothed) probability
         return model
 
+    @property
+    def vocab(self) -> set[str]:
+        """Every outcome a next word can be: the word types, the end of the sentence, and <unk>
+        (where every word the counted text never had goes), so unseen words are not impossible
+        under smoothing."""
+        return self.word_types | {END, UNKNOWN}
+
+    def count_total(self, context: tuple[str, ...], word: str) -> tuple[int, int]:
+        seen = self.counts.get(context)
+        return (seen[word], seen.total()) if seen else (0, 0)
+
     def prob(self, context: tuple[str, ...], word: str) -> float:
-        word = word if word in self.vocab else UNKNOWN
-        seen = self.counts.get(context, Counter())
-        return (seen[word] + self.k) / (sum(seen.values()) + self.k * len(self.vocab))
+        """P(word | context) = (count + k) / (total + k·V); with k = 0 a context never seen has
+        no counts at all, and every word after it gets 0 (the counts say nothing)."""
+        count, total = self.count_total(context, word if word in self.vocab else UNKNOWN)
+        denominator = total + self.k * len(self.vocab)
+        return (count + self.k) / denominator if denominator > 0 else 0.0
 
     def next_words(self, context: tuple[str, ...], top: int) -> list[tuple[str, int, float]]:
         seen = self.counts.get(context, Counter())
-        ranked = sorted(self.vocab, key=lambda w: (-seen[w], w))[:top]
+        # Unsmoothed, a word never counted after the context has probability 0: not worth a row.
+        candidates = self.vocab if self.k > 0 else set(seen)
+        ranked = sorted(candidates, key=lambda w: (-seen[w], w))[:top]
         return [(w, seen[w], self.prob(context, w)) for w in ranked]
 
-    def sentence_logprob(self, sentence: list[str]) -> float:
-        """Natural-log probability of the sentence's words (the end marker not counted)."""
+    def steps(self, sentence: list[str]) -> list[Step]:
+        """Each word of the sentence with its context, counts and probability (the end marker not scored)."""
         padded = [START] * (self.n - 1) + sentence
-        return sum(
-            math.log(self.prob(tuple(padded[i - self.n + 1 : i]), padded[i])) for i in range(self.n - 1, len(padded))
+        out = []
+        for i in range(self.n - 1, len(padded)):
+            context, word = tuple(padded[i - self.n + 1 : i]), padded[i]
+            scored_as = word if word in self.word_types else UNKNOWN
+            count, total = self.count_total(context, scored_as)
+            out.append(Step(context, word, scored_as, count, total, self.prob(context, word)))
+        return out
+
+    def sentence_logprob(self, sentence: list[str]) -> float:
+        """Natural-log probability of the sentence's words; -inf when one of them has probability 0."""
+        probs = [s.prob for s in self.steps(sentence)]
+        return -math.inf if min(probs, default=1.0) == 0 else sum(math.log(p) for p in probs)
+
+
+def smoothing_text(k: float, vocab_size: int) -> str:
+    if k == 0:
+        return (
+            "Smoothing: none (k = 0, maximum likelihood): P(word | context) = count / total, "
+            "so a word never counted after its context gets probability 0."
         )
+    return (
+        f"Smoothing: add-{k:g}: P(word | context) = (count + {k:g}) / (total + {k:g} × {vocab_size:,}); "
+        f"{vocab_size:,} is every possible next word: the word types plus {END} (end) and {UNKNOWN} (unseen word)."
+    )
+
+
+def zero_reason(step: Step) -> str:
+    after = quoted(step.context)
+    if step.total == 0:
+        return f"{after} never occurs in the counted text, so the counts say nothing about the word after it"
+    if step.scored_as == UNKNOWN:
+        return f"“{step.word}” never occurs in the counted text (0 of the {step.total:,} words after {after})"
+    return f"“{step.word}” never follows {after} in the counted text (0/{step.total:,})"
+
+
+def step_line(step: Step) -> str:
+    shown = step.word if step.scored_as == step.word else f"{step.word}→{UNKNOWN}"
+    return f"{shown} {step.count}/{step.total} → {step.prob:.3g}"
+
+
+def joined(items: Sequence[str], sep: str, limit: int) -> str:
+    """Items joined within ``limit`` characters, saying how many were left out."""
+    out = ""
+    for i, item in enumerate(items):
+        candidate = out + sep + item if out else clipped(item, limit - 20)
+        if len(candidate) > limit - 20:  # room for the tail
+            return f"{out}{sep}… ({len(items) - i} more)"
+        out = candidate
+    return out
+
+
+def clipped(word: str, limit: int = 24) -> str:
+    """A word cut to ``limit`` characters for a table cell (a "word" of user text can be very long)."""
+    return word if len(word) <= limit else word[: limit - 1] + "…"
 
 
 @functools.cache
@@ -97,7 +190,13 @@ def builtin_corpus() -> str:
         Integer("n", "Order of the model: 2 (bigram) to 5", default=2, min_value=2, max_value=5),
         Text("text", "Text to count (default: the bot's small built-in corpus)", required=False, max_length=4000),
         Text("sentence", "Held-out sentence to score with both models", default=DEFAULT_HELDOUT, max_length=300),
-        Number("smoothing", "k for add-k smoothing", default=1.0, min_value=0.001, max_value=10.0),
+        Number(
+            "smoothing",
+            "k for add-k smoothing; 0 counts only (maximum likelihood)",
+            default=1.0,
+            min_value=0.0,
+            max_value=10.0,
+        ),
     ],
 )
 async def ngram(ctx: Context, context: str, n: int, text: str | None, sentence: str, smoothing: float) -> Reply:
@@ -109,47 +208,132 @@ async def ngram(ctx: Context, context: str, n: int, text: str | None, sentence: 
     if len(context_words) < n - 1:
         raise UserError(f"A {n}-gram model needs at least {n - 1} context words; `context` has {len(context_words)}.")
     key = tuple(context_words[-(n - 1) :])
-    top = model.next_words(key, 10)
+    top = model.next_words(key, TOP)
     held = words(sentence)
     if not held:
         raise UserError("The held-out `sentence` has no words.")
-    ngram_ppl = math.exp(-model.sentence_logprob(held) / len(held))
+    steps = model.steps(held)
+    zero = next((s for s in steps if s.prob == 0), None)
+    ngram_ppl = None if zero else math.exp(-sum(math.log(s.prob) for s in steps) / len(held))
+    unseen = [w for w in held if w not in model.word_types]
     scored = await ctx.inference.submit(Score(sentence))
     neural_logprob = sum(scored.logprobs)
     neural_word_ppl = math.exp(-neural_logprob / len(held))
     neural_token_ppl = math.exp(-neural_logprob / len(scored.logprobs))
-    seen = sum(model.counts.get(key, Counter()).values())
-    chart = await render(
-        bar_chart,
-        [w for w, _, _ in top],
-        [p for _, _, p in top],
-        title=f"{n}-gram: next word after “{' '.join(key)}”",
-        xlabel=f"probability (add-{smoothing:g} smoothing)",
-        filename="ngram.png",
+    seen = model.counts.get(key, Counter())
+    total = seen.total()
+    n_words = sum(len(s) for s in corpus)
+
+    following = (
+        f"followed by {plural(len(seen), 'different word')}" if total else "so there is nothing to count after it"
     )
+    text_lines = [
+        f"Counted {plural(n_words, 'word')} in {plural(len(corpus), 'sentence')} "
+        f"({plural(len(model.word_types), 'word type')}). "
+        f"{quoted(key)} occurs {times(total)}, {following}.",
+        smoothing_text(smoothing, len(model.vocab)),
+    ]
+    if smoothing == 0 and not total:
+        text_lines.append(f"Unsmoothed, the model has no prediction after {quoted(key)}: 0/0.")
+    text_lines.append(PERPLEXITY_LINE)
+
+    unit = f"per word ({plural(len(held), 'word')}; punctuation counts as a word)"
+    if zero is None:
+        ngram_value = f"{ngram_ppl:.1f} {unit}"
+    else:
+        ngram_value = (
+            f"infinite: {zero_reason(zero)}; probability 0 for one word makes the whole sentence impossible "
+            "for this model. Smoothing (k > 0) is what prevents that."
+        )
+    rate = len(unseen) / len(held)
+    oov_value = f"{len(unseen)} of {len(held)} held-out words ({rate:.0%}) never occur in the counted text"
+    if unseen:
+        shown = joined([f"“{w}”" for w in dict.fromkeys(unseen)], ", ", 300)
+        oov_value += f": {shown}. The n-gram model scores each one as {UNKNOWN}."
+    warnings = []
+    if unseen:
+        warnings.append(
+            f"{len(unseen)} held-out {'word is' if len(unseen) == 1 else 'words are'} unknown to the n-gram model: "
+            f"it chooses among only {len(model.vocab):,} outcomes and lumps every unseen word into {UNKNOWN}, "
+            "while the neural model must spell each word out of its whole vocabulary. "
+            "Its perplexity looks better than it is, so the two are not comparable."
+        )
+    if any(s == held for s in corpus):
+        warnings.append(
+            "The held-out sentence is itself in the counted text, so the n-gram model has memorised it: "
+            "it is not held out."
+        )
+    compare_value = (
+        ("No: " + " ".join(warnings) if warnings else "Yes: every held-out word occurs in the counted text.")
+        + f" Both perplexities above are {unit}; the neural model really predicts "
+        f"{plural(len(scored.logprobs), 'token')}, and per token its perplexity is {neural_token_ppl:.1f}."
+    )
+    fields = [
+        Field("held-out sentence", sentence, inline=False),
+        Field(f"{n}-gram perplexity", ngram_value, inline=zero is None),
+        Field("neural perplexity", f"{neural_word_ppl:.1f} per word ({neural_token_ppl:.1f} per token)"),
+        Field("unseen words", oov_value, inline=False),
+        Field("can the two be compared?", compare_value, inline=False),
+        Field(
+            f"{n}-gram, word by word (count/total → {'probability' if smoothing == 0 else 'smoothed probability'})",
+            joined([step_line(s) for s in steps], " · ", 1000),
+            inline=False,
+        ),
+    ]
+    images = []
+    if top:
+        label = "no smoothing: count / total" if smoothing == 0 else f"add-{smoothing:g} smoothing"
+        images.append(
+            await render(
+                bar_chart,
+                [w for w, _, _ in top],
+                [p for _, _, p in top],
+                title=f"{n}-gram: next word after {quoted(key)}",
+                xlabel=f"probability ({label})",
+                filename="ngram.png",
+            )
+        )
     return Reply(
         title=f"{n}-gram model vs {scored.model}",
-        text=(
-            f"Counted {sum(len(s) for s in corpus)} words in {len(corpus)} sentences "
-            f"({len(model.vocab)} word types). “{' '.join(key)}” was seen {seen} times."
-        ),
-        table=Table(["next word", "count", "probability"], [[w, str(c), f"{p:.4f}"] for w, c, p in top], align="lrr"),
-        fields=[
-            Field("held-out sentence", sentence, inline=False),
-            Field(f"{n}-gram perplexity", f"{ngram_ppl:.1f} per word"),
-            Field("neural perplexity", f"{neural_word_ppl:.1f} per word ({neural_token_ppl:.1f} per token)"),
-        ],
-        images=[chart],
+        text="\n".join(text_lines),
+        table=Table(
+            ["next word", "count/total", "probability"],
+            [[clipped(w), f"{c}/{total}", f"{p:.4f}"] for w, c, p in top],
+            align="lrr",
+        )
+        if top
+        else None,
+        fields=fields,
+        images=images,
         data={
             "n": n,
             "smoothing": smoothing,
             "context": list(key),
-            "context_count": seen,
-            "next": [{"word": w, "count": c, "prob": p} for w, c, p in top],
+            "context_count": total,
+            "next": [{"word": w, "count": c, "total": total, "prob": p} for w, c, p in top],
             "vocab_size": len(model.vocab),
+            "word_types": len(model.word_types),
+            "words_counted": n_words,
+            "sentences_counted": len(corpus),
             "ngram_perplexity": ngram_ppl,
+            "ngram_perplexity_infinite": zero is not None,
+            "ngram_steps": [
+                {
+                    "context": list(s.context),
+                    "word": s.word,
+                    "scored_as": s.scored_as,
+                    "count": s.count,
+                    "total": s.total,
+                    "prob": s.prob,
+                }
+                for s in steps
+            ],
+            "oov_words": unseen,
+            "oov_rate": rate,
+            "comparable": not warnings,
             "neural_model": scored.model,
             "neural_logprob": neural_logprob,
+            "neural_tokens": len(scored.logprobs),
             "neural_perplexity_per_word": neural_word_ppl,
             "neural_perplexity_per_token": neural_token_ppl,
             "heldout_words": held,

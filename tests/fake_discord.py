@@ -4,13 +4,20 @@ The real, unmodified discord.py client talks to it: tests point discord.py's
 two base URLs here and give the client a resolver that refuses every host
 but loopback. The fake records every REST call the bot makes and can push
 INTERACTION_CREATE events through the gateway.
+
+Sharding as Discord does it: ``GET /gateway/bot`` recommends ``shards``; each
+gateway connection IDENTIFYs with ``[shard_id, shard_count]``, and an event of
+guild ``g`` goes only to the connection of shard ``(g >> 22) % shard_count``
+(direct messages to shard 0). Several bot processes can connect to one fake.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import itertools
 import json
+import secrets
 import socket
 from dataclasses import dataclass, field
 from typing import Any
@@ -69,7 +76,14 @@ class FakeDiscord:
         self.new_call = asyncio.Condition()
         self.fail_callbacks = 0  # answer this many interaction callbacks with a 404
         self.reject_token = False
+        self.rejected: list[tuple[Call, str]] = []  # messages refused as Discord refuses them, and why
         self.sent: dict[str, float] = {}  # interaction token -> when it was dispatched
+        self.recommended_shards = 1  # what GET /gateway/bot answers
+        self.shard_of: dict[web.WebSocketResponse, tuple[int, int]] = {}  # connection -> (shard id, count)
+        self.identified: list[tuple[int, int]] = []  # every IDENTIFY, in order
+        self.ready_shards: set[int] = set()
+        self.delivered: dict[str, int] = {}  # interaction token -> the shard it was sent to
+        self.shard_ready = asyncio.Condition()
         app = web.Application()
         app.router.add_get("/api/v10/users/@me", self.me)
         app.router.add_get("/api/v10/oauth2/applications/@me", self.application)
@@ -79,13 +93,14 @@ class FakeDiscord:
         app.router.add_post("/api/v10/webhooks/{app}/{token}", self.followup)
         app.router.add_patch("/api/v10/webhooks/{app}/{token}/messages/@original", self.followup)
         app.router.add_delete("/api/v10/webhooks/{app}/{token}/messages/@original", self.delete)
+        app.router.add_get("/api/v10/gateway/bot", self.gateway_bot)
         app.router.add_get("/gateway", self.gateway)
         self.app = app
         self.runner: web.AppRunner | None = None
         self.port = 0
 
     async def start(self) -> None:
-        self.runner = web.AppRunner(self.app)
+        self.runner = web.AppRunner(self.app, access_log=None)
         await self.runner.setup()
         site = web.TCPSite(self.runner, "127.0.0.1", 0)
         await site.start()
@@ -129,7 +144,7 @@ class FakeDiscord:
     def calls_to(self, fragment: str, method: str | None = None) -> list[Call]:
         return [c for c in self.calls if fragment in c.path and (method is None or c.method == method)]
 
-    async def wait_for(self, predicate: Any, timeout: float = 30) -> list[Call]:
+    async def wait_for(self, predicate: Any, timeout: float = 120) -> list[Call]:
         """Wait until ``predicate(calls)`` is true; return the calls."""
         async with asyncio.timeout(timeout), self.new_call:
             await self.new_call.wait_for(lambda: predicate(self.calls))
@@ -201,8 +216,25 @@ class FakeDiscord:
             "components": [],
         }
 
+    @staticmethod
+    def invalid(body: dict[str, Any] | None) -> str | None:
+        """Why Discord would refuse this message (Invalid Form Body), or None."""
+        body = body or {}
+        if len(body.get("content") or "") > 2000:
+            return "content over 2000 characters"
+        ids = [c.get("custom_id") for row in body.get("components", []) for c in row.get("components", [])]
+        if len(ids) != len(set(ids)):
+            return "component custom_ids repeat"
+        if any(len((i or "").encode("utf-16-le")) // 2 > 100 for i in ids):
+            return "a custom_id is over 100 characters"
+        return None
+
     async def followup(self, request: web.Request) -> web.Response:
         call = await self._record(request)
+        reason = self.invalid(call.body)
+        if reason is not None:
+            self.rejected.append((call, reason))
+            return _json({"message": "Invalid Form Body", "code": 50035, "errors": {"_errors": [reason]}}, 400)
         return _json(self._message(call.body))
 
     async def delete(self, request: web.Request) -> web.Response:
@@ -210,6 +242,21 @@ class FakeDiscord:
         return web.Response(status=204)
 
     # ------------------------------------------------------------------ gateway
+
+    async def gateway_bot(self, request: web.Request) -> web.Response:
+        await self._record(request)
+        limit = {"total": 1000, "remaining": 1000, "reset_after": 0, "max_concurrency": 1}
+        return _json({"url": self.gateway_url, "shards": self.recommended_shards, "session_start_limit": limit})
+
+    async def wait_shards(self, shard_ids: set[int], timeout: float = 60) -> None:
+        """Wait until every shard in ``shard_ids`` has been sent READY."""
+        async with asyncio.timeout(timeout), self.shard_ready:
+            await self.shard_ready.wait_for(lambda: shard_ids <= self.ready_shards)
+
+    def shard_for(self, guild_id: int | None) -> int:
+        counts = {count for _, count in self.shard_of.values()} or {1}
+        assert len(counts) == 1, f"connections disagree on the shard count: {counts}"
+        return 0 if guild_id is None else (guild_id >> 22) % counts.pop()
 
     async def gateway(self, request: web.Request) -> web.WebSocketResponse:
         ws = web.WebSocketResponse()
@@ -223,6 +270,9 @@ class FakeDiscord:
             if payload["op"] == 1:
                 await ws.send_str(json.dumps({"op": 11}))
             elif payload["op"] == 2:
+                shard = payload["d"].get("shard") or [0, 1]
+                self.shard_of[ws] = (shard[0], shard[1])
+                self.identified.append((shard[0], shard[1]))
                 ready = {
                     "v": 10,
                     "user": _user(BOT_ID, "lmbot", bot=True),
@@ -230,10 +280,15 @@ class FakeDiscord:
                     "session_id": "fake-session",
                     "resume_gateway_url": self.gateway_url,
                     "application": {"id": str(APP_ID), "flags": 0},
+                    "shard": shard,
                 }
                 await ws.send_str(json.dumps({"op": 0, "t": "READY", "s": 1, "d": ready}))
                 self.ready.set()
+                async with self.shard_ready:
+                    self.ready_shards.add(shard[0])
+                    self.shard_ready.notify_all()
         self.sockets.remove(ws)
+        self.shard_of.pop(ws, None)
         return ws
 
     async def interact(
@@ -245,14 +300,23 @@ class FakeDiscord:
         bot: bool = False,
         kind: int = 2,
         focused: str | None = None,
+        guild_id: int = GUILD_ID,
     ) -> str:
-        """Send an INTERACTION_CREATE for /name; return its token."""
+        """Send an INTERACTION_CREATE for /name to the shard of ``guild_id``; return its token.
+
+        ``kind`` 3 is a button press (``options`` holds its ``custom_id``), 5 a modal submit.
+        """
         interaction_id = next(self.ids)
-        token = f"token-{interaction_id}"
+        # Shaped like Discord's: long base64url text (an id in it keeps tokens unique in a test).
+        token = (
+            "aW50ZXJhY3Rpb246" + base64.urlsafe_b64encode(f"{interaction_id}:{secrets.token_hex(24)}".encode()).decode()
+        )
         types = {bool: 5, int: 4, float: 10, str: 3}
         data: dict[str, Any] = {}
         if kind == 3:  # a button press: the "options" are the component's custom_id
             data = {"custom_id": (options or {})["custom_id"], "component_type": 2}
+        elif kind == 5:  # a modal submit
+            data = {"custom_id": (options or {})["custom_id"], "components": []}
         data_options = [
             {"name": k, "type": types[type(v)], "value": v, **({"focused": True} if k == focused else {})}
             for k, v in (options or {}).items()
@@ -263,9 +327,9 @@ class FakeDiscord:
             "type": kind,
             "token": token,
             "version": 1,
-            "guild_id": str(GUILD_ID),
+            "guild_id": str(guild_id),
             "channel_id": str(CHANNEL_ID),
-            "channel": {"id": str(CHANNEL_ID), "type": 0, "guild_id": str(GUILD_ID), "name": "study", "position": 0},
+            "channel": {"id": str(CHANNEL_ID), "type": 0, "guild_id": str(guild_id), "name": "study", "position": 0},
             "member": {
                 "user": _user(user_id, f"student{user_id}", bot=bot),
                 "roles": [],
@@ -278,13 +342,18 @@ class FakeDiscord:
             "app_permissions": "0",
             "locale": "en-US",
             "entitlements": [],
-            "authorizing_integration_owners": {"0": str(GUILD_ID)},
+            "authorizing_integration_owners": {"0": str(guild_id)},
             "context": 0,
             "attachment_size_limit": 8 * 1024 * 1024,
-            "data": data if kind == 3 else {"id": "1", "name": name, "type": 1, "options": data_options},
+            "data": data if kind in (3, 5) else {"id": "1", "name": name, "type": 1, "options": data_options},
         }
         event = json.dumps({"op": 0, "t": "INTERACTION_CREATE", "s": next(self.seq), "d": payload})
+        shard = self.shard_for(guild_id)
+        targets = [ws for ws, (shard_id, _) in self.shard_of.items() if shard_id == shard]
+        if not targets:
+            raise LookupError(f"no connection runs shard {shard} (guild {guild_id})")
         self.sent[token] = asyncio.get_running_loop().time()
-        for ws in self.sockets:
+        self.delivered[token] = shard
+        for ws in targets:
             await ws.send_str(event)
         return token

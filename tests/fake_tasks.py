@@ -14,7 +14,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from bot.inference.protocol import Request
+from bot.inference.protocol import InferenceError, Request
 
 
 @dataclass(frozen=True)
@@ -47,6 +47,112 @@ class OomAboveOne(Request):
         return [self.text]
 
 
+@dataclass(frozen=True)
+class Recorded(Request):
+    """Logs each batch it runs as one line: the texts, in the order they were batched."""
+
+    text: str
+    log: str = ""
+    seconds: float = 0.0
+    task: ClassVar[str] = "tests.fake_tasks:recorded"
+
+    def texts(self) -> list[str]:
+        return [self.text]
+
+
+@dataclass(frozen=True)
+class Picky(Request):
+    """Raises on any batch holding a text that starts with "poison" (a task bug one input triggers)."""
+
+    text: str
+    log: str = ""
+    task: ClassVar[str] = "tests.fake_tasks:picky"
+
+    def texts(self) -> list[str]:
+        return [self.text]
+
+
+@dataclass(frozen=True)
+class CrashOnPoison(Request):
+    """Ends the worker process (as a segfault or an abort would) on a batch holding "poison"."""
+
+    text: str
+    log: str = ""
+    task: ClassVar[str] = "tests.fake_tasks:crash_on_poison"
+
+    def texts(self) -> list[str]:
+        return [self.text]
+
+
+@dataclass(frozen=True)
+class Sneaky(Slow):
+    """Plain text in the bot process; in a worker, its text grows a lone surrogate.
+
+    It passes every check the bot process makes and brings unreadable text into
+    the worker, as a request of a plugin with a bug could.
+    """
+
+    bot_pid: int = 0  # 0: an honest request of the same type
+
+    def texts(self) -> list[str]:
+        sneaking = self.bot_pid and os.getpid() != self.bot_pid
+        return [self.text + "\udce9" if sneaking else self.text]
+
+
+def _explode_outside(bot_pid: int) -> int:
+    if os.getpid() != bot_pid:
+        raise RuntimeError("this value cannot be rebuilt in a worker")
+    return bot_pid
+
+
+@dataclass(frozen=True)
+class Unreadable:
+    """Pickles in the bot process; unpickling it anywhere else raises."""
+
+    bot_pid: int
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_explode_outside, (self.bot_pid,))
+
+
+def _explode_inside(bot_pid: int) -> int:
+    if os.getpid() == bot_pid:
+        raise RuntimeError("this value cannot be rebuilt in the bot process")
+    return bot_pid
+
+
+@dataclass(frozen=True)
+class UnreadableInBot:
+    """Pickles in a worker; unpickling it in the bot process raises."""
+
+    bot_pid: int
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_explode_inside, (self.bot_pid,))
+
+
+@dataclass(frozen=True)
+class CarriesUnreadable(Slow):
+    payload: Any = None
+
+
+@dataclass(frozen=True)
+class Costly(SlowNoModel):
+    """A request that says what it costs (multiply-accumulates); needs no model."""
+
+    macs: float = 0.0
+
+    def cost(self) -> float:
+        return self.macs
+
+
+@dataclass(frozen=True)
+class MisspelledTask(Slow):
+    """A plugin's typo: the task it names does not exist."""
+
+    task: ClassVar[str] = "tests.fake_tasks:slwo"
+
+
 def _record(path: str, line: str) -> None:
     if path:
         with open(path, "a", encoding="utf-8") as f:
@@ -65,3 +171,54 @@ def oom_above_one(model: Any, tokenizer: Any, batch: list[OomAboveOne]) -> list[
     if len(batch) > 1:
         raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
     return [f"ok {batch[0].text}"]
+
+
+def recorded(model: Any, tokenizer: Any, batch: list[Recorded]) -> list[str]:
+    _record(batch[0].log, " ".join(r.text for r in batch))
+    time.sleep(max(r.seconds for r in batch))
+    return [f"done {r.text}" for r in batch]
+
+
+def picky(model: Any, tokenizer: Any, batch: list[Picky]) -> list[str]:
+    _record(batch[0].log, f"batch {len(batch)}")
+    if any(r.text.startswith("poison") for r in batch):
+        raise ValueError("this task cannot handle a poisonous text")
+    return [f"ok {r.text}" for r in batch]
+
+
+def crash_on_poison(model: Any, tokenizer: Any, batch: list[CrashOnPoison]) -> list[str]:
+    _record(batch[0].log, f"pid={os.getpid()} " + " ".join(r.text for r in batch))
+    if any(r.text.startswith("poison") for r in batch):
+        os._exit(3)  # no cleanup, no exception: what a crash in native code looks like from outside
+    return [f"ok {r.text}" for r in batch]
+
+
+class PluginError(InferenceError):
+    """A plugin's own error whose constructor takes more than the message (pickle cannot rebuild it)."""
+
+    def __init__(self, code: int, detail: str) -> None:
+        super().__init__(f"Plugin error {code}: {detail}")
+
+
+@dataclass(frozen=True)
+class Answers(Request):
+    """Answers as ``mode`` says: "ok", "unreadable" (a result the bot process cannot unpickle)
+    or "plugin-error" (raises :class:`PluginError`)."""
+
+    text: str
+    mode: str = "ok"
+    bot_pid: int = 0
+    task: ClassVar[str] = "tests.fake_tasks:answers"
+    role: ClassVar[str | None] = None
+
+    def texts(self) -> list[str]:
+        return [self.text]
+
+    def batch_key(self) -> tuple[Any, ...]:
+        return (self.mode,)
+
+
+def answers(model: Any, tokenizer: Any, batch: list[Answers]) -> list[Any]:
+    if any(r.mode == "plugin-error" for r in batch):
+        raise PluginError(7, "the plugin says no")
+    return [UnreadableInBot(r.bot_pid) if r.mode == "unreadable" else f"ok {r.text}" for r in batch]

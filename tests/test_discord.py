@@ -10,12 +10,9 @@ import sys
 import types
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
 import aiohttp
-import discord
 import pytest
-import yarl
 
 from bot import Reply, Text, command, hookimpl
 from bot.app import App
@@ -24,7 +21,8 @@ from bot.discord_frontend.client import LmbotClient
 from bot.discord_frontend.render import render_reply
 from bot.discord_frontend.runner import run_bot, sync_now
 from tests.conftest import make_config
-from tests.fake_discord import APP_ID, GUILD_ID, OWNER_ID, FakeDiscord, LoopbackOnlyResolver
+from tests.discord_harness import Harness, harness_for
+from tests.fake_discord import APP_ID, GUILD_ID, OWNER_ID, LoopbackOnlyResolver
 from tests.fake_tasks import Slow
 
 EPHEMERAL = 64
@@ -57,56 +55,10 @@ def register_commands(register):  # type: ignore[no-untyped-def]
 TEST_PLUGIN = types.SimpleNamespace(register_commands=register_commands)
 
 
-class Harness:
-    def __init__(self, fake: FakeDiscord, cache: Path, models: dict[str, Path]) -> None:
-        self.fake, self.cache, self.models = fake, cache, models
-        self.client: LmbotClient | None = None
-        self.task: asyncio.Task[int] | None = None
-
-    async def start(self, plugins: list[tuple[object, str]] | None = None, **settings: Any) -> LmbotClient:
-        config = make_config(self.cache, self.models, **settings.pop("inference", {}))
-        if settings:
-            config = config.model_copy(update={"discord": config.discord.model_copy(update=settings)})
-        app = App(config, extra_plugins=plugins if plugins is not None else [(TEST_PLUGIN, "testing")])
-        self.fake.ready.clear()
-        connector = aiohttp.TCPConnector(resolver=LoopbackOnlyResolver())
-        self.client = LmbotClient(app, connector=connector, guild_ready_timeout=0.05)
-        self.task = asyncio.create_task(run_bot(app, "fake-token", self.client))
-        ready = asyncio.create_task(self.fake.ready.wait())
-        done, _ = await asyncio.wait({ready, self.task}, timeout=30, return_when=asyncio.FIRST_COMPLETED)
-        if self.task in done:
-            raise RuntimeError(f"the bot stopped while starting: {self.task.result()}")
-        assert ready in done, "the bot never identified"
-        return self.client
-
-    async def stop(self) -> int:
-        assert self.client is not None and self.task is not None
-        await self.client.shutdown()
-        return await asyncio.wait_for(self.task, 30)
-
-    async def answer(self, token: str) -> Any:
-        """The followup (or immediate reply) that answered interaction ``token``."""
-
-        def answered(calls: list) -> bool:
-            return any(
-                token in c.path and c.method in ("POST", "PATCH") and "webhooks" in c.path for c in calls
-            ) or any(token in c.path and "callback" in c.path and c.body["type"] == 4 for c in calls)
-
-        await self.fake.wait_for(answered)
-        return [c for c in self.fake.calls if token in c.path]
-
-
 @pytest.fixture
 async def harness(monkeypatch, tmp_path: Path, tiny_gpt2: Path) -> AsyncIterator[Harness]:  # type: ignore[no-untyped-def]
-    fake = FakeDiscord()
-    await fake.start()
-    monkeypatch.setattr(discord.http.Route, "BASE", fake.api)
-    monkeypatch.setattr(discord.gateway.DiscordWebSocket, "DEFAULT_GATEWAY", yarl.URL(fake.gateway_url))
-    h = Harness(fake, tmp_path / "cache", {"causal_lm": tiny_gpt2})
-    yield h
-    if h.task is not None and not h.task.done():
-        await h.stop()
-    await fake.stop()
+    async for h in harness_for(monkeypatch, tmp_path, tiny_gpt2, [(TEST_PLUGIN, "testing")]):
+        yield h
 
 
 async def test_commands_are_synced_once_and_again_only_when_changed(harness: Harness) -> None:
@@ -207,9 +159,10 @@ async def test_bad_input_gets_an_ephemeral_answer(harness: Harness) -> None:
 
 async def test_busy_queue_answers_at_once(harness: Harness) -> None:
     client = await harness.start(inference={"max_queue": 1, "max_batch_size": 1})
-    running = [asyncio.create_task(client.app.inference.submit(Slow("a", seconds=2.0)))]
+    # The inference client lives on the command loop: requests reach it there, as handlers' do.
+    running = [asyncio.create_task(client.command_loop.run(client.app.inference.submit(Slow("a", seconds=2.0))))]
     await asyncio.sleep(0.5)
-    running.append(asyncio.create_task(client.app.inference.submit(Slow("b", seconds=0.1))))
+    running.append(asyncio.create_task(client.command_loop.run(client.app.inference.submit(Slow("b", seconds=0.1)))))
     await asyncio.sleep(0.05)
     callback = (await harness.answer(await harness.fake.interact("nexttoken", {"prompt": "hi"})))[0]
     assert callback.body["type"] == 4 and callback.body["data"]["flags"] == EPHEMERAL
@@ -318,7 +271,8 @@ async def test_quiz_buttons_round_trip(harness: Harness) -> None:
     # The answer offers what to do next; "Scores" carries a true/false option as text.
     after = {c["label"]: c["custom_id"] for row in calls[-1].body["components"] for c in row["components"]}
     assert after["Next question"] == "lmbot|quiz|topic|nsp"
-    board = await harness.answer(await harness.fake.interact("", {"custom_id": after["Scores"]}, kind=3))
+    # Presses share the slash commands' per-user cooldown: another student asks for the scores.
+    board = await harness.answer(await harness.fake.interact("", {"custom_id": after["Scores"]}, kind=3, user_id=5006))
     assert board[-1].body["embeds"][0]["title"] == "Quiz leaderboard"
 
 

@@ -2,20 +2,38 @@
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import math
+import time
 from pathlib import Path
 
 import pytest
 import torch
 import transformers
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from peft import LoraConfig, get_peft_model
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
 
+from bot import UserError
 from bot.app import App
+from bot.discord_frontend.render import render_reply
+from bot.render import render_table
 from plugins.adapt import FEW_SHOT, ZERO_SHOT, LoraTrain, attention_targets, lora_train
-from plugins.sentiment import LABELS, PROMPT, training_set
+from plugins.complexity import (
+    HEADS,
+    LayerTiming,
+    build_layers,
+    check_width,
+    pair_macs,
+    projection_macs,
+    recurrent_macs,
+)
+from plugins.sentiment import LABELS, PROMPT, distinct_events, training_set
 from plugins.summarize import PREFIX
-from tests.conftest import make_config
+from tests.conftest import examples, make_config
 from tests.plugin_helpers import assert_fits_discord
 
 TOL = 1e-5
@@ -76,6 +94,17 @@ async def test_summarize_offline_uses_a_labelled_prompted_lm(app_factory, tiny_l
     assert "Not seq2seq" in str(reply.fields) and "models.seq2seq" in str(reply.fields)
 
 
+def label_forms_reference(path: Path, prompt: str) -> dict[str, float]:
+    """P(each surface form | prompt) from direct forwards, leaving out a form whose tokens begin with
+    another form's tokens (its probability is already inside that one's)."""
+    tok = transformers.AutoTokenizer.from_pretrained(path)
+    context = tok(prompt)["input_ids"]
+    forms = [space + form for label in LABELS for space in (" ", "") for form in (label, label.title(), label.upper())]
+    ids = {form: tok(form)["input_ids"] for form in forms}
+    kept = [f for f in forms if not any(len(ids[g]) < len(ids[f]) and ids[f][: len(ids[g])] == ids[g] for g in forms)]
+    return {f: math.exp(direct_logprob(path, context, ids[f])) for f in kept}
+
+
 async def test_sentiment_with_a_classifier_and_a_prompted_lm(app_factory, tiny_classifier, tiny_gpt2) -> None:  # type: ignore[no-untyped-def]
     app = app_factory({"classifier": tiny_classifier, "causal_lm": tiny_gpt2})
     text = "What a wonderful film."
@@ -85,12 +114,48 @@ async def test_sentiment_with_a_classifier_and_a_prompted_lm(app_factory, tiny_c
     pipe = transformers.pipeline("text-classification", model=str(tiny_classifier), top_k=None, device="cpu")
     want = {d["label"].lower(): d["score"] for d in pipe([text])[0]}
     assert reply.data["discriminative"]["probs"] == pytest.approx(want, abs=TOL)
-    tok = transformers.AutoTokenizer.from_pretrained(tiny_gpt2)
-    context = tok(PROMPT.format(text=text))["input_ids"]
-    logps = [direct_logprob(tiny_gpt2, context, tok(" " + label)["input_ids"]) for label in LABELS]
-    total = sum(math.exp(lp) for lp in logps)
-    want_gen = {label: math.exp(lp) / total for label, lp in zip(LABELS, logps, strict=True)}
-    assert reply.data["generative"]["probs"] == pytest.approx(want_gen, rel=1e-4)
+    # The generative side adds up every way of writing each label word (case, leading space).
+    forms = label_forms_reference(tiny_gpt2, PROMPT.format(text=text))
+    got = reply.data["generative"]["forms"]
+    assert {f for f, v in got.items() if v["counted"]} == set(forms)
+    assert {f: got[f]["prob"] for f in forms} == pytest.approx(forms, rel=1e-4)
+    mass = {label: sum(p for f, p in forms.items() if f.strip().lower() == label) for label in LABELS}
+    covered = sum(mass.values())
+    assert reply.data["generative"]["mass"] == pytest.approx(mass, rel=1e-4)
+    assert reply.data["generative"]["mass_covered"] == pytest.approx(covered, rel=1e-4)
+    assert reply.data["generative"]["probs"] == pytest.approx({k: v / covered for k, v in mass.items()}, rel=1e-4)
+    assert f"{covered:.3f}" in str(reply.fields)  # the mass covered is shown
+    assert "Probability mass:" in reply.text
+
+
+def test_label_forms_that_extend_another_are_not_counted_twice() -> None:
+    forms = [" pos", " positive", " POS"]
+    tokens = [[" pos"], [" pos", "itive"], [" POS"]]
+    assert distinct_events(forms, tokens) == [True, False, True]
+
+
+async def test_sentiment_times_warm_inference_only(app_factory, tiny_classifier, tiny_gpt2, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """The first request of each kind stands in for loading a model: it is slow. The times shown leave it out."""
+    app = app_factory({"classifier": tiny_classifier, "causal_lm": tiny_gpt2})
+    submit, seen = app.inference.submit, set()
+    loading_s = 3.0
+
+    async def slow_first(request, **kw):  # type: ignore[no-untyped-def]
+        if type(request) not in seen:
+            seen.add(type(request))
+            await asyncio.sleep(loading_s)
+        return await submit(request, **kw)
+
+    monkeypatch.setattr(app.inference, "submit", slow_first)
+    reply = await app.execute_line("/sentiment text:What a wonderful film.")
+    assert not reply.error, reply.text
+    assert reply.data["discriminative"]["seconds"] < loading_s
+    assert reply.data["generative"]["seconds"] < loading_s
+    assert "warm" in reply.text
+    # A narrow table: model names live in fields, not in table cells.
+    assert reply.table is not None
+    assert max(len(line) for line in render_table(reply.table).splitlines()) <= 60
+    assert any(f.name == "generative model" and f.value == reply.data["generative"]["model"] for f in reply.fields)
 
 
 async def test_sentiment_offline_head_on_the_packaged_embedder(app_factory, tiny_gpt2: Path) -> None:  # type: ignore[no-untyped-def]
@@ -138,11 +203,123 @@ async def test_complexity_counts_and_timings(app_factory) -> None:  # type: igno
 
 @pytest.mark.parametrize(
     ("lengths", "message"),
-    [("a,b", "whole numbers"), ("1,2,3,4,5,6,7", "between 1 and 6"), ("0", "between 1 and 8,192"), ("99999", "8,192")],
+    [
+        ("a,b", "whole numbers"),
+        ("1,2,3,4,5,6,7", "between 1 and 6"),
+        ("0", "between 1 and 65,536"),
+        ("99999", "65,536"),
+    ],
 )
 async def test_complexity_bad_lengths(app_factory, lengths: str, message: str) -> None:  # type: ignore[no-untyped-def]
     reply = await app_factory().execute("complexity", {"lengths": lengths}, app_factory().local_context())
     assert reply.error and message in reply.text
+
+
+@pytest.mark.parametrize(("length", "width"), [(1, 16), (7, 20), (64, 32), (100, 64)])
+def test_timing_cost_is_the_layers_counted_operations(length: int, width: int) -> None:
+    """LayerTiming.cost() against torch's own FLOP counter on the very layers the worker times."""
+    attention, recurrent = build_layers(width, HEADS, torch.device("cpu"))
+    attention.train()  # the composed path (dropout is 0), whose matrix products the counter sees
+    x = torch.randn(1, length, width)
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as attention_count:
+        attention(x, x, x, need_weights=False)
+    with torch.no_grad(), FlopCounterMode(display=False) as recurrent_count:
+        recurrent(x)
+    # A multiply-accumulate is two floating-point operations.
+    assert 2 * recurrent_macs(length, width) == recurrent_count.get_total_flops()
+    assert 2 * (projection_macs(length, width) + pair_macs(length, width)) == attention_count.get_total_flops()
+    request = LayerTiming(length, width)
+    total = (recurrent_count.get_total_flops() + attention_count.get_total_flops()) // 2
+    assert request.cost() == (request.repeats + 1) * total  # one warm-up forward, then the timed ones
+
+
+def spy_on_submit(app: App, monkeypatch: pytest.MonkeyPatch) -> list[object]:
+    submitted: list[object] = []
+    submit = app.inference.submit
+
+    async def spy(request, **kw):  # type: ignore[no-untyped-def]
+        submitted.append(request)
+        return await submit(request, **kw)
+
+    monkeypatch.setattr(app.inference, "submit", spy)
+    return submitted
+
+
+async def test_complexity_counts_the_course_lengths_and_times_what_fits(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    app = App(make_config(tmp_path, max_request_cost=2e8))
+    try:
+        submitted = spy_on_submit(app, monkeypatch)
+        reply = await app.execute_line("/complexity lengths:128,512,2048,8192,32768 width:32")
+        assert not reply.error, reply.text
+        assert_fits_discord(reply)
+        data = reply.data
+        ns = [128, 512, 2048, 8192, 32768]
+        assert data["lengths"] == ns
+        # Counted by hand for d = 32: GRU 6·n·d², attention's projections 4·n·d², its pairs 2·n²·d.
+        assert data["recurrent_macs"] == [786_432, 3_145_728, 12_582_912, 50_331_648, 201_326_592]
+        assert data["attention_projection_macs"] == [524_288, 2_097_152, 8_388_608, 33_554_432, 134_217_728]
+        assert data["attention_pair_macs"] == [1_048_576, 16_777_216, 268_435_456, 4_294_967_296, 68_719_476_736]
+        # Timing n costs 4 forwards of both layers; only 128 and 512 stay within 2e8.
+        assert data["timing_cost"][:3] == [4 * 2_359_296, 4 * 22_020_096, 4 * 289_406_976]
+        assert data["timed"] == [True, True, False, False, False]
+        assert [r.length for r in submitted] == [128, 512]  # type: ignore[attr-defined]
+        assert [t is None for t in data["attention_ms"]] == [False, False, True, True, True]
+        assert "Not timed: n = 2,048, 8,192 and 32,768" in reply.text and "budget" in reply.text
+        assert "-" in reply.table.rows[-1]  # type: ignore[union-attr]
+        assert "6·n·d²" in reply.text and "4·n·d²" in reply.text and "2·n²·d" in reply.text
+        assert "n = d = 32" in reply.text and "n = 2d = 64" in reply.text
+    finally:
+        await app.close()
+
+
+async def test_complexity_over_budget_lengths_do_not_hold_the_worker(app_factory, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    app = app_factory()
+    submitted = spy_on_submit(app, monkeypatch)
+    started = time.perf_counter()
+    reply = await app.execute_line("/complexity lengths:8192,8191,8190,8189,8188,8187 width:1024")
+    assert time.perf_counter() - started < 30
+    assert not reply.error, reply.text
+    assert_fits_discord(reply)
+    budget = app.config.inference.max_request_cost
+    assert submitted == [] and reply.data["timed"] == [False] * 6
+    assert all(cost > budget for cost in reply.data["timing_cost"])
+    assert reply.data["attention_pair_macs"][-1] == 2 * 8192 * 8192 * 1024
+    assert reply.images and reply.images[0].data.startswith(b"\x89PNG")  # the counts, charted
+
+
+async def test_complexity_reference_lines_go_through_the_longest_timed_length(app_factory) -> None:  # type: ignore[no-untyped-def]
+    reply = await app_factory().execute_line("/complexity lengths:16,64,256 width:32")
+    data = reply.data
+    top, attention, recurrent = data["lengths"][-1], data["attention_ms"], data["recurrent_ms"]
+    assert data["reference_n2"] == pytest.approx([attention[-1] * (n / top) ** 2 for n in data["lengths"]])
+    assert data["reference_n"] == pytest.approx([recurrent[-1] * n / top for n in data["lengths"]])
+
+
+@pytest.mark.parametrize("width", [18, 17, 1023, 30])
+async def test_complexity_width_the_heads_cannot_split_is_a_validation_message(app_factory, width: int) -> None:  # type: ignore[no-untyped-def]
+    app = app_factory()
+    reply = await app.execute("complexity", {"lengths": "8", "width": width}, app.local_context())
+    assert reply.error and reply.ephemeral
+    assert f"multiple of {HEADS}" in reply.text and "error id" not in reply.text
+    below = width - width % HEADS
+    assert f"{below + HEADS}" in reply.text
+
+
+@settings(max_examples=examples(12), deadline=None)
+@given(width=st.integers(16, 1024))
+def test_complexity_any_width_answers_sensibly(width: int) -> None:
+    """Every width in range is either timed or refused with the heads' reason, never a failure."""
+    try:
+        check_width(width)
+    except UserError as error:
+        assert width % HEADS and f"multiple of {HEADS}" in str(error)
+        return
+    assert width % HEADS == 0
+    attention, recurrent = build_layers(width, HEADS, torch.device("cpu"))
+    x = torch.randn(1, 3, width)
+    with torch.inference_mode():
+        assert attention(x, x, x, need_weights=False)[0].shape == x.shape
+        assert recurrent(x)[0].shape == x.shape
 
 
 @pytest.mark.parametrize("fixture", ["tiny_llama", "tiny_gpt2"])
@@ -172,6 +349,35 @@ async def test_adapt_lora_closed_form_for_llama(app_factory, tiny_llama: Path) -
     d, kv = config.hidden_size, config.num_key_value_heads * (config.hidden_size // config.num_attention_heads)
     row = next(r for r in reply.data["lora"] if r["modules"] == ["q_proj", "v_proj"] and r["r"] == 8)
     assert row["trainable"] == config.num_hidden_layers * 8 * ((d + d) + (d + kv))
+
+
+async def test_adapt_shows_both_prompts_as_the_model_reads_them(app_factory, tiny_gpt2: Path) -> None:  # type: ignore[no-untyped-def]
+    app = app_factory({"causal_lm": tiny_gpt2})
+    for review in ("Great product", "x" * 490 + " @everyone"):
+        reply = await app.execute("adapt", {"text": review}, app.local_context())
+        assert not reply.error, reply.text
+        assert_fits_discord(reply)
+        assert reply.code is not None
+        shown = reply.code.plain
+        zero, few = ZERO_SHOT.format(text=review), FEW_SHOT.format(text=review)
+        assert reply.data["zero_shot_prompt"] == zero and reply.data["few_shot_prompt"] == few
+        # Each prompt verbatim, followed by what the model wrote after it.
+        assert zero + "«" + reply.data["zero_shot"].replace("\n", "↵") + "»" in shown
+        assert few + "«" + reply.data["few_shot"].replace("\n", "↵") + "»" in shown
+        rendered = render_reply(reply)
+        assert rendered.embed is not None and len(rendered.embed.description or "") <= 4096
+        assert not any(f.filename == "reply.txt" for f in rendered.files)  # it all fits in the embed
+        assert "@everyone" not in (rendered.embed.description or "")  # escaped
+        assert "warm" in str(reply.fields)
+
+
+async def test_help_says_optional_for_an_option_without_a_default(app_factory) -> None:  # type: ignore[no-untyped-def]
+    reply = await app_factory().execute_line("/help command:ngram")
+    assert reply.table is not None
+    required = {row[0]: row[2] for row in reply.table.rows}
+    assert required["text"] == "optional"
+    assert required["n"] == "optional (default 2)"
+    assert "None" not in render_table(reply.table)
 
 
 def _lora_request(allow_cpu: bool = True, steps: int = 6) -> LoraTrain:

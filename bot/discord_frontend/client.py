@@ -1,9 +1,17 @@
 """The Discord client: answers every interaction, never blocks, never pings.
 
-Order of work for a slash command: cheap checks that can answer at once
-(unknown command, shutting down, owner-only, cooldown, full queue) get an
-immediate ephemeral reply; everything else is deferred ("thinking…") before
-any model work, then answered by a followup. Nothing here runs a model.
+Order of work for a slash command or a button press: cheap checks that can
+answer at once (unknown command, shutting down, owner-only, cooldown, full
+queue) get an immediate ephemeral reply; everything else is deferred
+("thinking…") before any model work, then answered by a followup. Nothing here
+runs a model, and no plugin code runs on this loop: handlers and the inference
+client run on the :class:`CommandLoop`, so acknowledgements never wait behind
+them.
+
+Sharding: ``discord.shard_count`` / ``discord.shard_ids`` choose the shards this
+process runs (discord.py's AutoShardedClient; Discord sends each process the
+events of its own shards' guilds). One process owns the command sync: the one
+that runs shard 0.
 """
 
 from __future__ import annotations
@@ -20,43 +28,80 @@ import discord
 
 from bot.app import App
 from bot.commands import Context, Reply, User
-from bot.discord_frontend.render import escape, parse_button_id, render_reply
+from bot.discord_frontend import redact
+from bot.discord_frontend.command_loop import CommandLoop
+from bot.discord_frontend.render import MalformedButton, escape, parse_button_id, render_reply
 from bot.discord_frontend.schema import autocomplete, commands_payload, focused_option, option_values, payload_hash
 
 log = logging.getLogger(__name__)
 
 
-class LmbotClient(discord.Client):
+ANSWER_UNKNOWN_BUTTON = "That button no longer works; run the command again."
+
+
+class LmbotClient(discord.AutoShardedClient):
     def __init__(self, app: App, *, serve: bool = True, **options: Any) -> None:
         """``serve=False`` logs in without starting the inference service or syncing (``lmbot sync``)."""
+        redact.install()  # before anything can log a token
         # Slash commands need no privileged intents and no message content; guilds keeps the guild cache.
         intents = discord.Intents.none()
         intents.guilds = True
         # The bot never joins voice; don't warn that voice libraries are missing.
         discord.VoiceClient.warn_nacl = discord.VoiceClient.warn_dave = False
+        settings = app.config.discord
+        # "auto": discord.py asks Discord for the recommended count and runs every shard here.
+        options.setdefault("shard_count", None if settings.shard_count == "auto" else settings.shard_count)
+        if settings.shard_ids:
+            options.setdefault("shard_ids", list(settings.shard_ids))
         super().__init__(intents=intents, allowed_mentions=discord.AllowedMentions.none(), **options)
         self.app = app
         self.serve = serve
-        self.settings = app.config.discord
+        self.settings = settings
         self.owner_ids: set[int] = set(app.config.bot.owner_ids)
         self.accepting = True
         self.in_flight: set[asyncio.Task[None]] = set()
         self._cooldowns: dict[tuple[int, str], float] = {}
         self.synced: list[str] = []  # scopes synced by the last sync_commands call
+        self.command_loop = CommandLoop(app)
+
+    @property
+    def owns_sync(self) -> bool:
+        """Whether this process uploads the commands: it runs every shard, or shard 0."""
+        return not self.shard_ids or 0 in self.shard_ids
+
+    def _shards(self) -> str:
+        ids = self.shard_ids if self.shard_ids else "all"
+        return f"shards {ids} of {self.shard_count or 'auto'}"
 
     # ------------------------------------------------------------------ start-up
+
+    async def login(self, token: str) -> None:
+        redact.install(token)
+        await super().login(token)
 
     async def setup_hook(self) -> None:
         if not self.serve:
             return
-        self.app.publish_commands = lambda: self.sync_commands(force=True)
-        await self.app.inference.start()
+        self.command_loop.start()
+        # Only the process that syncs publishes from /sync and /reload; the others have nothing to publish.
+        self.app.publish_commands = self._publish if self.owns_sync else None
+        await self.command_loop.run(self.app.inference.start())
         info = self.application or await self.application_info()
         self.owner_ids.add(info.owner.id)
         if info.team is not None:
             self.owner_ids.update(member.id for member in info.team.members)
         if self.settings.sync == "auto":
-            await self.sync_commands()
+            if self.owns_sync:
+                await self.sync_commands()
+            else:
+                log.info("%s: the process that runs shard 0 syncs the commands; this one never uploads", self._shards())
+
+    async def on_shard_ready(self, shard_id: int) -> None:
+        log.info("shard %d of %s ready", shard_id, self.shard_count)
+
+    async def _publish(self) -> list[str]:
+        """``/sync`` and ``/reload`` call this from the command loop; the upload runs on the client's."""
+        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(self.sync_commands(force=True), self.loop))
 
     @property
     def sync_state_path(self) -> Path:
@@ -102,22 +147,35 @@ class LmbotClient(discord.Client):
             return
         data: dict[str, Any] = interaction.data or {}  # type: ignore[assignment]
         if interaction.type is discord.InteractionType.application_command:
-            name, values, cooldown, typed = data.get("name", ""), option_values(data), True, True
+            name, values, typed = data.get("name", ""), option_values(data), True
         elif interaction.type is discord.InteractionType.component:
-            pressed = parse_button_id(str(data.get("custom_id", "")))
+            # Discord sends a component interaction only to the app whose message holds the component:
+            # every press is ours to answer, even one whose id this version cannot read.
+            try:
+                pressed = parse_button_id(str(data.get("custom_id", "")))
+            except MalformedButton:
+                pressed = None
             if pressed is None:
-                return  # not one of ours
-            # A button answers a question just asked (no cooldown); its value is option text.
-            (name, values), cooldown, typed = pressed, False, False
+                await self._answer_now(interaction, ANSWER_UNKNOWN_BUTTON)
+                return
+            # A button's value is option text, converted as the console would.
+            (name, values), typed = pressed, False
+        elif interaction.type is discord.InteractionType.modal_submit:
+            await self._answer_now(interaction, "That form is not one this bot knows; run the command again.")
+            return
         else:
             return
         task = asyncio.current_task()
         assert task is not None
         self.in_flight.add(task)
         try:
-            await self._command(interaction, name, values, cooldown, typed)
+            await self._command(interaction, name, values, typed)
         finally:
             self.in_flight.discard(task)
+
+    async def _answer_now(self, interaction: discord.Interaction, text: str) -> None:
+        with contextlib.suppress(discord.HTTPException):
+            await interaction.response.send_message(escape(text), ephemeral=True)
 
     async def _autocomplete(self, interaction: discord.Interaction) -> None:
         data: dict[str, Any] = interaction.data or {}  # type: ignore[assignment]
@@ -127,8 +185,12 @@ class LmbotClient(discord.Client):
         with contextlib.suppress(discord.HTTPException):
             await interaction.response.autocomplete([discord.app_commands.Choice(**c) for c in choices])
 
-    def _refusal(self, interaction: discord.Interaction, name: str, cooldown: bool) -> str | None:
-        """A reason to answer at once without deferring, or None."""
+    def _refusal(self, interaction: discord.Interaction, name: str) -> str | None:
+        """A reason to answer at once without deferring, or None.
+
+        Slash commands and button presses share the per-user, per-command cooldown:
+        pressing a button runs its command as much as typing it does.
+        """
         cmd = self.app.registry.commands.get(name)
         if not self.accepting:
             return "The bot is restarting; try again in a minute."
@@ -138,26 +200,22 @@ class LmbotClient(discord.Client):
             return f"/{name} is for the bot's owners only."
         now = time.monotonic()
         key = (interaction.user.id, name)
-        ready_at = self._cooldowns.get(key, 0.0) if cooldown else 0.0
+        ready_at = self._cooldowns.get(key, 0.0)
         if now < ready_at:
             return f"Slow down a little: you can use /{name} again in {ready_at - now:.0f} s."
         busy = self.app.inference.retry_hint_if_full()
         if busy is not None:
             return f"The bot is busy right now; try again in {busy:.0f} s."
-        if cooldown:
-            if len(self._cooldowns) > 10_000:  # forget expired entries so the table cannot grow forever
-                self._cooldowns = {k: t for k, t in self._cooldowns.items() if t > now}
-            self._cooldowns[key] = now + self.settings.cooldown_s
+        if len(self._cooldowns) > 10_000:  # forget expired entries so the table cannot grow forever
+            self._cooldowns = {k: t for k, t in self._cooldowns.items() if t > now}
+        self._cooldowns[key] = now + self.settings.cooldown_s
         return None
 
-    async def _command(
-        self, interaction: discord.Interaction, name: str, values: dict[str, Any], cooldown: bool, typed: bool
-    ) -> None:
+    async def _command(self, interaction: discord.Interaction, name: str, values: dict[str, Any], typed: bool) -> None:
         """Answer one interaction; ``typed`` values come from a slash command, others are option text."""
-        refusal = self._refusal(interaction, name, cooldown)
+        refusal = self._refusal(interaction, name)
         if refusal is not None:
-            with contextlib.suppress(discord.HTTPException):
-                await interaction.response.send_message(escape(refusal), ephemeral=True)
+            await self._answer_now(interaction, refusal)
             return
         try:
             await interaction.response.defer(thinking=True)
@@ -166,16 +224,17 @@ class LmbotClient(discord.Client):
             return
         try:
             ctx = self._context(interaction)
+            # The handler runs on the command loop; this loop stays free to acknowledge others.
             if typed:
-                reply = await self.app.execute(name, values, ctx)
+                reply = await self.command_loop.run(self.app.execute(name, values, ctx))
             else:
-                reply = await self.app.execute_text(name, values, ctx)
+                reply = await self.command_loop.run(self.app.execute_text(name, values, ctx))
         except asyncio.CancelledError:
             # Shutting down past the grace period: release the interaction with a word, not silence.
             with contextlib.suppress(discord.HTTPException):
                 await interaction.followup.send("The bot is restarting; please ask again in a minute.")
             raise
-        except Exception:  # execute() already turns plugin errors into replies; this is a last resort
+        except (Exception, SystemExit, KeyboardInterrupt):  # execute() already turns plugin errors into replies
             log.exception("unexpected error answering /%s", name)
             reply = Reply.failure("Something went wrong; please try again.")
         await self._send(interaction, reply)
@@ -190,7 +249,8 @@ class LmbotClient(discord.Client):
         )
 
     async def _send(self, interaction: discord.Interaction, reply: Reply) -> None:
-        rendered = render_reply(reply)
+        # Escaping and fitting a long reply is CPU work: off this loop, which must stay free to acknowledge.
+        rendered = await asyncio.to_thread(render_reply, reply)
         try:
             if rendered.ephemeral:
                 # The "thinking…" message is public; an ephemeral answer replaces it privately.
@@ -222,5 +282,17 @@ class LmbotClient(discord.Client):
             _, late = await asyncio.wait(pending, timeout=self.settings.shutdown_grace_s)
             for task in late:
                 task.cancel()
-        await self.app.close()
+        await self._close_app()
         await self.close()
+
+    async def _close_app(self) -> None:
+        """Stop the inference service on the loop it runs on, then stop that loop."""
+        if not self.command_loop.running:
+            await self.app.close()
+            return
+        try:
+            async with asyncio.timeout(30):
+                await self.command_loop.run(self.app.close())
+        except (Exception, SystemExit, KeyboardInterrupt):  # a blocked loop must not keep the bot from exiting
+            log.exception("could not stop the inference service cleanly")
+        await asyncio.to_thread(self.command_loop.stop, 10.0)

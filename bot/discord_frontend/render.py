@@ -3,26 +3,133 @@
 Limits (Discord's documentation): content 2,000 characters; embed title 256,
 description 4,096, 25 fields of 1,024, 6,000 characters across an embed.
 What does not fit is attached as ``reply.txt`` rather than cut silently.
+
+Echoed text is inert. Plugins mix user text into their own formatting, so the
+renderer cannot tell the two apart; instead it reads the finished text the way
+Discord's markdown does and neutralises what would be live: outside code spans
+every markdown character is backslash-escaped (Discord shows ``\\[`` as ``[``,
+so the reply shows what was typed but no masked link, heading, quote, spoiler or
+emphasis can form); inside fenced blocks no two backticks touch, so no run can
+close the fence; bidirectional controls are shown as ``⟨U+202E⟩`` everywhere
+instead of reordering the text around them.
 """
 
 from __future__ import annotations
 
+import bisect
 import io
+import re
 from dataclasses import dataclass, field
 
 import discord
 
-from bot.commands import Button, Reply, utf16_length
+from bot.commands import Button, Reply, Table, utf16_length
 from bot.render import render_code, render_table, render_text
 
 CONTENT, TITLE, DESCRIPTION, FIELDS, FIELD_NAME, FIELD_VALUE, EMBED_TOTAL = 2000, 256, 4096, 25, 256, 1024, 6000
 # Discord's ```ansi blocks know the eight basic foreground colours only.
 DISCORD_ANSI = {"gray": 30, "red": 31, "green": 32, "yellow": 33, "blue": 34, "pink": 35, "cyan": 36, "white": 37}
 
+# Embeddings, isolates, overrides and the implicit marks: each can reorder the text around it.
+BIDI_CONTROLS = re.compile("[\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+# @everyone, @here and every user / role id form (Discord's own helper only knows 17-20 digit ids).
+MENTION = re.compile(r"@(everyone|here|[!&]?[0-9]+)")
+# Markdown that Discord renders in message content, embed titles, descriptions and fields.
+# Bullets ("- ") and numbered lines stay live: the reply's own lists, harmless from a user.
+MARKDOWN_CHARS = frozenset("\\*_~|`[]<>#")
+# A backslash before any ASCII punctuation is Discord's escape: the pair shows the character
+# (so an escaped backtick in the text opens no code span).
+ESCAPABLE = re.compile(r"\\[!-/:-@\[-`{-~]")
+# What Discord links as a bare URL: kept verbatim (an escape inside would change the link).
+# It stops at brackets and backticks, which are escaped like any others (a link may break, never form).
+URL = re.compile(r"https?://[^\s<\[\]`]+[^<.,:;\"')\[\]`\s]")
+# Discord's code rules: a fenced block (optional language line), and an inline span, which is
+# /^(`+)([\s\S]*?[^`])\1(?!`)/ (matched by _inline_code_end in linear time: that regex backtracks).
+CODE_BLOCK = re.compile(r"```(?:[a-z0-9_+\-.#]+?\n)?\n*[^\n][\s\S]*?\n*```")
+BACKTICKS = re.compile("`+")
+
+
+class _Runs:
+    """Where each maximal run of backticks starts, by its length."""
+
+    def __init__(self, text: str) -> None:
+        self.starts: dict[int, list[int]] = {}
+        for run in BACKTICKS.finditer(text):
+            self.starts.setdefault(len(run.group()), []).append(run.start())
+
+    def inline_code_end(self, i: int, opening: int) -> int | None:
+        """The end of the inline span opened by ``opening`` backticks at ``i``, or None.
+
+        As Discord's greedy ``(`+)`` backtracks: the longest delimiter d <= opening for
+        which a later run of exactly d backticks exists; the span ends with the first one.
+        """
+        for d in range(opening, 0, -1):
+            starts = self.starts.get(d, [])
+            k = bisect.bisect_left(starts, i + opening)  # runs after the opening one
+            if k < len(starts):
+                return starts[k] + d
+        return None
+
+
+def show_bidi(text: str) -> str:
+    """Bidirectional controls as visible, inert ``⟨U+202E⟩`` marks."""
+    return BIDI_CONTROLS.sub(lambda m: f"⟨U+{ord(m.group()):04X}⟩", text)
+
+
+def escape_mentions(text: str) -> str:
+    """No @everyone, @here, role or user mention can form, even if echoed."""
+    return MENTION.sub("@\u200b\\1", text)
+
+
+def _escape_plain(text: str) -> str:
+    """Markdown outside code made literal, backslashes included (so the reader sees what was typed).
+
+    Bare URLs are kept as they are, as discord.py's ``escape_markdown`` keeps them:
+    Discord links them whole, and an escape inside would change the link.
+    """
+    out: list[str] = []
+    i = 0
+    while i < len(text):
+        if url := URL.match(text, i):
+            out.append(url.group())
+            i = url.end()
+        else:
+            out.append("\\" + text[i] if text[i] in MARKDOWN_CHARS else text[i])
+            i += 1
+    return "".join(out)
+
 
 def escape(text: str) -> str:
-    """User text made inert: no @everyone, @here, role or user mentions, even if echoed."""
-    return discord.utils.escape_mentions(text)
+    """Text for a rendered field (content, title, description, field): inert, with code spans kept.
+
+    The text is split as Discord splits it: fenced blocks and inline code spans
+    stay as written (nothing renders inside them); everything else, including
+    any backtick that did not form a span, is escaped. A span therefore means
+    the same to Discord as it did here, however the user's text was mixed in.
+    """
+    text = show_bidi(escape_mentions(text))
+    runs = _Runs(text)
+    out: list[str] = []
+    plain_from = i = 0
+    while i < len(text):
+        char = text[i]
+        if char == "\\" and ESCAPABLE.match(text, i):
+            i += 2  # an escape pair is plain text, and an escaped backtick opens nothing
+            continue
+        if char == "`":
+            run_end = BACKTICKS.match(text, i).end()  # type: ignore[union-attr]
+            block = CODE_BLOCK.match(text, i)
+            end = block.end() if block else runs.inline_code_end(i, run_end - i)
+            if end is not None:
+                out.append(_escape_plain(text[plain_from:i]))
+                out.append(text[i:end])
+                plain_from = i = end
+                continue
+            i = run_end  # a run that opens no span: escaped as plain text
+            continue
+        i += 1
+    out.append(_escape_plain(text[plain_from:]))
+    return "".join(out)
 
 
 def clip(text: str, limit: int) -> str:
@@ -31,14 +138,39 @@ def clip(text: str, limit: int) -> str:
     return text[: limit - 1] + "…" if limit > 0 else ""
 
 
+def fit(text: str, limit: int) -> str:
+    """``escape(text)`` within ``limit`` characters, cut before escaping so that no span is cut open."""
+    escaped = escape(text)
+    if len(escaped) <= limit:
+        return escaped
+    # The longest prefix whose escaped form (with "…") fits; escaping never shortens text.
+    low, high = 0, min(len(text), limit)
+    while low < high:
+        middle = (low + high + 1) // 2
+        if len(escape(text[:middle] + "…")) <= limit:
+            low = middle
+        else:
+            high = middle - 1
+    return escape(text[:low] + "…") if limit > 0 else ""
+
+
+def literal(text: str) -> str:
+    """Text Discord shows without markdown (button labels, alt text): mentions and bidi made inert."""
+    return show_bidi(escape_mentions(text))
+
+
 def _block(text: str, language: str = "") -> str:
-    # A literal ``` inside would end the block early.
-    safe = text.replace("```", "`\u200b``")
+    # No two backticks touch, so no run of them (``` or ````…) can close the fence early.
+    safe = re.sub(r"`(?=`)", "`\u200b", literal(text))
     return f"```{language}\n{safe}\n```"
 
 
 BUTTON_PREFIX = "lmbot"
 MAX_BUTTONS, BUTTON_LABEL, CUSTOM_ID = 25, 80, 100
+
+
+class MalformedButton(ValueError):
+    """A custom_id with the bot's prefix that does not say which command to run."""
 
 
 def button_id(button: Button) -> str:
@@ -50,17 +182,33 @@ def button_id(button: Button) -> str:
 
 
 def parse_button_id(custom_id: str) -> tuple[str, dict[str, str]] | None:
+    """The command and option text a button runs; None for an id that is not the bot's.
+
+    Raises :class:`MalformedButton` for an id with the bot's prefix that names no
+    command and option (``lmbot|help``): it is the bot's, so it must be answered.
+    """
     parts = custom_id.split("|", 3)
-    if len(parts) != 4 or parts[0] != BUTTON_PREFIX:
+    if parts[0] != BUTTON_PREFIX:
         return None
+    if len(parts) != 4 or not parts[1] or not parts[2]:
+        raise MalformedButton(custom_id)
     return parts[1], {parts[2]: parts[3]}
 
 
 def button_view(buttons: list[Button]) -> discord.ui.View:
     view = discord.ui.View(timeout=None)
-    for button in [b for b in buttons if b.fits][:MAX_BUTTONS]:
-        label = clip(escape(button.label), BUTTON_LABEL)
-        view.add_item(discord.ui.Button(label=label, custom_id=button_id(button), style=discord.ButtonStyle.secondary))
+    seen: set[str] = set()
+    for button in buttons:
+        # A value with bidi controls is left out rather than run with them changed.
+        if not button.fits or BIDI_CONTROLS.search(button.value) or len(seen) == MAX_BUTTONS:
+            continue
+        custom_id = button_id(button)
+        if custom_id in seen:
+            # Discord rejects a message whose ids repeat; a repeat would run the same command anyway.
+            continue
+        seen.add(custom_id)
+        label = clip(literal(button.label), BUTTON_LABEL)
+        view.add_item(discord.ui.Button(label=label, custom_id=custom_id, style=discord.ButtonStyle.secondary))
     return view
 
 
@@ -87,24 +235,30 @@ class Rendered:
 
 def render_reply(reply: Reply) -> Rendered:
     if reply.error:
-        return Rendered(content=clip(escape(reply.text), CONTENT), ephemeral=reply.ephemeral)
+        return Rendered(content=fit(reply.text, CONTENT), ephemeral=reply.ephemeral)
     parts = [escape(reply.text)] if reply.text else []
     if reply.table is not None:
-        parts.append(_block(escape(render_table(reply.table))))
+        # Marks for bidi controls before the columns are measured, so that they stay aligned.
+        table = reply.table
+        shown = Table(
+            [literal(h) for h in table.headers], [[literal(str(c)) for c in r] for r in table.rows], table.align
+        )
+        parts.append(_block(render_table(shown)))
     if reply.code is not None:
-        parts.append(_block(escape(render_code(reply.code, True, DISCORD_ANSI)), "ansi"))
+        parts.append(_block(render_code(reply.code, True, DISCORD_ANSI), "ansi"))
     description = "\n".join(parts)
-    title = clip(escape(reply.title or ""), TITLE)
-    fields = [(clip(escape(f.name), FIELD_NAME), clip(escape(f.value), FIELD_VALUE), f.inline) for f in reply.fields]
+    title = fit(reply.title or "", TITLE)
+    fields = [(fit(f.name, FIELD_NAME), fit(f.value, FIELD_VALUE), f.inline) for f in reply.fields]
     size = len(title) + len(description) + sum(len(n) + len(v) for n, v, _ in fields)
     files = [
-        discord.File(io.BytesIO(i.data), filename=i.filename, description=i.description[:1024]) for i in reply.images
+        discord.File(io.BytesIO(i.data), filename=i.filename, description=clip(literal(i.description), 1024))
+        for i in reply.images
     ]
     if len(description) > DESCRIPTION or len(fields) > FIELDS or size > EMBED_TOTAL:
         # The whole reply, as the console shows it, goes in a file; the embed keeps what fits.
-        full = render_text(reply, [i.filename for i in reply.images])
+        full = show_bidi(render_text(reply, [i.filename for i in reply.images]))
         files.append(discord.File(io.BytesIO(full.encode()), filename="reply.txt"))
-        description = clip(escape(reply.text), 1500) + "\n(the full reply is attached as reply.txt)"
+        description = fit(reply.text, 1500) + "\n(the full reply is attached as reply.txt)"
         budget = EMBED_TOTAL - len(title) - len(description)
         kept = []
         for name, value, inline in fields[:FIELDS]:

@@ -36,6 +36,12 @@ class ServiceMetrics:
         self.queue_depth = Gauge("lmbot_queue_depth", "Requests waiting for a worker", registry=r)
         self.workers_alive = Gauge("lmbot_workers_alive", "Worker processes running", registry=r)
         self.worker_restarts = Counter("lmbot_worker_restarts", "Workers restarted after dying", registry=r)
+        self.worker_stalls = Counter(
+            "lmbot_worker_stalls", "Workers killed by the watchdog: a batch ran far past its deadline", registry=r
+        )
+        self.requests_retried = Counter(
+            "lmbot_requests_retried", "Requests run again alone after a worker crashed with them in a batch", registry=r
+        )
         self.last_progress = Gauge(
             "lmbot_last_progress_timestamp_seconds", "Unix time the service last finished a batch", registry=r
         )
@@ -92,6 +98,16 @@ def summarize(families: Iterable[Any]) -> dict[str, Any]:
                 row[f"{short}_p95"] = _quantile(hist["buckets"], count, 0.95)
         out[task] = row
     return {"tasks": out, **service}
+
+
+def read_running(port: int, timeout: float = 5.0) -> dict[str, Any]:
+    """The summary a running bot serves on 127.0.0.1:``port`` (raises OSError if none answers)."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=timeout) as response:
+        return summarize(text_string_to_metric_families(response.read().decode()))
 
 
 def _quantile(buckets: list[tuple[float, float]], count: float, q: float) -> float:

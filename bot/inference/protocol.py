@@ -17,13 +17,36 @@ from bot.errors import Busy as Busy
 from bot.errors import DeadlineExceeded as DeadlineExceeded
 from bot.errors import InferenceError as InferenceError
 from bot.errors import InputTooLong as InputTooLong
+from bot.errors import InvalidText as InvalidText
 from bot.errors import ModelFailed as ModelFailed
 from bot.errors import NoModelForRole as NoModelForRole
+from bot.errors import TaskNotFound as TaskNotFound
+from bot.errors import TooCostly as TooCostly
+from bot.errors import TooManyRequests as TooManyRequests
 from bot.errors import WorkerDied as WorkerDied
 
 # The placeholder a fill-mask request uses for a blank; the worker swaps it for
 # the model's own mask token ([MASK] for BERT, <mask> for RoBERTa, ...).
 MASK = "\x00MASK\x00"
+
+
+def check_text(texts: list[str]) -> None:
+    """Refuse strings that are not text: anything a worker could not encode as UTF-8.
+
+    Python strings may hold lone surrogates (U+D800..U+DFFF, half of a UTF-16 pair,
+    e.g. from JSON ``"\\ud800"`` or undecodable command-line bytes); tokenizers fail on them.
+    """
+    for text in texts:
+        if not isinstance(text, str):
+            raise InvalidText(f"A model can only read text, not {type(text).__name__}.")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            code = ord(text[exc.start])
+            raise InvalidText(
+                f"That text contains U+{code:04X}, half of a character pair with the other half missing, "
+                "which is not readable text; remove it and try again."
+            ) from None
 
 
 # --------------------------------------------------------------------------- requests

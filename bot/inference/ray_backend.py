@@ -5,7 +5,10 @@ same :class:`~bot.inference.loading.ModelCache` the local workers use) and runs
 the same tasks through :func:`bot.inference.worker.run_batch`; ``@serve.batch``
 gathers concurrent requests into batches. Ray's backpressure becomes the bot's
 Busy reply, and a replica that dies fails its requests with WorkerDied while
-Serve replaces it.
+Serve replaces it. Admission (readable text, size, cost budget, per-user share)
+is the one every backend shares (:class:`bot.inference.service.InferenceClient`);
+Serve forms its own batches, so the local backend's round-robin between users
+does not apply here.
 
 Choose it with ``inference.backend = "ray"``; ``inference.ray_address`` names an
 existing cluster (empty: start a local Ray instance). Task functions and plugins
@@ -22,9 +25,8 @@ from collections import defaultdict
 from typing import Any
 
 from bot.config import Config
-from bot.inference.client import InferenceClient
-from bot.inference.metrics import ServiceMetrics
-from bot.inference.protocol import Busy, DeadlineExceeded, InferenceError, InputTooLong, Request, WorkerDied
+from bot.inference.protocol import Busy, DeadlineExceeded, InferenceError, Request, WorkerDied
+from bot.inference.service import InferenceClient
 from bot.inference.settings import WorkerSettings
 from bot.topics import ModelRole
 
@@ -82,17 +84,14 @@ class RayInferenceClient(InferenceClient):
     """Submits requests to per-role Serve deployments through their handles."""
 
     def __init__(self, config: Config, roles: dict[str, ModelRole]) -> None:
+        super().__init__(config)  # the shared admission rules: text, size, cost, per-user share
         self.config = config
         self.settings = WorkerSettings.from_config(config, roles)
         self.roles = roles
-        self.metrics = ServiceMetrics()
-        self.timeout = config.inference.request_timeout_s
-        self.max_chars = config.inference.max_input_chars
         self._handles: dict[str, Any] = {}
         self._lock = asyncio.Lock()
         self._start_lock = asyncio.Lock()
         self._started = False
-        self._closing = False
         self._owns_ray = False
 
     async def start(self) -> None:
@@ -131,15 +130,9 @@ class RayInferenceClient(InferenceClient):
                 self._handles[role] = handle
         return self._handles[role]
 
-    async def submit(self, request: Request, *, timeout: float | None = None) -> Any:
-        if self._closing:
-            raise InferenceError("The bot is shutting down.")
+    async def _submit(self, request: Request, *, timeout: float | None, user: str | None) -> Any:
         await self.start()
         task = type(request).task
-        chars = sum(len(t) for t in request.texts())
-        if chars > self.max_chars:
-            self.metrics.requests.labels(task, "too_long").inc()
-            raise InputTooLong(f"That text is {chars:,} characters long; the limit is {self.max_chars:,}.")
         budget = timeout or self.timeout
         started = time.monotonic()
         handle = await self._handle(type(request).role or NO_ROLE)

@@ -2,10 +2,15 @@
 
 Protocol over a ``multiprocessing`` pipe (all messages are tuples):
 
-* client -> worker: ``("batch", batch_id, [(request_id, request, deadline), ...])``,
+* client -> worker: ``("batch", batch_id, [(request_id, pickled_request, deadline), ...])``,
   ``("status", token)``, ``("load", token, role)``, ``("stop",)``
 * worker -> client: ``("ready", pid, device)``, ``("done", batch_id, outcomes, timing)``,
-  ``("status", token, info)``
+  ``("status", token, info)``, ``("loading", role)`` before a model loads for a batch and
+  ``("loaded", role)`` after
+
+A request that fails fails alone: its tokenization and limits are checked one
+request at a time, and a batch on which the task raises is split in halves down
+to single requests, so the others in its batch are still answered.
 
 An outcome is ``(request_id, ok, result_or_error)``. Deadlines are
 ``time.monotonic()`` values, which are shared by every process on the host.
@@ -70,9 +75,84 @@ def main(conn: Connection, settings: Any, log_level: str = "INFO") -> None:
                 answer = exc if _picklable(exc) else RuntimeError(str(exc))
             conn.send(("status", message[1], answer))
         elif kind == "batch":
-            _, batch_id, items = message
-            outcomes, timing = run_batch(cache, settings, items, on_load=lambda role: conn.send(("loading", role)))
-            conn.send(("done", batch_id, outcomes, timing))
+            _, batch_id, pickled = message
+            unreadable, items = _unpickle(pickled)
+            try:
+                outcomes, timing = run_batch(
+                    cache,
+                    settings,
+                    items,
+                    on_load=lambda role: conn.send(("loading", role)),
+                    on_loaded=lambda role: conn.send(("loaded", role)),
+                )
+            except Exception:  # run_batch answers every request itself; this is a last resort
+                outcomes, timing = _all_failed(items, "running a batch failed"), {}
+            _send_done(conn, batch_id, unreadable + outcomes, timing)
+
+
+def _unpickle(pickled: Sequence[tuple[int, bytes, float]]) -> tuple[list[Outcome], list[tuple[int, Any, float]]]:
+    """The batch's requests; one that cannot be unpickled here fails alone."""
+    from bot.inference.protocol import InferenceError
+
+    failed: list[Outcome] = []
+    items = []
+    for request_id, data, deadline in pickled:
+        try:
+            items.append((request_id, pickle.loads(data), deadline))
+        except Exception:
+            eid = _error_id()
+            log.exception("error %s: request %d cannot be unpickled in the worker", eid, request_id)
+            message = f"The model worker cannot read this request (error id {eid}): a bug in the plugin that made it."
+            failed.append((request_id, False, InferenceError(message)))
+    return failed, items
+
+
+def _all_failed(items: Sequence[tuple[int, Any, float]], what: str) -> list[Outcome]:
+    from bot.inference.protocol import ModelFailed
+
+    eid = _error_id()
+    log.exception("error %s: %s", eid, what)
+    failure = ModelFailed(f"The model failed on this request (error id {eid}).")
+    return [(request_id, False, failure) for request_id, _, _ in items]
+
+
+def _send_done(conn: Connection, batch_id: int, outcomes: list[Outcome], timing: dict) -> None:
+    """Send a batch's outcomes; an answer that cannot be pickled fails alone, not the worker."""
+    outcomes = [(rid, ok, value if ok else _portable_error(value)) for rid, ok, value in outcomes]
+    try:
+        conn.send(("done", batch_id, outcomes, timing))
+        return
+    except (OSError, EOFError):
+        return  # the bot closed the pipe; the main loop ends at its next read
+    except Exception:  # pickling failed before anything was written
+        pass
+    from bot.inference.protocol import ModelFailed
+
+    checked: list[Outcome] = []
+    for request_id, ok, value in outcomes:
+        if _picklable(value):
+            checked.append((request_id, ok, value))
+        elif not ok and isinstance(value, Exception):
+            checked.append((request_id, False, ModelFailed(str(value)[:500] or type(value).__name__)))
+        else:
+            eid = _error_id()
+            log.error("error %s: the answer to request %d cannot be sent back (%r)", eid, request_id, type(value))
+            checked.append((request_id, False, ModelFailed(f"The model's answer could not be sent (error id {eid}).")))
+    conn.send(("done", batch_id, checked, timing if _picklable(timing) else {}))
+
+
+def _portable_error(error: Any) -> Any:
+    """``error``, or one with its message that the bot process can unpickle (a plugin's own error
+    class whose ``__init__`` takes other arguments than its message cannot be rebuilt there)."""
+    from bot.inference.protocol import InferenceError, ModelFailed
+
+    try:
+        pickle.loads(pickle.dumps(error))
+        return error
+    except Exception:
+        if isinstance(error, InferenceError):  # a message meant for the user
+            return InferenceError(str(error))
+        return ModelFailed(f"The model failed on this request ({type(error).__name__}).")
 
 
 def _picklable(value: Any) -> bool:
@@ -92,60 +172,56 @@ def run_batch(
     settings: Any,
     items: Sequence[tuple[int, Any, float]],
     on_load: Callable[[str], None] | None = None,
+    on_loaded: Callable[[str], None] | None = None,
 ) -> tuple[list[Outcome], dict]:
     """Run one batch of same-(role, task) requests; never raises.
 
     ``on_load(role)`` is called before a model that is not in memory yet is loaded
     (which on first use may mean a download), so the caller can tell people why
-    their request is slow.
+    their request is slow, and ``on_loaded(role)`` once it is.
     """
-    from bot.inference.protocol import DeadlineExceeded, InferenceError, InputTooLong, ModelFailed
-    from bot.inference.tasks import find_task
+    from bot.inference.protocol import DeadlineExceeded, InferenceError, ModelFailed
 
     outcomes: list[Outcome] = []
     timing: dict[str, Any] = {"compute_s": 0.0, "sizes": [], "load_s": 0.0}
-    now = time.monotonic()
-    live = []
-    for request_id, request, deadline in items:
-        if deadline <= now:
-            # Expired while queued: drop it without computing anything.
-            outcomes.append((request_id, False, DeadlineExceeded()))
-        else:
-            live.append((request_id, request))
+    live = _unexpired(items, outcomes)
     if not live:
         return outcomes, timing
     role, task_name = type(live[0][1]).role, type(live[0][1]).task
-    started = time.perf_counter()
     try:
-        if role is not None and role not in cache.loaded and on_load is not None:
+        task = _find_task(task_name)
+    except InferenceError as exc:  # a plugin's bug: no model needs loading to say so
+        return outcomes + [(rid, False, exc) for rid, _, _ in live], timing
+    started = time.perf_counter()
+    loading = role is not None and role not in cache.loaded
+    try:
+        if loading and on_load is not None:
             on_load(role)
         # A task of no role (e.g. timing a layer) runs without a model.
         loaded = cache.get(role) if role is not None else SimpleNamespace(model=None, tokenizer=None, label="")
-        task = find_task(task_name)
     except InferenceError as exc:
-        return outcomes + [(rid, False, exc) for rid, _ in live], timing
+        return outcomes + [(rid, False, exc) for rid, _, _ in live], timing
     except Exception:
         eid = _error_id()
         log.exception("error %s: loading the %s model failed", eid, role)
         failure = ModelFailed(f"The `{role}` model could not be loaded (error id {eid}).")
-        return outcomes + [(rid, False, failure) for rid, _ in live], timing
+        return outcomes + [(rid, False, failure) for rid, _, _ in live], timing
+    finally:
+        if loading and on_loaded is not None:
+            on_loaded(role)
     timing["load_s"] = time.perf_counter() - started
+    if loading:  # a long load may have outlived some deadlines: compute nothing nobody awaits
+        now = time.monotonic()
+        live, expired = [x for x in live if x[2] > now], [x for x in live if x[2] <= now]
+        outcomes += [(rid, False, DeadlineExceeded()) for rid, _, _ in expired]
 
     sized = []
-    for request_id, request in live:
-        if hasattr(request, "max_new_tokens") and request.max_new_tokens > settings.max_new_tokens:
-            request = dataclasses.replace(request, max_new_tokens=settings.max_new_tokens)
-        texts = request.texts()
-        if loaded.tokenizer is None or not texts:  # nothing to tokenize (e.g. a timing or counting task)
-            sized.append((1, request_id, request))
-            continue
-        length = max(len(loaded.tokenizer(t)["input_ids"]) for t in texts)
-        if length == 0:
-            outcomes.append((request_id, False, InputTooLong("That text gives the model no tokens to read.")))
-        elif length > settings.max_input_tokens:
-            message = f"That text is {length} tokens long; the limit is {settings.max_input_tokens}."
-            outcomes.append((request_id, False, InputTooLong(message)))
+    for request_id, request, _ in live:
+        checked = _check_request(request, loaded.tokenizer, settings)
+        if isinstance(checked, Exception):
+            outcomes.append((request_id, False, checked))
         else:
+            length, request = checked
             sized.append((length, request_id, request))
 
     # Similar lengths together waste less padding; chunks stay under max_batch_tokens.
@@ -161,8 +237,77 @@ def run_batch(
     return outcomes, timing
 
 
+def _unexpired(items: Sequence[tuple[int, Any, float]], outcomes: list[Outcome]) -> list[tuple[int, Any, float]]:
+    """The items still awaited; expired ones (while queued) are answered without computing anything."""
+    from bot.inference.protocol import DeadlineExceeded
+
+    now = time.monotonic()
+    live = []
+    for request_id, request, deadline in items:
+        if deadline <= now:
+            outcomes.append((request_id, False, DeadlineExceeded()))
+        else:
+            live.append((request_id, request, deadline))
+    return live
+
+
+def _find_task(name: str) -> Callable[..., Any]:
+    """The task function, or :class:`TaskNotFound` saying that the request's plugin names a wrong one."""
+    from bot.inference.protocol import TaskNotFound
+    from bot.inference.tasks import find_task
+
+    module = name.partition(":")[0]
+    try:
+        task = find_task(name)
+    except KeyError:
+        raise TaskNotFound(name, "no built-in task has that name") from None
+    except ModuleNotFoundError as exc:
+        if exc.name is not None and (module == exc.name or module.startswith(exc.name + ".")):
+            raise TaskNotFound(name, f"there is no module `{module}`") from None
+        eid = _error_id()
+        log.exception("error %s: importing the module of task %s failed", eid, name)
+        raise TaskNotFound(name, f"its module failed to import, error id {eid}") from None
+    except AttributeError:
+        raise TaskNotFound(name, f"`{module}` has no such function") from None
+    except Exception:
+        eid = _error_id()
+        log.exception("error %s: importing the module of task %s failed", eid, name)
+        raise TaskNotFound(name, f"its module failed to import, error id {eid}") from None
+    if not callable(task):
+        raise TaskNotFound(name, "it is not a function")
+    return task
+
+
+def _check_request(request: Any, tokenizer: Any, settings: Any) -> tuple[int, Any] | Exception:
+    """(padded length, request) for one request, or the error that fails it (and only it)."""
+    from bot.inference.protocol import InferenceError, InputTooLong, ModelFailed, check_text
+
+    try:
+        if hasattr(request, "max_new_tokens") and request.max_new_tokens > settings.max_new_tokens:
+            request = dataclasses.replace(request, max_new_tokens=settings.max_new_tokens)
+        texts = request.texts()
+        check_text(texts)  # the service refuses such text up front; a request may still bring some here
+        if tokenizer is None or not texts:  # nothing to tokenize (e.g. a timing or counting task)
+            return 1, request
+        length = max(len(tokenizer(t)["input_ids"]) for t in texts)
+    except InferenceError as exc:
+        return exc
+    except BaseException as exc:  # tokenizers written in Rust panic with a BaseException
+        if isinstance(exc, KeyboardInterrupt | GeneratorExit):
+            raise
+        eid = _error_id()
+        log.exception("error %s: checking a %s request failed", eid, type(request).__name__)
+        return ModelFailed(f"The model could not read this request (error id {eid}).")
+    if length == 0:
+        return InputTooLong("That text gives the model no tokens to read.")
+    if length > settings.max_input_tokens:
+        return InputTooLong(f"That text is {length} tokens long; the limit is {settings.max_input_tokens}.")
+    return length, request
+
+
 def _run_split(task: Any, loaded: Any, chunk: list[tuple[int, Any]], timing: dict) -> list[Outcome]:
-    """Run a chunk; on out-of-memory, retry it as two halves before failing."""
+    """Run a chunk; when it fails (out of memory, or the task raises), run its halves, down to
+    single requests, so that only the request at fault fails."""
     import torch
 
     from bot.inference.protocol import InferenceError, ModelFailed
@@ -171,27 +316,38 @@ def _run_split(task: Any, loaded: Any, chunk: list[tuple[int, Any]], timing: dic
     try:
         with torch.inference_mode():
             results = task(loaded.model, loaded.tokenizer, [request for _, request in chunk])
+        answers: list[Outcome] = [
+            (rid, True, _labelled(result, loaded.label)) for (rid, _), result in zip(chunk, results, strict=True)
+        ]
     except torch.OutOfMemoryError:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
         if len(chunk) == 1:
             log.warning("out of memory on a single request")
             return [(chunk[0][0], False, InferenceError("That request needs more memory than the model worker has."))]
-        half = len(chunk) // 2
-        log.warning("out of memory on a batch of %d; retrying as %d + %d", len(chunk), half, len(chunk) - half)
-        return _run_split(task, loaded, chunk[:half], timing) + _run_split(task, loaded, chunk[half:], timing)
-    except Exception:
+        log.warning("out of memory on a batch of %d; retrying in halves", len(chunk))
+        return _halves(task, loaded, chunk, timing)
+    except BaseException as exc:  # also SystemExit (a task calling sys.exit) and Rust panics
+        if isinstance(exc, KeyboardInterrupt | GeneratorExit):
+            raise
+        if len(chunk) > 1:
+            log.warning("task failed on a batch of %d (%s); retrying in halves", len(chunk), type(exc).__name__)
+            return _halves(task, loaded, chunk, timing)
+        if isinstance(exc, InferenceError):  # a message the task meant for the user
+            return [(chunk[0][0], False, exc)]
         eid = _error_id()
-        log.exception("error %s: task failed on a batch of %d", eid, len(chunk))
-        failure = ModelFailed(f"The model failed on this request (error id {eid}).")
-        return [(rid, False, failure) for rid, _ in chunk]
+        log.exception("error %s: task failed on a single request", eid)
+        return [(chunk[0][0], False, ModelFailed(f"The model failed on this request (error id {eid})."))]
     timing["compute_s"] += time.perf_counter() - started
     timing["sizes"].append(len(chunk))
-    return [
-        (
-            rid,
-            True,
-            dataclasses.replace(result, model=loaded.label) if loaded.label and hasattr(result, "model") else result,
-        )
-        for (rid, _), result in zip(chunk, results, strict=True)
-    ]
+    return answers
+
+
+def _labelled(result: Any, label: str) -> Any:
+    """The result with the model's label, where it has a ``model`` field."""
+    return dataclasses.replace(result, model=label) if label and hasattr(result, "model") else result
+
+
+def _halves(task: Any, loaded: Any, chunk: list[tuple[int, Any]], timing: dict) -> list[Outcome]:
+    half = len(chunk) // 2
+    return _run_split(task, loaded, chunk[:half], timing) + _run_split(task, loaded, chunk[half:], timing)
