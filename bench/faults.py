@@ -6,6 +6,7 @@ worker processes (the offline SmolLM2 by default, or a model folder given with
 transport. A stream of ordinary requests (/nexttoken and /tokenize, alternating,
 from a pool of students) runs throughout; each scenario injects one fault into it:
 
+  baseline         no fault: what the stream gets from this machine as it is
   kill             kill -9 of the worker
   sigstop          SIGSTOP of the worker for 3x the request timeout (2x with --quick), then SIGCONT
   sigstop-forever  SIGSTOP of the worker, never continued
@@ -123,6 +124,7 @@ class Settings:
     grace_s: float = 120.0  # after the stream stops, a request with no reply by then is lost
     stop_s: float = 30.0  # how long SIGSTOP lasts before SIGCONT
     poison_s: float = 10.0  # poison spread over this long
+    baseline_s: float = 10.0  # the no-fault "fault" window of the baseline
     slow_users: int = 3
     slow_command: dict[str, Any] = field(default_factory=lambda: dict(SLOW_COMMAND))
     students: int = 6
@@ -144,6 +146,7 @@ QUICK = Settings(
     grace_s=60.0,
     stop_s=6.0,
     poison_s=2.0,
+    baseline_s=2.0,
     slow_users=2,
     # Smaller than the full flood (memory on a shared test machine), over a budget lowered to match.
     slow_command={"lengths": "4096,4095,4094", "width": 512},
@@ -200,6 +203,8 @@ class Run:
         self.fault_end: float | None = None
         self.notes: list[str] = []
         self.worker_replaced: float | None = None
+        # The 1-minute load average at the start and the end: how shared the machine was.
+        self.load = [round(os.getloadavg()[0], 1)]
         self._sent = 0
 
     def now(self) -> float:
@@ -379,6 +384,7 @@ class Run:
             if self.worker_replaced is None
             else round(self.worker_replaced - self.fault_start, 3),
             "notes": self.notes,
+            "load_average": self.load,
         }
 
 
@@ -391,6 +397,12 @@ def signal_worker(run: Run, pid: int, sig: signal.Signals) -> bool:
         return False
     os.kill(pid, sig)
     return True
+
+
+async def baseline(run: Run) -> None:
+    run.begin_fault()
+    await asyncio.sleep(run.settings.baseline_s)
+    run.end_fault()
 
 
 async def kill(run: Run) -> None:
@@ -515,6 +527,7 @@ async def locked_db(run: Run) -> None:
 
 
 SCENARIOS: dict[str, tuple[str, Callable[[Run], Awaitable[None]]]] = {
+    "baseline": ("no fault, for comparison", baseline),
     "kill": ("kill -9 of the worker", kill),
     "sigstop": ("SIGSTOP of the worker for longer than the request timeout, then SIGCONT", sigstop),
     "sigstop-forever": ("SIGSTOP of the worker, never continued", sigstop_forever),
@@ -575,6 +588,7 @@ async def run_scenario(name: str, settings: Settings, model: str | None, cache_d
             await run.drain()
             watching.set()
             await watcher
+            run.load.append(round(os.getloadavg()[0], 1))
             return run.figures()
         finally:
             await app.close()
@@ -619,6 +633,8 @@ def print_scenario(name: str, figures: dict[str, Any]) -> None:
         print(f"a new worker process appeared {replaced:.1f} s after the fault")
     for note in figures["notes"]:
         print(f"note: {note}")
+    start, end = figures["load_average"]
+    print(f"load average {start:g} at the start, {end:g} at the end ({os.cpu_count()} cores)")
 
 
 def print_summary(results: dict[str, dict[str, Any]]) -> None:
@@ -678,7 +694,8 @@ def main() -> None:
         "commit": commit(),
         "model": model or "SmolLM2-135M-Instruct (packaged)",
         "quick": args.quick,
-        "settings": {k: v for k, v in vars(settings).items()},
+        "settings": dict(vars(settings)),
+        "cores": os.cpu_count(),
         "lost": lost,
         "scenarios": results,
     }
