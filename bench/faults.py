@@ -3,8 +3,11 @@
 Drives the real product: an App with every built-in plugin and its real inference
 worker processes (the offline SmolLM2 by default, or a model folder given with
 --model), each simulated student with a Context of their own on the Discord
-transport. A stream of ordinary requests (/nexttoken and /tokenize, alternating,
-from a pool of students) runs throughout; each scenario injects one fault into it:
+transport (App.execute, what every front end calls); with --discord, each request
+is an interaction sent to the real discord.py client through the fake Discord of
+tests/fake_discord.py, as bench/interactions.py does. A stream of ordinary
+requests (/nexttoken and /tokenize, alternating, each from a student of its own)
+runs throughout; each scenario injects one fault into it:
 
   baseline         no fault: what the stream gets from this machine as it is
   kill             kill -9 of the worker
@@ -22,13 +25,14 @@ Each scenario runs on a fresh App and prints, for the ordinary requests and for
 the fault's own traffic: requests sent, answered (ok), failed with a reason
 (busy, deadline, worker restarted, bad input, budget, user share, storage, ...)
 and lost (no reply at all within 120 s of the stream's end, 60 s with --quick,
-or an exception out of App.execute: must be 0). For each ordinary
+or an exception out of App.execute; over Discord, an interaction that got no
+immediate reply and no followup: must be 0). For each ordinary
 command: the recovery time (from the fault to the first ok answer to a request
 sent after it) and p50/p99 latency (time to any answer) of the requests sent
 during the fault (from its start until it is over and every ordinary command has recovered).
 The last line is one JSON object with every figure.
 
-    python bench/faults.py [--quick] [--scenario NAME ...] [--model FOLDER]
+    python bench/faults.py [--quick] [--discord] [--scenario NAME ...] [--model FOLDER]
 """
 
 from __future__ import annotations
@@ -44,7 +48,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections import Counter
+from collections import Counter, defaultdict, deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -114,7 +118,6 @@ class Settings:
     # Ordinary requests per second. Each /nexttoken draws a chart in the bot process (about
     # 0.3 s of CPU): a higher rate on a small machine measures the chart backlog, not the fault.
     rate: float = 2.0
-    users: int = 40  # ordinary students, taking turns
     timeout_s: float = 10.0  # inference.request_timeout_s
     max_queue: int = 64
     burst: int = 200
@@ -136,13 +139,12 @@ class Settings:
 
 QUICK = Settings(
     rate=2.0,
-    users=12,
     timeout_s=3.0,
     max_queue=8,
     burst=24,
     before_s=1.0,
     tail_s=0.5,
-    settle_max_s=8.0,
+    settle_max_s=15.0,
     grace_s=60.0,
     stop_s=6.0,
     poison_s=2.0,
@@ -191,11 +193,135 @@ def reason_of(reply: Reply, kind: str) -> str | None:
     return REASONS.get(error_kind, error_kind or "error")
 
 
+class Direct:
+    """Requests through App.execute, each student with a Context of their own: what every front end calls."""
+
+    def __init__(self, app: App) -> None:
+        self.app = app
+
+    def context(self, user: str) -> Context:
+        return Context(user=User(user, user), app=self.app, guild_id=GUILD, transport="discord")
+
+    async def start(self) -> None:
+        assert isinstance(self.app.inference, LocalInferenceClient), "the benchmark signals local worker processes"
+        await self.app.inference.start()
+        await self.app.inference.wait_ready(600)
+
+    async def execute(self, name: str, values: dict[str, Any], user: str) -> Reply:
+        return await self.app.execute(name, values, self.context(user))
+
+    async def press(self, button: Button, user: str) -> Reply:
+        return await self.app.execute_text(button.command, {button.option: button.value}, self.context(user))
+
+    async def submit(self, request: Any, user: str) -> None:
+        await self.context(user).inference.submit(request)
+
+    async def close(self) -> None:
+        await self.app.close()
+
+
+class OverDiscord(Direct):
+    """The real discord.py client, connected to the fake Discord of tests/fake_discord.py on 127.0.0.1.
+
+    A request is an INTERACTION_CREATE; it is answered when the fake receives an immediate
+    reply or a followup. The Reply behind a followup is read from App.execute (wrapped), so
+    its reason is the same as without Discord; an immediate refusal is told by its words.
+    """
+
+    def __init__(self, app: App) -> None:
+        super().__init__(app)
+        self.ids: dict[str, int] = {}
+        self.replies: dict[str, deque[Reply]] = defaultdict(deque)
+        self.waiting: dict[str, asyncio.Future[tuple[str, Any]]] = {}
+        self.seen = 0
+
+    async def start(self) -> None:
+        import aiohttp
+        import discord
+        import yarl
+
+        from bot.discord_frontend.client import LmbotClient
+        from bot.discord_frontend.runner import run_bot
+        from tests.fake_discord import FakeDiscord, LoopbackOnlyResolver
+
+        self.fake = FakeDiscord()
+        await self.fake.start()
+        discord.http.Route.BASE = self.fake.api
+        discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY = yarl.URL(self.fake.gateway_url)
+        real_execute = self.app.execute
+
+        async def execute(name: str, values: dict[str, Any], ctx: Context) -> Reply:
+            reply = await real_execute(name, values, ctx)
+            self.replies[ctx.user.id].append(reply)  # runs on the command loop's thread: a deque is safe
+            return reply
+
+        self.app.execute = execute  # type: ignore[method-assign]
+        connector = aiohttp.TCPConnector(resolver=LoopbackOnlyResolver())
+        self.client = LmbotClient(self.app, connector=connector, guild_ready_timeout=0.05)
+        self.bot = asyncio.create_task(run_bot(self.app, "fake-token", self.client))
+        await asyncio.wait_for(self.fake.ready.wait(), 120)
+        assert isinstance(self.app.inference, LocalInferenceClient), "the benchmark signals local worker processes"
+        await self.client.command_loop.run(self.app.inference.wait_ready(600))
+        self.watcher = asyncio.create_task(self.watch_calls())
+
+    async def watch_calls(self) -> None:
+        """Resolve each interaction's future when its answer (not a defer) reaches the fake."""
+        while True:
+            calls = self.fake.calls
+            for call in calls[self.seen :]:
+                parts = call.path.split("/")
+                token = next((p for p in parts if p in self.waiting), None)
+                if token is None:
+                    continue
+                if "callback" in parts and (call.body or {}).get("type") == 4:
+                    answer = ("now", call.body["data"].get("content", ""))
+                elif "webhooks" in parts and call.method == "POST":
+                    answer = ("followup", (call.body or {}).get("content", ""))
+                else:
+                    continue  # a defer, or the deletion of "thinking…" before an ephemeral answer
+                future = self.waiting.pop(token)
+                if not future.done():
+                    future.set_result(answer)
+            self.seen = len(calls)
+            await asyncio.sleep(0.02)
+
+    def user_id(self, user: str) -> int:
+        return self.ids.setdefault(user, 10_000 + len(self.ids))
+
+    async def _answer(self, token: str, user: str) -> Reply:
+        future = self.waiting.setdefault(token, asyncio.get_running_loop().create_future())
+        how, text = await future
+        if how == "now":  # refused before any work: busy, cooldown, restarting
+            return Reply.failure(text, error_kind="Busy" if "busy" in text else "Refused")
+        replies = self.replies[str(self.user_id(user))]
+        return replies.popleft() if replies else Reply.failure(text, error_kind="FrontEnd")
+
+    async def execute(self, name: str, values: dict[str, Any], user: str) -> Reply:
+        token = await self.fake.interact(name, values, user_id=self.user_id(user))
+        return await self._answer(token, user)
+
+    async def press(self, button: Button, user: str) -> Reply:
+        from bot.discord_frontend.render import button_id
+
+        token = await self.fake.interact("", {"custom_id": button_id(button)}, user_id=self.user_id(user), kind=3)
+        return await self._answer(token, user)
+
+    async def submit(self, request: Any, user: str) -> None:
+        ctx = Context(user=User(str(self.user_id(user)), user), app=self.app, guild_id=GUILD, transport="discord")
+        await self.client.command_loop.run(ctx.inference.submit(request))
+
+    async def close(self) -> None:
+        self.watcher.cancel()
+        await self.client.shutdown()
+        await self.bot
+        await self.fake.stop()
+
+
 class Run:
     """One scenario on one App: sends requests, records their answers, injects the fault."""
 
-    def __init__(self, name: str, app: App, settings: Settings) -> None:
-        self.name, self.app, self.settings = name, app, settings
+    def __init__(self, name: str, front: Direct, settings: Settings) -> None:
+        self.name, self.front, self.app, self.settings = name, front, front.app, settings
         self.started = time.perf_counter()
         self.records: list[Record] = []
         self.tasks: list[asyncio.Task[None]] = []
@@ -209,9 +335,6 @@ class Run:
 
     def now(self) -> float:
         return time.perf_counter() - self.started
-
-    def context(self, user: str) -> Context:
-        return Context(user=User(user, user), app=self.app, guild_id=GUILD, transport="discord")
 
     # ------------------------------------------------------------------ sending
 
@@ -245,12 +368,11 @@ class Run:
 
     def _command(self, kind: str, name: str, values: dict[str, Any], user: str) -> tuple[Record, asyncio.Task[None]]:
         record = Record(kind, f"/{name}", self.now())
-        return record, self._track(record, lambda: self.app.execute(name, values, self.context(user)))
+        return record, self._track(record, lambda: self.front.execute(name, values, user))
 
     def press(self, kind: str, button: Button, user: str) -> asyncio.Task[None]:
         record = Record(kind, f"/{button.command} {button.option}", self.now())
-        texts = {button.option: button.value}
-        return self._track(record, lambda: self.app.execute_text(button.command, texts, self.context(user)))
+        return self._track(record, lambda: self.front.press(button, user))
 
     def raw(self, kind: str, request: Any, user: str) -> asyncio.Task[None]:
         """A request sent straight to the service, as a plugin would (no option checks on the way)."""
@@ -260,7 +382,7 @@ class Run:
             from bot.errors import CommandError
 
             try:
-                await self.context(user).inference.submit(request)
+                await self.front.submit(request, user)
             except CommandError as exc:
                 return Reply.failure(str(exc), error_kind=type(exc).__name__)
             return None
@@ -270,7 +392,7 @@ class Run:
     def ordinary(self) -> None:
         n = self._sent
         self._sent += 1
-        user = f"student{n % self.settings.users}"
+        user = f"student{n}"  # one request each: over Discord, a reply is matched to its asker
         if n % 2 == 0:
             self.command("ordinary", "nexttoken", {"prompt": PROMPTS[(n // 2) % len(PROMPTS)], "k": 5}, user)
         else:
@@ -439,11 +561,10 @@ async def poison(run: Run) -> None:
     items = list(POISON.values())
     pause = run.settings.poison_s / len(items)
     for n, text in enumerate(items):
-        user = f"mallory{n}"
-        run.command("poison", "nexttoken", {"prompt": text, "k": 5}, user)
-        run.command("poison", "tokenize", {"text": text}, user)
+        run.command("poison", "nexttoken", {"prompt": text, "k": 5}, f"mallory{n}")
+        run.command("poison", "tokenize", {"text": text}, f"trudy{n}")
         # A plugin that hands the service text no option checked: it must fail alone, in its batch.
-        run.raw("poison (service)", NextToken(text, k=5), user)
+        run.raw("poison (service)", NextToken(text, k=5), f"eve{n}")
         await asyncio.sleep(pause)
     run.end_fault()
 
@@ -499,7 +620,7 @@ async def locked_db(run: Run) -> None:
     db = str(run.app.config.plugins.options["study"]["quiz_db"])
     students = [f"learner{i}" for i in range(run.settings.students)]
     for user in students:  # the database exists, with its key, before it is locked
-        await run.app.execute("quiz", {}, run.context(user))
+        await run.front.execute("quiz", {}, user)
     locker = await asyncio.create_subprocess_exec(
         sys.executable, "-c", LOCKER, db, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL
     )
@@ -560,23 +681,26 @@ def make_config(settings: Settings, model: str | None, cache_dir: str, folder: P
         "models": {"causal_lm": model} if model else {},
         "bot": {"log_level": os.environ.get("LMBOT_BENCH_LOG_LEVEL", "ERROR"), "output_dir": str(folder / "out")},
         "plugins": {"options": {"study": {"quiz_db": str(folder / "quiz.sqlite3")}}},
+        # Every request is a different student, but the quiz's students ask again at once.
+        "discord": {"cooldown_s": 0.0},
     }
     return parse_config(data, source="bench/faults.py")
 
 
-async def run_scenario(name: str, settings: Settings, model: str | None, cache_dir: str) -> dict[str, Any]:
+async def run_scenario(
+    name: str, settings: Settings, model: str | None, cache_dir: str, discord: bool
+) -> dict[str, Any]:
     _, inject = SCENARIOS[name]
     with tempfile.TemporaryDirectory(prefix=f"lmbot-faults-{name}-") as tmp:
         app = App(make_config(settings, model, cache_dir, Path(tmp)), entry_points=False)
+        front = OverDiscord(app) if discord else Direct(app)
         try:
-            await app.inference.start()
-            assert isinstance(app.inference, LocalInferenceClient), "the benchmark signals local worker processes"
-            await app.inference.wait_ready(600)
-            warm = Run(name, app, settings)  # first uses (tiktoken files, chart fonts) outside the figures
+            await front.start()
+            warm = Run(name, front, settings)  # first uses (tiktoken files, chart fonts) outside the figures
             for _ in range(2):
                 warm.ordinary()
                 await warm.tasks[-1]
-            run = Run(name, app, settings)
+            run = Run(name, front, settings)
             stop, watching = asyncio.Event(), asyncio.Event()
             stream = asyncio.create_task(run.stream(stop))
             watcher = asyncio.create_task(run.watch_workers(watching))
@@ -591,7 +715,7 @@ async def run_scenario(name: str, settings: Settings, model: str | None, cache_d
             run.load.append(round(os.getloadavg()[0], 1))
             return run.figures()
         finally:
-            await app.close()
+            await front.close()
 
 
 def build_tiny_model(folder: Path, cache_dir: str) -> str:
@@ -664,6 +788,9 @@ def main() -> None:
     parser.add_argument("--rate", type=float, help="ordinary requests per second")
     parser.add_argument("--timeout", type=float, help="inference.request_timeout_s")
     parser.add_argument("--workers", type=int, help="inference.workers")
+    parser.add_argument(
+        "--discord", action="store_true", help="through the real discord.py client and the fake Discord (tests/)"
+    )
     args = parser.parse_args()
 
     settings = Settings(**vars(QUICK)) if args.quick else Settings()
@@ -677,14 +804,16 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="lmbot-faults-model-") as models:
         model = args.model or (build_tiny_model(Path(models), cache_dir) if args.quick else None)
         print(
-            f"fault benchmark on {model or 'the packaged SmolLM2'}: {settings.workers} worker(s), "
+            f"fault benchmark on {model or 'the packaged SmolLM2'}"
+            f"{', through the discord.py client and a fake Discord' if args.discord else ', through App.execute'}: "
+            f"{settings.workers} worker(s), "
             f"{settings.rate:g} ordinary requests/s (/nexttoken and /tokenize), request timeout "
             f"{settings.timeout_s:g} s, max_queue {settings.max_queue}",
             flush=True,
         )
         results: dict[str, dict[str, Any]] = {}
         for name in args.scenario:
-            results[name] = asyncio.run(run_scenario(name, settings, model, cache_dir))
+            results[name] = asyncio.run(run_scenario(name, settings, model, cache_dir, args.discord))
             print_scenario(name, results[name])
             sys.stdout.flush()
     print_summary(results)
@@ -694,6 +823,7 @@ def main() -> None:
         "commit": commit(),
         "model": model or "SmolLM2-135M-Instruct (packaged)",
         "quick": args.quick,
+        "front_end": "discord" if args.discord else "App.execute",
         "settings": dict(vars(settings)),
         "cores": os.cpu_count(),
         "lost": lost,
