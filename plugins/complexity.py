@@ -161,6 +161,58 @@ def request_budget(ctx: Context) -> float:
     return float(getattr(ctx.inference, "max_request_cost", ctx.config.inference.max_request_cost))
 
 
+def slower_from(measured: Sequence[tuple[int, LayerTimes]]) -> int | None:
+    """The shortest timed length from which attention is slower than the GRU at every longer one
+    (None when it is not slower at the longest)."""
+    start = None
+    for n, t in reversed(measured):
+        if t.attention_ms <= t.recurrent_ms:
+            break
+        start = n
+    return start
+
+
+def measured_verdict(measured: Sequence[tuple[int, LayerTimes]], d: int) -> str:
+    """What the timings show, length by length, and why, against the counts (attention does more
+    multiply-accumulates than the GRU exactly when n > d)."""
+    slower = [n for n, t in measured if t.attention_ms > t.recurrent_ms]
+    faster = [n for n, t in measured if t.attention_ms <= t.recurrent_ms]
+    start = slower_from(measured)
+    if not slower:
+        verdict = "Measured, attention was faster than the GRU at every timed length."
+    elif not faster:
+        verdict = f"Measured, attention was slower than the GRU at every timed length (n = {listing(slower)})."
+    elif start is not None and slower == [n for n, _ in measured if n >= start]:
+        verdict = (
+            f"Measured, attention was faster than the GRU up to n = {faster[-1]:,} and slower from n = {start:,} on."
+        )
+    else:
+        verdict = (
+            f"Measured, attention was slower than the GRU at n = {listing(slower)} "
+            f"and faster at n = {listing(faster)}: no single crossover in these timings."
+        )
+    parts = [verdict]
+    despite_more = [n for n in faster if n > d]
+    if despite_more:
+        parts.append(
+            f"At n = {listing(despite_more)} attention was faster though it does more multiply-accumulates than the "
+            "GRU: the GRU's n steps wait for each other and leave the hardware idle, while attention's work is a few "
+            "large matrix products run in parallel, so its extra n² work shows in time only once it dominates."
+        )
+    else:
+        parts.append(
+            "The GRU's n steps must wait for each other, while attention's work is a few large matrix products "
+            "run in parallel, so attention's extra n² work shows in time only once it dominates."
+        )
+    despite_less = [n for n in slower if n < d]
+    if despite_less:
+        parts.append(
+            f"At n = {listing(despite_less)} attention was slower though it does fewer multiply-accumulates than "
+            "the GRU: at such sizes the time is mostly the fixed cost of launching each operation, not arithmetic."
+        )
+    return " ".join(parts)
+
+
 def listing(numbers: Sequence[int]) -> str:
     shown = [f"{n:,}" for n in numbers]
     return shown[0] if len(shown) == 1 else ", ".join(shown[:-1]) + " and " + shown[-1]
@@ -213,7 +265,7 @@ async def complexity(ctx: Context, lengths: str, width: int) -> Reply:
         reference_n2 = [t_top.attention_ms * (n / n_top) ** 2 for n, _ in measured]
         reference_n = [t_top.recurrent_ms * n / n_top for n, _ in measured]
 
-    slower = next((n for n, t in measured if t.attention_ms > t.recurrent_ms), None)
+    slower = slower_from(measured)
     lines = [
         "A recurrent layer takes n steps that must run one after another; attention takes one parallel step "
         "but compares all n² pairs of tokens.",
@@ -223,18 +275,9 @@ async def complexity(ctx: Context, lengths: str, width: int) -> Reply:
         f"n = 2d = {2 * d:,} and makes attention's total larger than the GRU's past n = d = {d:,}.",
     ]
     if measured:
-        longest = measured[-1][0]
-        if slower is not None:
-            verdict = f"Measured, attention is slower than the GRU from n = {slower:,}"
-            more_work = slower > d
-        else:
-            verdict = "Measured, attention stayed faster than the GRU at every timed length"
-            more_work = longest > d
         lines.append(
-            f"Times are medians of {REPEATS} warm forwards (after one warm-up) on {device}. {verdict}"
-            + (f", though it does more work than the GRU past n = {d:,}" if more_work else "")
-            + ": the GRU's n steps wait for each other and keep the hardware idle, while attention's work is a "
-            "few large matrix products run in parallel, so its extra work shows in time only once n² dominates."
+            f"Times are medians of {REPEATS} warm forwards (after one warm-up) on {device}. "
+            + measured_verdict(measured, d)
             + (
                 " At short lengths both times are mostly fixed overhead, so the reference lines on the chart go "
                 "through the longest timed length."
@@ -317,6 +360,7 @@ async def complexity(ctx: Context, lengths: str, width: int) -> Reply:
             "attention_projection_macs": [projection_macs(n, d) for n in ns],
             "attention_pair_macs": [pair_macs(n, d) for n in ns],
             "measured_attention_slower_from": slower,
+            "measured_attention_slower_at": [n for n, t in measured if t.attention_ms > t.recurrent_ms],
         },
     )
 
