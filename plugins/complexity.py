@@ -29,6 +29,16 @@ TOPIC = Topic.load("plugins", "transformers-vs-rnns")  # plugins/data/topics/tra
 
 # Counting needs no measurement, so lengths go well past what can be timed (the course's 32,768 and beyond).
 MAX_LENGTH, MAX_LENGTHS, HEADS, REPEATS = 65_536, 6, 4, 3
+# A length is timed only if the attention weights (one 4-byte number per pair of tokens per head) fit in
+# this much memory: on a CPU they are all written out, and past it the time goes to moving memory, not to
+# the multiply-accumulates the budget counts (n = 16,384 at width 16 is within that budget yet needs 4 GiB
+# and minutes per forward). With 4 heads this allows n up to 4,096.
+SCORES_MAX_BYTES = 256 * 2**20
+
+
+def score_bytes(length: int) -> int:
+    """Memory of one layer's attention weights: heads × n² numbers of 4 bytes."""
+    return HEADS * length * length * 4
 
 
 def recurrent_macs(length: int, width: int) -> int:
@@ -213,6 +223,10 @@ def measured_verdict(measured: Sequence[tuple[int, LayerTimes]], d: int) -> str:
     return " ".join(parts)
 
 
+def gib(nbytes: int) -> str:
+    return f"{nbytes / 2**30:.1f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:.0f} MiB"
+
+
 def listing(numbers: Sequence[int]) -> str:
     shown = [f"{n:,}" for n in numbers]
     return shown[0] if len(shown) == 1 else ", ".join(shown[:-1]) + " and " + shown[-1]
@@ -234,7 +248,9 @@ async def complexity(ctx: Context, lengths: str, width: int) -> Reply:
     check_width(width)
     budget = request_budget(ctx)
     requests = [LayerTiming(n, width) for n in ns]
-    timed = [r.cost() <= budget for r in requests]
+    over_budget = [r.cost() > budget for r in requests]
+    too_big = [score_bytes(n) > SCORES_MAX_BYTES for n in ns]
+    timed = [not (a or b) for a, b in zip(over_budget, too_big, strict=True)]
     times: list[LayerTimes | None] = []
     for request, fits in zip(requests, timed, strict=True):
         times.append(await ctx.inference.submit(request) if fits else None)
@@ -285,13 +301,21 @@ async def complexity(ctx: Context, lengths: str, width: int) -> Reply:
                 else ""
             )
         )
-    skipped = [n for n, fits in zip(ns, timed, strict=True) if not fits]
+    skipped = [n for n, over in zip(ns, over_budget, strict=True) if over]
     if skipped:
-        worst = max(r.cost() for r, fits in zip(requests, timed, strict=True) if not fits)
+        worst = max(r.cost() for r, over in zip(requests, over_budget, strict=True) if over)
         lines.append(
             f"Not timed: n = {listing(skipped)}. Timing {'it' if len(skipped) == 1 else 'them'} would take up to "
             f"{short(worst)} multiply-accumulates, over this service's budget of {short(budget)} per request; "
             "the counts need no measurement."
+        )
+    big = [n for n, over, large in zip(ns, over_budget, too_big, strict=True) if large and not over]
+    if big:
+        lines.append(
+            f"Not timed: n = {listing(big)}. {'Its' if len(big) == 1 else 'Their'} attention weights alone "
+            f"({HEADS} heads × n² numbers of 4 bytes) would take {'' if len(big) == 1 else 'up to '}"
+            f"{gib(score_bytes(big[-1]))}, more than the {gib(SCORES_MAX_BYTES)} this bot gives one timing: the "
+            "time would go to moving memory, not to the counted work. The counts need no measurement."
         )
 
     if measured:
@@ -348,6 +372,10 @@ async def complexity(ctx: Context, lengths: str, width: int) -> Reply:
             "heads": HEADS,
             "lengths": ns,
             "timed": timed,
+            "not_timed_reason": [
+                "budget" if over else "memory" if large else None
+                for over, large in zip(over_budget, too_big, strict=True)
+            ],
             "timing_cost": [r.cost() for r in requests],
             "max_request_cost": budget,
             "attention_ms": [t.attention_ms if t else None for t in times],

@@ -291,6 +291,29 @@ async def test_complexity_over_budget_lengths_do_not_hold_the_worker(app_factory
     assert reply.images and reply.images[0].data.startswith(b"\x89PNG")  # the counts, charted
 
 
+async def test_complexity_does_not_time_what_would_only_move_memory(app_factory, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """n = 16,384 at width 16 is within the multiply-accumulate budget, but its attention weights
+    (4 heads × n² × 4 bytes = 4 GiB) make one forward take minutes on a CPU: it is counted, not timed."""
+    app = app_factory()
+    submitted: list[int] = []
+
+    async def fake(request, **kw):  # type: ignore[no-untyped-def]
+        submitted.append(request.length)
+        return LayerTimes("cpu", 1.0, 1.0)
+
+    monkeypatch.setattr(app.inference, "submit", fake)
+    reply = await app.execute_line("/complexity lengths:4096,8192,16384 width:16")
+    assert not reply.error, reply.text
+    assert_fits_discord(reply)
+    budget = app.config.inference.max_request_cost
+    assert all(cost <= budget for cost in reply.data["timing_cost"])  # the budget alone would time them all
+    assert 4 * 16384 * 16384 * 4 == 4 * 2**30
+    assert submitted == [4096] and reply.data["timed"] == [True, False, False]
+    assert reply.data["not_timed_reason"] == [None, "memory", "memory"]
+    assert "Not timed: n = 8,192 and 16,384" in reply.text and "up to 4.0 GiB" in reply.text
+    assert reply.data["attention_pair_macs"][-1] == 2 * 16384 * 16384 * 16  # still counted
+
+
 async def test_complexity_reference_lines_go_through_the_longest_timed_length(app_factory) -> None:  # type: ignore[no-untyped-def]
     reply = await app_factory().execute_line("/complexity lengths:16,64,256 width:32")
     data = reply.data
