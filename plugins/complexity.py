@@ -36,6 +36,9 @@ MAX_LENGTH, MAX_LENGTHS, HEADS, REPEATS = 65_536, 6, 4, 3
 SCORES_MAX_BYTES = 256 * 2**20
 
 
+MAC_LINE = "A multiply-accumulate is one multiplication added to a running sum: the unit of work of a matrix product."
+
+
 def score_bytes(length: int) -> int:
     """Memory of one layer's attention weights: heads × n² numbers of 4 bytes."""
     return HEADS * length * length * 4
@@ -289,6 +292,7 @@ async def complexity(ctx: Context, lengths: str, width: int) -> Reply:
         f"(three gates, each on the input and on the previous state), attention 4·n·d² (query, key, value and "
         f"output projections). Only attention adds 2·n²·d for the pairs, which outgrows its projections past "
         f"n = 2d = {2 * d:,} and makes attention's total larger than the GRU's past n = d = {d:,}.",
+        MAC_LINE,
     ]
     if measured:
         lines.append(

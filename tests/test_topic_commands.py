@@ -536,3 +536,19 @@ async def test_adapt_train_by_default_only_on_gpu_workers(app_factory, tmp_path:
         assert any(f.value == "Training is turned off on this bot." for f in off.fields)
     finally:
         await app.close()
+
+
+async def test_jargon_in_complexity_and_adapt_gets_a_plain_line(app_factory, tiny_gpt2: Path) -> None:  # type: ignore[no-untyped-def]
+    app = app_factory({"causal_lm": tiny_gpt2})
+    counted = await app.execute("complexity", {"lengths": "65536", "width": 1024}, app.local_context())  # not timed
+    assert not counted.error and "multiply-accumulates" in counted.text
+    assert "A multiply-accumulate is one multiplication added to a running sum" in counted.text
+    adapted = await app.execute_line("/adapt text:Great product")
+    assert not adapted.error, adapted.text
+    assert adapted.table is not None and "r" in adapted.table.headers
+    assert "r is their rank" in adapted.text and "greedy 3-token answer (the likeliest token" in adapted.text
+    # "grows in proportion to r", as the reply says: the same targets at twice the rank train twice as much.
+    rows = adapted.data["lora"]
+    for row in rows:
+        per_rank = {other["r"]: other["trainable"] for other in rows if other["targets"] == row["targets"]}
+        assert {r: t / r for r, t in per_rank.items()} == {r: row["trainable"] / row["r"] for r in per_rank}
