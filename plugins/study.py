@@ -89,7 +89,7 @@ def find_topic(ctx: Context, name: str) -> Topic:
     if len(matches) == 1:
         return matches[0]
     if matches:  # part of several names: say which, not that there is none
-        which = " or ".join(f"{t.slug} ({t.title})" for t in matches)
+        which = ", ".join(t.slug for t in matches)
         raise UserError(f"“{name.strip()[:40]}” is part of more than one topic: {which}. Which one?")
     known = ", ".join(sorted(t.slug for t in topics))
     raise UserError(f"No topic called “{name.strip()[:40]}”. Topics: {known}.")
