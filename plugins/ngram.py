@@ -294,10 +294,17 @@ async def ngram(ctx: Context, context: str, n: int, text: str | None, sentence: 
             "while the neural model must spell each word out of its whole vocabulary. "
             "Its perplexity looks better than it is, so the two are not comparable."
         )
-    if any(s in corpus for s in held_sentences):
+    memorised = [s for s in held_sentences if s in corpus]
+    if memorised:
+        one = len(memorised) == 1
+        which = (
+            "The held-out sentence is"
+            if len(held_sentences) == 1
+            else f"{len(memorised)} of the {len(held_sentences)} held-out sentences {'is' if one else 'are'}"
+        )
         warnings.append(
-            "The held-out sentence is itself in the counted text, so the n-gram model has memorised it: "
-            "it is not held out."
+            f"{which} itself in the counted text, so the n-gram model has memorised {'it' if one else 'them'}: "
+            "that is not held out."
         )
     compare_value = (
         ("No: " + " ".join(warnings) if warnings else "Yes: every held-out word occurs in the counted text.")

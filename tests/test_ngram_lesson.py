@@ -303,6 +303,9 @@ async def test_each_held_out_sentence_starts_after_the_start_marker(app: App) ->
     steps = reply.data["ngram_steps"]
     assert [(s["word"], s["count"], s["total"]) for s in steps] == want
     assert steps[4]["context"] == ["<s>"]
+    # "the cat ran." is in the counted text, "the dog sat." is not: the warning says which share.
+    assert not reply.data["comparable"]
+    assert "1 of the 2 held-out sentences is itself in the counted text" in shown(reply)
 
 
 # ----------------------------------------------------------------------------- readable numbers and words
