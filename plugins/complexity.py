@@ -34,8 +34,6 @@ MAX_LENGTH, MAX_LENGTHS, HEADS, REPEATS = 65_536, 6, 4, 3
 # the multiply-accumulates the budget counts (n = 16,384 at width 16 is within that budget yet needs 4 GiB
 # and minutes per forward). With 4 heads this allows n up to 4,096.
 SCORES_MAX_BYTES = 256 * 2**20
-
-
 MAC_LINE = "A multiply-accumulate is one multiplication added to a running sum: the unit of work of a matrix product."
 
 
@@ -318,8 +316,9 @@ async def complexity(ctx: Context, lengths: str, width: int) -> Reply:
         lines.append(
             f"Not timed: n = {listing(big)}. {'Its' if len(big) == 1 else 'Their'} attention weights alone "
             f"({HEADS} heads × n² numbers of 4 bytes) would take {'' if len(big) == 1 else 'up to '}"
-            f"{gib(score_bytes(big[-1]))}, more than the {gib(SCORES_MAX_BYTES)} this bot gives one timing: the "
-            "time would go to moving memory, not to the counted work. The counts need no measurement."
+            f"{gib(score_bytes(big[-1]))}, more than the {gib(SCORES_MAX_BYTES)} this bot lets one timing use "
+            "(written out in full, as on a CPU, moving them would take longer than the counted work); "
+            "the counts need no measurement."
         )
 
     if measured:
