@@ -6,7 +6,7 @@ FROM nvidia/cuda:12.4.1-cudnn-runtime-ubuntu22.04
 ENV DEBIAN_FRONTEND=noninteractive PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 \
     VIRTUAL_ENV=/opt/lmbot PATH=/opt/lmbot/bin:$PATH
 RUN apt-get update \
- && apt-get install -y --no-install-recommends python3.11 python3.11-venv ca-certificates fonts-noto-cjk \
+ && apt-get install -y --no-install-recommends python3.11 python3.11-venv ca-certificates fonts-noto-cjk fonts-symbola \
  && rm -rf /var/lib/apt/lists/* \
  && python3.11 -m venv /opt/lmbot \
  && useradd --create-home --uid 1000 lmbot

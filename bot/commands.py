@@ -219,6 +219,19 @@ class Boolean(Option):
 
 
 # --------------------------------------------------------------------------- replies
+#
+# The parts of a reply check their types when they are made, inside the handler: a number where
+# text belongs is then the plugin's error (a short reply with an error id, the cause in the log),
+# not a crash of whichever front end tries to show it.
+
+
+def _must_be_text(value: Any, what: str) -> None:
+    if not isinstance(value, str):
+        shown = repr(value)
+        shown = shown if len(shown) <= 40 else shown[:37] + "..."
+        raise TypeError(
+            f'{what} must be a str, not {type(value).__name__} ({shown}); format numbers yourself, e.g. f"{{x:.3f}}"'
+        )
 
 
 @dataclass(frozen=True)
@@ -229,6 +242,10 @@ class Field:
     value: str
     inline: bool = True
 
+    def __post_init__(self) -> None:
+        _must_be_text(self.name, "a Field's name")
+        _must_be_text(self.value, f"the value of Field {self.name!r}")
+
 
 @dataclass(frozen=True)
 class Table:
@@ -237,6 +254,22 @@ class Table:
     headers: Sequence[str]
     rows: Sequence[Sequence[str]]
     align: str | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.headers, str):
+            raise TypeError("a Table's headers are a list of str, not one str")
+        for header in self.headers:
+            _must_be_text(header, "a Table header")
+        width = len(self.headers)
+        for n, row in enumerate(self.rows):
+            # A shorter row leaves its last columns empty; a longer one has cells with no column.
+            if isinstance(row, str) or len(row) > width:
+                cells = "a str" if isinstance(row, str) else f"{len(row)} cells"
+                raise TypeError(
+                    f"row {n} of a Table is {cells}; a row is a list of at most {width} cells, one per header"
+                )
+        if self.align is not None and (not isinstance(self.align, str) or len(self.align) < width):
+            raise TypeError(f"a Table's align is one 'l' or 'r' per column ({width} columns), not {self.align!r}")
 
 
 @dataclass(frozen=True)
@@ -288,6 +321,10 @@ class Button:
     option: str
     value: str
 
+    def __post_init__(self) -> None:
+        for what in ("label", "command", "option", "value"):
+            _must_be_text(getattr(self, what), f"a Button's {what}")
+
     # Discord carries command, option and value in the button's 100-character id (with
     # a prefix and separators); a longer button is left out, never run with a cut value.
     MAX_LENGTH: ClassVar[int] = 90
@@ -317,6 +354,27 @@ class Reply:
     data: dict[str, Any] = field(default_factory=dict)
     error: bool = False
     ephemeral: bool = False
+
+    def __post_init__(self) -> None:
+        _must_be_text(self.text, "a Reply's text")
+        if self.title is not None:
+            _must_be_text(self.title, "a Reply's title")
+        for what, items, kind in (
+            ("fields", self.fields, Field),
+            ("images", self.images, Image),
+            ("buttons", self.buttons, Button),
+        ):
+            if not isinstance(items, list) or not all(isinstance(item, kind) for item in items):
+                raise TypeError(f"a Reply's {what} must be a list of {kind.__name__}")
+        if self.table is not None and not isinstance(self.table, Table):
+            raise TypeError(f"a Reply's table must be a Table, not {type(self.table).__name__}")
+        if self.code is not None and not isinstance(self.code, CodeBlock):
+            raise TypeError(f"a Reply's code must be a CodeBlock, not {type(self.code).__name__}")
+        if not isinstance(self.data, dict):
+            raise TypeError(f"a Reply's data must be a dict, not {type(self.data).__name__}")
+        # A chart that could not be drawn comes back with no data (bot.charts.render): the
+        # reply goes without it rather than failing.
+        self.images = [image for image in self.images if image.data]
 
     @classmethod
     def failure(cls, message: str, *, ephemeral: bool = True, **data: Any) -> Reply:
@@ -427,6 +485,9 @@ class Command:
             raise ValueError(f"command {self.name!r}: description must be 1-{MAX_DESCRIPTION} characters")
         if len(self.options) > MAX_OPTIONS:
             raise ValueError(f"command {self.name!r}: at most {MAX_OPTIONS} options")
+        for option in self.options:
+            if not isinstance(option, Option):
+                raise TypeError(f"command {self.name!r}: options are Text, Integer, Number or Boolean, not {option!r}")
         names = [o.name for o in self.options]
         if len(set(names)) != len(names):
             raise ValueError(f"command {self.name!r}: option names repeat")
@@ -436,6 +497,16 @@ class Command:
             if option.required and seen_optional:
                 raise ValueError(f"command {self.name!r}: required option {option.name!r} after an optional one")
             seen_optional |= not option.required
+            if option.default is not None:
+                # The handler gets the default unchecked when the option is left out: a default the
+                # option's own rules refuse (out of range, not a choice) is the author's mistake.
+                try:
+                    option.check(option.default)
+                except OptionError as exc:
+                    raise ValueError(
+                        f"command {self.name!r}: the default of option {option.name!r} ({option.default!r}) is "
+                        f"refused by the option itself: {exc}"
+                    ) from None
         if not inspect.iscoroutinefunction(self.handler):
             raise TypeError(f"command {self.name!r}: handler must be an async function")
         _check_handler_parameters(self.name, self.handler, self.options)

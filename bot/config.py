@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import re
 import tomllib
+import unicodedata
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -28,6 +29,10 @@ from pydantic_core import ErrorDetails
 
 DEFAULT_PATH = "config.toml"
 ENV_VAR = "LMBOT_CONFIG"
+# A config file is a few KB; more than this is the wrong file (a log, a model, /dev/zero).
+MAX_CONFIG_BYTES = 1 << 20
+# An error message shows at most this much of a value or key.
+SHOWN_CHARS = 60
 
 
 class ConfigError(Exception):
@@ -56,7 +61,52 @@ def _env_var_name(value: str) -> str:
     return value
 
 
+# Looks like a Discord bot token (three base64url parts joined by dots), or a URL's password.
+_DISCORD_TOKEN = re.compile(r"[A-Za-z0-9_-]{20,}\.[A-Za-z0-9_-]{5,}\.[A-Za-z0-9_-]{20,}")
+_URL_PASSWORD = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<user>[^:/@\s]*):(?P<password>[^@\s]*)@")
+
+
+def looks_secret(text: str) -> bool:
+    """Whether ``text`` holds what looks like a Discord token or a URL with a password."""
+    return bool(_DISCORD_TOKEN.search(text) or _URL_PASSWORD.search(text))
+
+
+def _holds_secret(value: object) -> bool:
+    if isinstance(value, str):
+        return looks_secret(value)
+    if isinstance(value, dict):
+        return any(_holds_secret(k) or _holds_secret(v) for k, v in value.items())
+    if isinstance(value, list | tuple | set):
+        return any(_holds_secret(v) for v in value)
+    return False
+
+
+def value_shown(value: object) -> str:
+    """``(got <value>)`` for a config error: repr'd (control and bidi characters escaped), cut to
+    :data:`SHOWN_CHARS`, and never a secret pasted by mistake."""
+    if _holds_secret(value):
+        return "(the value is not shown: it looks like a secret)"
+    text = _escaped(repr(value))
+    return f"(got {text if len(text) <= SHOWN_CHARS else text[: SHOWN_CHARS - 3] + '...'})"
+
+
+def shown_key(key: str) -> str:
+    """A key as an error message may show it (escaped, cut, never a token)."""
+    if looks_secret(key):
+        return "<a key that looks like a secret>"
+    text = _escaped(key)
+    return text if len(text) <= SHOWN_CHARS else text[: SHOWN_CHARS - 3] + "..."
+
+
+def _escaped(text: str) -> str:
+    # repr() keeps bidi controls (U+202E) and other format characters as they are: a terminal
+    # would then show the line reordered.
+    return "".join(ch if ch.isprintable() and unicodedata.category(ch) != "Cf" else ascii(ch)[1:-1] for ch in text)
+
+
 PathText = Annotated[str, AfterValidator(_path_text)]
+# A Discord id: an unsigned 64-bit number.
+Snowflake = Annotated[int, Field(ge=0, le=2**64 - 1)]
 LogLevel = Annotated[Literal["DEBUG", "INFO", "WARNING", "ERROR"], BeforeValidator(_upper)]
 # Keys whose value is never repeated in an error message (it may be a secret pasted by mistake).
 SECRET_KEYS = {("bot", "token_env")}
@@ -69,7 +119,7 @@ class _Section(BaseModel):
 
 class BotSection(_Section):
     token_env: Annotated[str, AfterValidator(_env_var_name)] = "LMBOT_DISCORD_TOKEN"
-    owner_ids: list[Annotated[int, Field(ge=0)]] = []
+    owner_ids: list[Snowflake] = []
     log_level: LogLevel = "INFO"  # any case: "debug" means DEBUG
     output_dir: PathText = "lmbot-out"
 
@@ -77,7 +127,7 @@ class BotSection(_Section):
 class DiscordSection(_Section):
     # Guilds to sync commands to at once (guild commands update instantly; global ones
     # can take a while to show up), e.g. a test server during development.
-    guild_ids: list[int] = []
+    guild_ids: list[Snowflake] = []
     cooldown_s: Annotated[float, Field(ge=0, le=3600)] = 3.0  # per user and command
     sync: Literal["auto", "never"] = "auto"  # auto: only when the command set changed
     shutdown_grace_s: Annotated[float, Field(ge=0, le=600)] = 20.0
@@ -161,19 +211,41 @@ class Config(_Section):
         return Path(os.path.expanduser(self.inference.cache_dir))
 
 
+# A plugin option's value is one of these TOML types; pydantic reports each alternative apart.
+_OPTION_VALUE_TYPES = {"string_type", "int_type", "float_type", "bool_type"}
+
+
 def _describe(error: ErrorDetails) -> str:
-    key = ".".join(str(p) for p in error["loc"])
+    loc = [str(p) for p in error["loc"]]
     kind = error["type"]
+    if loc[:2] == ["plugins", "options"] and len(loc) == 5 and kind in _OPTION_VALUE_TYPES:
+        # [plugins.options.<plugin>] <key> = [..] / {..} / a date: say what it may be, once.
+        key = shown_key(".".join(loc[:4]))
+        return f"`{key}`: must be a string, a number or true/false {value_shown(error.get('input'))}"
+    key = shown_key(".".join(loc))
     if kind == "extra_forbidden":
         return f"unknown key `{key}`"
     if kind == "missing":
         return f"`{key}` is required"
     message = error["msg"].removeprefix("Value error, ")
     message = message[:1].lower() + message[1:]
-    if tuple(str(p) for p in error["loc"][:2]) in SECRET_KEYS:
+    if tuple(loc[:2]) in SECRET_KEYS:
         return f"`{key}`: {message} (the value is not shown)"
-    got = repr(error.get("input"))
-    return f"`{key}`: {message} (got {got if len(got) <= 60 else got[:57] + '...'})"
+    return f"`{key}`: {message} {value_shown(error.get('input'))}"
+
+
+def _problems(errors: list[ErrorDetails]) -> list[ErrorDetails]:
+    """One error per key: a plugin option's value gets one error per type it could have been."""
+    seen: set[tuple[str, ...]] = set()
+    kept = []
+    for error in errors:
+        loc = tuple(str(p) for p in error["loc"])
+        if loc[:2] == ("plugins", "options") and len(loc) == 5 and error["type"] in _OPTION_VALUE_TYPES:
+            loc = loc[:4]
+        if loc not in seen:
+            seen.add(loc)
+            kept.append(error)
+    return kept
 
 
 def parse_config(data: dict, *, source: str = "<config>") -> Config:
@@ -182,10 +254,10 @@ def parse_config(data: dict, *, source: str = "<config>") -> Config:
     try:
         config = Config.model_validate(data)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        more = len(exc.errors()) - 1
+        errors = _problems(exc.errors())
+        more = len(errors) - 1
         suffix = f" (and {more} more problem{'s' if more > 1 else ''})" if more else ""
-        raise ConfigError(f"{source}: {_describe(first)}{suffix}") from None
+        raise ConfigError(f"{source}: {_describe(errors[0])}{suffix}") from None
     return config.model_copy(update={"path": source})
 
 
@@ -200,25 +272,50 @@ def config_path(explicit: str | None) -> tuple[Path, bool]:
 
 def load_config(explicit: str | None = None) -> Config:
     path, named = config_path(explicit)
-    if not path.exists():
-        if named:
-            raise ConfigError(f"{path}: no such config file")
-        return parse_config({}, source="<defaults>")
     try:
-        raw = path.read_bytes()
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+        # Opened, not checked first: exists() itself raises for a folder we may not enter or a
+        # name too long, and a pipe (`--config <(...)`) is read like a file.
+        with open(path, "rb") as file:
+            raw = file.read(MAX_CONFIG_BYTES + 1)
+    except FileNotFoundError:
+        if named:
+            raise ConfigError(f"{path}: no such config file") from None
+        return parse_config({}, source="<defaults>")
+    except (OSError, ValueError) as exc:  # ValueError: a NUL in the path
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise ConfigError(f"{shown_key(str(path))}: cannot read: {reason}") from None
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{path}: is larger than {MAX_CONFIG_BYTES >> 20} MB; is it really the config file?")
     try:
         text = raw.decode("utf-8-sig")  # a byte-order mark (some Windows editors add one) is fine
     except UnicodeDecodeError as exc:
-        raise ConfigError(
-            f"{path}: not UTF-8 text (byte 0x{raw[exc.start]:02X} at offset {exc.start}); save the file as UTF-8"
-        ) from None
+        raise ConfigError(f"{path}: {_not_utf8(raw, exc.start)}") from None
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
     return parse_config(data, source=str(path))
+
+
+def _not_utf8(raw: bytes, offset: int) -> str:
+    """Where a file that is not UTF-8 goes wrong: the line, and the key written on it."""
+    before = raw[:offset]
+    line_no = before.count(b"\n") + 1
+    line = raw[before.rfind(b"\n") + 1 :].split(b"\n", 1)[0].decode("utf-8", "replace").strip()
+    table = ""
+    for earlier in reversed(before.decode("utf-8", "replace").splitlines()[:-1]):
+        header = re.fullmatch(r"\s*\[\[?\s*([^\]]+?)\s*\]\]?\s*(#.*)?", earlier)
+        if header:
+            table = header.group(1).replace(" ", "") + "."
+            break
+    name = re.match(r"\s*([A-Za-z0-9_.\-\"']+)\s*=", line)
+    where = f"line {line_no}"
+    if name:
+        where += f", `{shown_key(table + name.group(1).strip(chr(34) + chr(39)))}`"
+    return (
+        f"{where}: byte 0x{raw[offset]:02X} is not UTF-8 (the file looks saved as Latin-1 or another "
+        "legacy encoding); save it as UTF-8"
+    )
 
 
 def check_roles(config: Config, known: set[str]) -> None:

@@ -17,8 +17,10 @@ not on a student's first use:
 * every command's handler takes exactly its options (checked by
   :class:`~bot.commands.Command` itself).
 
-Two plugins that claim the same command name are a start-up error naming both,
-because silently picking one would hide a real conflict. The plugin options in
+A plugin that claims a name already taken (a command name, or the plugin's own
+name) is skipped with a load error naming the plugin that holds it: the plugins
+loaded first keep theirs (the core, then the built-ins, then installed plugins
+in order of their names), and one plugin cannot stop the bot from starting. The plugin options in
 ``[plugins.options.<plugin>]`` are checked against what each plugin declares
 with ``register_options`` (:func:`check_plugin_config`).
 """
@@ -32,6 +34,7 @@ import importlib.metadata
 import importlib.util
 import inspect
 import logging
+import os
 import pkgutil
 import sys
 import threading
@@ -44,7 +47,7 @@ import pluggy
 
 from bot import hookspecs
 from bot.commands import Command, Context, Option
-from bot.config import Config, ConfigError
+from bot.config import Config, ConfigError, shown_key, value_shown
 from bot.errors import OptionError
 from bot.inference import protocol
 from bot.inference.protocol import Request
@@ -60,12 +63,30 @@ LOAD_TIME_LIMIT_S = 30.0
 # Libraries that only model workers may import: each costs the bot process hundreds of
 # MB and seconds of start-up, and a model run in the bot process would block every user.
 HEAVY_MODULES = frozenset(
-    {"torch", "transformers", "tensorflow", "jax", "flax", "keras", "peft", "sentence_transformers"}
+    {
+        "torch",
+        "transformers",
+        "tensorflow",
+        "jax",
+        "flax",
+        "keras",
+        "peft",
+        "sentence_transformers",
+        "accelerate",
+        "sklearn",
+        "onnxruntime",
+        "torchvision",
+        "torchaudio",
+        "datasets",
+        "diffusers",
+        "vllm",
+        "llama_cpp",
+    }
 )
 
 
 class PluginConflict(Exception):
-    """Two plugins registered the same command name."""
+    """Two plugins claim one name (kept for callers that catch it; the host now skips the later plugin)."""
 
 
 class PluginLoadError(Exception):
@@ -121,9 +142,16 @@ def _short_error(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
+# Installed plugins this process skips, one ``name=value`` per line. The testing kit sets it so
+# that an ``lmbot`` process a test starts sees the plugins the test's own apps see.
+IGNORE_ENV = "LMBOT_IGNORE_ENTRY_POINTS"
+
+
 def entry_points() -> list[importlib.metadata.EntryPoint]:
-    """The installed plugins: the ``lmbot`` entry-point group (the testing kit can narrow it)."""
-    return list(importlib.metadata.entry_points(group=ENTRY_POINT_GROUP))
+    """The installed plugins: the ``lmbot`` entry-point group, less those :data:`IGNORE_ENV` names."""
+    ignored = set(os.environ.get(IGNORE_ENV, "").splitlines())
+    found = importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)
+    return [ep for ep in found if f"{ep.name}={ep.value}" not in ignored]
 
 
 def run_limited(fn: Callable[[], Any], what: str, limit_s: float) -> Any:
@@ -184,13 +212,16 @@ def _own_modules(plugin: Any, new_modules: Iterable[str]) -> list[Any]:
     return modules
 
 
-def heavy_import_problem(plugin: Any, modules_before: set[str]) -> str | None:
-    """Why loading ``plugin`` breaks the no-torch-in-the-bot-process rule, or None."""
+def heavy_import_problem(plugin: Any, modules_before: set[str], when: str = "importing it") -> str | None:
+    """Why loading ``plugin`` breaks the no-torch-in-the-bot-process rule, or None.
+
+    ``when`` says what ran since ``modules_before`` was taken (its import, or its hooks).
+    """
     new_modules = set(sys.modules) - modules_before
     pulled = sorted({m.partition(".")[0] for m in new_modules} & HEAVY_MODULES)
     if pulled:
         return (
-            f"importing it loaded {', '.join(pulled)} into the bot process; "
+            f"{when} loaded {', '.join(pulled)} into the bot process; "
             "import heavy libraries inside the worker task function instead"
         )
     # The library may already be loaded (a test process, another plugin): look at what the
@@ -412,7 +443,9 @@ class PluginHost:
             )
 
     def load_entry_points(self) -> None:
-        for ep in entry_points():
+        # By name: when two installed plugins claim one command, which keeps it must not depend on
+        # the order the environment happens to list them in.
+        for ep in sorted(entry_points(), key=lambda ep: (ep.name, ep.value)):
             dist = ep.dist
             version = dist.version if dist is not None else ""
             source = f"entry point {dist.name}" if dist is not None else "entry point"
@@ -462,8 +495,17 @@ class PluginHost:
 
     def _load(self, name: str, source: str, importer: Callable[[], Any], version: str = "", module: str = "") -> None:
         if name in self.records:
-            # The same name from two places (e.g. a pip plugin shadowing a built-in) is a conflict.
-            raise PluginConflict(f"two plugins are named {name!r} ({self.records[name].source} and {source})")
+            # The same name from two places (e.g. a pip plugin shadowing a built-in): the first keeps
+            # it; the other is listed under a name that says where it came from, and skipped.
+            taken = self.records[name]
+            shown = _unused_name(f"{name} ({source})", self.records)
+            record = PluginRecord(shown, source, version=version, module=module)
+            self.records[shown] = record
+            error = PluginLoadError(
+                f"another plugin is already named {name!r} ({taken.source}); rename this one's entry point"
+            )
+            self._fail(record, error, "to load")
+            return
         record = PluginRecord(name, source, version=version, module=module)
         self.records[name] = record
         if name in self.disabled:
@@ -504,35 +546,45 @@ class PluginHost:
             if plugin is None:
                 continue
             record = self.records.setdefault(name, PluginRecord(name, "test"))
+            modules_before = set(sys.modules)
             try:
                 contributions = run_limited(functools.partial(self._collect, name), "register hooks", self.time_limit_s)
+                heavy = heavy_import_problem(plugin, modules_before, when="its register hooks")
+                if heavy:
+                    raise PluginLoadError(heavy)
             except Exception as exc:
                 self._fail(record, exc, "while registering")
                 self.pm.unregister(plugin, name=name)
                 continue
             collected[name] = (plugin, contributions)
 
-        # Roles may come from any plugin, so requests are checked once all are known.
-        roles = dict(registry.roles)
-        for _, contributed in collected.values():
-            for role in contributed.roles:
-                roles.setdefault(role.name, role)
-        for name, (plugin, _) in list(collected.items()):
-            problems = [p for cls in request_types(plugin) if (p := request_problem(cls, roles))]
-            if problems:
+        # A plugin that claims a command name or a study card another plugin loaded before it
+        # has is skipped whole; roles may come from any plugin, so requests are checked once the
+        # plugins that stay are known. Skipping a plugin whose requests fail may free a name a
+        # later plugin lost to it, hence the loop (it ends: each round removes a plugin).
+        while True:
+            winners, losers = _claims(collected)
+            roles = dict(registry.roles)
+            for name in winners:
+                for role in collected[name][1].roles:
+                    roles.setdefault(role.name, role)
+            failing = {
+                name: problems
+                for name in winners
+                if (problems := [p for cls in request_types(collected[name][0]) if (p := request_problem(cls, roles))])
+            }
+            if not failing:
+                break
+            for name, problems in failing.items():
                 more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
                 self._fail(self.records[name], PluginLoadError(problems[0] + more), "its checks")
-                self.pm.unregister(plugin, name=name)
-                del collected[name]
+                self.pm.unregister(collected.pop(name)[0], name=name)
+        for name, reason in losers.items():
+            self._fail(self.records[name], PluginLoadError(reason), "its checks")
+            self.pm.unregister(collected.pop(name)[0], name=name)
 
-        owners: dict[str, str] = {}
         for name, (_, contributions) in collected.items():
             for cmd in contributions.commands:
-                if cmd.name in owners:
-                    raise PluginConflict(
-                        f"command /{cmd.name} is registered by two plugins: {owners[cmd.name]!r} and {name!r}"
-                    )
-                owners[cmd.name] = name
                 registry.commands[cmd.name] = cmd
             for role in contributions.roles:
                 registry.roles.setdefault(role.name, role)
@@ -590,6 +642,39 @@ class PluginHost:
         return got
 
 
+def _claims(collected: Mapping[str, tuple[Any, _Contributions]]) -> tuple[list[str], dict[str, str]]:
+    """Which plugins keep their commands and study cards (in load order), and why each other one loses."""
+    commands: dict[str, str] = {}
+    topics: dict[str, str] = {}
+    winners: list[str] = []
+    losers: dict[str, str] = {}
+    for name, (_, given) in collected.items():
+        command_taken = next((c.name for c in given.commands if c.name in commands), None)
+        topic_taken = next((t.slug for t in given.topics if t.slug in topics), None)
+        if command_taken is not None:
+            losers[name] = (
+                f"its command /{command_taken} is already registered by plugin {commands[command_taken]!r}; "
+                "rename the command, or disable one of the two ([plugins] disabled)"
+            )
+        elif topic_taken is not None:
+            losers[name] = (
+                f"its study card {topic_taken!r} is already registered by plugin {topics[topic_taken]!r}; "
+                "give the Topic another slug, or disable one of the two ([plugins] disabled)"
+            )
+        else:
+            winners.append(name)
+            commands.update((c.name, name) for c in given.commands)
+            topics.update((t.slug, name) for t in given.topics)
+    return winners, losers
+
+
+def _unused_name(wanted: str, taken: Mapping[str, Any]) -> str:
+    name, n = wanted, 2
+    while name in taken:
+        name, n = f"{wanted} #{n}", n + 1
+    return name
+
+
 def _with_plugin(cmd: Command, plugin: str) -> Command:
     return replace(cmd, plugin=plugin)
 
@@ -627,16 +712,15 @@ def check_plugin_config(config: Config, host: PluginHost, registry: Registry) ->
             continue
         declared = registry.options.get(plugin, {})
         for key, value in values.items():
+            where = shown_key(f"plugins.options.{plugin}.{key}")
             option = declared.get(key)
             if option is None:
                 takes = f"{plugin}'s options: {', '.join(sorted(declared))}" if declared else f"{plugin} has no options"
-                raise ConfigError(f"{source}: unknown key `plugins.options.{plugin}.{key}` ({takes})")
+                raise ConfigError(f"{source}: unknown key `{where}` ({takes})")
             try:
                 option.check(value)
             except OptionError as exc:
-                raise ConfigError(
-                    f"{source}: `plugins.options.{plugin}.{key}`: {_reason(exc, key)} (got {value!r})"
-                ) from None
+                raise ConfigError(f"{source}: `{where}`: {_reason(exc, key)} {value_shown(value)}") from None
     for plugin, declared in registry.options.items():
         values = config.plugins.options.get(plugin, {})
         for key, option in declared.items():

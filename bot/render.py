@@ -6,6 +6,7 @@ terminal and for scripts.
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 import unicodedata
@@ -97,17 +98,37 @@ def render_text(reply: Reply, image_paths: list[str], *, colour: bool = False, n
 
 
 def save_images(reply: Reply, folder: Path, stem: str) -> list[str]:
-    """Write the reply's images into ``folder``; return their paths."""
-    if not reply.images:
+    """Write the reply's images into ``folder``; return their paths.
+
+    Each file is created exclusively: a name already taken (another reply in the same second,
+    another process sharing the folder) gets a counter (``-2``, ``-3``, …), never overwrites.
+    An image with no data (a chart that could not be drawn) is not written.
+    """
+    images = [image for image in reply.images if image.data]
+    if not images:
         return []
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
-    for image in reply.images:
+    for image in images:
         name = _SLUG.sub("-", f"{stem}-{image.filename}").strip("-") or "image.png"
-        path = folder / name
-        path.write_bytes(image.data)
+        path = _create_exclusive(folder, name, image.data)
         paths.append(str(path))
     return paths
+
+
+def _create_exclusive(folder: Path, name: str, data: bytes) -> Path:
+    base, dot, suffix = name.rpartition(".")
+    if not dot or not base:
+        base, suffix = name, ""
+    for n in itertools.count(1):
+        path = folder / (name if n == 1 else f"{base}-{n}{'.' + suffix if suffix else ''}")
+        try:
+            with open(path, "xb") as file:  # "x": fails if the file exists, atomically
+                file.write(data)
+        except FileExistsError:
+            continue
+        return path
+    raise AssertionError("unreachable")
 
 
 def _plain(value: Any) -> Any:

@@ -141,6 +141,13 @@ SQLITE_MIGRATE = """
            user, name, question, correct, at
     FROM answers
 """
+# The columns of each table lmbot reads, to recognise a file that some other program (or a
+# different version) made before anything is written to it.
+SQLITE_COLUMNS = {
+    "quiz_answers": ("scope", "user_id", "name", "question", "correct", "answered_at"),
+    "quiz_key": ("id", "secret"),
+    "answers": ("guild", "user", "name", "question", "correct", "at"),
+}
 SCORE_SQL = "SELECT COALESCE(SUM(correct), 0), COUNT(*) FROM quiz_answers WHERE scope = {p} AND user_id = {p}"
 BOARD_SQL = (
     "SELECT MAX(name {c}), SUM(correct) AS right_answers, COUNT(*) AS answered FROM quiz_answers "
@@ -187,6 +194,9 @@ class SQLiteBackend(Backend):
             self.path.parent.mkdir(parents=True, exist_ok=True)
             db = sqlite3.connect(self.path, timeout=min(BUSY_TIMEOUT_S, _remaining(deadline)), isolation_level=None)
             try:
+                # Read before anything is written: a file that is not a database, or one whose
+                # tables of these names another program made, is left exactly as it was.
+                _check_tables(db)
                 # Readers do not block the writer (the mode is kept in the file; a no-op once set).
                 db.execute("PRAGMA journal_mode=WAL")
                 db.execute("BEGIN IMMEDIATE")
@@ -234,6 +244,17 @@ class SQLiteBackend(Backend):
 
     def is_busy(self, exc: BaseException) -> bool:
         return isinstance(exc, sqlite3.OperationalError) and ("locked" in str(exc) or "busy" in str(exc))
+
+
+def _check_tables(db: sqlite3.Connection) -> None:
+    """Raise if a table lmbot uses exists with other columns than lmbot's."""
+    for table, expected in SQLITE_COLUMNS.items():
+        columns = tuple(row[1] for row in db.execute(f"PRAGMA table_info({table})"))
+        if columns and columns != expected:
+            raise sqlite3.DatabaseError(
+                f"table {table} has the columns ({', '.join(columns)}), not lmbot's ({', '.join(expected)}): "
+                "quiz_db names a database that another program uses; point it at a file of its own"
+            )
 
 
 # --------------------------------------------------------------------------- PostgreSQL

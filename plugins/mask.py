@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import logging
 import random
 import re
 from collections.abc import Callable
@@ -17,6 +18,7 @@ from bot import (
     FillMask,
     Integer,
     ModelRole,
+    NoModelForRole,
     Reply,
     Segment,
     Table,
@@ -26,12 +28,19 @@ from bot import (
     command,
     hookimpl,
 )
-from bot.charts import bar_panels, render, show_token
+from bot.charts import bar_panels, render, token_label, token_text
 from bot.tokenizers import wordpiece, wordpiece_tokens
 
 TOPIC = Topic.load("plugins", "masked-lm")  # plugins/data/topics/masked-lm.toml
 
+log = logging.getLogger(__name__)
+
 MAX_MASKS = 5
+NO_MASKED_LM = (
+    "This server has no masked language model (a BERT-style model), so /mask cannot run here. "
+    "With one, it would show the likeliest words for each blank and how sure the model is of each, "
+    "read from the words on both sides. `/maskrecipe` works here: it shows how BERT's training hides words."
+)
 BLANK = re.compile(r"\[MASK\]|<mask>|_{3,}", re.IGNORECASE)
 SELECT, AS_MASK, AS_RANDOM = 0.15, 0.8, 0.1
 
@@ -51,24 +60,39 @@ async def mask(ctx: Context, sentence: str, k: int) -> Reply:
         raise UserError("Put [MASK], <mask> or ___ where the missing word goes.")
     if blanks > MAX_MASKS:
         raise UserError(f"That sentence has {blanks} blanks; at most {MAX_MASKS} at a time.")
-    result = await ctx.inference.submit(FillMask(BLANK.sub(MASK, sentence), k=k))
+    try:
+        result = await ctx.inference.submit(FillMask(BLANK.sub(MASK, sentence), k=k))
+    except NoModelForRole as missing:
+        # The student sees what /mask is for; the operator's fix (a config key) goes to the log.
+        log.warning("/mask cannot run: %s", missing)
+        return Reply.failure(NO_MASKED_LM, missing_role="masked_lm")
     rows, panels = [], []
     for n, fill in enumerate(result.masks, 1):
-        rows += [[str(n), str(r), show_token(t.token), f"{t.prob:.4f}"] for r, t in enumerate(fill.top, 1)]
-        panels.append((f"blank {n}", [show_token(t.token) for t in fill.top], [t.prob for t in fill.top]))
+        labels = [token_label(t.token, t.raw) for t in fill.top]
+        rows += [
+            [str(n), str(r), label, f"{t.prob:.4f}"]
+            for r, (label, t) in enumerate(zip(labels, fill.top, strict=True), 1)
+        ]
+        panels.append((f"blank {n}", labels, [t.prob for t in fill.top]))
     chart = await render(bar_panels, panels, xlabel=f"probability ({result.model[:60]})", filename="mask.png")
-    fills = iter(result.masks)
-    best = BLANK.sub(lambda _blank: next(fills).top[0].token.strip(), sentence)
+    best_fills = iter([token_text(f.top[0].token, f.top[0].raw).strip() for f in result.masks])
+    best = BLANK.sub(lambda _blank: next(best_fills), sentence)
     return Reply(
         title=f"Fill the blank ({result.model})",
         text=f"Best guess: {best}",
-        table=Table(["blank", "#", "token", "score"], rows, align="rrlr"),
+        table=Table(["blank", "#", "token", "probability"], rows, align="rrlr"),
         images=[chart],
         data={
             "model": result.model,
             "tokens": result.tokens,
             "masks": [
-                {"position": f.position, "top": [{"token": t.token, "id": t.id, "score": t.prob} for t in f.top]}
+                {
+                    "position": f.position,
+                    "top": [
+                        {"token": token_text(t.token, t.raw), "id": t.id, "score": t.prob, "bytes": t.raw.hex()}
+                        for t in f.top
+                    ],
+                }
                 for f in result.masks
             ],
         },
@@ -123,7 +147,9 @@ async def maskrecipe(ctx: Context, sentence: str, seed: int) -> Reply:
     return Reply(
         title="What BERT would train on",
         text=(
-            f"{len(tokens)} WordPiece tokens; {len(changes)} chosen (15%). "
+            f"{len(tokens)} WordPiece token{'s' if len(tokens) != 1 else ''}; {len(changes)} chosen "
+            f"({len(changes) / len(tokens):.0%} of them). The recipe aims at {SELECT:.0%} of the tokens, "
+            "at least one, so a short sentence gets a larger share. "
             "Red: [MASK] (80%), yellow: random token (10%), green: chosen but kept (10%). "
             "The model must predict the original token at every chosen position."
         ),
@@ -133,6 +159,8 @@ async def maskrecipe(ctx: Context, sentence: str, seed: int) -> Reply:
         data={
             "tokens": tokens,
             "changes": [dict(zip(("position", "original", "input", "rule"), c, strict=True)) for c in changes],
+            "chosen_share": len(changes) / len(tokens),
+            "target_share": SELECT,
         },
     )
 

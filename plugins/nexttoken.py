@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import asdict
+from typing import Any
 
 from bot import (
     Button,
@@ -17,16 +17,66 @@ from bot import (
     Reply,
     Table,
     Text,
+    TokenProb,
     Topic,
     command,
     hookimpl,
 )
-from bot.charts import bar_chart, render, show_token
+from bot.charts import bar_chart, is_partial, render, token_label, token_text
 
 STEPS = 3  # buttons that append one of the likeliest tokens
 
 
 TOPIC = Topic.load("plugins", "language-model")  # plugins/data/topics/language-model.toml
+
+
+def token_data(token: TokenProb) -> dict[str, Any]:
+    return {
+        "id": token.id,
+        "token": token_text(token.token, token.raw),
+        "bytes": token.raw.hex(),
+        "partial": is_partial(token.raw),
+        "prob": token.prob,
+    }
+
+
+def appended(prompt: str, token: TokenProb) -> str | None:
+    """The prompt with the token's bytes appended, when the result is text; ``None`` when it is
+    not (a token that is part of a character: appending it would show U+FFFD, not the token)."""
+    raw = token.raw or token.token.encode("utf-8")
+    try:
+        text = (prompt.encode("utf-8") + raw).decode("utf-8")
+    except UnicodeError:
+        return None
+    return None if "\ufffd" in text[len(prompt) :] else text
+
+
+def step_buttons(prompt: str, top: list[TokenProb]) -> tuple[list[Button], int]:
+    """Buttons that append one of the likeliest tokens, and how many of those tokens got none
+    because appending them alone does not make text. No two buttons run the same command."""
+    buttons: list[Button] = []
+    seen: set[tuple[str, str, str]] = set()
+    partial = 0
+    for token in top[:STEPS]:
+        value = appended(prompt, token)
+        if value is None:
+            partial += 1
+            continue
+        button = Button(f"+ {token_label(token.token, token.raw)}", "nexttoken", "prompt", value)
+        key = (button.command, button.option, button.value)
+        if button.fits and key not in seen:
+            seen.add(key)
+            buttons.append(button)
+    return buttons, partial
+
+
+def entropy_line(bits: float) -> str:
+    """Entropy in words a student can check: 2 ** bits is the number of equally likely tokens
+    that would be just as uncertain."""
+    return (
+        f"Entropy measures how spread out the guess is: 0 bits means one certain token; "
+        f"{bits:.2f} bits is as unsure as a fair pick among {2**bits:,.1f} tokens."
+    )
 
 
 @command(
@@ -41,23 +91,37 @@ TOPIC = Topic.load("plugins", "language-model")  # plugins/data/topics/language-
 )
 async def nexttoken(ctx: Context, prompt: str, k: int, temperature: float) -> Reply:
     result = await ctx.inference.submit(NextToken(prompt, k=k, temperature=temperature))
-    rows = [[str(n), show_token(t.token), str(t.id), f"{t.prob:.4f}"] for n, t in enumerate(result.top, 1)]
+    labels = [token_label(t.token, t.raw) for t in result.top]
+    rows = [
+        [str(n), label, str(t.id), f"{t.prob:.4f}"]
+        for n, (label, t) in enumerate(zip(labels, result.top, strict=True), 1)
+    ]
+    shown_prompt = ("…" if len(prompt) > 50 else "") + prompt[-50:]
     chart = await render(
         bar_chart,
-        [show_token(t.token) for t in result.top],
+        labels,
         [t.prob for t in result.top],
-        title=f"Next token after “{prompt[-50:]}”",
+        title=f"Next token after “{shown_prompt}”",
         xlabel=f"probability ({result.model[:60]})",
         filename="nexttoken.png",
     )
     shown = sum(t.prob for t in result.top)
     # One step of generation by hand: each button appends a token and asks again.
-    steps = [Button(f"+ {show_token(t.token)}", "nexttoken", "prompt", prompt + t.token) for t in result.top[:STEPS]]
-    steps = [b for b in steps if b.fits]
-    hint = " Each button appends its token and asks again: generation one step at a time." if steps else ""
+    steps, partial = step_buttons(prompt, result.top)
+    text = (
+        f"The top {len(result.top)} tokens cover {shown:.1%} of the probability; "
+        "the rest is spread over the other tokens of the vocabulary."
+    )
+    if steps:
+        text += " Each button appends its token and asks again: generation one step at a time."
+    if any(is_partial(t.raw) for t in result.top):
+        text += " ⟨..⟩ marks a token that is only part of a character (its bytes in hex)"
+        text += "; it gets no button, as appending it alone would not be text." if partial else "."
+    text += "\n" + entropy_line(result.entropy_bits)
+    prompt_raw = result.prompt_raw or [b""] * len(result.prompt_tokens)
     return Reply(
         title=f"Next token ({result.model})",
-        text=f"The top {len(result.top)} tokens cover {shown:.1%} of the probability.{hint}",
+        text=text,
         buttons=steps,
         fields=[
             Field("prompt tokens", str(len(result.prompt_ids))),
@@ -68,9 +132,10 @@ async def nexttoken(ctx: Context, prompt: str, k: int, temperature: float) -> Re
         images=[chart],
         data={
             "model": result.model,
-            "prompt_tokens": result.prompt_tokens,
+            "prompt_tokens": [token_text(t, raw) for t, raw in zip(result.prompt_tokens, prompt_raw, strict=True)],
+            "prompt_bytes": [raw.hex() for raw in prompt_raw],
             "prompt_ids": result.prompt_ids,
-            "top": [asdict(t) for t in result.top],
+            "top": [token_data(t) for t in result.top],
             "entropy_bits": result.entropy_bits,
             "temperature": temperature,
         },

@@ -22,7 +22,7 @@ from bot import (
     command,
     hookimpl,
 )
-from bot.charts import bar_chart, render, show_bytes, show_token
+from bot.charts import render, show_bytes, show_token, split_bar_chart
 from bot.tokenizers import TIKTOKEN_ENCODINGS, tiktoken_encoding, wordpiece, wordpiece_tokens
 
 TOPIC = Topic.load("plugins", "subwords")  # plugins/data/topics/subwords.toml
@@ -55,9 +55,23 @@ def _compare(text: str, enc: tiktoken.Encoding, ids: list[int]) -> tuple[Table, 
         "words": len(words),
         "unknown_words": unknown,
         "wordpiece": pieces,
+        "wordpiece_unknown": pieces.count("[UNK]"),
         "bpe": len(ids),
+        "unknown": {row[0]: int(row[2]) for row in rows},
     }
     return Table(["strategy", "tokens", "unknown", "first pieces"], rows, align="lrrl"), data
+
+
+def unknown_line(table: Table) -> str:
+    """What the [UNK] counts mean, in words: fewer tokens is no gain when some are lost."""
+    lost = [(row[0], int(row[2]), int(row[1])) for row in table.rows if int(row[2])]
+    if not lost:
+        return "No strategy needed [UNK] for this text: every piece is known."
+    parts = [f"{name} {n} of {total}" for name, n, total in lost]
+    return (
+        f"[UNK] tokens (hatched in the chart): {', '.join(parts)}. Each [UNK] stands for a word the "
+        "vocabulary does not have, and what it was is lost, so fewer tokens is no gain when some are [UNK]."
+    )
 
 
 @command(
@@ -80,30 +94,38 @@ async def tokenize(ctx: Context, text: str, encoding: str, compare: bool) -> Rep
     shown = rows[:MAX_ROWS]
     note = f" (first {MAX_ROWS} shown)" if len(rows) > MAX_ROWS else ""
     data = {"encoding": encoding, "ids": ids, "pieces": labels, "count": len(ids), "bytes": [b.hex() for b in raw]}
-    reply = Reply(
-        title=f"{len(ids)} tokens ({encoding})",
-        text=f"{len(text)} characters became {len(ids)} tokens{note}. ⟨..⟩ marks bytes that are not text on their own.",
-        code=CodeBlock(segments),
-        table=Table(["#", "piece", "id", "bytes"], shown, align="rlrr"),
-        fields=[Field("ids", " ".join(map(str, ids))[:1000])],
-        data=data,
+    text_line = (
+        f"{len(text)} characters became {len(ids)} tokens{note}. ⟨..⟩ marks bytes that are not text on their own."
     )
+    table = Table(["#", "piece", "id", "bytes"], shown, align="rlrr")
+    images = []
     if compare:
         table, counts = await asyncio.to_thread(_compare, text, enc, ids)
-        reply.table = table
-        reply.data["compare"] = counts
-        reply.images.append(
+        data["compare"] = counts
+        text_line += "\n" + unknown_line(table)
+        unknown = [int(row[2]) for row in table.rows]
+        images.append(
             await render(
-                bar_chart,
+                split_bar_chart,
                 [row[0] for row in table.rows],
-                [int(row[1]) for row in table.rows],
+                [
+                    ("known pieces", [int(row[1]) - n for row, n in zip(table.rows, unknown, strict=True)]),
+                    ("[UNK]: unknown, information lost", unknown),
+                ],
                 title=f"Tokens for the same {len(text)}-character text",
                 xlabel="tokens",
                 filename="tokenize.png",
-                value_format="{:.0f}",
             )
         )
-    return reply
+    return Reply(
+        title=f"{len(ids)} tokens ({encoding})",
+        text=text_line,
+        code=CodeBlock(segments),
+        table=table,
+        fields=[Field("ids", " ".join(map(str, ids))[:1000])],
+        images=images,
+        data=data,
+    )
 
 
 @hookimpl

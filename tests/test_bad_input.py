@@ -37,6 +37,9 @@ COMMANDS: dict[str, tuple[str, dict[str, Any]]] = {
     "adapt": ("text", {}),
     "topic": ("name", {}),
     "quiz": ("answer", {}),
+    "attention": ("text", {"layer": 1}),
+    "sample": ("prompt", {"n": 1, "seed": 0}),
+    "surprise": ("text", {"ngram": True}),
 }
 
 NASTY = [

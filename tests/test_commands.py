@@ -73,3 +73,12 @@ def test_bind_fills_defaults_and_checks_types() -> None:
     with pytest.raises(OptionError, match="needs `t`"):
         cmd.bind({})
     assert cmd.usage() == "/c t:<text> [k:<1..>]"
+
+
+def test_a_default_the_option_itself_refuses_is_the_authors_mistake() -> None:
+    with pytest.raises(ValueError, match="default of option 'k'"):
+        Command("c", "x", _handler, (Integer("k", "k", default=0, min_value=1),))
+    with pytest.raises(ValueError, match="default of option 'm'"):
+        Command("c", "x", _handler, (Text("m", "m", default="c", choices=("a", "b")),))
+    with pytest.raises(TypeError, match="options are Text"):
+        Command("c", "x", _handler, ("k",))  # type: ignore[arg-type]

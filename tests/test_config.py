@@ -66,7 +66,8 @@ def test_a_byte_order_mark_is_fine_and_latin_1_is_one_clear_line(tmp_path: Path,
         return
     with pytest.raises(ConfigError) as info:
         load_config(str(path))
-    assert str(info.value) == f"{path}: not UTF-8 text (byte 0xE9 at offset 5); save the file as UTF-8"
+    assert str(info.value).startswith(f"{path}: line 1: byte 0xE9 is not UTF-8")
+    assert str(info.value).endswith("save it as UTF-8") and "\n" not in str(info.value)
 
 
 def test_an_unknown_preloaded_role_is_reported(tmp_path: Path) -> None:

@@ -124,9 +124,11 @@ async def test_mask_bad_sentences(app_factory, models, sentence: str, message: s
     assert reply.error and reply.text == message
 
 
-async def test_mask_without_a_masked_lm_names_the_key(app_factory) -> None:  # type: ignore[no-untyped-def]
-    reply = await app_factory().execute_line("/mask sentence:Paris is the [MASK] of France.")
-    assert reply.error and "set `models.masked_lm` in config.toml" in reply.text
+async def test_mask_without_a_masked_lm_tells_the_student_and_logs_the_key(app_factory, caplog) -> None:  # type: ignore[no-untyped-def]
+    with caplog.at_level("WARNING"):
+        reply = await app_factory().execute_line("/mask sentence:Paris is the [MASK] of France.")
+    assert reply.error and "This server has no masked language model" in reply.text
+    assert "set `models.masked_lm` in config.toml" in caplog.text
 
 
 def test_masking_recipe_follows_15_80_10_10() -> None:
@@ -242,5 +244,6 @@ async def test_compare_offline_without_masked_lm_still_answers(app_factory, tiny
     app = app_factory({"causal_lm": tiny_gpt2})
     reply = await app.execute_line("/compare text:The capital of France is Paris.")
     assert not reply.error
-    assert "models.masked_lm" in reply.data["masked"]["error"]
+    assert reply.data["masked"]["missing_role"] == "masked_lm"
+    assert "no masked language model" in reply.data["masked"]["error"]
     assert reply.data["causal"]["top"]

@@ -21,7 +21,7 @@ import bot.plugins
 from bot import Integer, Reply, Text, builtin_tasks, command, hookimpl, plugin_options, task_name
 from bot.app import App
 from bot.config import ConfigError
-from bot.plugins import PluginConflict, PluginHost, check_plugin_config, task_problem
+from bot.plugins import PluginHost, check_plugin_config, task_problem
 from bot.testing import IsolatedApp, ignoring_plugins_installed_before, make_app
 from tests.plugin_fixtures import BROKEN_IMPORT, ECHO_PLUGIN, install_plugin
 
@@ -136,11 +136,15 @@ async def test_handler_error_gets_an_error_id_and_other_commands_work(app_factor
     assert (await app.execute_line("/fine text:still here")).text == "fine: still here"
 
 
-def test_two_plugins_claiming_one_command_name_is_a_startup_error(cache_dir) -> None:  # type: ignore[no-untyped-def]
+def test_two_plugins_claiming_one_command_name_skip_the_later_one(cache_dir) -> None:  # type: ignore[no-untyped-def]
+    # Once a start-up error (PluginConflict); one plugin must not stop the bot, so the plugin
+    # loaded first keeps the name and the other is skipped with an error naming both.
     one = plugin_module("one", register_commands=registers(fine))
     two = plugin_module("two", register_commands=registers(fine))
-    with pytest.raises(PluginConflict, match="'one' and 'two'"):
-        make_app((one, "one"), (two, "two"), cache_dir=cache_dir)
+    app = make_app((one, "one"), (two, "two"), cache_dir=cache_dir)
+    assert record(app, "one").status == "loaded" and app.registry.commands["fine"].plugin == "one"
+    later = record(app, "two")
+    assert later.status == "failed" and "/fine is already registered by plugin 'one'" in later.error
 
 
 def test_disabled_plugin_is_listed_but_not_loaded() -> None:

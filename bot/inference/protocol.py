@@ -208,6 +208,7 @@ class NextTokenResult:
     prompt_tokens: list[str]
     top: list[TokenProb]
     entropy_bits: float
+    prompt_raw: list[bytes] = field(default_factory=list)  # each prompt token's own bytes
 
 
 @dataclass(frozen=True)

@@ -135,6 +135,7 @@ def next_token(model: Any, tokenizer: Any, batch: Sequence[NextToken]) -> list[N
                 prompt_tokens=[tokenizer.decode([i]) for i in ids],
                 top=_top(tokenizer, probs, request.k),
                 entropy_bits=entropy,
+                prompt_raw=token_bytes(tokenizer, ids),
             )
         )
     return results

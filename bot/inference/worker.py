@@ -305,6 +305,14 @@ def _check_request(request: Any, tokenizer: Any, settings: Any) -> tuple[int, An
     return length, request
 
 
+class WrongResultCount(Exception):
+    """A task returned a different number of results than it was given requests."""
+
+
+def _task_label(task: Any) -> str:
+    return f"{getattr(task, '__module__', '?')}:{getattr(task, '__qualname__', repr(task))}"
+
+
 def _run_split(task: Any, loaded: Any, chunk: list[tuple[int, Any]], timing: dict) -> list[Outcome]:
     """Run a chunk; when it fails (out of memory, or the task raises), run its halves, down to
     single requests, so that only the request at fault fails."""
@@ -313,9 +321,16 @@ def _run_split(task: Any, loaded: Any, chunk: list[tuple[int, Any]], timing: dic
     from bot.inference.protocol import InferenceError, ModelFailed
 
     started = time.perf_counter()
+    retry_halves = False  # decided in the except clauses, done after them (no chained tracebacks)
     try:
         with torch.inference_mode():
             results = task(loaded.model, loaded.tokenizer, [request for _, request in chunk])
+        results = list(results)
+        if len(results) != len(chunk):
+            raise WrongResultCount(
+                f"task {_task_label(task)} returned {len(results)} result(s) for {len(chunk)} request(s); "
+                "a task returns one result per request, in order"
+            )
         answers: list[Outcome] = [
             (rid, True, _labelled(result, loaded.label)) for (rid, _), result in zip(chunk, results, strict=True)
         ]
@@ -326,26 +341,46 @@ def _run_split(task: Any, loaded: Any, chunk: list[tuple[int, Any]], timing: dic
             log.warning("out of memory on a single request")
             return [(chunk[0][0], False, InferenceError("That request needs more memory than the model worker has."))]
         log.warning("out of memory on a batch of %d; retrying in halves", len(chunk))
-        return _halves(task, loaded, chunk, timing)
+        retry_halves = True
     except BaseException as exc:  # also SystemExit (a task calling sys.exit) and Rust panics
         if isinstance(exc, KeyboardInterrupt | GeneratorExit):
             raise
         if len(chunk) > 1:
-            log.warning("task failed on a batch of %d (%s); retrying in halves", len(chunk), type(exc).__name__)
-            return _halves(task, loaded, chunk, timing)
-        if isinstance(exc, InferenceError):  # a message the task meant for the user
+            log.warning(
+                "task %s failed on a batch of %d (%s); retrying in halves",
+                _task_label(task),
+                len(chunk),
+                type(exc).__name__,
+            )
+            retry_halves = True
+        elif isinstance(exc, InferenceError):  # a message the task meant for the user
             return [(chunk[0][0], False, exc)]
-        eid = _error_id()
-        log.exception("error %s: task failed on a single request", eid)
-        return [(chunk[0][0], False, ModelFailed(f"The model failed on this request (error id {eid})."))]
+        else:
+            eid = _error_id()
+            if isinstance(exc, WrongResultCount):
+                log.error("error %s: %s", eid, exc)
+            else:
+                log.exception("error %s: task %s failed on a single request", eid, _task_label(task))
+            return [(chunk[0][0], False, ModelFailed(f"The model failed on this request (error id {eid})."))]
+    if retry_halves:
+        return _halves(task, loaded, chunk, timing)
     timing["compute_s"] += time.perf_counter() - started
     timing["sizes"].append(len(chunk))
     return answers
 
 
 def _labelled(result: Any, label: str) -> Any:
-    """The result with the model's label, where it has a ``model`` field."""
-    return dataclasses.replace(result, model=label) if label and hasattr(result, "model") else result
+    """The result with the model's label, where it is a dataclass with a ``model`` field.
+
+    Any other result (a tuple, a dict, an object that happens to have a ``model`` attribute)
+    is returned as it is: filling the label is a courtesy, never a reason to fail.
+    """
+    if not label or not dataclasses.is_dataclass(result) or isinstance(result, type):
+        return result
+    fields = {f.name: f for f in dataclasses.fields(result)}
+    if "model" not in fields or not fields["model"].init:
+        return result
+    return dataclasses.replace(result, model=label)
 
 
 def _halves(task: Any, loaded: Any, chunk: list[tuple[int, Any]], timing: dict) -> list[Outcome]:

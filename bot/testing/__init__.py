@@ -99,9 +99,22 @@ class IsolatedApp(App):
 
         A line that does not parse (unknown option, missing required one) raises
         :class:`UsageError`, as the console would show it; everything else, errors
-        included, comes back as a Reply (``reply.error`` is true for errors).
+        included, comes back as a Reply (``reply.error`` is true for errors). When the
+        command is unknown because a plugin failed to load, the error says why.
         """
-        return await self.execute_line(line, self.context(owner=owner, user_id=user_id, guild_id=guild_id))
+        try:
+            return await self.execute_line(line, self.context(owner=owner, user_id=user_id, guild_id=guild_id))
+        except UsageError as exc:
+            failed = self.load_errors
+            if failed and str(exc).startswith("There is no /"):
+                why = "; ".join(f"{name}: {error}" for name, error in failed.items())
+                raise UsageError(f"{exc} Plugins that failed to load: {why}") from None
+            raise
+
+    @property
+    def load_errors(self) -> dict[str, str]:
+        """Why each plugin that failed to load failed, by plugin name (``{}`` when all loaded)."""
+        return {r.name: r.error for r in self.plugin_records if r.status == "failed"}
 
     async def press(self, button: Button, *, owner: bool = True, user_id: str = "tester") -> Reply:
         """Press one of a reply's buttons, as a user would."""
@@ -179,17 +192,25 @@ def make_app(
 @contextlib.contextmanager
 def ignoring_plugins_installed_before(snapshot: set[tuple[str, str]]) -> Iterator[None]:
     """Apps made inside skip the entry points in ``snapshot`` (name, value): plugins
-    installed in the environment; ones a test installs itself are still found."""
+    installed in the environment; ones a test installs itself are still found. So do the
+    ``lmbot`` processes a test starts (through :data:`bot.plugins.IGNORE_ENV`)."""
     real = bot.plugins.entry_points
 
     def filtered() -> list[importlib.metadata.EntryPoint]:
         return [ep for ep in real() if (ep.name, ep.value) not in snapshot]
 
+    env = bot.plugins.IGNORE_ENV
+    before = os.environ.get(env)
     bot.plugins.entry_points = filtered
+    os.environ[env] = "\n".join(sorted(f"{name}={value}" for name, value in snapshot))
     try:
         yield
     finally:
         bot.plugins.entry_points = real
+        if before is None:
+            os.environ.pop(env, None)
+        else:
+            os.environ[env] = before
 
 
 def installed_entry_points() -> set[tuple[str, str]]:

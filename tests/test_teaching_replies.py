@@ -1,0 +1,474 @@
+"""Replies that teach their topic truthfully: charts that never break a reply, tokens shown
+as their bytes, /compare's fair comparison, /nsp's verdict, /summarize's warnings, and jargon
+explained. Numbers are checked against transformers on the same models."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+import statistics
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import transformers
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from matplotlib.figure import Figure
+
+from bot import FillMask, NextToken, NextTokenResult, TokenProb
+from bot.app import App
+from bot.charts import show_token
+from bot.commands import Reply
+from bot.inference.offline import bert_tokenizer_dir
+from plugins.nexttoken import step_buttons
+from plugins.nsp import FOLLOWS_NATS_PER_TOKEN, UNRELATED
+from plugins.summarize import MAX_TEXT, unsupported
+from tests.conftest import examples, make_config
+from tests.plugin_helpers import assert_fits_discord, causal_reference
+
+TOL = 1e-5
+
+
+@pytest.fixture
+def models(tiny_gpt2: Path, tiny_bert_mlm: Path) -> dict[str, Path]:
+    return {"causal_lm": tiny_gpt2, "masked_lm": tiny_bert_mlm}
+
+
+@pytest.fixture
+def figures(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[Figure]]:
+    """Every figure a chart function saves, to look at what it drew."""
+    drawn: list[Figure] = []
+    savefig = Figure.savefig
+
+    def keep(self: Figure, *args: Any, **kwargs: Any) -> Any:
+        drawn.append(self)
+        return savefig(self, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", keep)
+    yield drawn
+
+
+def everything_shown(reply: Reply) -> str:
+    """All the text a reply shows or hands to scripts."""
+    parts = [reply.text, reply.title or "", *(f.name + f.value for f in reply.fields)]
+    if reply.table is not None:
+        parts += [" ".join(row) for row in reply.table.rows]
+    parts += [b.label + b.value for b in reply.buttons]
+    parts.append(json.dumps(reply.data, ensure_ascii=False, default=str))
+    return "\n".join(parts)
+
+
+def gpt2_byte_decoder() -> dict[str, int]:
+    """GPT-2's byte-level alphabet (each byte stands for one printable character), built here
+    independently of the bot's own code."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    codes = printable[:]
+    extra = 0
+    for byte in range(256):
+        if byte not in printable:
+            printable.append(byte)
+            codes.append(256 + extra)
+            extra += 1
+    return {chr(code): byte for byte, code in zip(printable, codes, strict=True)}
+
+
+# ----------------------------------------------------------------------------- charts never break a reply
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        '/nexttoken prompt:"The capital of France is" k:3',
+        "/compare text:The capital of France is Paris. k:3",
+        "/mask sentence:Paris is the [MASK] of France.",
+        "/tokenize text:electroencephalography compare:true",
+    ],
+)
+async def test_a_chart_that_fails_to_draw_leaves_the_reply_without_it(  # type: ignore[no-untyped-def]
+    app_factory, models, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, line: str
+) -> None:
+    def broken(self: Figure, *args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("simulated drawing failure")
+
+    monkeypatch.setattr(Figure, "savefig", broken)
+    app = app_factory(models)
+    with caplog.at_level(logging.ERROR, logger="bot.charts"):
+        reply = await app.execute_line(line)
+    assert not reply.error, reply.text
+    assert reply.images == []
+    assert reply.table is not None or reply.fields  # the numbers are still there
+    assert "could not be drawn" in caplog.text and "simulated drawing failure" in caplog.text
+
+
+@pytest.mark.parametrize("text", ["Pay $5 (20% off) instead of $6", "It costs $$0 and $10", "Solve $x^2$ for x: $"])
+async def test_dollar_signs_in_the_text_still_give_a_chart(app_factory, models, text: str) -> None:  # type: ignore[no-untyped-def]
+    app = app_factory(models)
+    for name, option in (("nexttoken", "prompt"), ("compare", "text")):
+        reply = await app.execute(name, {option: text}, app.local_context())
+        assert not reply.error, reply.text
+        assert_fits_discord(reply)
+        assert len(reply.images) == 1 and reply.images[0].data.startswith(b"\x89PNG")
+
+
+async def test_a_model_token_with_dollar_signs_still_gives_a_chart(  # type: ignore[no-untyped-def]
+    app_factory, models, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The model predicts " $$" (SmolLM2 does after "Solve for x:"): it is drawn as text."""
+    app = app_factory(models)
+    submit = app.inference.submit
+    odd = [" $$", "$", "$x^2$", "\\frac{1}{2}$", " $$\n"]
+
+    async def predicting_dollars(request: Any, **kw: Any) -> Any:
+        result = await submit(request, **kw)
+        if isinstance(result, NextTokenResult):
+            top = [TokenProb(t.id, text, t.prob, text.encode()) for t, text in zip(result.top, odd, strict=False)]
+            result = replace(result, top=top)
+        return result
+
+    monkeypatch.setattr(app.inference, "submit", predicting_dollars)
+    for line in ['/nexttoken prompt:"Solve for x:" k:5', "/compare text:Solve for x: 2x = 4. k:5"]:
+        reply = await app.execute_line(line)
+        assert not reply.error, reply.text
+        assert len(reply.images) == 1 and reply.images[0].data.startswith(b"\x89PNG")
+        assert "␣$$" in everything_shown(reply)
+
+
+# ----------------------------------------------------------------------------- byte-fragment tokens
+
+
+@pytest.mark.parametrize("prompt", ["日本の首都は", "The weather today makes me feel 🙂"])
+async def test_tokens_that_are_part_of_a_character_show_their_bytes(app_factory, smollm_dir: Path, prompt: str) -> None:  # type: ignore[no-untyped-def]
+    app = app_factory({"causal_lm": smollm_dir})
+    reply = await app.execute("nexttoken", {"prompt": prompt, "k": 10}, app.local_context())
+    assert not reply.error, reply.text
+    assert_fits_discord(reply)
+    want = torch.topk(causal_reference(smollm_dir, prompt), 10)
+    tok = transformers.AutoTokenizer.from_pretrained(smollm_dir)
+    decoder = gpt2_byte_decoder()
+    raws = [bytes(decoder[ch] for ch in tok.convert_ids_to_tokens(i)) for i in want.indices.tolist()]
+    assert [t["id"] for t in reply.data["top"]] == want.indices.tolist()
+    assert [t["prob"] for t in reply.data["top"]] == pytest.approx(want.values.tolist(), abs=1e-4)
+    assert [bytes.fromhex(t["bytes"]) for t in reply.data["top"]] == raws
+
+    def shown(raw: bytes) -> str:
+        try:
+            return show_token(raw.decode("utf-8"))
+        except UnicodeDecodeError:
+            return "⟨" + " ".join(f"{b:02X}" for b in raw) + "⟩"
+
+    assert reply.table is not None
+    assert [row[1] for row in reply.table.rows] == [shown(raw) for raw in raws]
+    assert "\ufffd" not in everything_shown(reply)
+    # A button appends the token's bytes, only where the prompt then is still text.
+    steps = []
+    for raw in raws[:3]:
+        try:
+            steps.append((prompt.encode() + raw).decode("utf-8"))
+        except UnicodeDecodeError:
+            continue
+    assert [b.value for b in reply.buttons] == list(dict.fromkeys(steps))
+    prompt_bytes = [bytes.fromhex(h) for h in reply.data["prompt_bytes"]]
+    assert b"".join(prompt_bytes) == prompt.encode()
+    assert reply.data["prompt_ids"] == tok(prompt)["input_ids"]
+
+
+async def test_the_japanese_prompt_from_the_issue_shows_hex_rows(app_factory, smollm_dir: Path) -> None:  # type: ignore[no-untyped-def]
+    app = app_factory({"causal_lm": smollm_dir})
+    reply = await app.execute_line('/nexttoken prompt:"日本の首都は" k:5')
+    assert reply.table is not None
+    labels = [row[1] for row in reply.table.rows]
+    assert any(label.startswith("⟨") for label in labels) and "�" not in "".join(labels)
+    assert all("\ufffd" not in b.value and not b.label.startswith("+ ⟨") for b in reply.buttons)
+    assert "part of a character" in reply.text
+
+
+def _token(n: int, raw: bytes) -> TokenProb:
+    return TokenProb(n, raw.decode("utf-8", errors="replace"), 0.1, raw)
+
+
+@settings(max_examples=examples(300), deadline=None)
+@given(
+    prompt=st.text(st.characters(exclude_categories=("Cs",)), min_size=1, max_size=30),
+    raws=st.lists(st.binary(min_size=1, max_size=4), min_size=1, max_size=6),
+)
+def test_step_buttons_append_bytes_faithfully_and_never_repeat(prompt: str, raws: list[bytes]) -> None:
+    top = [_token(n, raw) for n, raw in enumerate(raws)]
+    buttons, _ = step_buttons(prompt, top)
+    keys = [(b.command, b.option, b.value) for b in buttons]
+    assert len(keys) == len(set(keys))
+    for button in buttons:
+        added = button.value.encode()[len(prompt.encode()) :]
+        assert button.value.encode().startswith(prompt.encode()) and added in raws[:3]
+        assert "\ufffd" not in button.value[len(prompt) :]
+        assert button.fits
+    for raw in raws[:3]:
+        try:
+            text = (prompt.encode() + raw).decode("utf-8")
+        except UnicodeDecodeError:
+            continue
+        if "\ufffd" not in text[len(prompt) :] and len(text) + len("nexttokenprompt") <= 80:
+            assert text in [b.value for b in buttons]
+
+
+def test_two_tokens_with_the_same_bytes_make_one_button() -> None:
+    buttons, partial = step_buttons("Hello", [_token(1, b" world"), _token(2, b" world"), _token(3, b"\xe6\x9d")])
+    assert [b.value for b in buttons] == ["Hello world"] and partial == 1
+
+
+# ----------------------------------------------------------------------------- /compare
+
+
+async def test_compare_continues_the_text_before_the_hidden_word(app_factory, models, tiny_gpt2: Path) -> None:  # type: ignore[no-untyped-def]
+    app = app_factory(models)
+    reply = await app.execute_line("/compare text:The capital of France is Paris, a big city.")
+    assert not reply.error, reply.text
+    assert reply.data["hidden"] == "city" and reply.data["left"] == "The capital of France is Paris, a big "
+    model = transformers.AutoModelForCausalLM.from_pretrained(tiny_gpt2).eval()
+    tok = transformers.AutoTokenizer.from_pretrained(tiny_gpt2)
+    enc = tok("The capital of France is Paris, a big", return_tensors="pt")
+    out = model.generate(**enc, max_new_tokens=20, do_sample=False, pad_token_id=tok.eos_token_id)
+    want = tok.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True).rstrip("\ufffd").strip()
+    assert reply.data["causal"]["continuation"] == want
+    assert "continues the text before the hidden word" in str(reply.fields)
+
+
+async def test_compare_times_warm_models_only(app_factory, models, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    app = app_factory(models)
+    submit = app.inference.submit
+    sent: list[str] = []
+
+    async def recording(request: Any, **kw: Any) -> Any:
+        sent.append(type(request).__name__)
+        return await submit(request, **kw)
+
+    monkeypatch.setattr(app.inference, "submit", recording)
+    first = await app.execute_line("/compare text:The capital of France is Paris.")
+    # The first request of each model loads it: sent once untimed, then timed.
+    assert sent.count(NextToken.__name__) == 2 and sent.count(FillMask.__name__) == 2
+    sent.clear()
+    second = await app.execute_line("/compare text:The cat sat on the mat.")
+    assert sent.count(NextToken.__name__) == 1 and sent.count(FillMask.__name__) == 1
+    for reply in (first, second):
+        assert reply.data["causal"]["warm"] and reply.data["masked"]["warm"]
+        assert any(f.name == "time (warm)" and "already loaded" in f.value for f in reply.fields)
+
+
+async def test_compare_hides_a_named_span_that_is_not_a_word(  # type: ignore[no-untyped-def]
+    app_factory, models, tiny_gpt2: Path, tiny_bert_mlm: Path
+) -> None:
+    app = app_factory(models)
+    reply = await app.execute_line('/compare text:"It costs $10 at the shop." hide:$10 k:3')
+    assert not reply.error, reply.text
+    assert (reply.data["left"], reply.data["hidden"], reply.data["right"]) == ("It costs ", "$10", " at the shop.")
+    want = torch.topk(causal_reference(tiny_gpt2, "It costs"), 3)
+    assert [t["id"] for t in reply.data["causal"]["top"]] == want.indices.tolist()
+    pipe = transformers.pipeline("fill-mask", model=str(tiny_bert_mlm), device="cpu")
+    expected = pipe("It costs [MASK] at the shop.", top_k=3)
+    assert [t["id"] for t in reply.data["masked"]["top"]] == [e["token"] for e in expected]
+    assert [t["prob"] for t in reply.data["masked"]["top"]] == pytest.approx([e["score"] for e in expected], abs=TOL)
+
+
+@pytest.mark.parametrize(
+    ("text", "left", "hidden"),
+    [
+        ("東京は日本の首都です。", "東京は日本の", "首都"),
+        ("北京是中国的首都。", "北京是中国的", "首都"),
+        ("Pay $5 (20% off) instead of $6", "Pay $5 (20% off) instead of ", "$6"),
+        ("The capital of France is Paris.", "The capital of France is ", "Paris"),
+    ],
+)
+async def test_compare_picks_a_sensible_hidden_word(app_factory, models, tiny_gpt2: Path, text, left, hidden) -> None:  # type: ignore[no-untyped-def]
+    app = app_factory(models)
+    reply = await app.execute("compare", {"text": text, "k": 3}, app.local_context())
+    assert not reply.error, reply.text
+    assert (reply.data["left"], reply.data["hidden"]) == (left, hidden)
+    assert f"“{hidden}”" in reply.text
+    want = torch.topk(causal_reference(tiny_gpt2, left.rstrip()), 3)
+    assert [t["id"] for t in reply.data["causal"]["top"]] == want.indices.tolist()
+    if " " not in text:
+        assert "no spaces" in reply.text  # the reply says how the word was chosen
+
+
+@pytest.mark.parametrize(
+    ("hide", "message"),
+    [
+        ("London", "`hide` must be part of the text"),
+        ("cat", "`hide` only occurs inside a longer word"),
+        ("...", "`hide` needs a letter or a digit"),
+        ("The", "Hide a word that has some text before it"),
+    ],
+)
+async def test_compare_bad_hide_values_answer_clearly(app_factory, models, hide: str, message: str) -> None:  # type: ignore[no-untyped-def]
+    app = app_factory(models)
+    reply = await app.execute("compare", {"text": "The concatenation is done...", "hide": hide}, app.local_context())
+    assert reply.error and reply.text.startswith(message), reply.text
+    assert "error id" not in reply.text
+
+
+async def test_without_a_masked_lm_students_get_a_plain_line_and_the_log_the_key(  # type: ignore[no-untyped-def]
+    app_factory, tiny_gpt2: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    app = app_factory({"causal_lm": tiny_gpt2})
+    with caplog.at_level(logging.WARNING):
+        masked = await app.execute_line("/mask sentence:Paris is the [MASK] of France.")
+        compared = await app.execute_line("/compare text:The capital of France is Paris.")
+    assert masked.error and "no masked language model" in masked.text and "likeliest words" in masked.text
+    assert not compared.error and "no masked language model" in str(compared.fields)
+    for reply in (masked, compared):
+        assert "config" not in everything_shown(reply) and "models.masked_lm" not in everything_shown(reply)
+    assert caplog.text.count("set `models.masked_lm` in config.toml") == 2
+
+
+# ----------------------------------------------------------------------------- /nsp without an NSP head
+
+
+def _logprob(model: Any, context_ids: list[int], text_ids: list[int]) -> float:
+    ids = context_ids + text_ids
+    with torch.no_grad():
+        lp = torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), -1)
+    return sum(lp[len(context_ids) - 1 + i, t].item() for i, t in enumerate(text_ids))
+
+
+async def test_nsp_fallback_verdict_comes_from_numbers_equal_to_transformers(app_factory, tiny_gpt2: Path) -> None:  # type: ignore[no-untyped-def]
+    app = app_factory({"causal_lm": tiny_gpt2})
+    a, b = "The cat sat down.", "It purred."
+    reply = await app.execute("nsp", {"sentence_a": a, "sentence_b": b}, app.local_context())
+    assert not reply.error, reply.text
+    assert_fits_discord(reply)
+    model = transformers.AutoModelForCausalLM.from_pretrained(tiny_gpt2).eval()
+    tok = transformers.AutoTokenizer.from_pretrained(tiny_gpt2)
+    follower = tok(" " + b)["input_ids"]
+    alone = _logprob(model, [tok.convert_tokens_to_ids("<|endoftext|>")], tok(b)["input_ids"])
+    gain = _logprob(model, tok(a)["input_ids"], follower) - alone
+    unrelated = [_logprob(model, tok(u)["input_ids"], follower) - alone for u in UNRELATED]
+    assert reply.data["coherence"] == pytest.approx(gain, rel=1e-4, abs=1e-4)
+    assert reply.data["unrelated_coherence"] == pytest.approx(unrelated, rel=1e-4, abs=1e-4)
+    margin = (gain - statistics.median(unrelated)) / len(follower)
+    assert reply.data["margin_per_token"] == pytest.approx(margin, rel=1e-4, abs=1e-4)
+    assert reply.data["follows"] == (margin >= FOLLOWS_NATS_PER_TOKEN)
+    verdict = "B follows A" if margin >= FOLLOWS_NATS_PER_TOKEN else "B does not seem to follow A"
+    assert reply.text.startswith(verdict)
+    assert f"{math.exp(gain):.3g}×" in reply.text or gain < math.log(0.01)
+    assert "nats (natural-log units; 1 nat ≈ 1.44 bits)" in reply.text
+
+
+@pytest.mark.parametrize(
+    ("a", "b", "follows"),
+    [
+        ("The cat sat on the warm windowsill.", "It stretched lazily in the afternoon sun.", True),
+        ("The cat sat on the warm windowsill.", "Stock markets fell sharply on Monday.", False),
+        ("It started to rain heavily.", "We ran inside to stay dry.", True),
+        ("I baked bread this morning.", "Jupiter has dozens of moons.", False),
+    ],
+)
+async def test_nsp_fallback_verdicts_on_the_offline_model(app_factory, smollm_dir: Path, a, b, follows) -> None:  # type: ignore[no-untyped-def]
+    app = app_factory({"causal_lm": smollm_dir})
+    reply = await app.execute("nsp", {"sentence_a": a, "sentence_b": b}, app.local_context())
+    assert not reply.error, reply.text
+    assert reply.data["follows"] is follows
+    assert ("IsNext-like" if follows else "NotNext-like") in reply.text
+
+
+# ----------------------------------------------------------------------------- /summarize
+
+
+def test_numbers_and_names_missing_from_the_text_are_flagged() -> None:
+    text = "The French Revolution began in 1789 and ended in 1,799. It changed France."
+    summary = "The Revolution began in 1799 and ended in 1799 under Napoleon. Overall, France changed in 1789."
+    assert unsupported(summary, text) == ([], ["Napoleon"])
+    assert unsupported("It began in 1799 in Paris.", "It began in 1789 in France.") == (["1799"], ["Paris"])
+    assert unsupported("Nothing new here.", "Nothing new here.") == ([], [])
+
+
+async def test_summarize_says_it_may_be_wrong_and_flags_what_is_not_in_the_text(  # type: ignore[no-untyped-def]
+    app_factory, tiny_llama: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    app = app_factory({"causal_lm": tiny_llama})
+    text = "The French Revolution began in 1789 and ended in 1795 in France."
+    submit = app.inference.submit
+
+    async def wrong_facts(request: Any, **kw: Any) -> Any:
+        result = await submit(request, **kw)  # the real model runs; its words are swapped for known ones
+        return replace(result, text="The French Revolution began in 1799 and ended in 1799 under Napoleon.")
+
+    monkeypatch.setattr(app.inference, "submit", wrong_facts)
+    reply = await app.execute("summarize", {"text": text, "max_length": 5}, app.local_context())
+    assert not reply.error, reply.text
+    assert "generated by a model and may be wrong" in reply.text
+    assert reply.data["not_in_text"] == {"numbers": ["1799"], "names": ["Napoleon"]}
+    assert "1799, Napoleon" in str(reply.fields)
+    assert isinstance(reply.data["summary"], str)
+
+
+async def test_summarize_has_one_length_limit(app_factory, tiny_llama: Path, cache_dir: Path) -> None:  # type: ignore[no-untyped-def]
+    app = app_factory({"causal_lm": tiny_llama})
+    for length in (MAX_TEXT + 50, 2_500):  # under the old option limit (3,000) and over the service's (2,000)
+        reply = await app.execute("summarize", {"text": "a" * length, "max_length": 5}, app.local_context())
+        assert reply.error and reply.text == f"`text` is too long: {length:,} characters, the limit is {MAX_TEXT:,}."
+    # A server with a smaller input limit: the same message, with its limit (the instruction around
+    # the text counts too), and a text at that limit is accepted by the service.
+    small = App(make_config(cache_dir, {"causal_lm": tiny_llama}, max_input_chars=500))
+    try:
+        limit = 500 - len("Summarize the following text in one or two sentences.\n\n")
+        over = await small.execute("summarize", {"text": "b" * (limit + 1), "max_length": 5}, small.local_context())
+        assert over.error and over.text == f"`text` is too long: {limit + 1:,} characters, the limit is {limit:,}."
+        words = ("word " * limit)[:limit]
+        at = await small.execute("summarize", {"text": words, "max_length": 5}, small.local_context())
+        assert not at.error, at.text
+    finally:
+        await small.close()
+
+
+# ----------------------------------------------------------------------------- /tokenize, /maskrecipe, jargon
+
+
+async def test_tokenize_comparison_shows_unknowns_in_chart_and_text(app_factory, figures: list[Figure]) -> None:  # type: ignore[no-untyped-def]
+    app = app_factory()
+    text = "The transformerization of electroencephalography"
+    reply = await app.execute("tokenize", {"text": text, "compare": True}, app.local_context())
+    assert not reply.error, reply.text
+    assert_fits_discord(reply)
+    ax = figures[-1].axes[0]
+    known, unknown = ax.containers
+    counts = reply.data["compare"]
+    totals = [counts["characters"], counts["words"], len(counts["wordpiece"]), counts["bpe"]]
+    unknowns = [0, counts["unknown_words"], counts["wordpiece"].count("[UNK]"), 0]
+    assert [bar.get_width() for bar in unknown] == unknowns == [0, 2, 0, 0]
+    assert [k.get_width() + u.get_width() for k, u in zip(known, unknown, strict=True)] == totals
+    assert "[UNK]" in ax.get_legend().get_texts()[1].get_text()
+    assert "word list 2 of 4" in reply.text and "[UNK]" in reply.text
+
+
+@pytest.mark.parametrize(
+    "sentence", ["Hi there", "The cat sat on the warm windowsill.", "A much longer sentence " * 8, "Hi"]
+)
+async def test_maskrecipe_reports_the_real_share(app_factory, cache_dir: Path, sentence: str) -> None:  # type: ignore[no-untyped-def]
+    app = app_factory()
+    reply = await app.execute("maskrecipe", {"sentence": sentence}, app.local_context())
+    assert not reply.error, reply.text
+    tokens = transformers.BertTokenizerFast.from_pretrained(bert_tokenizer_dir(cache_dir)).tokenize(sentence)
+    chosen = len(reply.data["changes"])
+    assert chosen == max(1, round(0.15 * len(tokens)))
+    assert reply.data["chosen_share"] == chosen / len(tokens)
+    assert f"{chosen} chosen ({chosen / len(tokens):.0%} of them)" in reply.text
+    assert "aims at 15%" in reply.text and "at least one" in reply.text
+    if sentence == "Hi there":
+        assert "1 chosen (50% of them)" in reply.text
+
+
+async def test_nexttoken_explains_entropy_with_a_number_a_student_can_check(  # type: ignore[no-untyped-def]
+    app_factory, models, tiny_gpt2: Path
+) -> None:
+    app = app_factory(models)
+    reply = await app.execute_line('/nexttoken prompt:"The capital of France is" k:3')
+    probs = causal_reference(tiny_gpt2, "The capital of France is")
+    bits = -(probs * probs.clamp_min(1e-30).log2()).sum().item()
+    line = re.search(r"Entropy measures .* fair pick among ([\d,.]+) tokens", reply.text)
+    assert line is not None and float(line.group(1).replace(",", "")) == pytest.approx(2**bits, rel=1e-2)
+    assert "0 bits means one certain token" in reply.text
