@@ -280,8 +280,10 @@ async def adapt(ctx: Context, text: str, train: bool) -> Reply:
         text=(
             "The same base model, asked two ways: zero-shot (the instruction alone) and few-shot (two solved "
             "examples first). Only the prompt changes, no weights. The table gives the cost of LoRA fine-tuning "
-            "instead: only its low-rank matrices train; everything else stays frozen. At the end: both prompts "
-            "exactly as the model reads them, with its greedy 3-token answer in «…» (green)."
+            "instead: only its low-rank matrices train; everything else stays frozen. r is their rank: each "
+            "adapted weight matrix (d_out × d_in) gets two thin ones beside it, d_out × r and r × d_in, so the "
+            "trainable count grows in proportion to r. At the end: both prompts exactly as the model reads them, "
+            "with its greedy 3-token answer (the likeliest token at each step) in «…» (green)."
         ),
         fields=fields,
         table=Table(["LoRA on", "r", "trainable", "total", "share"], rows, align="lrrrr"),

@@ -29,6 +29,17 @@ TOPIC = Topic.load("plugins", "transformers-vs-rnns")  # plugins/data/topics/tra
 
 # Counting needs no measurement, so lengths go well past what can be timed (the course's 32,768 and beyond).
 MAX_LENGTH, MAX_LENGTHS, HEADS, REPEATS = 65_536, 6, 4, 3
+# A length is timed only if the attention weights (one 4-byte number per pair of tokens per head) fit in
+# this much memory: on a CPU they are all written out, and past it the time goes to moving memory, not to
+# the multiply-accumulates the budget counts (n = 16,384 at width 16 is within that budget yet needs 4 GiB
+# and minutes per forward). With 4 heads this allows n up to 4,096.
+SCORES_MAX_BYTES = 256 * 2**20
+MAC_LINE = "A multiply-accumulate is one multiplication added to a running sum: the unit of work of a matrix product."
+
+
+def score_bytes(length: int) -> int:
+    """Memory of one layer's attention weights: heads × n² numbers of 4 bytes."""
+    return HEADS * length * length * 4
 
 
 def recurrent_macs(length: int, width: int) -> int:
@@ -161,6 +172,62 @@ def request_budget(ctx: Context) -> float:
     return float(getattr(ctx.inference, "max_request_cost", ctx.config.inference.max_request_cost))
 
 
+def slower_from(measured: Sequence[tuple[int, LayerTimes]]) -> int | None:
+    """The shortest timed length from which attention is slower than the GRU at every longer one
+    (None when it is not slower at the longest)."""
+    start = None
+    for n, t in reversed(measured):
+        if t.attention_ms <= t.recurrent_ms:
+            break
+        start = n
+    return start
+
+
+def measured_verdict(measured: Sequence[tuple[int, LayerTimes]], d: int) -> str:
+    """What the timings show, length by length, and why, against the counts (attention does more
+    multiply-accumulates than the GRU exactly when n > d)."""
+    slower = [n for n, t in measured if t.attention_ms > t.recurrent_ms]
+    faster = [n for n, t in measured if t.attention_ms <= t.recurrent_ms]
+    start = slower_from(measured)
+    if not slower:
+        verdict = "Measured, attention was faster than the GRU at every timed length."
+    elif not faster:
+        verdict = f"Measured, attention was slower than the GRU at every timed length (n = {listing(slower)})."
+    elif start is not None and slower == [n for n, _ in measured if n >= start]:
+        verdict = (
+            f"Measured, attention was faster than the GRU up to n = {faster[-1]:,} and slower from n = {start:,} on."
+        )
+    else:
+        verdict = (
+            f"Measured, attention was slower than the GRU at n = {listing(slower)} "
+            f"and faster at n = {listing(faster)}: no single crossover in these timings."
+        )
+    parts = [verdict]
+    despite_more = [n for n in faster if n > d]
+    if despite_more:
+        parts.append(
+            f"At n = {listing(despite_more)} attention was faster though it does more multiply-accumulates than the "
+            "GRU: the GRU's n steps wait for each other and leave the hardware idle, while attention's work is a few "
+            "large matrix products run in parallel, so its extra n² work shows in time only once it dominates."
+        )
+    else:
+        parts.append(
+            "The GRU's n steps must wait for each other, while attention's work is a few large matrix products "
+            "run in parallel, so attention's extra n² work shows in time only once it dominates."
+        )
+    despite_less = [n for n in slower if n < d]
+    if despite_less:
+        parts.append(
+            f"At n = {listing(despite_less)} attention was slower though it does fewer multiply-accumulates than "
+            "the GRU: at such sizes the time is mostly the fixed cost of launching each operation, not arithmetic."
+        )
+    return " ".join(parts)
+
+
+def gib(nbytes: int) -> str:
+    return f"{nbytes / 2**30:.1f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:.0f} MiB"
+
+
 def listing(numbers: Sequence[int]) -> str:
     shown = [f"{n:,}" for n in numbers]
     return shown[0] if len(shown) == 1 else ", ".join(shown[:-1]) + " and " + shown[-1]
@@ -182,7 +249,9 @@ async def complexity(ctx: Context, lengths: str, width: int) -> Reply:
     check_width(width)
     budget = request_budget(ctx)
     requests = [LayerTiming(n, width) for n in ns]
-    timed = [r.cost() <= budget for r in requests]
+    over_budget = [r.cost() > budget for r in requests]
+    too_big = [score_bytes(n) > SCORES_MAX_BYTES for n in ns]
+    timed = [not (a or b) for a, b in zip(over_budget, too_big, strict=True)]
     times: list[LayerTimes | None] = []
     for request, fits in zip(requests, timed, strict=True):
         times.append(await ctx.inference.submit(request) if fits else None)
@@ -213,7 +282,7 @@ async def complexity(ctx: Context, lengths: str, width: int) -> Reply:
         reference_n2 = [t_top.attention_ms * (n / n_top) ** 2 for n, _ in measured]
         reference_n = [t_top.recurrent_ms * n / n_top for n, _ in measured]
 
-    slower = next((n for n, t in measured if t.attention_ms > t.recurrent_ms), None)
+    slower = slower_from(measured)
     lines = [
         "A recurrent layer takes n steps that must run one after another; attention takes one parallel step "
         "but compares all n² pairs of tokens.",
@@ -221,20 +290,12 @@ async def complexity(ctx: Context, lengths: str, width: int) -> Reply:
         f"(three gates, each on the input and on the previous state), attention 4·n·d² (query, key, value and "
         f"output projections). Only attention adds 2·n²·d for the pairs, which outgrows its projections past "
         f"n = 2d = {2 * d:,} and makes attention's total larger than the GRU's past n = d = {d:,}.",
+        MAC_LINE,
     ]
     if measured:
-        longest = measured[-1][0]
-        if slower is not None:
-            verdict = f"Measured, attention is slower than the GRU from n = {slower:,}"
-            more_work = slower > d
-        else:
-            verdict = "Measured, attention stayed faster than the GRU at every timed length"
-            more_work = longest > d
         lines.append(
-            f"Times are medians of {REPEATS} warm forwards (after one warm-up) on {device}. {verdict}"
-            + (f", though it does more work than the GRU past n = {d:,}" if more_work else "")
-            + ": the GRU's n steps wait for each other and keep the hardware idle, while attention's work is a "
-            "few large matrix products run in parallel, so its extra work shows in time only once n² dominates."
+            f"Times are medians of {REPEATS} warm forwards (after one warm-up) on {device}. "
+            + measured_verdict(measured, d)
             + (
                 " At short lengths both times are mostly fixed overhead, so the reference lines on the chart go "
                 "through the longest timed length."
@@ -242,12 +303,21 @@ async def complexity(ctx: Context, lengths: str, width: int) -> Reply:
                 else ""
             )
         )
-    skipped = [n for n, fits in zip(ns, timed, strict=True) if not fits]
+    skipped = [n for n, over in zip(ns, over_budget, strict=True) if over]
     if skipped:
-        worst = max(r.cost() for r, fits in zip(requests, timed, strict=True) if not fits)
+        worst = max(r.cost() for r, over in zip(requests, over_budget, strict=True) if over)
         lines.append(
             f"Not timed: n = {listing(skipped)}. Timing {'it' if len(skipped) == 1 else 'them'} would take up to "
             f"{short(worst)} multiply-accumulates, over this service's budget of {short(budget)} per request; "
+            "the counts need no measurement."
+        )
+    big = [n for n, over, large in zip(ns, over_budget, too_big, strict=True) if large and not over]
+    if big:
+        lines.append(
+            f"Not timed: n = {listing(big)}. {'Its' if len(big) == 1 else 'Their'} attention weights alone "
+            f"({HEADS} heads × n² numbers of 4 bytes) would take {'' if len(big) == 1 else 'up to '}"
+            f"{gib(score_bytes(big[-1]))}, more than the {gib(SCORES_MAX_BYTES)} this bot lets one timing use "
+            "(written out in full, as on a CPU, moving them would take longer than the counted work); "
             "the counts need no measurement."
         )
 
@@ -305,6 +375,10 @@ async def complexity(ctx: Context, lengths: str, width: int) -> Reply:
             "heads": HEADS,
             "lengths": ns,
             "timed": timed,
+            "not_timed_reason": [
+                "budget" if over else "memory" if large else None
+                for over, large in zip(over_budget, too_big, strict=True)
+            ],
             "timing_cost": [r.cost() for r in requests],
             "max_request_cost": budget,
             "attention_ms": [t.attention_ms if t else None for t in times],
@@ -317,6 +391,7 @@ async def complexity(ctx: Context, lengths: str, width: int) -> Reply:
             "attention_projection_macs": [projection_macs(n, d) for n in ns],
             "attention_pair_macs": [pair_macs(n, d) for n in ns],
             "measured_attention_slower_from": slower,
+            "measured_attention_slower_at": [n for n, t in measured if t.attention_ms > t.recurrent_ms],
         },
     )
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import math
 import re
+import unicodedata
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -31,18 +32,34 @@ from bot.charts import bar_chart, render
 TOPIC = Topic.load("plugins", "ngrams")  # plugins/data/topics/ngrams.toml
 
 START, END, UNKNOWN = "<s>", "</s>", "<unk>"
-WORD = re.compile(r"[\w']+|[.,!?;:]")
-SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+# Scripts written without spaces between words (Chinese, Japanese): each character counts as a word.
+CJK = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0002fa1f"
+MODIFIERS = "\ufe0e\ufe0f\U0001f3fb-\U0001f3ff"  # emoji presentation and skin-tone selectors
+# A word is a run of letters and digits (apostrophes inside it allowed); every other visible
+# character (punctuation, $, %, an emoji with its modifiers) is a word of its own. Nothing but
+# spaces is left out, so the n-gram model scores the same text the neural model does.
+WORD = re.compile(
+    rf"[{CJK}]|[^\W{CJK}]+(?:['’][^\W{CJK}]+)*|[^\w\s{MODIFIERS}\u200d](?:[{MODIFIERS}]|\u200d[^\w\s])*|\S"
+)
+HAS_CJK = re.compile(rf"[{CJK}]")
+# A sentence ends at . ! or ? before a space, or at the full-width 。！？ (no space follows those).
+SENTENCE_END = re.compile(r"(?<=[.!?])\s+|(?<=[。！？])\s*")
 DEFAULT_CONTEXT = "the cat sat on the"
 DEFAULT_HELDOUT = "The dog sat on the warm mat by the window."
 TOP = 10
 PERPLEXITY_LINE = (
     "Perplexity: roughly how many equally likely words a model is choosing between at each step; lower is better."
 )
+MARKERS_LINE = (
+    f"{START} marks the start of a sentence and {END} its end; {UNKNOWN} stands for every word the counted "
+    "text never had."
+)
+CJK_LINE = "Chinese and Japanese are written without spaces, so each of their characters counts as one word here."
+UNIT = "per word ({count}; punctuation and symbols count as words)"
 
 
 def words(text: str) -> list[str]:
-    return WORD.findall(text.lower())
+    return WORD.findall(unicodedata.normalize("NFC", text).lower())
 
 
 def sentences(text: str) -> list[list[str]]:
@@ -53,12 +70,20 @@ def plural(count: int, noun: str, nouns: str | None = None) -> str:
     return f"{count:,} {noun if count == 1 else (nouns or noun + 's')}"
 
 
+def amount(value: float) -> str:
+    """A perplexity as a student can read it: 36.8, 12,345.6, or 1.24e14 when it is huge."""
+    if value < 1_000_000:
+        return f"{value:,.1f}"
+    mantissa, exponent = f"{value:.2e}".split("e")
+    return f"{mantissa}e{int(exponent)}"
+
+
 def times(count: int) -> str:
     return {1: "once", 2: "twice"}.get(count, f"{count:,} times")
 
 
 def quoted(parts: Iterable[str]) -> str:
-    return "“" + " ".join(parts) + "”"
+    return "“" + " ".join(clipped(part, 40) for part in parts) + "”"
 
 
 @dataclass(frozen=True)
@@ -149,14 +174,19 @@ def smoothing_text(k: float, vocab_size: int) -> str:
 def zero_reason(step: Step) -> str:
     after = quoted(step.context)
     if step.total == 0:
-        return f"{after} never occurs in the counted text, so the counts say nothing about the word after it"
+        return (
+            f"{after} never occurs in the counted text, so the counts give no probability for the word after it "
+            "(0/0), and the model takes it as 0"
+        )
     if step.scored_as == UNKNOWN:
         return f"“{step.word}” never occurs in the counted text (0 of the {step.total:,} words after {after})"
     return f"“{step.word}” never follows {after} in the counted text (0/{step.total:,})"
 
 
-def step_line(step: Step) -> str:
+def step_line(step: Step, k: float) -> str:
     shown = step.word if step.scored_as == step.word else f"{step.word}→{UNKNOWN}"
+    if k == 0 and step.total == 0:
+        return f"{shown} 0/0 → no estimate"  # 0/0 is undefined, not 0
     return f"{shown} {step.count}/{step.total} → {step.prob:.3g}"
 
 
@@ -209,10 +239,13 @@ async def ngram(ctx: Context, context: str, n: int, text: str | None, sentence: 
         raise UserError(f"A {n}-gram model needs at least {n - 1} context words; `context` has {len(context_words)}.")
     key = tuple(context_words[-(n - 1) :])
     top = model.next_words(key, TOP)
-    held = words(sentence)
+    # Scored sentence by sentence, as the counts were made: each starts after <s>, not after the
+    # previous sentence's full stop (which the counted text never continues).
+    held_sentences = sentences(sentence)
+    held = [w for s in held_sentences for w in s]
     if not held:
         raise UserError("The held-out `sentence` has no words.")
-    steps = model.steps(held)
+    steps = [step for s in held_sentences for step in model.steps(s)]
     zero = next((s for s in steps if s.prob == 0), None)
     ngram_ppl = None if zero else math.exp(-sum(math.log(s.prob) for s in steps) / len(held))
     unseen = [w for w in held if w not in model.word_types]
@@ -235,12 +268,15 @@ async def ngram(ctx: Context, context: str, n: int, text: str | None, sentence: 
     ]
     if smoothing == 0 and not total:
         text_lines.append(f"Unsmoothed, the model has no prediction after {quoted(key)}: 0/0.")
+    text_lines.append(MARKERS_LINE)
+    if any(HAS_CJK.search(part) for part in (text or "", context, sentence)):
+        text_lines.append(CJK_LINE)
     text_lines.append(PERPLEXITY_LINE)
 
-    unit = f"per word ({plural(len(held), 'word')}; punctuation counts as a word)"
-    if zero is None:
-        ngram_value = f"{ngram_ppl:.1f} {unit}"
-    else:
+    unit = UNIT.format(count=plural(len(held), "word"))
+    if ngram_ppl is not None:
+        ngram_value = f"{amount(ngram_ppl)} {unit}"
+    elif zero is not None:
         ngram_value = (
             f"infinite: {zero_reason(zero)}; probability 0 for one word makes the whole sentence impossible "
             "for this model. Smoothing (k > 0) is what prevents that."
@@ -258,25 +294,32 @@ async def ngram(ctx: Context, context: str, n: int, text: str | None, sentence: 
             "while the neural model must spell each word out of its whole vocabulary. "
             "Its perplexity looks better than it is, so the two are not comparable."
         )
-    if any(s == held for s in corpus):
+    memorised = [s for s in held_sentences if s in corpus]
+    if memorised:
+        one = len(memorised) == 1
+        which = (
+            "The held-out sentence is"
+            if len(held_sentences) == 1
+            else f"{len(memorised)} of the {len(held_sentences)} held-out sentences {'is' if one else 'are'}"
+        )
         warnings.append(
-            "The held-out sentence is itself in the counted text, so the n-gram model has memorised it: "
-            "it is not held out."
+            f"{which} itself in the counted text, so the n-gram model has memorised {'it' if one else 'them'}: "
+            "that is not held out."
         )
     compare_value = (
         ("No: " + " ".join(warnings) if warnings else "Yes: every held-out word occurs in the counted text.")
         + f" Both perplexities above are {unit}; the neural model really predicts "
-        f"{plural(len(scored.logprobs), 'token')}, and per token its perplexity is {neural_token_ppl:.1f}."
+        f"{plural(len(scored.logprobs), 'token')}, and per token its perplexity is {amount(neural_token_ppl)}."
     )
     fields = [
         Field("held-out sentence", sentence, inline=False),
         Field(f"{n}-gram perplexity", ngram_value, inline=zero is None),
-        Field("neural perplexity", f"{neural_word_ppl:.1f} per word ({neural_token_ppl:.1f} per token)"),
+        Field("neural perplexity", f"{amount(neural_word_ppl)} per word ({amount(neural_token_ppl)} per token)"),
         Field("unseen words", oov_value, inline=False),
         Field("can the two be compared?", compare_value, inline=False),
         Field(
             f"{n}-gram, word by word (count/total → {'probability' if smoothing == 0 else 'smoothed probability'})",
-            joined([step_line(s) for s in steps], " · ", 1000),
+            joined([step_line(s, smoothing) for s in steps], " · ", 1000),
             inline=False,
         ),
     ]

@@ -88,6 +88,9 @@ def find_topic(ctx: Context, name: str) -> Topic:
     matches = [t for t in topics if wanted in t.slug or wanted in t.title.lower()]
     if len(matches) == 1:
         return matches[0]
+    if matches:  # part of several names: say which, not that there is none
+        which = ", ".join(t.slug for t in matches)
+        raise UserError(f"“{name.strip()[:40]}” is part of more than one topic: {which}. Which one?")
     known = ", ".join(sorted(t.slug for t in topics))
     raise UserError(f"No topic called “{name.strip()[:40]}”. Topics: {known}.")
 

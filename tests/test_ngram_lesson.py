@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import re
+import unicodedata
 from collections import Counter, defaultdict
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -21,7 +22,7 @@ from hypothesis import strategies as st
 
 from bot.app import App
 from bot.render import render_table, render_text
-from plugins.ngram import DEFAULT_HELDOUT, NgramModel, sentences
+from plugins.ngram import DEFAULT_HELDOUT, NgramModel, sentences, words
 from tests.conftest import examples, make_config
 from tests.plugin_helpers import assert_fits_discord
 
@@ -215,3 +216,116 @@ async def test_every_smoothing_renders_readably(app: App, smoothing: str) -> Non
     assert not re.search(r"\b(inf|nan)\b", text, re.IGNORECASE)
     if reply.table is not None:
         assert max(len(line) for line in render_table(reply.table).splitlines()) <= 60
+
+
+# ----------------------------------------------------------------------------- the same text on both sides
+
+
+def visible(text: str) -> str:
+    """The text without its spaces: what both models must account for."""
+    return "".join(unicodedata.normalize("NFC", text).lower().split())
+
+
+@settings(max_examples=examples(200), deadline=None)
+@given(text=st.text(max_size=60))
+def test_the_ngram_model_leaves_out_nothing_but_spaces(text: str) -> None:
+    """Every visible character is part of some word, so the n-gram model scores the text the neural
+    model scores (a symbol or an emoji dropped here would leave the neural model's log-probability
+    for it divided among fewer words)."""
+    assert "".join(words(text)) == visible(text)
+    assert all(w and not any(c.isspace() for c in w) for w in words(text))
+
+
+@pytest.mark.parametrize(
+    ("text", "want"),
+    [
+        ("Pay $5 (20% off)!", ["pay", "$", "5", "(", "20", "%", "off", ")", "!"]),
+        ("I love 🍕", ["i", "love", "🍕"]),
+        ("東京は日本の首都です。", list("東京は日本の首都です。")),  # written without spaces: one word per character
+        ("don't 'quote' me", ["don't", "'", "quote", "'", "me"]),
+    ],
+)
+def test_symbols_emoji_and_unspaced_scripts_are_words(text: str, want: list[str]) -> None:
+    assert words(text) == want
+
+
+async def test_symbols_are_scored_by_both_models(app: App, tiny_gpt2: Path) -> None:
+    """The per-word perplexities divide the same text's log-probability: no symbol is left to the neural side."""
+    sentence = "Pay $5 (20% off)!"
+    reply = await app.execute(
+        "ngram", {"text": "Pay $5 (20% off) now. It costs $5!", "sentence": sentence}, app.local_context()
+    )
+    assert not reply.error, reply.text
+    assert_fits_discord(reply)
+    held = reply.data["heldout_words"]
+    assert "".join(held) == visible(sentence)
+    logprob, tokens = direct_sentence_logprob(tiny_gpt2, sentence)
+    assert reply.data["neural_tokens"] == tokens
+    assert reply.data["neural_perplexity_per_word"] == pytest.approx(math.exp(-logprob / len(held)), rel=1e-5)
+    assert reply.data["oov_rate"] == 0 and reply.data["comparable"]
+    assert "punctuation and symbols count as words" in shown(reply)
+
+
+async def test_text_without_spaces_counts_characters_and_says_so(app: App) -> None:
+    text = "東京は日本の首都です。大阪は大きな町です。"
+    reply = await app.execute(
+        "ngram", {"text": text, "context": "東京", "sentence": "京都は日本の町です。"}, app.local_context()
+    )
+    assert not reply.error, reply.text
+    assert_fits_discord(reply)
+    assert reply.data["sentences_counted"] == 2  # 。 ends a sentence, with no space after it
+    assert reply.data["heldout_words"] == list("京都は日本の町です。")
+    assert reply.data["context"] == ["京"]
+    assert "each of their characters counts as one word" in reply.text
+    # Counted by hand: 東京は日本の首都です。 and 大阪は大きな町です。; "都" follows "京" nowhere, "は" once.
+    steps = reply.data["ngram_steps"]
+    assert [(s["word"], s["count"], s["total"]) for s in steps[:3]] == [("京", 0, 2), ("都", 0, 1), ("は", 0, 1)]
+
+
+# ----------------------------------------------------------------------------- a held-out text of several sentences
+
+
+async def test_each_held_out_sentence_starts_after_the_start_marker(app: App) -> None:
+    """The counts were made sentence by sentence, so the held-out text is scored that way too: its
+    second sentence starts after <s>, not after the first one's full stop (never continued when counting)."""
+    text = "the cat sat. the dog ran. the cat ran."
+    held = "the dog sat. the cat ran."
+    reply = await app.execute("ngram", {"text": text, "sentence": held, "smoothing": 0}, app.local_context())
+    assert not reply.error, reply.text
+    follows: defaultdict[str, Counter[str]] = defaultdict(Counter)
+    for s in ["the cat sat .", "the dog ran .", "the cat ran ."]:
+        for key, counter in bigram_counts(s).items():
+            follows[key].update(counter)
+    want = []
+    for s in ["the dog sat .", "the cat ran ."]:
+        ws = s.split()
+        want += [(b, follows[a][b], sum(follows[a].values())) for a, b in zip(["<s>", *ws[:-1]], ws, strict=True)]
+    steps = reply.data["ngram_steps"]
+    assert [(s["word"], s["count"], s["total"]) for s in steps] == want
+    assert steps[4]["context"] == ["<s>"]
+    # "the cat ran." is in the counted text, "the dog sat." is not: the warning says which share.
+    assert not reply.data["comparable"]
+    assert "1 of the 2 held-out sentences is itself in the counted text" in shown(reply)
+
+
+# ----------------------------------------------------------------------------- readable numbers and words
+
+
+async def test_unsmoothed_step_with_no_counts_is_no_estimate_not_zero(app: App) -> None:
+    # "dog" is never followed by anything in the counted text: 0/0 is no estimate, not a probability of 0.
+    reply = await app.execute("ngram", {"text": COURSE, "sentence": "the dog sat", "smoothing": 0}, app.local_context())
+    text = shown(reply)
+    assert "0/0 → 0" not in text and "sat 0/0 → no estimate" in text
+    assert "<s> marks the start of a sentence" in reply.text  # the markers get a plain line, smoothed or not
+
+
+async def test_a_huge_perplexity_is_written_readably(app: App) -> None:
+    reply = await app.execute("ngram", {"sentence": "x" * 300}, app.local_context())
+    assert not reply.error, reply.text
+    assert_fits_discord(reply)
+    per_word = reply.data["neural_perplexity_per_word"]
+    assert per_word > 1e6
+    text = shown(reply).replace(",", "")
+    assert not re.search(r"\d{8,}", text), text  # 1.95e14, not fifteen digits
+    mantissa, exponent = f"{per_word:.2e}".split("e")
+    assert f"{mantissa}e{int(exponent)} per word" in text

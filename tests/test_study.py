@@ -375,3 +375,17 @@ async def test_direct_messages_keep_one_board_per_person(study_app: App) -> None
     ] == []
     server = await study_app.execute("quiz", {"leaderboard": True}, person(study_app, "1", "1111"))
     assert server.data["leaderboard"] == [("student3", 1, 1)]
+
+
+async def test_a_name_that_fits_several_topics_names_them(app_factory) -> None:  # type: ignore[no-untyped-def]
+    """ "masked" is part of ar-vs-masked and masked-lm: the student is asked which, not told there is none."""
+    app = app_factory()
+    topics = app.registry.topics.values()
+    for name in ("masked", "vs"):
+        fitting = sorted(t.slug for t in topics if name in t.slug or name in t.title.lower())
+        assert len(fitting) > 1
+        for line in (f"/topic name:{name}", f"/quiz topic:{name}"):
+            reply = await app.execute_line(line)
+            assert reply.error and "No topic called" not in reply.text, reply.text
+            named = reply.text.split("more than one topic: ")[1].split(". Which one?")[0].split(", ")
+            assert sorted(named) == fitting, reply.text

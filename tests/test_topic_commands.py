@@ -24,12 +24,16 @@ from bot.render import render_table
 from plugins.adapt import FEW_SHOT, ZERO_SHOT, LoraTrain, attention_targets, lora_train
 from plugins.complexity import (
     HEADS,
+    LayerTimes,
     LayerTiming,
     build_layers,
     check_width,
+    listing,
+    measured_verdict,
     pair_macs,
     projection_macs,
     recurrent_macs,
+    slower_from,
 )
 from plugins.sentiment import LABELS, PROMPT, distinct_events, training_set
 from plugins.summarize import PREFIX
@@ -287,12 +291,101 @@ async def test_complexity_over_budget_lengths_do_not_hold_the_worker(app_factory
     assert reply.images and reply.images[0].data.startswith(b"\x89PNG")  # the counts, charted
 
 
+async def test_complexity_does_not_time_what_would_only_move_memory(app_factory, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """n = 16,384 at width 16 is within the multiply-accumulate budget, but its attention weights
+    (4 heads × n² × 4 bytes = 4 GiB) make one forward take minutes on a CPU: it is counted, not timed."""
+    app = app_factory()
+    submitted: list[int] = []
+
+    async def fake(request, **kw):  # type: ignore[no-untyped-def]
+        submitted.append(request.length)
+        return LayerTimes("cpu", 1.0, 1.0)
+
+    monkeypatch.setattr(app.inference, "submit", fake)
+    reply = await app.execute_line("/complexity lengths:4096,8192,16384 width:16")
+    assert not reply.error, reply.text
+    assert_fits_discord(reply)
+    budget = app.config.inference.max_request_cost
+    assert all(cost <= budget for cost in reply.data["timing_cost"])  # the budget alone would time them all
+    assert 4 * 16384 * 16384 * 4 == 4 * 2**30
+    assert submitted == [4096] and reply.data["timed"] == [True, False, False]
+    assert reply.data["not_timed_reason"] == [None, "memory", "memory"]
+    assert "Not timed: n = 8,192 and 16,384" in reply.text and "up to 4.0 GiB" in reply.text
+    assert reply.data["attention_pair_macs"][-1] == 2 * 16384 * 16384 * 16  # still counted
+
+
 async def test_complexity_reference_lines_go_through_the_longest_timed_length(app_factory) -> None:  # type: ignore[no-untyped-def]
     reply = await app_factory().execute_line("/complexity lengths:16,64,256 width:32")
     data = reply.data
     top, attention, recurrent = data["lengths"][-1], data["attention_ms"], data["recurrent_ms"]
     assert data["reference_n2"] == pytest.approx([attention[-1] * (n / top) ** 2 for n in data["lengths"]])
     assert data["reference_n"] == pytest.approx([recurrent[-1] * n / top for n in data["lengths"]])
+
+
+def timed_as(app: App, monkeypatch: pytest.MonkeyPatch, times: dict[int, tuple[float, float]]) -> None:
+    """The worker's timings replaced by given (attention ms, GRU ms) per length: what a noisy machine may measure."""
+
+    async def fake(request, **kw):  # type: ignore[no-untyped-def]
+        assert isinstance(request, LayerTiming)
+        return LayerTimes("cpu", *times[request.length])
+
+    monkeypatch.setattr(app.inference, "submit", fake)
+
+
+async def test_complexity_says_slower_from_only_where_attention_stays_slower(app_factory, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Slower at 16 (overhead), faster at 64, slower at 256: no "slower from n = 16"."""
+    app = app_factory()
+    timed_as(app, monkeypatch, {16: (5.0, 1.0), 64: (1.0, 2.0), 256: (9.0, 3.0)})
+    reply = await app.execute_line("/complexity lengths:16,64,256 width:32")
+    assert not reply.error, reply.text
+    assert_fits_discord(reply)
+    assert reply.data["measured_attention_slower_from"] == 256
+    assert reply.data["measured_attention_slower_at"] == [16, 256]
+    assert "from n = 16" not in reply.text
+    assert "slower than the GRU at n = 16 and 256 and faster at n = 64" in reply.text
+    # Against the counts (d = 32): at 16 attention does less work and is still slower (overhead); at 64 it
+    # does more and is still faster (parallel products vs the GRU's chain of steps).
+    assert "At n = 16 attention was slower though it does fewer multiply-accumulates" in reply.text
+    assert "At n = 64 attention was faster though it does more multiply-accumulates" in reply.text
+
+
+async def test_complexity_names_a_real_crossover(app_factory, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    app = app_factory()
+    timed_as(app, monkeypatch, {16: (1.0, 2.0), 64: (1.0, 2.0), 256: (9.0, 3.0), 1024: (90.0, 10.0)})
+    reply = await app.execute_line("/complexity lengths:16,64,256,1024 width:32")
+    assert reply.data["measured_attention_slower_from"] == 256
+    assert "faster than the GRU up to n = 64 and slower from n = 256 on" in reply.text
+
+
+@settings(max_examples=examples(100), deadline=None)
+@given(
+    pattern=st.lists(st.tuples(st.floats(0.01, 100), st.floats(0.01, 100)), min_size=1, max_size=6),
+    width=st.sampled_from([16, 64, 256]),
+)
+def test_measured_verdict_matches_the_timings(pattern: list[tuple[float, float]], width: int) -> None:
+    measured = [(4**i, LayerTimes("cpu", a, r)) for i, (a, r) in enumerate(pattern)]
+    slower = [n for n, t in measured if t.attention_ms > t.recurrent_ms]
+    start = slower_from(measured)
+    # "Slower from n" means slower there and at every longer length, and not at the length just before.
+    if start is None:
+        assert not slower or slower[-1] != measured[-1][0]
+    else:
+        assert [n for n, _ in measured if n >= start] == [n for n in slower if n >= start]
+        before = [t for n, t in measured if n < start]
+        assert not before or before[-1].attention_ms <= before[-1].recurrent_ms
+    text = measured_verdict(measured, width)
+    if "slower from n = " in text:
+        assert f"slower from n = {start:,} on" in text and all(n >= start for n in slower)  # type: ignore[operator]
+    # The lengths where the time goes against the counts are named, and only those.
+    for phrase, exceptions in (
+        ("slower though it does fewer", [n for n, t in measured if t.attention_ms > t.recurrent_ms and n < width]),
+        ("faster though it does more", [n for n, t in measured if t.attention_ms <= t.recurrent_ms and n > width]),
+    ):
+        if exceptions:
+            named = text.split(phrase)[0].rsplit("At n = ", 1)[1].split(" attention was")[0]
+            assert named == listing(exceptions), (named, exceptions)
+        else:
+            assert phrase not in text
 
 
 @pytest.mark.parametrize("width", [18, 17, 1023, 30])
@@ -443,3 +536,19 @@ async def test_adapt_train_by_default_only_on_gpu_workers(app_factory, tmp_path:
         assert any(f.value == "Training is turned off on this bot." for f in off.fields)
     finally:
         await app.close()
+
+
+async def test_jargon_in_complexity_and_adapt_gets_a_plain_line(app_factory, tiny_gpt2: Path) -> None:  # type: ignore[no-untyped-def]
+    app = app_factory({"causal_lm": tiny_gpt2})
+    counted = await app.execute("complexity", {"lengths": "65536", "width": 1024}, app.local_context())  # not timed
+    assert not counted.error and "multiply-accumulates" in counted.text
+    assert "A multiply-accumulate is one multiplication added to a running sum" in counted.text
+    adapted = await app.execute_line("/adapt text:Great product")
+    assert not adapted.error, adapted.text
+    assert adapted.table is not None and "r" in adapted.table.headers
+    assert "r is their rank" in adapted.text and "greedy 3-token answer (the likeliest token" in adapted.text
+    # "grows in proportion to r", as the reply says: the same targets at twice the rank train twice as much.
+    rows = adapted.data["lora"]
+    for row in rows:
+        per_rank = {other["r"]: other["trainable"] for other in rows if other["targets"] == row["targets"]}
+        assert {r: t / r for r, t in per_rank.items()} == {r: row["trainable"] / row["r"] for r in per_rank}
