@@ -25,7 +25,7 @@ from bot import (
     hookimpl,
 )
 from bot.charts import render, shaded_text, show_bytes
-from plugins.ngram import UNKNOWN, NgramModel, builtin_corpus, sentences, words
+from plugins.ngram import UNKNOWN, NgramModel, builtin_corpus, sentences
 
 LN2 = math.log(2)
 MAX_TOKENS = 120  # one chart of shaded text, and a reply that fits Discord
@@ -151,13 +151,15 @@ class NgramScores:
 def ngram_scores(text: str) -> NgramScores | None:
     """The text scored word by word by /ngram's bigram model on its built-in corpus."""
     model = NgramModel.fit(sentences(builtin_corpus()), NGRAM_ORDER, NGRAM_SMOOTHING)
-    found = words(text)
+    # Sentence by sentence, each after <s>, exactly as /ngram scores its held-out text.
+    held = sentences(text)
+    found = [word for sentence in held for word in sentence]
     if not found:
         return None
-    steps = model.steps(found)  # add-one smoothing: no word has probability 0
+    steps = [step for sentence in held for step in model.steps(sentence)]  # add-one: no probability is 0
     bits = [-math.log2(step.prob) for step in steps]
     unknown = sorted({step.word for step in steps if step.scored_as == UNKNOWN})
-    perplexity = math.exp(-model.sentence_logprob(found) / len(found))
+    perplexity = 2 ** (sum(bits) / len(found))
     return NgramScores(found, bits, unknown, perplexity)
 
 

@@ -93,7 +93,7 @@ async def test_slash_command_is_deferred_then_answered_with_embed_and_chart(harn
     assert callback.body == {"type": 5}  # defer: "thinking"
     assert followup.body["allowed_mentions"] == {"parse": []}
     embed = followup.body["embeds"][0]
-    assert embed["title"].startswith("Next token (tiny-gpt2)")
+    assert embed["title"].startswith("Next token (tiny-gpt2 · fp32, ")
     assert "probability" in embed["description"]
     assert embed["image"]["url"] == "attachment://nexttoken.png"
     assert followup.files[0][0] == "nexttoken.png" and followup.files[0][1].startswith(b"\x89PNG")

@@ -212,8 +212,7 @@ async def test_ngram_perplexities_equal_direct_computation(app_factory, models, 
     ("values", "message"),
     [
         ({"n": 3, "context": "the"}, "A 3-gram model needs at least 2 context words; `context` has 1."),
-        ({"sentence": "@@@ ###"}, "The held-out `sentence` has no words."),
-        ({"text": "@@ ## $$"}, "The text has no words to count."),
+        ({"n": 5, "context": "the cat"}, "A 5-gram model needs at least 4 context words; `context` has 2."),
     ],
 )
 async def test_ngram_bad_input(app_factory, models, values, message) -> None:  # type: ignore[no-untyped-def]
@@ -221,6 +220,17 @@ async def test_ngram_bad_input(app_factory, models, values, message) -> None:  #
     reply = await app.execute("ngram", values, app.local_context())
     assert reply.error
     assert reply.text.startswith(message) or message in reply.text
+
+
+async def test_ngram_counts_symbols_as_words_on_both_sides(app_factory, models) -> None:  # type: ignore[no-untyped-def]
+    # Both per-word perplexities divide by the same words, symbols included, so the neural LM's
+    # per-word figure covers exactly the text the n-gram model scored.
+    app = app_factory(models)
+    reply = await app.execute("ngram", {"text": "@@ ## $$", "sentence": "@@@ ###", "context": "@"}, app.local_context())
+    assert not reply.error, reply.text
+    assert reply.data["heldout_words"] == ["@", "@", "@", "#", "#", "#"]
+    neural = reply.data["neural_logprob"]
+    assert reply.data["neural_perplexity_per_word"] == pytest.approx(math.exp(-neural / 6), rel=1e-12)
 
 
 # ----------------------------------------------------------------------------- /compare

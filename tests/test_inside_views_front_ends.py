@@ -71,6 +71,6 @@ def test_the_three_commands_in_the_console(tmp_path: Path, cache_dir: Path, tiny
     assert "Attention: average of all 2 layers × 2 heads" in out
     assert "No masked LM is available here (offline), so only the causal side is shown." in out
     assert "Sampling: temperature 1, top-k 50, top-p 0.9" in out and "sample 1:" in out
-    assert "Surprise: tiny-gpt2 reads your text" in out and "Perplexity" in out
+    assert "Surprise: tiny-gpt2 · fp32, " in out and "reads your text" in out and "Perplexity" in out
     assert "A head belongs to one layer: give `layer` too" in out
     assert out.count("[image] ") == 3

@@ -81,11 +81,11 @@ def bigram_bits(text: str) -> list[float]:
         vocab.update([*sentence, "</s>"])
         for a, b in zip(["<s>", *sentence], [*sentence, "</s>"], strict=True):
             follows[a][b] += 1
-    found = words(text)
     bits = []
-    for a, b in zip(["<s>", *found], found, strict=False):
-        b = b if b in vocab else "<unk>"
-        bits.append(-math.log2((follows[a][b] + 1) / (sum(follows[a].values()) + len(vocab))))
+    for sentence in sentences(text):  # each held-out sentence starts after <s>, as /ngram scores it
+        for a, b in zip(["<s>", *sentence], sentence, strict=False):
+            b = b if b in vocab else "<unk>"
+            bits.append(-math.log2((follows[a][b] + 1) / (sum(follows[a].values()) + len(vocab))))
     return bits
 
 
@@ -157,11 +157,15 @@ async def test_bad_text_gets_a_clear_answer(app_factory, tiny_gpt2: Path, values
     assert reply.error and reply.text.startswith(message), reply.text
 
 
-async def test_ngram_side_without_words_says_so(app_factory, tiny_gpt2: Path) -> None:  # type: ignore[no-untyped-def]
+async def test_ngram_side_scores_symbols_and_emoji_as_words(app_factory, tiny_gpt2: Path) -> None:  # type: ignore[no-untyped-def]
+    # /ngram counts every visible character as a word, so text of emoji alone is still scored,
+    # each emoji unseen in the corpus (and scored as <unk>).
     app = app_factory({"causal_lm": tiny_gpt2})
     reply = await app.execute("surprise", {"text": "🙂 🦜", "ngram": True}, app.local_context())
-    assert not reply.error and reply.data["ngram"] is None
-    assert "The n-gram model finds no words in that text to score." in reply.text
+    assert not reply.error, reply.text
+    ngram = reply.data["ngram"]
+    assert ngram["words"] == ["🙂", "🦜"] and ngram["unknown"] == ["🙂", "🦜"]
+    assert ngram["bits"] == pytest.approx(bigram_bits("🙂 🦜"), rel=1e-12)
 
 
 def test_shaded_text_draws_literal_text() -> None:
