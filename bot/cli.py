@@ -112,7 +112,7 @@ def cmd_plugins(args: argparse.Namespace) -> int:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from bot.inference.registry import resolve
+    from bot.inference.registry import resolve, runs_as
 
     app = _load_app(args)
     config = app.config
@@ -130,10 +130,12 @@ def cmd_models(args: argparse.Namespace) -> int:
         state = f"yes ({info['mb']:.0f} MB in memory, {info['load_s']:.1f} s)" if isinstance(info, dict) else "no"
         if isinstance(info, str):
             state = info
-        rows.append([name, config.models.get(name, role.default), where, _size(size), state])
+        # The precision and engine the workers will run this role in (issue: say the engine).
+        runs = runs_as(role, config.inference.device, config.inference.dtype)
+        rows.append([name, config.models.get(name, role.default), where, _size(size), runs, state])
     from bot.commands import Table
 
-    print(render_table(Table(["role", "configured", "resolves to", "size", "loaded"], rows)))
+    print(render_table(Table(["role", "configured", "resolves to", "size", "runs as", "loaded"], rows)))
     return EXIT_OK
 
 

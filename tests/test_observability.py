@@ -73,6 +73,17 @@ def test_lmbot_models_lists_roles_and_where_they_resolve(tmp_path: Path, cache_d
     assert "tiny-gpt2" in lines["causal_lm"]
     assert "all-MiniLM-L6-v2 (offline stand-in" in lines["embedder"]
     assert "missing: offline, and bert-base-uncased is not on this machine" in lines["masked_lm"]
+    # The engine and precision each role will run in (CPU here: fp32 on ONNX Runtime once built).
+    assert "fp32, onnxruntime once warm" in lines["causal_lm"] and "fp32, torch" in lines["embedder"]
+    (tmp_path / "config.toml").write_text(
+        f'[inference]\ncache_dir = "{cache_dir}"\noffline = "always"\ndevice = "cpu"\ndtype = "bfloat16"\n'
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "bot.cli", "models"], cwd=tmp_path, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    lines = {line.split()[0]: line for line in done.stdout.splitlines()[2:]}
+    assert "bf16, torch" in lines["causal_lm"] and "onnxruntime" not in done.stdout
 
 
 async def test_lmbot_health_reports_a_running_service(config_factory, tiny_gpt2: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
