@@ -10,10 +10,12 @@ import asyncio
 import functools
 import io
 import logging
+import os
 import re
 import unicodedata
 import warnings
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Any
 
@@ -283,14 +285,21 @@ def _split_bar_chart(
     return Image(filename, buffer.getvalue(), one_line(title, 100))
 
 
+# Charts draw in threads of their own. A burst of charted replies is seconds of drawing on a
+# small host; in asyncio's shared pool it would queue every other reply's thread work
+# (tokenizing, the quiz database) behind it (measured by bench/faults.py's overflow scenario).
+_CHART_THREADS = ThreadPoolExecutor(max_workers=min(4, (os.cpu_count() or 1) + 1), thread_name_prefix="lmbot-chart")
+
+
 async def render(draw: Callable[..., Image], *args: Any, **kwargs: Any) -> Image:
-    """Draw a chart in a thread so the event loop stays free.
+    """Draw a chart in the chart threads so the event loop and asyncio's shared pool stay free.
 
     Never raises: a chart that cannot be drawn is logged and comes back with no data, which
     :class:`~bot.commands.Reply` leaves out, so the reply goes without that chart.
     """
     try:
-        return await asyncio.to_thread(draw, *args, **kwargs)
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(_CHART_THREADS, functools.partial(draw, *args, **kwargs))
     except Exception:
         filename = str(kwargs.get("filename", "chart.png"))
         name = getattr(draw, "__name__", repr(draw))

@@ -234,3 +234,23 @@ def test_an_image_without_data_is_not_saved(tmp_path: Path) -> None:
     reply = Reply(images=[Image("a.png", b"png")])
     reply.images.append(Image("broken.png", b""))  # appended after the reply was made
     assert [Path(p).name for p in save_images(reply, tmp_path, "s")] == ["s-a.png"]
+
+
+async def test_charts_being_drawn_never_hold_up_other_thread_work() -> None:
+    """A burst of slow charts waits in the chart threads, not in asyncio's shared pool."""
+    release = threading.Event()
+
+    def slow_chart() -> Image:
+        release.wait(30)
+        return Image("slow.png", b"\x89PNG", "slow")
+
+    # More draws than asyncio's default pool has threads (min(32, cores + 4)).
+    drawing = [asyncio.create_task(charts.render(slow_chart)) for _ in range(40)]
+    await asyncio.sleep(0.1)
+    try:
+        # Other replies' thread work (a tokenizer, the quiz database) still runs at once.
+        assert await asyncio.wait_for(asyncio.to_thread(lambda: "done"), timeout=10) == "done"
+    finally:
+        release.set()
+    images = await asyncio.gather(*drawing)
+    assert [image.filename for image in images] == ["slow.png"] * 40
