@@ -153,6 +153,11 @@ class NgramModel:
             out.append(Step(context, word, scored_as, count, total, self.prob(context, word)))
         return out
 
+    def held_out_steps(self, held: list[list[str]]) -> list[Step]:
+        """Steps of held-out text, sentence by sentence: each starts after <s>, as the counts were
+        made, not after the previous sentence's full stop (which the counted text never continues)."""
+        return [step for sentence in held for step in self.steps(sentence)]
+
     def sentence_logprob(self, sentence: list[str]) -> float:
         """Natural-log probability of the sentence's words; -inf when one of them has probability 0."""
         probs = [s.prob for s in self.steps(sentence)]
@@ -239,13 +244,11 @@ async def ngram(ctx: Context, context: str, n: int, text: str | None, sentence: 
         raise UserError(f"A {n}-gram model needs at least {n - 1} context words; `context` has {len(context_words)}.")
     key = tuple(context_words[-(n - 1) :])
     top = model.next_words(key, TOP)
-    # Scored sentence by sentence, as the counts were made: each starts after <s>, not after the
-    # previous sentence's full stop (which the counted text never continues).
     held_sentences = sentences(sentence)
     held = [w for s in held_sentences for w in s]
     if not held:
         raise UserError("The held-out `sentence` has no words.")
-    steps = [step for s in held_sentences for step in model.steps(s)]
+    steps = model.held_out_steps(held_sentences)
     zero = next((s for s in steps if s.prob == 0), None)
     ngram_ppl = None if zero else math.exp(-sum(math.log(s.prob) for s in steps) / len(held))
     unseen = [w for w in held if w not in model.word_types]

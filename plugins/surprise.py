@@ -151,12 +151,11 @@ class NgramScores:
 def ngram_scores(text: str) -> NgramScores | None:
     """The text scored word by word by /ngram's bigram model on its built-in corpus."""
     model = NgramModel.fit(sentences(builtin_corpus()), NGRAM_ORDER, NGRAM_SMOOTHING)
-    # Sentence by sentence, each after <s>, exactly as /ngram scores its held-out text.
     held = sentences(text)
     found = [word for sentence in held for word in sentence]
     if not found:
         return None
-    steps = [step for sentence in held for step in model.steps(sentence)]  # add-one: no probability is 0
+    steps = model.held_out_steps(held)  # as /ngram scores its held-out text; add-one: no probability is 0
     bits = [-math.log2(step.prob) for step in steps]
     unknown = sorted({step.word for step in steps if step.scored_as == UNKNOWN})
     perplexity = 2 ** (sum(bits) / len(found))

@@ -24,7 +24,6 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
-import importlib.util
 import inspect
 import json
 import logging
@@ -39,6 +38,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from bot.inference.registry import onnxruntime_applies
 
 log = logging.getLogger(__name__)
 
@@ -105,10 +106,6 @@ def attach(model: Any, engine: Any | None) -> None:
     model.__dict__[_ENGINE_ATTR] = engine
 
 
-def onnxruntime_available() -> bool:
-    return importlib.util.find_spec("onnxruntime") is not None
-
-
 def wanted_engine(setting: str, device: torch.device, dtype: torch.dtype, auto_class: str) -> str:
     """The engine a role should run on: ``onnxruntime`` where it applies, else ``torch``.
 
@@ -118,8 +115,7 @@ def wanted_engine(setting: str, device: torch.device, dtype: torch.dtype, auto_c
     setting = os.environ.get("LMBOT_ENGINE", setting) or "auto"
     if setting == "torch":
         return "torch"
-    applies = device.type == "cpu" and dtype == torch.float32 and auto_class == "AutoModelForCausalLM"
-    if applies and onnxruntime_available():
+    if onnxruntime_applies(device.type == "cpu", dtype == torch.float32, auto_class):
         return "onnxruntime"
     if setting == "onnxruntime":
         log.warning(

@@ -180,7 +180,7 @@ def runs_as(role: ModelRole, device: str = "auto", dtype: str = "auto", engine: 
 
     Arguments are the config's ``inference.device``, ``inference.dtype`` and engine
     setting (``LMBOT_ENGINE`` overrides it, as in the workers). Nothing here imports
-    torch; ``bot.inference.engines.wanted_engine`` is the worker-side decision this mirrors.
+    torch; the rule itself is :func:`onnxruntime_applies`, as in the workers.
     """
     engine = os.environ.get("LMBOT_ENGINE", engine) or "auto"
     on_cpu = device == "cpu" or (device == "auto" and not _cuda_visible())
@@ -188,14 +188,18 @@ def runs_as(role: ModelRole, device: str = "auto", dtype: str = "auto", engine: 
         precision = "fp32" if on_cpu else "bf16 or fp16 (GPU)"
     else:
         precision = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}.get(dtype, dtype)
-    onnx = (
-        engine != "torch"
-        and on_cpu
-        and precision == "fp32"
-        and role.auto_class == "AutoModelForCausalLM"
-        and importlib.util.find_spec("onnxruntime") is not None
-    )
+    onnx = engine != "torch" and onnxruntime_applies(on_cpu, precision == "fp32", role.auto_class)
     return f"{precision}, onnxruntime once warm (torch until then)" if onnx else f"{precision}, torch"
+
+
+def onnxruntime_applies(on_cpu: bool, fp32: bool, auto_class: str) -> bool:
+    """Where the ONNX Runtime engine runs a role: causal LMs in fp32 on the CPU, when it is installed.
+
+    One rule for the workers (``bot.inference.engines.wanted_engine``) and ``lmbot models``.
+    """
+    return (
+        on_cpu and fp32 and auto_class == "AutoModelForCausalLM" and importlib.util.find_spec("onnxruntime") is not None
+    )
 
 
 def _cuda_visible() -> bool:
