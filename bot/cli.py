@@ -14,18 +14,18 @@ import os
 import socket
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from bot import __version__
 from bot.app import App
+from bot.ask import AskRequest, usage_json
 from bot.commands import Reply
 from bot.config import Config, ConfigError, load_config
 from bot.inference.metrics import read_running
 from bot.inference.registry import ModelSource
-from bot.parsing import UsageError
 from bot.plugins import PluginConflict
-from bot.render import render_json, render_table, render_text, save_images
+from bot.render import render_table, render_text
 
 EXIT_OK, EXIT_ANSWERED_ERROR, EXIT_USAGE = 0, 1, 2
 
@@ -63,38 +63,52 @@ def _load_app(args: argparse.Namespace) -> App:
     return App(_terminal_config(args))
 
 
-def _usage_json(message: str) -> str:
-    return json.dumps({"ok": False, "usage_error": True, "text": message}, ensure_ascii=False)
-
-
-async def _ask(app: App, line: str, as_json: bool, out_dir: str | None) -> int:
-    try:
-        try:
-            reply = await app.execute_line(line)
-        except UsageError as exc:
-            print(_usage_json(str(exc)) if as_json else f"lmbot: {exc}", file=sys.stdout if as_json else sys.stderr)
-            return EXIT_USAGE
-        folder = Path(out_dir or app.config.bot.output_dir)
-        try:
-            paths = save_images(reply, folder, f"{line.split()[0].lstrip('/')}-{time.strftime('%Y%m%d-%H%M%S')}")
-        except OSError as exc:
-            print(f"lmbot: could not save the chart in {folder}: {exc.strerror or exc}", file=sys.stderr)
-            paths = []
-        if as_json:
-            print(render_json(reply, paths), flush=True)
-        else:
-            print(render_text(reply, paths, colour=sys.stdout.isatty()), flush=True)
-        return EXIT_ANSWERED_ERROR if reply.error else EXIT_OK
-    finally:
-        await app.close()  # after the answer is printed: stopping the workers takes a moment
-
-
-def cmd_ask(args: argparse.Namespace) -> int:
+def _ask_config(args: argparse.Namespace) -> Config:
     config = _terminal_config(args)
     if "request_timeout_s" not in config.inference.model_fields_set:
         inference = config.inference.model_copy(update={"request_timeout_s": ASK_TIMEOUT_S})
         config = config.model_copy(update={"inference": inference})
-    return asyncio.run(_ask(App(config), args.line, args.json, args.out))
+    return config
+
+
+def cmd_ask(args: argparse.Namespace) -> int:
+    from bot import ask
+
+    config = _ask_config(args)
+    if args.stop:
+        paths = ask.warm_paths(config)
+        pid = ask.stop_warm(paths) if paths else None
+        print(f"stopped the warm lmbot (pid {pid})" if pid else "no warm lmbot was running")
+        return EXIT_OK
+    if args.line is None:
+        message = 'ask needs a command line, e.g. lmbot ask "/help"'
+        print(usage_json(message) if args.json else f"lmbot: {message}", file=sys.stdout if args.json else sys.stderr)
+        return EXIT_USAGE
+    request = ask.AskRequest(args.line, args.json, args.out or config.bot.output_dir, sys.stdout.isatty())
+    # -v wants this process's logs, --cold a start from nothing: neither uses nor leaves a warm lmbot.
+    keep_alive = 0.0 if args.cold or args.verbose else ask.keep_alive_s(config)
+    paths = ask.warm_paths(config) if keep_alive > 0 else None
+    if paths is None:
+        return asyncio.run(_ask_here(App(config), request))
+    print_fingerprint = ask.fingerprint(config)
+    answer = ask.ask_warm(config, request, paths, print_fingerprint)
+    if answer is not None:
+        return answer.emit()
+    warm = lambda roles: ask.start_warm(config, print_fingerprint, roles, keep_alive, paths)  # noqa: E731
+    return asyncio.run(_ask_here(App(config), request, warm))
+
+
+async def _ask_here(app: App, request: AskRequest, leave_warm: Callable[[list[str]], None] | None = None) -> int:
+    """Answer in this process; then, if the ask needed a worker, leave a warm lmbot for the next."""
+    from bot.ask import answer_line
+
+    try:
+        rc = (await answer_line(app, request)).emit()
+        if leave_warm is not None and app.inference.roles_used:
+            leave_warm(sorted(r for r in app.inference.roles_used if r))
+        return rc
+    finally:
+        await app.close()  # after the answer is printed: stopping the workers takes a moment
 
 
 def cmd_console(args: argparse.Namespace) -> int:
@@ -332,9 +346,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_console)
 
     p = sub.add_parser("ask", parents=[common], help='run one command, e.g. lmbot ask "/help"')
-    p.add_argument("line", help='the command line, e.g. "/tokenize text:\\"hello world\\""')
+    p.add_argument("line", nargs="?", help='the command line, e.g. "/tokenize text:\\"hello world\\""')
     p.add_argument("--json", action="store_true", help="print the reply as one JSON object")
     p.add_argument("--out", metavar="DIR", help="folder for images (default: bot.output_dir)")
+    p.add_argument(
+        "--cold", action="store_true", help="answer in this process only: neither use nor leave a warm lmbot"
+    )
+    p.add_argument("--stop", action="store_true", help="stop the warm lmbot an earlier ask left running")
     p.set_defaults(func=cmd_ask)
 
     p = sub.add_parser("run", parents=[common], help="run the Discord bot (token from the environment)")
@@ -373,7 +391,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.func(args)
     except (ConfigError, PluginConflict) as exc:
         if getattr(args, "json", False):
-            print(_usage_json(str(exc)))
+            print(usage_json(str(exc)))
         else:
             print(f"lmbot: {exc}", file=sys.stderr)
         return EXIT_USAGE

@@ -196,11 +196,18 @@ class InferenceSection(_Section):
     metrics_port: Annotated[int, Field(ge=0, le=65535)] = 0
 
 
+class AskSection(_Section):
+    # `lmbot ask` leaves a warm lmbot (app and workers) this long after its last answer, so the
+    # next ask skips starting a worker and loading the model; 0: every ask starts from nothing.
+    keep_alive_s: Annotated[float, Field(ge=0, le=86_400)] = 300.0
+
+
 class Config(_Section):
     bot: BotSection = BotSection()
     discord: DiscordSection = DiscordSection()
     plugins: PluginsSection = PluginsSection()
     inference: InferenceSection = InferenceSection()
+    ask: AskSection = AskSection()
     # role -> hub id or local path; roles are checked against the registered ones after plugins load.
     models: dict[str, PathText] = {}
 

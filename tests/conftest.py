@@ -31,6 +31,9 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 LOOPBACK_ONLY = str(Path(__file__).parent / "loopback_only")
 os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (LOOPBACK_ONLY, os.environ.get("PYTHONPATH")) if p)
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# `lmbot ask` run by a test answers in its own process and leaves no warm lmbot behind
+# (tests/test_ask_warm.py turns it on where it is the subject).
+os.environ["LMBOT_ASK_KEEP_ALIVE_S"] = "0"
 
 ROLES = {r.name: r for r in BUILTIN_ROLES}
 

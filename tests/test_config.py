@@ -100,3 +100,18 @@ def test_shipped_configs_are_valid() -> None:
     assert load_config(str(root / "config.toml")).bot.token_env == "LMBOT_DISCORD_TOKEN"
     docker = load_config(str(root / "docker" / "config.toml"))
     assert docker.inference.metrics_port and docker.plugins.options["study"]["quiz_db"]
+
+
+def test_the_shipped_config_lists_every_key_with_its_default() -> None:
+    """config.toml is the reference an admin reads: every core key, each at its default."""
+    import tomllib
+
+    from bot.config import Config
+
+    shipped = tomllib.loads((Path(__file__).parent.parent / "config.toml").read_text(encoding="utf-8"))
+    defaults = Config()
+    for section in ("bot", "discord", "inference", "ask"):
+        model = getattr(defaults, section)
+        assert set(shipped[section]) == set(type(model).model_fields), section
+        for key, value in shipped[section].items():
+            assert value == getattr(model, key), f"{section}.{key}"

@@ -42,6 +42,9 @@ class InferenceClient(abc.ABC):
         self.max_per_user = inf.max_per_user
         self._closing = False
         self._per_user: Counter[str] = Counter()  # requests queued or running, per user id
+        # Model roles admitted requests asked for (None: a task needing no model); `lmbot ask`
+        # reads it to decide whether a warm lmbot is worth leaving, and what it should load.
+        self.roles_used: set[str | None] = set()
 
     # ------------------------------------------------------------------ the interface
 
@@ -51,6 +54,7 @@ class InferenceClient(abc.ABC):
         ``user`` (a user id) counts the request against that user's share of the service.
         """
         self.admit(request, user)
+        self.roles_used.add(type(request).role)
         if user is None:
             return await self._submit(request, timeout=timeout, user=None)
         self._per_user[user] += 1

@@ -1,0 +1,428 @@
+"""How ``lmbot ask`` answers: through a warm lmbot if one is running, else in this process.
+
+A one-shot ``lmbot ask`` spends most of its time before the answer starting a worker:
+importing torch and transformers and loading the model take seconds on a laptop, the
+answer itself a fraction of one. So, as ``ollama run`` does, an ask that needed a model
+leaves a *warm lmbot* behind: a detached process holding the app and its workers, which
+answers the asks that follow over a Unix socket and stops itself after
+``ask.keep_alive_s`` seconds (default 300) without one.
+
+* One warm lmbot per user and model cache (``inference.cache_dir``); its socket and log live
+  in a private folder (``$XDG_RUNTIME_DIR/lmbot-UID``, else the temp folder's).
+* It answers only an ask whose *fingerprint* matches its own: the effective config, the
+  working folder, lmbot's version and source files, the installed plugins and the
+  environment variables models and threads depend on. Any difference stops it; that ask is
+  answered here, and leaves a warm lmbot for the new setting.
+* ``-v`` (the logs are wanted), ``--cold``, ``ask.keep_alive_s = 0`` or
+  ``LMBOT_ASK_KEEP_ALIVE_S=0`` answer here and leave nothing behind; ``lmbot ask --stop``
+  stops a warm one now.
+* If the warm lmbot dies mid-answer, the ask is answered here instead: never lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from bot.config import Config, ConfigError
+
+if TYPE_CHECKING:
+    from bot.app import App
+
+log = logging.getLogger(__name__)
+
+EXIT_OK, EXIT_ANSWERED_ERROR, EXIT_USAGE = 0, 1, 2
+KEEP_ALIVE_ENV = "LMBOT_ASK_KEEP_ALIVE_S"
+# Environment variables that change what a worker loads or how it runs: a warm lmbot
+# started under other values does not answer.
+_ENV_PREFIXES = ("LMBOT_", "HF_", "TRANSFORMERS_", "PYTORCH_", "TORCH", "OMP_", "MKL_", "CUDA_", "GOMP_", "PYTHON")
+_PROTOCOL = 1
+_CONNECT_TIMEOUT_S = 2.0
+_LINE_LIMIT = 1 << 20  # one request line: a command line and a few flags
+_LOCK_WAIT_S = 30.0  # a new warm lmbot waits this long for the one it replaces to let go
+
+
+@dataclass(frozen=True)
+class Answer:
+    """What an ask prints, and its exit code."""
+
+    rc: int
+    stdout: str = ""
+    stderr: str = ""
+
+    def emit(self) -> int:
+        if self.stdout:
+            print(self.stdout, flush=True)
+        if self.stderr:
+            print(self.stderr, file=sys.stderr, flush=True)
+        return self.rc
+
+
+@dataclass(frozen=True)
+class AskRequest:
+    line: str
+    as_json: bool
+    out_dir: str  # absolute: the warm lmbot may have been started elsewhere
+    colour: bool
+
+
+def usage_json(message: str) -> str:
+    return json.dumps({"ok": False, "usage_error": True, "text": message}, ensure_ascii=False)
+
+
+async def answer_line(app: App, request: AskRequest) -> Answer:
+    """Run one command line and render its reply as ``lmbot ask`` prints it (images saved)."""
+    from bot.parsing import UsageError
+    from bot.render import render_json, render_text, save_images
+
+    try:
+        reply = await app.execute_line(request.line)
+    except UsageError as exc:
+        if request.as_json:
+            return Answer(EXIT_USAGE, stdout=usage_json(str(exc)))
+        return Answer(EXIT_USAGE, stderr=f"lmbot: {exc}")
+    folder = Path(request.out_dir)
+    stem = f"{request.line.split()[0].lstrip('/')}-{time.strftime('%Y%m%d-%H%M%S')}"
+    notes = ""
+    try:
+        paths = save_images(reply, folder, stem)
+    except OSError as exc:
+        notes = f"lmbot: could not save the chart in {folder}: {exc.strerror or exc}"
+        paths = []
+    text = render_json(reply, paths) if request.as_json else render_text(reply, paths, colour=request.colour)
+    return Answer(EXIT_ANSWERED_ERROR if reply.error else EXIT_OK, stdout=text, stderr=notes)
+
+
+# ---------------------------------------------------------------------------- settings
+
+
+def keep_alive_s(config: Config) -> float:
+    """Seconds a warm lmbot waits for the next ask: ``$LMBOT_ASK_KEEP_ALIVE_S``, else ``ask.keep_alive_s``."""
+    raw = os.environ.get(KEEP_ALIVE_ENV)
+    if raw is None or raw.strip() == "":
+        return config.ask.keep_alive_s
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not (0 <= value <= 86_400):
+        raise ConfigError(f"{KEEP_ALIVE_ENV}: must be a number of seconds from 0 to 86400 (got {raw!r})")
+    return value
+
+
+@dataclass(frozen=True)
+class WarmPaths:
+    socket: Path
+    lock: Path
+    log: Path
+
+
+def warm_paths(config: Config) -> WarmPaths | None:
+    """Where this user's warm lmbot for this model cache listens; None where there can be none."""
+    if not hasattr(socket, "AF_UNIX") or not hasattr(os, "getuid"):
+        return None  # pragma: no cover - not POSIX
+    base = Path(os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir()) / f"lmbot-{os.getuid()}"
+    try:
+        base.mkdir(mode=0o700, exist_ok=True)
+        info = base.lstat()
+    except OSError:
+        return None
+    # Another user's folder, a link, or one others may enter: not a place for our socket.
+    if info.st_uid != os.getuid() or not base.is_dir() or base.is_symlink() or info.st_mode & 0o077:
+        log.info("not using a warm lmbot: %s is not a private folder of this user", base)
+        return None
+    cache = str(config.cache_dir.resolve())
+    name = "ask-" + hashlib.sha256(cache.encode()).hexdigest()[:12]
+    paths = WarmPaths(base / f"{name}.sock", base / f"{name}.lock", base / f"{name}.log")
+    if len(str(paths.socket).encode()) > 100:  # sun_path holds 108 bytes
+        return None
+    return paths
+
+
+def _code_stamp() -> list[str]:
+    """lmbot's own source files (name, size, mtime): an edited checkout is a new lmbot."""
+    root = Path(__file__).resolve().parent.parent
+    stamp = []
+    for package in ("bot", "plugins"):
+        for path in sorted((root / package).rglob("*.py")):
+            with contextlib.suppress(OSError):
+                info = path.stat()
+                stamp.append(f"{path.relative_to(root)}|{info.st_size}|{info.st_mtime_ns}")
+    return stamp
+
+
+def _plugin_stamp() -> list[str]:
+    """The installed ``lmbot`` entry points and their distributions' versions."""
+    stamp = []
+    for ep in metadata.entry_points(group="lmbot"):
+        dist = getattr(ep, "dist", None)
+        stamp.append(f"{ep.name}={ep.value}@{dist.version if dist else '?'}")
+    return sorted(stamp)
+
+
+def fingerprint(config: Config) -> str:
+    """Everything a warm lmbot's answers depend on besides the command line itself."""
+    from bot import __version__
+
+    env = sorted((k, v) for k, v in os.environ.items() if k.startswith(_ENV_PREFIXES))
+    parts = {
+        "protocol": _PROTOCOL,
+        "version": __version__,
+        "python": sys.executable,
+        "cwd": os.getcwd(),
+        "config": config.model_dump(mode="json"),
+        "env": env,
+        "code": _code_stamp(),
+        "plugins": _plugin_stamp(),
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
+
+
+# ---------------------------------------------------------------------------- client
+
+
+def _exchange(path: Path, message: dict[str, Any], timeout: float) -> dict[str, Any] | None:
+    """Send one message to the warm lmbot and read its answer; None if there is none to talk to."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(_CONNECT_TIMEOUT_S)
+        try:
+            sock.connect(str(path))
+        except OSError:
+            return None  # none running (a stale socket file refuses too)
+        sock.settimeout(timeout)
+        try:
+            sock.sendall(json.dumps(message).encode() + b"\n")
+            data = b""
+            while not data.endswith(b"\n"):
+                chunk = sock.recv(1 << 16)
+                if not chunk:
+                    break
+                data += chunk
+        except OSError:
+            return None
+    try:
+        answer = json.loads(data)
+    except ValueError:
+        return None
+    return answer if isinstance(answer, dict) else None
+
+
+def ask_warm(config: Config, request: AskRequest, paths: WarmPaths, print_fingerprint: str) -> Answer | None:
+    """The warm lmbot's answer to ``request``, or None (then answer in this process)."""
+    if not paths.socket.exists():
+        return None
+    message = {"op": "ask", "fingerprint": print_fingerprint, **dataclasses.asdict(request)}
+    # A warm lmbot still loading its model keeps the ask waiting as a cold one would.
+    answer = _exchange(paths.socket, message, timeout=config.inference.request_timeout_s + 60)
+    if answer is None:
+        if paths.socket.exists():
+            log.warning("the warm lmbot did not answer; answering in this process (its log: %s)", paths.log)
+        return None
+    if answer.get("op") != "answer":
+        log.info("the warm lmbot was started for other settings (%s); it stops", answer.get("op"))
+        return None
+    return Answer(int(answer["rc"]), str(answer.get("stdout", "")), str(answer.get("stderr", "")))
+
+
+def stop_warm(paths: WarmPaths, timeout: float = 30) -> int | None:
+    """Stop the warm lmbot at ``paths``; its pid, or None if none was running."""
+    answer = _exchange(paths.socket, {"op": "stop"}, timeout=timeout)
+    if answer is None:
+        return None
+    # Stopped once it lets go of its lock (after its workers have exited).
+    deadline = time.monotonic() + timeout
+    with open(paths.lock, "a") as handle:
+        while time.monotonic() < deadline:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                time.sleep(0.05)
+                continue
+            fcntl.flock(handle, fcntl.LOCK_UN)
+            break
+    return int(answer.get("pid", 0)) or None
+
+
+def start_warm(config: Config, print_fingerprint: str, roles: list[str], keep_alive: float, paths: WarmPaths) -> None:
+    """Start a detached warm lmbot that loads ``roles`` and waits ``keep_alive`` s for asks."""
+    setup = {
+        "config": config.model_dump(mode="json"),
+        "fingerprint": print_fingerprint,
+        "roles": roles,
+        "keep_alive_s": keep_alive,
+    }
+    with open(paths.log, "w", encoding="utf-8") as log_file:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "bot.ask"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            stderr=log_file,
+            start_new_session=True,  # not stopped by the terminal's Ctrl-C or hangup
+            close_fds=True,
+        )
+    assert process.stdin is not None
+    with contextlib.suppress(OSError):
+        process.stdin.write(json.dumps(setup).encode())
+        process.stdin.close()
+    log.info("started a warm lmbot (pid %d) for %.0f s; its log: %s", process.pid, keep_alive, paths.log)
+
+
+# ---------------------------------------------------------------------------- the warm lmbot
+
+
+class WarmServer:
+    """The detached process: an app, a Unix socket, and a clock that stops it when idle."""
+
+    def __init__(self, config: Config, print_fingerprint: str, keep_alive: float, paths: WarmPaths) -> None:
+        self.config = config
+        self.fingerprint = print_fingerprint
+        self.keep_alive = keep_alive
+        self.paths = paths
+        self.in_flight = 0
+        self.last_answer = time.monotonic()
+        self.stop = asyncio.Event()
+        self.idle = asyncio.Event()  # set while no ask is being answered
+        self.idle.set()
+
+    async def run(self, roles: list[str]) -> None:
+        from bot.app import App
+
+        app = App(self.config)
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            loop.add_signal_handler(signum, self.stop.set)
+        with contextlib.suppress(FileNotFoundError):
+            self.paths.socket.unlink()  # a dead one's; the lock says none is alive
+        server = await asyncio.start_unix_server(
+            lambda r, w: self._serve(app, r, w), path=str(self.paths.socket), limit=_LINE_LIMIT
+        )
+        os.chmod(self.paths.socket, 0o600)
+        preload = asyncio.create_task(self._preload(app, roles))
+        try:
+            while not self.stop.is_set():
+                idle_for = time.monotonic() - self.last_answer
+                if self.in_flight == 0 and idle_for >= self.keep_alive:
+                    _say(f"no ask for {idle_for:.0f} s: stopping")
+                    break
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.stop.wait(), max(0.5, self.keep_alive - idle_for))
+        finally:
+            server.close()
+            with contextlib.suppress(FileNotFoundError):
+                self.paths.socket.unlink()
+            preload.cancel()
+            with contextlib.suppress(TimeoutError):  # let answers in progress finish
+                await asyncio.wait_for(self.idle.wait(), 10)
+            await app.close()
+
+    async def _preload(self, app: App, roles: list[str]) -> None:
+        load_role = getattr(app.inference, "load_role", None)
+        if load_role is None:
+            return
+        for role in roles:
+            try:
+                await load_role(role)
+            except Exception as exc:  # the asks that need it will say why
+                log.warning("could not preload %s: %s", role, exc)
+
+    async def _serve(self, app: App, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.in_flight += 1
+        self.idle.clear()
+        try:
+            try:
+                message = json.loads(await reader.readline())
+            except (ValueError, asyncio.LimitOverrunError, ConnectionError):
+                return
+            answer = await self._answer(app, message)
+            writer.write(json.dumps(answer, ensure_ascii=False).encode() + b"\n")
+            with contextlib.suppress(ConnectionError):
+                await writer.drain()
+        finally:
+            self.in_flight -= 1
+            if self.in_flight == 0:
+                self.idle.set()
+            self.last_answer = time.monotonic()
+            writer.close()
+
+    async def _answer(self, app: App, message: Any) -> dict[str, Any]:
+        if not isinstance(message, dict):
+            return {"op": "error"}
+        if message.get("op") == "stop":
+            _say("asked to stop (lmbot ask --stop)")
+            self.stop.set()
+            return {"op": "stopping", "pid": os.getpid()}
+        if message.get("op") != "ask" or message.get("fingerprint") != self.fingerprint:
+            # Newer settings or code: the asker answers itself and leaves a warm lmbot of its own.
+            _say("an ask came with other settings, code or folder: stopping")
+            self.stop.set()
+            return {"op": "mismatch", "pid": os.getpid()}
+        request = AskRequest(
+            line=str(message["line"]),
+            as_json=bool(message["as_json"]),
+            out_dir=str(message["out_dir"]),
+            colour=bool(message["colour"]),
+        )
+        started = time.perf_counter()
+        try:
+            answer = await answer_line(app, request)
+        except Exception as exc:  # pragma: no cover - App.execute already answers every plugin error
+            log.exception("ask %r failed", request.line)
+            answer = Answer(EXIT_ANSWERED_ERROR, stderr=f"lmbot: the warm lmbot failed: {exc}")
+        name = (request.line.split() or ["?"])[0].lstrip("/")[:40]
+        _say(f"answered /{name} in {time.perf_counter() - started:.2f} s (exit {answer.rc})")
+        return {"op": "answer", **dataclasses.asdict(answer)}
+
+
+def _say(line: str) -> None:
+    """A line of the warm lmbot's own log (its stderr is the log file)."""
+    print(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {line}", file=sys.stderr, flush=True)
+
+
+def serve_main() -> int:
+    """Entry of the detached warm lmbot (``python -m bot.ask``): its setup comes on stdin."""
+    setup = json.loads(sys.stdin.read())
+    config = Config.model_validate(setup["config"])
+    logging.basicConfig(
+        level=config.bot.log_level, stream=sys.stderr, format="%(asctime)s %(name)s %(levelname)s %(message)s"
+    )
+    paths = warm_paths(config)
+    if paths is None:
+        return EXIT_USAGE
+    with open(paths.lock, "a") as lock:
+        # Held for this process's life: one warm lmbot per socket. A predecessor that is
+        # stopping gets a moment to let go; a live one keeps it, and this one leaves.
+        deadline = time.monotonic() + _LOCK_WAIT_S
+        while True:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    _say(f"another warm lmbot holds {paths.lock}: leaving")
+                    return EXIT_OK
+                time.sleep(0.1)
+        keep_alive = float(setup["keep_alive_s"])
+        _say(f"warm lmbot {os.getpid()} listening on {paths.socket}; stops {keep_alive:.0f} s after its last ask")
+        server = WarmServer(config, setup["fingerprint"], keep_alive, paths)
+        asyncio.run(server.run(list(setup["roles"])))
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(serve_main())
