@@ -211,3 +211,27 @@ async def test_a_deadline_while_workers_start_says_so(config_factory, tiny_gpt2:
         assert await client.submit(Slow("ready")) == "done ready"
     finally:
         await client.close()
+
+
+async def test_a_lone_request_does_not_wait_for_company_a_burst_does(config_factory, tiny_gpt2: Path) -> None:  # type: ignore[no-untyped-def]
+    """max_wait is spent only when company is likely: a burst, or askers of a batch asking again."""
+    client = await started(config_factory({"causal_lm": tiny_gpt2}, max_wait_ms=500))
+
+    def sample(name: str) -> float:
+        return client.metrics.registry.get_sample_value(f"lmbot_{name}", {"task": "next_token"}) or 0.0
+
+    try:
+        await client.submit(NextToken("load the model first", k=1))
+        for _ in range(3):  # a quiet bot (asks more than max_wait apart): each goes at once
+            await asyncio.sleep(0.6)
+            before = sample("queue_wait_seconds_sum")
+            await client.submit(NextToken("The capital of France is", k=3))
+            assert sample("queue_wait_seconds_sum") - before < 0.25
+
+        # Four at once wait (up to max_wait) for each other and go as one batch.
+        await asyncio.sleep(0.6)
+        batches, requests = sample("batch_size_count"), sample("batch_size_sum")
+        await asyncio.gather(*(client.submit(NextToken(p, k=3)) for p in PROMPTS[:4]))
+        assert (sample("batch_size_count") - batches, sample("batch_size_sum") - requests) == (1, 4)
+    finally:
+        await client.close()

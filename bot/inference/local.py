@@ -164,6 +164,11 @@ class LocalInferenceClient(InferenceClient):
         self._status_waiters: dict[int, asyncio.Future[Any]] = {}
         self._crash_streak = 0
         self._mp = multiprocessing.get_context("spawn")  # fork is unsafe with torch threads
+        # Whether a partial batch should wait max_wait for company (see _company_expected).
+        self._last_arrival = -math.inf
+        self._burst = False
+        self._followers = 0  # requests just answered whose askers may be about to ask again
+        self._followers_until = 0.0
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -237,6 +242,9 @@ class LocalInferenceClient(InferenceClient):
             self.metrics.requests.labels(task, "busy").inc()
             raise Busy(self._retry_hint())
         now = time.monotonic()
+        self._burst = now - self._last_arrival < self.max_wait
+        self._last_arrival = now
+        self._followers = max(0, self._followers - 1)
         pending = _Pending(
             id=next(self._ids),
             request=request,
@@ -351,9 +359,10 @@ class LocalInferenceClient(InferenceClient):
                     idle.insert(0, worker)
                 continue
             best: tuple[tuple[int, float], tuple[Any, ...]] | None = None
+            company = self._company_expected(now)
             for key, queue in self._queues.items():
                 due = queue.oldest() + self.max_wait
-                if queue.size < self.max_batch and due > now:
+                if queue.size < self.max_batch and due > now and company:
                     next_due = due - now if next_due is None else min(next_due, due - now)
                     continue
                 score = min((running[p.user], p.enqueued) for p in queue.heads())
@@ -373,6 +382,17 @@ class LocalInferenceClient(InferenceClient):
                 idle.insert(0, worker)
         self.metrics.queue_depth.set(self._waiting)
         return next_due
+
+    def _company_expected(self, now: float) -> bool:
+        """Whether another request is likely to arrive within ``max_wait``.
+
+        Waiting for company is worth it in a burst (the last two requests came less than
+        ``max_wait`` apart) and just after a batch was answered, while its askers may be
+        sending their next requests (clients that ask again at once arrive together). A
+        lone request otherwise goes at once: waiting would only add ``max_wait`` and a
+        timer wake-up to every answer of a quiet bot (8 ms at concurrency 1 here).
+        """
+        return self._burst or (self._followers > 0 and now < self._followers_until)
 
     def _send(self, worker: _Worker, batch: list[_Pending], now: float) -> bool:
         """Send ``batch`` to ``worker``; False when nothing was sent (the worker is still idle)."""
@@ -535,6 +555,9 @@ class LocalInferenceClient(InferenceClient):
         elapsed = max(now - self._last_done, 1e-3)
         self._last_done = now
         self._done_rate = 0.8 * self._done_rate + 0.2 * (len(outcomes) / elapsed)
+        if len(batch) > 1:  # askers of a batch that ask again arrive together: worth waiting for
+            self._followers = len(batch)
+            self._followers_until = now + 2 * self.max_wait
         self._wake.set()
 
     def _on_lost(self, worker: _Worker) -> None:
