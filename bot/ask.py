@@ -26,6 +26,7 @@ import contextlib
 import dataclasses
 import fcntl
 import hashlib
+import importlib.util
 import json
 import logging
 import os
@@ -47,11 +48,25 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+# The exit codes of every lmbot command (bot.cli imports them from here).
 EXIT_OK, EXIT_ANSWERED_ERROR, EXIT_USAGE = 0, 1, 2
 KEEP_ALIVE_ENV = "LMBOT_ASK_KEEP_ALIVE_S"
 # Environment variables that change what a worker loads or how it runs: a warm lmbot
 # started under other values does not answer.
-_ENV_PREFIXES = ("LMBOT_", "HF_", "TRANSFORMERS_", "PYTORCH_", "TORCH", "OMP_", "MKL_", "CUDA_", "GOMP_", "PYTHON")
+_ENV_PREFIXES = (
+    "LMBOT_",
+    "HF_",
+    "TRANSFORMERS_",
+    "PYTORCH_",
+    "TORCH",
+    "OMP_",
+    "MKL_",
+    "CUDA_",
+    "GOMP_",
+    "PYTHON",
+    "PG",
+)
+_ENV_NAMES = ("TZ", "LANG", "LC_ALL", "HOME", "XDG_CACHE_HOME")
 _PROTOCOL = 1
 _CONNECT_TIMEOUT_S = 2.0
 _LINE_LIMIT = 1 << 20  # one request line: a command line and a few flags
@@ -78,7 +93,7 @@ class Answer:
 class AskRequest:
     line: str
     as_json: bool
-    out_dir: str  # absolute: the warm lmbot may have been started elsewhere
+    out_dir: str  # as given: the warm lmbot runs in the asker's folder (the fingerprint says so)
     colour: bool
 
 
@@ -89,7 +104,7 @@ def usage_json(message: str) -> str:
 async def answer_line(app: App, request: AskRequest) -> Answer:
     """Run one command line and render its reply as ``lmbot ask`` prints it (images saved)."""
     from bot.parsing import UsageError
-    from bot.render import render_json, render_text, save_images
+    from bot.render import render_json, render_text, save_reply_images
 
     try:
         reply = await app.execute_line(request.line)
@@ -97,16 +112,9 @@ async def answer_line(app: App, request: AskRequest) -> Answer:
         if request.as_json:
             return Answer(EXIT_USAGE, stdout=usage_json(str(exc)))
         return Answer(EXIT_USAGE, stderr=f"lmbot: {exc}")
-    folder = Path(request.out_dir)
-    stem = f"{request.line.split()[0].lstrip('/')}-{time.strftime('%Y%m%d-%H%M%S')}"
-    notes = ""
-    try:
-        paths = save_images(reply, folder, stem)
-    except OSError as exc:
-        notes = f"lmbot: could not save the chart in {folder}: {exc.strerror or exc}"
-        paths = []
+    paths, note = save_reply_images(reply, Path(request.out_dir), request.line.split()[0])
     text = render_json(reply, paths) if request.as_json else render_text(reply, paths, colour=request.colour)
-    return Answer(EXIT_ANSWERED_ERROR if reply.error else EXIT_OK, stdout=text, stderr=notes)
+    return Answer(EXIT_ANSWERED_ERROR if reply.error else EXIT_OK, stdout=text, stderr=note)
 
 
 # ---------------------------------------------------------------------------- settings
@@ -155,131 +163,163 @@ def warm_paths(config: Config) -> WarmPaths | None:
     return paths
 
 
-def _code_stamp() -> list[str]:
-    """lmbot's own source files (name, size, mtime): an edited checkout is a new lmbot."""
-    root = Path(__file__).resolve().parent.parent
+def _files_stamp(folder: Path, pattern: str) -> list[str]:
     stamp = []
-    for package in ("bot", "plugins"):
-        for path in sorted((root / package).rglob("*.py")):
-            with contextlib.suppress(OSError):
-                info = path.stat()
-                stamp.append(f"{path.relative_to(root)}|{info.st_size}|{info.st_mtime_ns}")
+    for path in sorted(folder.rglob(pattern)):
+        with contextlib.suppress(OSError):
+            info = path.stat()
+            stamp.append(f"{path}|{info.st_size}|{info.st_mtime_ns}")
     return stamp
 
 
-def _plugin_stamp() -> list[str]:
-    """The installed ``lmbot`` entry points and their distributions' versions."""
-    stamp = []
+def _code_stamp() -> list[str]:
+    """lmbot's own source files, and those of plugins installed from a folder (``pip install -e``)."""
+    root = Path(__file__).resolve().parent.parent
+    stamp = _files_stamp(root / "bot", "*.py") + _files_stamp(root / "plugins", "*.py")
     for ep in metadata.entry_points(group="lmbot"):
         dist = getattr(ep, "dist", None)
         stamp.append(f"{ep.name}={ep.value}@{dist.version if dist else '?'}")
-    return sorted(stamp)
+        with contextlib.suppress(Exception):  # a plugin that cannot be found fails to load anyway
+            spec = importlib.util.find_spec(ep.module.partition(".")[0])
+            if spec is not None and spec.origin and "site-packages" not in spec.origin:
+                stamp += _files_stamp(Path(spec.origin).parent, "*.py")
+    return stamp
+
+
+def _models_stamp(config: Config) -> list[str]:
+    """Local model folders named in ``[models]``: retrained weights are a new model."""
+    stamp = []
+    for role, where in sorted(config.models.items()):
+        folder = Path(os.path.expanduser(where))
+        if folder.is_dir():
+            stamp += [f"{role}:{line}" for line in _files_stamp(folder, "*")]
+    return stamp
 
 
 def fingerprint(config: Config) -> str:
     """Everything a warm lmbot's answers depend on besides the command line itself."""
     from bot import __version__
 
-    env = sorted((k, v) for k, v in os.environ.items() if k.startswith(_ENV_PREFIXES))
+    env = sorted((k, v) for k, v in os.environ.items() if k.startswith(_ENV_PREFIXES) or k in _ENV_NAMES)
+    here = os.stat(".")
     parts = {
         "protocol": _PROTOCOL,
         "version": __version__,
         "python": sys.executable,
-        "cwd": os.getcwd(),
+        # The folder itself, not only its name: images are saved relative to it.
+        "cwd": [os.getcwd(), here.st_dev, here.st_ino],
         "config": config.model_dump(mode="json"),
         "env": env,
         "code": _code_stamp(),
-        "plugins": _plugin_stamp(),
+        "models": _models_stamp(config),
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
 
 
+def _try_lock(handle: Any, timeout: float) -> bool:
+    """Take an exclusive lock on an open file within ``timeout`` seconds (0: try once)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.05)
+
+
 # ---------------------------------------------------------------------------- client
+
+_LOST: dict[str, Any] = {"op": "lost"}  # connected, but no answer came back
 
 
 def _exchange(path: Path, message: dict[str, Any], timeout: float) -> dict[str, Any] | None:
-    """Send one message to the warm lmbot and read its answer; None if there is none to talk to."""
+    """Send one message to the warm lmbot and read its answer.
+
+    None when there is no warm lmbot to talk to (none listening: a stale socket file of a
+    killed one refuses too); :data:`_LOST` when one took the message but gave no answer.
+    """
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(_CONNECT_TIMEOUT_S)
         try:
             sock.connect(str(path))
         except OSError:
-            return None  # none running (a stale socket file refuses too)
+            return None
         sock.settimeout(timeout)
+        data = b""
         try:
             sock.sendall(json.dumps(message).encode() + b"\n")
-            data = b""
             while not data.endswith(b"\n"):
                 chunk = sock.recv(1 << 16)
                 if not chunk:
                     break
                 data += chunk
         except OSError:
-            return None
+            return _LOST
     try:
         answer = json.loads(data)
     except ValueError:
-        return None
-    return answer if isinstance(answer, dict) else None
+        return _LOST
+    return answer if isinstance(answer, dict) else _LOST
 
 
-def ask_warm(config: Config, request: AskRequest, paths: WarmPaths, print_fingerprint: str) -> Answer | None:
+def ask_warm(config: Config, request: AskRequest, paths: WarmPaths, stamp: str) -> Answer | None:
     """The warm lmbot's answer to ``request``, or None (then answer in this process)."""
     if not paths.socket.exists():
         return None
-    message = {"op": "ask", "fingerprint": print_fingerprint, **dataclasses.asdict(request)}
+    message = {"op": "ask", "fingerprint": stamp, **dataclasses.asdict(request)}
     # A warm lmbot still loading its model keeps the ask waiting as a cold one would.
     answer = _exchange(paths.socket, message, timeout=config.inference.request_timeout_s + 60)
     if answer is None:
-        if paths.socket.exists():
-            log.warning("the warm lmbot did not answer; answering in this process (its log: %s)", paths.log)
+        return None
+    if answer is _LOST:
+        log.warning("the warm lmbot stopped before answering; answering here (its log: %s)", paths.log)
         return None
     if answer.get("op") != "answer":
-        log.info("the warm lmbot was started for other settings (%s); it stops", answer.get("op"))
+        log.info("the warm lmbot does not answer this ask (%s); answering here", answer.get("op"))
         return None
     return Answer(int(answer["rc"]), str(answer.get("stdout", "")), str(answer.get("stderr", "")))
 
 
-def stop_warm(paths: WarmPaths, timeout: float = 30) -> int | None:
-    """Stop the warm lmbot at ``paths``; its pid, or None if none was running."""
-    answer = _exchange(paths.socket, {"op": "stop"}, timeout=timeout)
-    if answer is None:
-        return None
-    # Stopped once it lets go of its lock (after its workers have exited).
-    deadline = time.monotonic() + timeout
-    with open(paths.lock, "a") as handle:
-        while time.monotonic() < deadline:
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                time.sleep(0.05)
-                continue
-            fcntl.flock(handle, fcntl.LOCK_UN)
-            break
-    return int(answer.get("pid", 0)) or None
+def stop_warm(paths: WarmPaths, wait_s: float = 30) -> str:
+    """Stop the warm lmbot at ``paths`` (waiting up to ``wait_s`` for it); a line saying what happened."""
+    answer = _exchange(paths.socket, {"op": "stop"}, timeout=10)
+    if answer is None or answer is _LOST:
+        return "no warm lmbot was running"
+    pid = answer.get("pid")
+    with open(paths.lock, "a") as handle:  # it lets go of its lock once its workers have exited
+        if _try_lock(handle, wait_s):
+            return f"stopped the warm lmbot (pid {pid})"
+    return f"the warm lmbot (pid {pid}) stops once the asks it is answering are done"
 
 
-def start_warm(config: Config, print_fingerprint: str, roles: list[str], keep_alive: float, paths: WarmPaths) -> None:
-    """Start a detached warm lmbot that loads ``roles`` and waits ``keep_alive`` s for asks."""
-    setup = {
-        "config": config.model_dump(mode="json"),
-        "fingerprint": print_fingerprint,
-        "roles": roles,
-        "keep_alive_s": keep_alive,
-    }
-    with open(paths.log, "w", encoding="utf-8") as log_file:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "bot.ask"],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.DEVNULL,
-            stderr=log_file,
-            start_new_session=True,  # not stopped by the terminal's Ctrl-C or hangup
-            close_fds=True,
-        )
-    assert process.stdin is not None
-    with contextlib.suppress(OSError):
+def start_warm(config: Config, stamp: str, roles: list[str], keep_alive: float, paths: WarmPaths) -> None:
+    """Start a detached warm lmbot that loads ``roles`` and waits ``keep_alive`` s for asks.
+
+    Never raises: an answer was already printed, and without a warm lmbot the next ask
+    simply starts from nothing.
+    """
+    setup = {"config": config.model_dump(mode="json"), "fingerprint": stamp, "roles": roles, "keep_alive_s": keep_alive}
+    try:
+        # Appended to: a warm lmbot may still be writing to it. The one that takes the lock
+        # starts the file afresh.
+        with open(paths.log, "a", encoding="utf-8") as log_file:
+            process = subprocess.Popen(
+                # -P: the asker's folder is not put on sys.path (a ./bot/ there must not shadow lmbot).
+                [sys.executable, "-P", "-m", "bot.ask"],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.DEVNULL,
+                stderr=log_file,
+                start_new_session=True,  # not stopped by the terminal's Ctrl-C or hangup
+                close_fds=True,
+            )
+        assert process.stdin is not None
         process.stdin.write(json.dumps(setup).encode())
         process.stdin.close()
+    except OSError as exc:
+        log.info("no warm lmbot left: %s", exc)
+        return
     log.info("started a warm lmbot (pid %d) for %.0f s; its log: %s", process.pid, keep_alive, paths.log)
 
 
@@ -289,21 +329,20 @@ def start_warm(config: Config, print_fingerprint: str, roles: list[str], keep_al
 class WarmServer:
     """The detached process: an app, a Unix socket, and a clock that stops it when idle."""
 
-    def __init__(self, config: Config, print_fingerprint: str, keep_alive: float, paths: WarmPaths) -> None:
+    def __init__(self, config: Config, stamp: str, keep_alive: float, paths: WarmPaths) -> None:
         self.config = config
-        self.fingerprint = print_fingerprint
+        self.stamp = stamp
         self.keep_alive = keep_alive
         self.paths = paths
         self.in_flight = 0
         self.last_answer = time.monotonic()
+        self.stopping = False  # set once it stops taking asks; answers in progress still finish
         self.stop = asyncio.Event()
         self.idle = asyncio.Event()  # set while no ask is being answered
         self.idle.set()
 
-    async def run(self, roles: list[str]) -> None:
-        from bot.app import App
-
-        app = App(self.config)
+    async def run(self, app: App, roles: list[str]) -> None:
+        """Answer asks with ``app`` until stopped or idle for ``keep_alive`` s; then close it."""
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.add_signal_handler(signum, self.stop.set)
@@ -323,12 +362,14 @@ class WarmServer:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self.stop.wait(), max(0.5, self.keep_alive - idle_for))
         finally:
+            self.stopping = True  # an ask accepted from now on is told to answer itself
             server.close()
             with contextlib.suppress(FileNotFoundError):
                 self.paths.socket.unlink()
             preload.cancel()
-            with contextlib.suppress(TimeoutError):  # let answers in progress finish
-                await asyncio.wait_for(self.idle.wait(), 10)
+            # Asks being answered finish first (their deadline is the request timeout).
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.idle.wait(), self.config.inference.request_timeout_s + 5)
             await app.close()
 
     async def _preload(self, app: App, roles: list[str]) -> None:
@@ -367,7 +408,9 @@ class WarmServer:
             _say("asked to stop (lmbot ask --stop)")
             self.stop.set()
             return {"op": "stopping", "pid": os.getpid()}
-        if message.get("op") != "ask" or message.get("fingerprint") != self.fingerprint:
+        if self.stopping:
+            return {"op": "stopping", "pid": os.getpid()}
+        if message.get("op") != "ask" or message.get("fingerprint") != self.stamp:
             # Newer settings or code: the asker answers itself and leaves a warm lmbot of its own.
             _say("an ask came with other settings, code or folder: stopping")
             self.stop.set()
@@ -395,7 +438,7 @@ def _say(line: str) -> None:
 
 
 def serve_main() -> int:
-    """Entry of the detached warm lmbot (``python -m bot.ask``): its setup comes on stdin."""
+    """Entry of the detached warm lmbot (``python -P -m bot.ask``): its setup comes on stdin."""
     setup = json.loads(sys.stdin.read())
     config = Config.model_validate(setup["config"])
     logging.basicConfig(
@@ -407,20 +450,16 @@ def serve_main() -> int:
     with open(paths.lock, "a") as lock:
         # Held for this process's life: one warm lmbot per socket. A predecessor that is
         # stopping gets a moment to let go; a live one keeps it, and this one leaves.
-        deadline = time.monotonic() + _LOCK_WAIT_S
-        while True:
-            try:
-                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    _say(f"another warm lmbot holds {paths.lock}: leaving")
-                    return EXIT_OK
-                time.sleep(0.1)
+        if not _try_lock(lock, _LOCK_WAIT_S):
+            return EXIT_OK
+        with contextlib.suppress(OSError):
+            os.truncate(paths.log, 0)  # the log starts afresh with each warm lmbot (stderr appends)
         keep_alive = float(setup["keep_alive_s"])
         _say(f"warm lmbot {os.getpid()} listening on {paths.socket}; stops {keep_alive:.0f} s after its last ask")
+        from bot.app import App
+
         server = WarmServer(config, setup["fingerprint"], keep_alive, paths)
-        asyncio.run(server.run(list(setup["roles"])))
+        asyncio.run(server.run(App(config), list(setup["roles"])))
     return EXIT_OK
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import logging
 import os
@@ -17,18 +18,15 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from bot import __version__
+from bot import __version__, ask
 from bot.app import App
-from bot.ask import AskRequest, usage_json
+from bot.ask import EXIT_ANSWERED_ERROR, EXIT_OK, EXIT_USAGE, usage_json
 from bot.commands import Reply
 from bot.config import Config, ConfigError, load_config
 from bot.inference.metrics import read_running
 from bot.inference.registry import ModelSource
 from bot.plugins import PluginConflict
 from bot.render import render_table, render_text
-
-EXIT_OK, EXIT_ANSWERED_ERROR, EXIT_USAGE = 0, 1, 2
-
 
 # Terminal commands print warnings only; -v shows what the bot logs, -vv everything.
 VERBOSITY = ("WARNING", "INFO", "DEBUG")
@@ -72,13 +70,10 @@ def _ask_config(args: argparse.Namespace) -> Config:
 
 
 def cmd_ask(args: argparse.Namespace) -> int:
-    from bot import ask
-
     config = _ask_config(args)
     if args.stop:
         paths = ask.warm_paths(config)
-        pid = ask.stop_warm(paths) if paths else None
-        print(f"stopped the warm lmbot (pid {pid})" if pid else "no warm lmbot was running")
+        print(ask.stop_warm(paths) if paths else "no warm lmbot was running")
         return EXIT_OK
     if args.line is None:
         message = 'ask needs a command line, e.g. lmbot ask "/help"'
@@ -90,20 +85,18 @@ def cmd_ask(args: argparse.Namespace) -> int:
     paths = ask.warm_paths(config) if keep_alive > 0 else None
     if paths is None:
         return asyncio.run(_ask_here(App(config), request))
-    print_fingerprint = ask.fingerprint(config)
-    answer = ask.ask_warm(config, request, paths, print_fingerprint)
+    stamp = ask.fingerprint(config)
+    answer = ask.ask_warm(config, request, paths, stamp)
     if answer is not None:
         return answer.emit()
-    warm = lambda roles: ask.start_warm(config, print_fingerprint, roles, keep_alive, paths)  # noqa: E731
-    return asyncio.run(_ask_here(App(config), request, warm))
+    leave_warm = functools.partial(ask.start_warm, config, stamp, keep_alive=keep_alive, paths=paths)
+    return asyncio.run(_ask_here(App(config), request, leave_warm))
 
 
-async def _ask_here(app: App, request: AskRequest, leave_warm: Callable[[list[str]], None] | None = None) -> int:
+async def _ask_here(app: App, request: ask.AskRequest, leave_warm: Callable[[list[str]], None] | None = None) -> int:
     """Answer in this process; then, if the ask needed a worker, leave a warm lmbot for the next."""
-    from bot.ask import answer_line
-
     try:
-        rc = (await answer_line(app, request)).emit()
+        rc = (await ask.answer_line(app, request)).emit()
         if leave_warm is not None and app.inference.roles_used:
             leave_warm(sorted(r for r in app.inference.roles_used if r))
         return rc

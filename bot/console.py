@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import sys
-import time
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -15,7 +14,7 @@ from prompt_toolkit.history import FileHistory, InMemoryHistory
 from bot.app import App
 from bot.commands import Button, Command
 from bot.parsing import UsageError
-from bot.render import button_line, render_text, save_images
+from bot.render import button_line, render_text, save_reply_images
 
 BANNER = "lmbot console. Type /help for the commands, Tab to complete, Ctrl-D to quit."
 
@@ -87,8 +86,10 @@ class Console:
                 return
             name = line.split()[0].lstrip("/")
         self.buttons = list(reply.buttons)
-        paths = save_images(reply, Path(self.app.config.bot.output_dir), f"{name}-{time.strftime('%Y%m%d-%H%M%S')}")
+        paths, note = save_reply_images(reply, Path(self.app.config.bot.output_dir), name)
         print(render_text(reply, paths, colour=sys.stdout.isatty(), numbered=True))
+        if note:
+            print(note, file=sys.stderr)
 
 
 async def run_console(app: App) -> int:

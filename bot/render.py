@@ -9,6 +9,7 @@ from __future__ import annotations
 import itertools
 import json
 import re
+import time
 import unicodedata
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
@@ -114,6 +115,19 @@ def save_images(reply: Reply, folder: Path, stem: str) -> list[str]:
         path = _create_exclusive(folder, name, image.data)
         paths.append(str(path))
     return paths
+
+
+def save_reply_images(reply: Reply, folder: Path, command: str) -> tuple[list[str], str]:
+    """Save a reply's images as ``COMMAND-YYYYmmdd-HHMMSS-…`` in ``folder`` (console and ``lmbot ask``).
+
+    Returns the paths and, when the folder cannot be written, one line saying so instead
+    of raising: the answer still prints.
+    """
+    stem = f"{command.lstrip('/')}-{time.strftime('%Y%m%d-%H%M%S')}"
+    try:
+        return save_images(reply, folder, stem), ""
+    except OSError as exc:
+        return [], f"lmbot: could not save the chart in {folder}: {exc.strerror or exc}"
 
 
 def _create_exclusive(folder: Path, name: str, data: bytes) -> Path:
