@@ -379,7 +379,9 @@ def load_models():  # type: ignore[no-untyped-def]
         settings = WorkerSettings.from_config(config, {"causal_lm": role})
         loaded[dtype] = load_source(resolve(role, None, "always"), role.auto_class, settings)
     fp32 = loaded["float32"]
-    engine = engines.build_onnx_engine(fp32.model, fp32.tokenizer, Path(settings.cache_dir), torch.get_num_threads())
+    # The peer runs as ONNX Runtime's own defaults have it (threads spinning between runs).
+    cache = Path(settings.cache_dir)
+    engine = engines.build_onnx_engine(fp32.model, fp32.tokenizer, cache, torch.get_num_threads(), spinning=True)
     if engine is None:
         raise SystemExit("the ONNX Runtime engine could not be built (see the log)")
     return fp32, loaded["bfloat16"].model, engine

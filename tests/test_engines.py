@@ -47,6 +47,9 @@ def with_engine(request, tmp_path_factory):  # type: ignore[no-untyped-def]
     model, tok = load(request.getfixturevalue(request.param))
     engine = engines.build_onnx_engine(model, tok, engine_cache(tmp_path_factory), threads=1)
     assert engine is not None, "the ONNX Runtime engine should build and verify on this model"
+    # A worker's pool threads must not spin between runs: they would take the bot process's CPU.
+    options = engine.session.get_session_options()
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
     engines.attach(model, engine)
     yield model, tok, engine
     engines.attach(model, None)

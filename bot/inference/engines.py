@@ -236,7 +236,7 @@ class OnnxCausalEngine:
 
     name = "onnxruntime"
 
-    def __init__(self, model: Any, path: Path, threads: int) -> None:
+    def __init__(self, model: Any, path: Path, threads: int, *, spinning: bool = False) -> None:
         import onnxruntime as ort
 
         options = ort.SessionOptions()
@@ -244,6 +244,12 @@ class OnnxCausalEngine:
         options.inter_op_num_threads = 1
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.log_severity_level = 3
+        # ONNX Runtime's pool threads spin after each run by default. A worker's threads
+        # take all the cores they are given (cores ÷ workers), so the spinning took the CPU
+        # from the bot process just when it had a reply to route and the next batch to
+        # send: off, the service went from 0.86 to 0.94 of in-process ONNX Runtime at
+        # concurrency 1 and from 0.86 to 1.05 at 8 (same run, this project's 2 cores).
+        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
         self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         self.inputs = {i.name for i in self.session.get_inputs()}
         self.head = model.get_output_embeddings()
@@ -279,11 +285,17 @@ def verify(model: Any, tokenizer: Any, engine: OnnxCausalEngine) -> float:
     return worst
 
 
-def build_onnx_engine(model: Any, tokenizer: Any, cache_dir: Path, threads: int) -> OnnxCausalEngine | None:
-    """Export (once), open and verify the engine; None (with a log line) if it cannot be used."""
+def build_onnx_engine(
+    model: Any, tokenizer: Any, cache_dir: Path, threads: int, *, spinning: bool = False
+) -> OnnxCausalEngine | None:
+    """Export (once), open and verify the engine; None (with a log line) if it cannot be used.
+
+    ``spinning``: ONNX Runtime's default thread spinning, for a process that runs nothing
+    else (the benchmark's in-process peer); workers run without it.
+    """
     try:
         path = export_onnx(model, tokenizer, cache_dir)
-        engine = OnnxCausalEngine(model, path, threads)
+        engine = OnnxCausalEngine(model, path, threads, spinning=spinning)
         worst = verify(model, tokenizer, engine)
     except Exception as exc:  # any failure leaves the role on torch, which is always correct
         log.warning("ONNX Runtime engine unavailable for %s, staying on torch: %s", type(model).__name__, exc)
