@@ -41,7 +41,11 @@ from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from bot.config import Config, ConfigError
+from pydantic import ValidationError
+
+from bot.config import AskSection, Config, ConfigError
+from bot.parsing import UsageError
+from bot.render import render_json, render_text, save_reply_images
 
 if TYPE_CHECKING:
     from bot.app import App
@@ -103,9 +107,6 @@ def usage_json(message: str) -> str:
 
 async def answer_line(app: App, request: AskRequest) -> Answer:
     """Run one command line and render its reply as ``lmbot ask`` prints it (images saved)."""
-    from bot.parsing import UsageError
-    from bot.render import render_json, render_text, save_reply_images
-
     try:
         reply = await app.execute_line(request.line)
     except UsageError as exc:
@@ -125,13 +126,10 @@ def keep_alive_s(config: Config) -> float:
     raw = os.environ.get(KEEP_ALIVE_ENV)
     if raw is None or raw.strip() == "":
         return config.ask.keep_alive_s
-    try:
-        value = float(raw)
-    except ValueError:
-        value = -1.0
-    if not (0 <= value <= 86_400):
-        raise ConfigError(f"{KEEP_ALIVE_ENV}: must be a number of seconds from 0 to 86400 (got {raw!r})")
-    return value
+    try:  # checked by the config key's own rule, so the two cannot drift apart
+        return AskSection(keep_alive_s=float(raw)).keep_alive_s
+    except (ValueError, ValidationError):
+        raise ConfigError(f"{KEEP_ALIVE_ENV}: must be a number of seconds from 0 to 86400 (got {raw!r})") from None
 
 
 @dataclass(frozen=True)
