@@ -2,15 +2,19 @@
 
 Front ends call :meth:`App.execute` (typed values, e.g. from Discord) or
 :meth:`App.execute_line` (console syntax). Both always return a
-:class:`~bot.commands.Reply`: a handler's exception becomes a short reply with
-an error id, and the traceback goes to the log only. That includes
-``SystemExit``, ``KeyboardInterrupt`` and any other ``BaseException`` a
-handler raises: one plugin's command cannot stop the bot.
+:class:`~bot.commands.Reply`, within the command deadline: a handler's exception
+becomes a short reply with an error id, and the traceback goes to the log only.
+That includes ``SystemExit``, ``KeyboardInterrupt``, ``GeneratorExit``, a
+``CancelledError`` it raises itself and any other ``BaseException``: one
+plugin's command cannot stop the bot. Each plugin's handlers run on the
+plugin's own event loop (:mod:`bot.plugin_loops`): a handler that blocks delays
+only its own plugin's commands, and is named in ``/plugins`` and ``/stats``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import threading
 import time
@@ -20,11 +24,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from bot import core
-from bot.commands import CommandError, Context, Reply, User
+from bot.commands import Command, CommandError, Context, Reply, User
 from bot.config import Config, check_roles
 from bot.inference.client import InferenceClient, create_client
 from bot.inference.registry import BUILTIN_ROLES
 from bot.parsing import UsageError, parse_line
+from bot.plugin_loops import PluginLoops
 from bot.plugins import PluginHost, PluginRecord, Registry, check_plugin_config
 
 log = logging.getLogger(__name__)
@@ -76,6 +81,7 @@ class App:
         self.running: dict[asyncio.Task[Any], tuple[str, str]] = {}
         self.stalls: dict[str, LoopStall] = {}
         self._stalls_lock = threading.Lock()
+        self.plugin_loops = PluginLoops(self.record_stall)
 
     @property
     def plugin_records(self) -> list[PluginRecord]:
@@ -91,14 +97,23 @@ class App:
         """The console's user: whoever runs the process owns the bot."""
         return Context(user=User("local", "console", is_owner=True), app=self, transport="console")
 
-    def record_stall(self, plugin: str, command: str, seconds: float) -> None:
-        """Note that ``/command`` of ``plugin`` blocked its event loop for ``seconds`` (any thread may call)."""
+    def record_stall(self, plugin: str, command: str, seconds: float, new: bool = True) -> None:
+        """Note that ``/command`` of ``plugin`` blocked its event loop for ``seconds`` (any thread may call).
+
+        ``new=False`` updates the length of the stall last noted (one still going on when it was).
+        """
         with self._stalls_lock:
             old = self.stalls.get(plugin)
             count, longest = (old.count, old.longest_s) if old else (0, 0.0)
-            self.stalls[plugin] = LoopStall(command, count + 1, max(longest, seconds), seconds)
+            self.stalls[plugin] = LoopStall(command, count + int(new or not old), max(longest, seconds), seconds)
 
     async def execute(self, name: str, values: dict[str, Any], ctx: Context) -> Reply:
+        """Run ``/name`` and return its Reply, whatever the handler does.
+
+        The handler runs on its plugin's own loop (:class:`~bot.plugin_loops.PluginLoops`; the
+        core's trusted commands run here), under the command deadline
+        (``bot.command_timeout_s``): past it the caller is answered and the handler abandoned.
+        """
         cmd = self.registry.commands.get(name)
         if cmd is None:
             return Reply.failure(f"There is no /{name} command. Try /help.")
@@ -107,34 +122,66 @@ class App:
         task = asyncio.current_task()
         if task is not None:
             self.running[task] = (name, cmd.plugin)
+        ctx = dataclasses.replace(ctx, home_loop=asyncio.get_running_loop())
+        deadline = self.config.bot.command_timeout_s
+        try:
+            if cmd.plugin == "core":
+                work: asyncio.Future[Reply] = asyncio.ensure_future(self._invoke(cmd, ctx, values))
+            else:
+                try:
+                    handed = self.plugin_loops.submit(cmd.plugin, name, self._invoke(cmd, ctx, values))
+                except RuntimeError:  # the app is closing
+                    return Reply.failure("The bot is shutting down; try again in a minute.")
+                work = asyncio.wrap_future(handed)
+            try:
+                # shield: at the deadline this side answers at once; the handler is cancelled without waiting
+                # for it (a blocked loop runs the cancellation only once it is free).
+                return await asyncio.wait_for(asyncio.shield(work), deadline)
+            except TimeoutError:
+                work.cancel()
+                log.warning("/%s (plugin %s) passed its %.0f s deadline; abandoned", name, cmd.plugin, deadline)
+                return Reply.failure(
+                    f"/{name} took longer than {deadline:.0f} s, so it was stopped. Please try again later.",
+                    error_kind="CommandTimeout",
+                )
+            except asyncio.CancelledError:
+                work.cancel()  # the caller gave up (a shutdown): the handler stops too
+                raise
+        finally:
+            if task is not None:
+                self.running.pop(task, None)
+
+    async def _invoke(self, cmd: Command, ctx: Context, values: dict[str, Any]) -> Reply:
+        """The handler's call, where it runs: every exception it raises becomes a reply."""
         started = time.monotonic()
         try:
             reply = await cmd.invoke(ctx, values)
             if not isinstance(reply, Reply):
-                raise TypeError(f"/{name} returned {type(reply).__name__}, not a Reply")
+                raise TypeError(f"/{cmd.name} returned {type(reply).__name__}, not a Reply")
+            return reply
         except CommandError as exc:
             return Reply.failure(str(exc), ephemeral=exc.ephemeral, error_kind=type(exc).__name__)
-        except (asyncio.CancelledError, GeneratorExit):
-            raise  # the caller gave up (shutdown, a timeout): not the plugin's doing
-        except BaseException as exc:  # SystemExit and KeyboardInterrupt too: a plugin cannot stop the bot
+        except BaseException as exc:
+            # SystemExit, KeyboardInterrupt, GeneratorExit, a CancelledError the handler raised itself:
+            # a plugin cannot stop the bot, nor leave its caller without an answer. Only a cancellation of
+            # this very task (the deadline, a shutdown) goes on as one.
+            current = asyncio.current_task()
+            if isinstance(exc, asyncio.CancelledError) and current is not None and current.cancelling():
+                raise
             error_id = new_error_id()
             log.error(
                 "error %s in /%s (plugin %s) after %.1f s",
                 error_id,
-                name,
+                cmd.name,
                 cmd.plugin,
                 time.monotonic() - started,
                 exc_info=exc,
             )
             return Reply.failure(
-                f"Something went wrong in /{name} (error id {error_id}). Other commands still work.",
+                f"Something went wrong in /{cmd.name} (error id {error_id}). Other commands still work.",
                 error_kind="PluginError",
                 error_id=error_id,
             )
-        finally:
-            if task is not None:
-                self.running.pop(task, None)
-        return reply
 
     async def execute_text(self, name: str, texts: dict[str, str], ctx: Context) -> Reply:
         """Run a command from option text, converted as the console would (a pressed button)."""
@@ -158,4 +205,5 @@ class App:
         return await self.execute(cmd.name, values, ctx or self.local_context())
 
     async def close(self) -> None:
+        await asyncio.to_thread(self.plugin_loops.close)
         await self.inference.close()

@@ -8,6 +8,7 @@ reply in their own way. Nothing here knows about Discord.
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import math
 import re
@@ -20,6 +21,7 @@ from typing import Any, ClassVar, Protocol
 from bot.errors import CommandError as CommandError
 from bot.errors import OptionError as OptionError
 from bot.errors import UserError as UserError
+from bot.plugin_loops import OnLoop
 
 # Discord's own limits on command and option names/descriptions; keeping them
 # in the core means a plugin cannot register something Discord would reject.
@@ -419,13 +421,19 @@ class Context:
     app: Any  # bot.app.App; typed loosely so that plugins need not import it
     guild_id: str | None = None
     transport: str = "console"
+    # The loop the inference client lives on (the front end's): a handler runs on its plugin's own
+    # loop, and its requests are handed over to this one. Set by App.execute.
+    home_loop: asyncio.AbstractEventLoop | None = field(default=None, repr=False, compare=False)
 
     @property
     def inference(self) -> InferenceService:
         """The shared service, seen as this user: their requests count against their own share."""
         service = self.app.inference
         for_user = getattr(service, "for_user", None)
-        return for_user(self.user.id) if for_user is not None else service
+        seen = for_user(self.user.id) if for_user is not None else service
+        if self.home_loop is None:
+            return seen
+        return OnLoop(seen, self.home_loop)
 
     @property
     def config(self) -> Any:

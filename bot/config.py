@@ -122,6 +122,9 @@ class BotSection(_Section):
     owner_ids: list[Snowflake] = []
     log_level: LogLevel = "INFO"  # any case: "debug" means DEBUG
     output_dir: PathText = "lmbot-out"
+    # Every command is answered within this many seconds: a handler still running then is abandoned
+    # and the student told so. Under Discord's 15-minute interaction token, with room to deliver.
+    command_timeout_s: Annotated[float, Field(gt=0, le=600)] = 120.0
 
 
 class DiscordSection(_Section):

@@ -3,6 +3,7 @@ owner-only /stats, /reload and /sync."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 
 from bot.commands import Command, Context, Field, Option, Reply, Table, Text, command
@@ -117,6 +118,12 @@ async def stats_command(ctx: Context) -> Reply:
         Field("workers alive", str(int(summary.get("workers_alive", 0)))),
         Field("worker restarts", str(int(summary.get("worker_restarts", 0)))),
     ]
+    # Plugins whose handlers blocked their event loop (bot.app.LoopStall): only their own commands waited.
+    stalls = dict(getattr(ctx.app, "stalls", {}))
+    if stalls:
+        lines = [f"{plugin}: {stall.describe()}" for plugin, stall in sorted(stalls.items())]
+        fields.append(Field("blocking plugins", "\n".join(lines)[:1000], False))
+    summary = {**summary, "stalls": {p: dataclasses.asdict(s) for p, s in stalls.items()}}
     return Reply(
         title="Inference stats",
         text="" if rows else "No model requests yet.",

@@ -1,13 +1,13 @@
-"""Plugin code on its own event loop, so that it can never delay Discord's acknowledgements.
+"""Commands off the Discord client's loop, so that they can never delay Discord's acknowledgements.
 
 Discord drops an interaction that gets no first response within 3 s. The
 discord.py client acknowledges (defers, or refuses at once) on its own loop;
-command handlers and the inference client run on this loop, in a thread of
-its own, and the client hands each command over with
-``run_coroutine_threadsafe``. A handler that blocks (``time.sleep`` in an
-async function, CPU work without ``asyncio.to_thread``) then delays other
-commands' answers but never their acknowledgements, and a watchdog thread
-notices the stall and names the command and plugin in the log and in
+:meth:`~bot.app.App.execute`, the core's commands and the inference client run
+on this loop, in a thread of its own, and the client hands each command over
+with ``run_coroutine_threadsafe``. Plugins' handlers run further away still, on
+their own plugin's loop (:mod:`bot.plugin_loops`), so a handler that blocks
+delays neither acknowledgements nor other plugins' answers. A watchdog thread
+still watches this loop: code that blocks it is named in the log and in
 ``/plugins``.
 """
 
@@ -20,96 +20,44 @@ import logging
 import sys
 import threading
 import time
-from collections.abc import Coroutine
 from types import CodeType, FrameType
-from typing import Any, TypeVar
 
 from bot.app import App
+from bot.plugin_loops import LoopThread
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 
 
-class CommandLoop:
+class CommandLoop(LoopThread):
     """An event loop in a daemon thread, with a watchdog that measures how late it runs."""
 
     def __init__(self, app: App, *, stall_after_s: float = 1.0, probe_every_s: float = 0.1) -> None:
+        super().__init__("lmbot-commands")
         self.app = app
         self.stall_after_s = stall_after_s
         self.probe_every_s = probe_every_s
-        self.loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._run, name="lmbot-commands", daemon=True)
         self._watchdog = threading.Thread(target=self._watch, name="lmbot-commands-watchdog", daemon=True)
-        self._stopping = threading.Event()
-        self._started = False
-
-    @property
-    def running(self) -> bool:
-        return self._started and self._thread.is_alive()
 
     def start(self) -> None:
         if self._started:
             return
-        self._started = True
-        self._thread.start()
+        super().start()
         self._watchdog.start()
-
-    async def run(self, coro: Coroutine[Any, Any, T]) -> T:
-        """Run ``coro`` on the command loop and await its result from the caller's loop.
-
-        Cancelling the caller cancels the coroutine on the command loop too.
-        """
-        if not self.running:
-            coro.close()
-            raise RuntimeError("the command loop is not running")
-        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, self.loop))
 
     def stop(self, timeout: float = 10.0) -> None:
         """Stop the loop and wait for its thread (a blocking call: run it with ``asyncio.to_thread``)."""
-        if not self._started or self._stopping.is_set():
-            return
-        self._stopping.set()
-        with contextlib.suppress(RuntimeError):  # already closed
-            self.loop.call_soon_threadsafe(self.loop.stop)
-        self._thread.join(timeout)
-        self._watchdog.join(timeout)
-        if self._thread.is_alive():
-            log.warning("the command loop did not stop within %.0f s: a handler is still blocking it", timeout)
-
-    # ------------------------------------------------------------------ the loop's thread
-
-    def _run(self) -> None:
-        asyncio.set_event_loop(self.loop)
-        while True:
-            try:
-                self.loop.run_forever()
-            except BaseException:  # SystemExit / KeyboardInterrupt from a task that plugin code started
-                log.exception("plugin code raised out of the command loop; the loop keeps running")
-            if self._stopping.is_set():
-                break
-        try:
-            pending = [t for t in asyncio.all_tasks(self.loop) if not t.done()]
-            for task in pending:
-                task.cancel()
-            if pending:
-                self.loop.run_until_complete(asyncio.wait(pending, timeout=5))
-            self.loop.run_until_complete(self.loop.shutdown_asyncgens())
-            self.loop.run_until_complete(self.loop.shutdown_default_executor())
-        except BaseException:
-            log.exception("could not tidy up the command loop")
-        finally:
-            self.loop.close()
+        super().stop(timeout)
+        if self._watchdog.is_alive():
+            self._watchdog.join(timeout)
 
     # ------------------------------------------------------------------ the watchdog
 
     def _watch(self) -> None:
         """Post a no-op to the loop every ``probe_every_s``; a late one means something blocks it."""
         while not self._stopping.wait(self.probe_every_s):
-            ran = threading.Event()
             posted = time.monotonic()
-            try:
-                self.loop.call_soon_threadsafe(ran.set)
-            except RuntimeError:  # the loop is closed
+            ran = self.probe()
+            if self.loop.is_closed():
                 return
             if ran.wait(self.stall_after_s):
                 continue
