@@ -75,6 +75,10 @@ class FakeDiscord:
         self.ids = itertools.count(5000)
         self.new_call = asyncio.Condition()
         self.fail_callbacks = 0  # answer this many interaction callbacks with a 404
+        # The next webhook calls (follow-ups, edits of the original response) and channel messages fail, in
+        # order: a number is the status to answer (503: Discord's outage), "drop" closes the connection unanswered.
+        self.fail_webhooks: list[int | str] = []
+        self.fail_channel: list[int | str] = []
         self.reject_token = False
         self.rejected: list[tuple[Call, str]] = []  # messages refused as Discord refuses them, and why
         self.sent: dict[str, float] = {}  # interaction token -> when it was dispatched
@@ -93,6 +97,7 @@ class FakeDiscord:
         app.router.add_post("/api/v10/webhooks/{app}/{token}", self.followup)
         app.router.add_patch("/api/v10/webhooks/{app}/{token}/messages/@original", self.followup)
         app.router.add_delete("/api/v10/webhooks/{app}/{token}/messages/@original", self.delete)
+        app.router.add_post("/api/v10/channels/{channel}/messages", self.channel_message)
         app.router.add_get("/api/v10/gateway/bot", self.gateway_bot)
         app.router.add_get("/gateway", self.gateway)
         self.app = app
@@ -229,8 +234,28 @@ class FakeDiscord:
             return "a custom_id is over 100 characters"
         return None
 
+    @staticmethod
+    def _failure(request: web.Request, failures: list[int | str]) -> web.Response | None:
+        """The failure queued for this call, if any (a dropped connection answers nothing)."""
+        if not failures:
+            return None
+        how = failures.pop(0)
+        if how == "drop":
+            assert request.transport is not None
+            request.transport.close()
+            return web.Response(status=204)
+        return _json({"message": "503: Service Unavailable", "code": 0}, status=int(how))
+
+    async def channel_message(self, request: web.Request) -> web.Response:
+        call = await self._record(request)
+        failed = self._failure(request, self.fail_channel)
+        return failed if failed is not None else _json(self._message(call.body))
+
     async def followup(self, request: web.Request) -> web.Response:
         call = await self._record(request)
+        failed = self._failure(request, self.fail_webhooks)
+        if failed is not None:
+            return failed
         reason = self.invalid(call.body)
         if reason is not None:
             self.rejected.append((call, reason))

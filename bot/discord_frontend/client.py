@@ -24,19 +24,29 @@ import time
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import discord
 
 from bot.app import App
 from bot.commands import Context, Reply, User
 from bot.discord_frontend import redact
 from bot.discord_frontend.command_loop import CommandLoop
-from bot.discord_frontend.render import MalformedButton, escape, parse_button_id, render_reply
+from bot.discord_frontend.render import MalformedButton, escape, fit, parse_button_id, render_reply
 from bot.discord_frontend.schema import autocomplete, commands_payload, focused_option, option_values, payload_hash
 
 log = logging.getLogger(__name__)
 
 
 ANSWER_UNKNOWN_BUTTON = "That button no longer works; run the command again."
+# Failures of one request that another try may not meet: Discord's 5xx come as HTTPException.
+TRANSIENT: tuple[type[BaseException], ...] = (aiohttp.ClientError, OSError, asyncio.TimeoutError)
+SENDING_FAILED: tuple[type[BaseException], ...] = (discord.HTTPException, *TRANSIENT)
+# An interaction token lasts 15 minutes; follow-ups are retried for most of them, leaving room to finish.
+TOKEN_LIFETIME_S = 15 * 60
+
+
+def _why(exc: BaseException) -> str:
+    return str(exc) or type(exc).__name__
 
 
 class LmbotClient(discord.AutoShardedClient):
@@ -63,6 +73,12 @@ class LmbotClient(discord.AutoShardedClient):
         self._cooldowns: dict[tuple[int, str], float] = {}
         self.synced: list[str] = []  # scopes synced by the last sync_commands call
         self.command_loop = CommandLoop(app)
+        # Delivering an answer (see _send): retry follow-ups this long after the interaction came, pausing
+        # retry_pause_s, doubling up to retry_pause_max_s; then post in the channel (channel_tries tries).
+        self.followup_window_s = TOKEN_LIFETIME_S - 60.0
+        self.retry_pause_s = 2.0
+        self.retry_pause_max_s = 60.0
+        self.channel_tries = 5
 
     @property
     def owns_sync(self) -> bool:
@@ -169,7 +185,11 @@ class LmbotClient(discord.AutoShardedClient):
         assert task is not None
         self.in_flight.add(task)
         try:
-            await self._command(interaction, name, values, typed)
+            await self._command(interaction, name, values, typed, time.monotonic())
+        except asyncio.CancelledError:
+            raise
+        except BaseException:  # nothing may end this task without a word in the log
+            log.exception("unexpected error answering /%s", name)
         finally:
             self.in_flight.discard(task)
 
@@ -211,7 +231,9 @@ class LmbotClient(discord.AutoShardedClient):
         self._cooldowns[key] = now + self.settings.cooldown_s
         return None
 
-    async def _command(self, interaction: discord.Interaction, name: str, values: dict[str, Any], typed: bool) -> None:
+    async def _command(
+        self, interaction: discord.Interaction, name: str, values: dict[str, Any], typed: bool, received: float
+    ) -> None:
         """Answer one interaction; ``typed`` values come from a slash command, others are option text."""
         refusal = self._refusal(interaction, name)
         if refusal is not None:
@@ -234,10 +256,10 @@ class LmbotClient(discord.AutoShardedClient):
             with contextlib.suppress(discord.HTTPException):
                 await interaction.followup.send("The bot is restarting; please ask again in a minute.")
             raise
-        except (Exception, SystemExit, KeyboardInterrupt):  # execute() already turns plugin errors into replies
+        except BaseException:  # execute() already turns plugin errors into replies; this is the last net
             log.exception("unexpected error answering /%s", name)
             reply = Reply.failure("Something went wrong; please try again.")
-        await self._send(interaction, reply)
+        await self._send(interaction, reply, received)
 
     def _context(self, interaction: discord.Interaction) -> Context:
         user = interaction.user
@@ -248,26 +270,79 @@ class LmbotClient(discord.AutoShardedClient):
             transport="discord",
         )
 
-    async def _send(self, interaction: discord.Interaction, reply: Reply) -> None:
+    async def _send(self, interaction: discord.Interaction, reply: Reply, received: float | None = None) -> None:
+        """Deliver ``reply`` however Discord lets us: never dropped while any way is open.
+
+        A follow-up that fails with a 5xx or a dropped connection is tried again (the
+        follow-up and an edit of the "thinking…" message in turn) with growing pauses
+        while the interaction token lasts (15 minutes from ``received``; ``followup_window_s``
+        of them); past that, a public answer is posted in the channel instead.
+        """
         # Escaping and fitting a long reply is CPU work: off this loop, which must stay free to acknowledge.
+        # Rendered afresh for each try: discord.py closes a message's files once it has tried to send them.
         rendered = await asyncio.to_thread(render_reply, reply)
-        try:
-            if rendered.ephemeral:
-                # The "thinking…" message is public; an ephemeral answer replaces it privately.
-                with contextlib.suppress(discord.HTTPException):
-                    await interaction.delete_original_response()
-            await interaction.followup.send(**rendered.kwargs())
-            if rendered.view is not None:
-                # Presses come back to on_interaction by custom_id; discord.py need not keep the view.
-                rendered.view.stop()
-        except discord.NotFound:
-            # The token expired or the message is gone: retrying would only earn invalid-request strikes.
-            log.warning("the interaction for /%s is gone; its answer was dropped", interaction.data)
-        except discord.HTTPException as exc:
-            log.error("could not answer an interaction: %s", exc)
-            if exc.status < 500:
-                with contextlib.suppress(discord.HTTPException):
-                    await interaction.followup.send("Sorry, that answer could not be sent.", ephemeral=True)
+        window_ends = (received if received is not None else time.monotonic()) + self.followup_window_s
+        if rendered.ephemeral:
+            # The "thinking…" message is public; an ephemeral answer replaces it privately.
+            with contextlib.suppress(*SENDING_FAILED):
+                await interaction.delete_original_response()
+        tries = 0
+        while True:
+            if tries:
+                rendered = await asyncio.to_thread(render_reply, reply)
+            try:
+                if tries % 2 == 0 or rendered.ephemeral:
+                    await interaction.followup.send(**rendered.kwargs())
+                else:  # another endpoint than the follow-up's: a storm may spare it
+                    await interaction.edit_original_response(**rendered.edit_kwargs())
+                if rendered.view is not None:
+                    # Presses come back to on_interaction by custom_id; discord.py need not keep the view.
+                    rendered.view.stop()
+                return
+            except discord.NotFound:
+                # The token expired or the message is gone: retrying would only earn invalid-request strikes.
+                log.warning("the interaction for /%s is gone; its answer was dropped", interaction.data)
+                return
+            except discord.HTTPException as exc:
+                if exc.status < 500:
+                    log.error("could not answer an interaction: %s", exc)
+                    with contextlib.suppress(*SENDING_FAILED):
+                        await interaction.followup.send("Sorry, that answer could not be sent.", ephemeral=True)
+                    return
+                failure: BaseException = exc
+            except TRANSIENT as exc:
+                failure = exc
+            tries += 1
+            pause = min(self.retry_pause_max_s, self.retry_pause_s * 2 ** (tries - 1))
+            if time.monotonic() + pause > window_ends:
+                break
+            log.warning("answering an interaction failed (%s); try %d again in %.0f s", _why(failure), tries, pause)
+            await asyncio.sleep(pause)
+        await self._answer_in_channel(interaction, reply)
+
+    async def _answer_in_channel(self, interaction: discord.Interaction, reply: Reply) -> None:
+        """The last way: a message in the channel, which needs no interaction token."""
+        if reply.ephemeral or interaction.channel_id is None:
+            # A private answer is never made public; the "thinking…" message was already removed.
+            log.error("could not deliver a private answer within the interaction's token; dropped")
+            return
+        channel = self.get_partial_messageable(interaction.channel_id)
+        who = escape(interaction.user.display_name)
+        for tries in range(self.channel_tries):
+            kwargs = (await asyncio.to_thread(render_reply, reply)).edit_kwargs()
+            kwargs["files"] = kwargs.pop("attachments", [])
+            note = f"For {who} (Discord would not take this as a reply):"
+            kwargs["content"] = fit(f"{note}\n{kwargs.get('content') or ''}", 2000)
+            try:
+                await channel.send(**kwargs)
+                log.warning("delivered an answer as a channel message after the follow-up kept failing")
+                return
+            except SENDING_FAILED as exc:
+                if isinstance(exc, discord.HTTPException) and exc.status < 500:
+                    log.error("could not post an answer in the channel either: %s", exc)
+                    return
+                await asyncio.sleep(min(self.retry_pause_max_s, self.retry_pause_s * 2**tries))
+        log.error("could not deliver an answer by any way Discord offers; dropped")
 
     # ------------------------------------------------------------------ shutdown
 

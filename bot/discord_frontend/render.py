@@ -232,6 +232,14 @@ class Rendered:
             out["view"] = self.view
         return out
 
+    def edit_kwargs(self) -> dict:
+        """The same message as :meth:`kwargs`, as an edit of the "thinking…" message (which cannot be private)."""
+        out = self.kwargs()
+        del out["ephemeral"]
+        if "files" in out:
+            out["attachments"] = out.pop("files")
+        return out
+
 
 def render_reply(reply: Reply) -> Rendered:
     if reply.error:
