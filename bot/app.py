@@ -25,11 +25,11 @@ from typing import Any
 
 from bot import core
 from bot.commands import Command, CommandError, Context, Reply, User
-from bot.config import Config, check_roles
+from bot.config import Config, check_paths, check_roles
 from bot.inference.client import InferenceClient, create_client
 from bot.inference.registry import BUILTIN_ROLES
 from bot.parsing import UsageError, parse_line
-from bot.plugin_loops import PluginLoops
+from bot.plugin_loops import OnLoop, PluginLoops
 from bot.plugins import PluginHost, PluginRecord, Registry, check_plugin_config
 
 log = logging.getLogger(__name__)
@@ -73,6 +73,7 @@ class App:
             self.host.add(plugin, name)
         self.registry: Registry = self.host.build_registry()
         check_roles(config, set(self.registry.roles))
+        check_paths(config)
         check_plugin_config(config, self.host, self.registry)
         self.inference: InferenceClient = create_client(config, self.registry.roles)
         # Set by a front end that publishes commands somewhere (Discord): re-publish them.
@@ -96,6 +97,12 @@ class App:
     def local_context(self) -> Context:
         """The console's user: whoever runs the process owns the bot."""
         return Context(user=User("local", "console", is_owner=True), app=self, transport="console")
+
+    def inference_view(self, user: str, home: asyncio.AbstractEventLoop | None) -> Any:
+        """``ctx.inference`` for ``user``; requests made on a plugin's loop go to ``home``, the client's loop."""
+        for_user = getattr(self.inference, "for_user", None)
+        service = for_user(user) if for_user is not None else self.inference
+        return service if home is None else OnLoop(service, home)
 
     def record_stall(self, plugin: str, command: str, seconds: float, new: bool = True) -> None:
         """Note that ``/command`` of ``plugin`` blocked its event loop for ``seconds`` (any thread may call).

@@ -21,7 +21,6 @@ from typing import Any, ClassVar, Protocol
 from bot.errors import CommandError as CommandError
 from bot.errors import OptionError as OptionError
 from bot.errors import UserError as UserError
-from bot.plugin_loops import OnLoop
 
 # Discord's own limits on command and option names/descriptions; keeping them
 # in the core means a plugin cannot register something Discord would reject.
@@ -92,6 +91,9 @@ class Option:
 # Bidirectional embedding, override and isolate controls: they reorder how the text
 # around them is displayed, so echoed text could be made to read differently than typed.
 BIDI_CONTROLS = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+# Letters and symbols that show nothing (Hangul fillers, the blank Braille pattern, ...): they neither
+# make text visible nor start a new character that combining marks could stack on.
+INVISIBLE_LETTERS = frozenset("\u115f\u1160\u3164\uffa0\u2800")
 # Invisible format characters (joiners, tags) may follow a base character too, but a long
 # run of them is a flood like a combining-mark flood; emoji tag sequences need up to 7.
 MAX_FORMAT_RUN = 8
@@ -100,7 +102,8 @@ MAX_FORMAT_RUN = 8
 def clean_text(value: str, *, name: str, max_length: int) -> str:
     """Reject text that no command should have to handle.
 
-    Blank or invisible-only text, text over ``max_length`` characters, control
+    Blank or invisible-only text (invisible letters such as U+3164 included), text
+    over ``max_length`` characters, control
     characters, lone surrogates (not text at all), bidirectional overrides and
     floods of combining marks each get a short explanation. Newlines and tabs
     are allowed; everything else printable, emoji and right-to-left scripts
@@ -121,6 +124,8 @@ def clean_text(value: str, *, name: str, max_length: int) -> str:
                 f"`{name}` contains a direction override (U+{ord(ch):04X}), which reorders how text is shown; "
                 "remove it and try again."
             )
+        if ch in INVISIBLE_LETTERS:
+            continue  # as if absent: marks after it stack on the character before it
         if category in ("Mn", "Me"):
             marks += 1  # a format character in between does not start a new run
             if marks > MAX_COMBINING_RUN:
@@ -148,6 +153,12 @@ class Text(Option):
         return self._check_choice(clean_text(value, name=self.name, max_length=self.max_length))
 
 
+def number_text(raw: str) -> str:
+    """A typed number as Python reads it: NFKC folds fullwidth digits, point and signs (``１．５`` -> ``1.5``),
+    so that one rule holds for every number, whole or not."""
+    return unicodedata.normalize("NFKC", raw).strip()
+
+
 def _check_range(name: str, value: float, low: float | None, high: float | None) -> None:
     if low is not None and value < low:
         raise OptionError(f"`{name}` must be at least {low}.")
@@ -163,7 +174,7 @@ class Integer(Option):
 
     def convert(self, raw: str) -> int:
         try:
-            value = int(raw.strip())
+            value = int(number_text(raw))
         except ValueError:
             raise OptionError(f"`{self.name}` must be a whole number, not {raw!r}.") from None
         return self.check(value)
@@ -183,7 +194,7 @@ class Number(Option):
 
     def convert(self, raw: str) -> float:
         try:
-            value = float(raw.strip())
+            value = float(number_text(raw))
         except ValueError:
             raise OptionError(f"`{self.name}` must be a number, not {raw!r}.") from None
         return self.check(value)
@@ -428,12 +439,12 @@ class Context:
     @property
     def inference(self) -> InferenceService:
         """The shared service, seen as this user: their requests count against their own share."""
+        view = getattr(self.app, "inference_view", None)  # bot.app.App's: reached from the handler's loop
+        if view is not None:
+            return view(self.user.id, self.home_loop)
         service = self.app.inference
         for_user = getattr(service, "for_user", None)
-        seen = for_user(self.user.id) if for_user is not None else service
-        if self.home_loop is None:
-            return seen
-        return OnLoop(seen, self.home_loop)
+        return for_user(self.user.id) if for_user is not None else service
 
     @property
     def config(self) -> Any:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import tempfile
 import tomllib
 import unicodedata
 from pathlib import Path
@@ -338,3 +339,29 @@ def check_roles(config: Config, known: set[str]) -> None:
             raise ConfigError(
                 f"{config.path}: `inference.preload`: unknown role {role!r} (known roles: {', '.join(sorted(known))})"
             )
+
+
+# How [models] tells a local folder from a hub id (the same rule as bot.inference.registry.resolve).
+LOCAL_PATH_PREFIXES = ("/", "./", "~", "../")
+
+
+def check_paths(config: Config) -> None:
+    """Folders the bot will need, checked before it starts: one line naming the key if one is unusable.
+
+    ``inference.cache_dir`` must be a folder the bot can write in (it is made if missing);
+    a ``[models]`` value written as a local path must exist.
+    """
+    source = config.path or "<config>"
+    for role, name in config.models.items():
+        if name.startswith(LOCAL_PATH_PREFIXES) and not Path(os.path.expanduser(name)).exists():
+            raise ConfigError(f"{source}: `{shown_key('models.' + role)}`: no such folder {value_shown(name)}")
+    cache = config.cache_dir
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=cache):
+            pass
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise ConfigError(
+            f"{source}: `inference.cache_dir`: cannot write in it: {reason.lower()} {value_shown(str(cache))}"
+        ) from None

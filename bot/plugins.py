@@ -701,6 +701,10 @@ def check_plugin_config(config: Config, host: PluginHost, registry: Registry) ->
     source = config.path or "<config>"
     if "core" in config.plugins.disabled:
         raise ConfigError(f'{source}: `plugins.disabled`: "core" cannot be disabled (it provides /help and /plugins)')
+    for name in config.plugins.disabled:
+        if name not in host.records:  # a typo would leave the plugin on, silently
+            known = ", ".join(sorted(n for n in host.records if n != "core"))
+            raise ConfigError(f"{source}: `plugins.disabled`: no such plugin {value_shown(name)}; plugins: {known}")
     for plugin, values in config.plugins.options.items():
         record = host.records.get(plugin)
         if record is None:

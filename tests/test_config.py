@@ -115,3 +115,48 @@ def test_the_shipped_config_lists_every_key_with_its_default() -> None:
         assert set(shipped[section]) == set(type(model).model_fields), section
         for key, value in shipped[section].items():
             assert value == getattr(model, key), f"{section}.{key}"
+
+
+# --------------------------------------------------------------------------- issue 25, item 6: names and folders
+
+
+def _app(path: str):  # type: ignore[no-untyped-def]
+    from bot.app import App
+
+    return App(load_config(path), builtins=True, entry_points=False)
+
+
+def test_a_misspelt_name_in_plugins_disabled_is_refused_like_an_unknown_key(tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    path = write(tmp_path, f"[plugins]\ndisabled = ['nexttokn']\n[inference]\ncache_dir = '{cache}'\n")
+    with pytest.raises(ConfigError) as info:
+        _app(path)
+    line = str(info.value)
+    assert "\n" not in line and line.startswith(f"{path}: `plugins.disabled`: no such plugin (got 'nexttokn')")
+    assert "nexttoken" in line  # the plugins it could have meant
+    # Spelt right, the plugin is disabled.
+    path = write(tmp_path, f"[plugins]\ndisabled = ['nexttoken']\n[inference]\ncache_dir = '{cache}'\n")
+    assert "nexttoken" not in _app(path).registry.commands
+
+
+@pytest.mark.parametrize(
+    ("toml", "message"),
+    [
+        ("[inference]\ncache_dir = '/proc/self'\n", "`inference.cache_dir`: cannot write in it: "),
+        ("[inference]\ncache_dir = '/dev/null/lmbot'\n", "`inference.cache_dir`: cannot write in it: not a directory"),
+        ("[models]\ncausal_lm = '/no/such/model/folder'\n", "`models.causal_lm`: no such folder (got '/no/such/model"),
+        ("[models]\ncausal_lm = './not-here'\n", "`models.causal_lm`: no such folder (got './not-here')"),
+    ],
+)
+def test_an_unusable_folder_fails_lmbot_plugins_with_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], toml: str, message: str
+) -> None:
+    from bot.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    if "[inference]" not in toml:
+        toml += f"[inference]\ncache_dir = '{tmp_path / 'cache'}'\n"
+    path = write(tmp_path, toml)
+    assert main(["plugins", "--config", path]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and message in err, err

@@ -118,3 +118,58 @@ printable = st.text(
 def test_format_then_parse_round_trips(text: str, k: int, flag: bool) -> None:
     values = {"text": text, "k": k, "flag": flag}
     assert parse(format_line(DEMO, values)) == values
+
+
+# --------------------------------------------------------------------------- issue 25, item 6
+
+
+@pytest.mark.parametrize(
+    ("typed", "key", "expected"),
+    [
+        ("k:\uff14", "k", 4),  # fullwidth digit in a whole number
+        ("temp:\uff11\uff0e\uff15", "temp", 1.5),  # fullwidth digits and point in a decimal
+        ("temp:\uff10\uff0e\uff15", "temp", 0.5),
+        ("k:\u0664", "k", 4),  # Arabic-Indic digit: Python reads it in both kinds alike
+        ("temp:\u0661.\u0665", "temp", 1.5),
+    ],
+)
+def test_one_rule_for_every_number_fullwidth_digits_read_in_wholes_and_decimals(
+    typed: str, key: str, expected: float
+) -> None:
+    assert parse(f"/demo text:x {typed}")[key] == expected
+
+
+@given(st.integers(min_value=1, max_value=9), st.integers(min_value=0, max_value=9))
+def test_a_number_typed_in_fullwidth_reads_as_the_same_number_typed_plainly(whole: int, tenth: int) -> None:
+    def wide(text: str) -> str:
+        return "".join(chr(ord(c) + 0xFEE0) for c in text)  # ASCII digits and "." to their fullwidth forms
+
+    assert Integer("k", "k").convert(wide(str(whole))) == Integer("k", "k").convert(str(whole))
+    plain = f"{whole % 2}.{tenth}"
+    assert Number("t", "t").convert(wide(plain)) == Number("t", "t").convert(plain)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "\u115f\u115f\u115f",
+        "\u3164",
+        "\u2800\u2800 \u2800",
+        "\uffa0\u1160",
+        "\u3164\u200b\u3164",
+    ],
+)
+def test_text_made_only_of_invisible_letters_is_refused_as_empty(text: str) -> None:
+    with pytest.raises(OptionError, match="is empty"):
+        Text("text", "Some text").check(text)
+
+
+def test_combining_marks_stacked_through_invisible_letters_are_a_flood() -> None:
+    zalgo = "a" + ("\u115f" + "\u0301" * 4) * 20  # 80 marks drawn on one spot
+    with pytest.raises(OptionError, match="too many combining marks"):
+        Text("text", "Some text").check(zalgo)
+    for filler in "\u3164\u2800\uffa0\u1160":
+        with pytest.raises(OptionError, match="too many combining marks"):
+            Text("text", "Some text").check("a" + (filler + "\u0301\u0302") * 3)
+    # Real text with an invisible letter in it, and one accent per letter, still passes.
+    assert Text("text", "Some text").check("caf\u00e9 \u3164 ok") == "caf\u00e9 \u3164 ok"
