@@ -129,7 +129,9 @@ class App:
         task = asyncio.current_task()
         if task is not None:
             self.running[task] = (name, cmd.plugin)
-        ctx = dataclasses.replace(ctx, home_loop=asyncio.get_running_loop())
+        # The front end's loop, where the inference client lives; a command a handler runs (a card's
+        # "Try it") runs on a plugin's loop but keeps the same home.
+        ctx = dataclasses.replace(ctx, home_loop=ctx.home_loop or asyncio.get_running_loop())
         deadline = self.config.bot.command_timeout_s
         try:
             if cmd.plugin == "core":

@@ -175,3 +175,17 @@ async def test_a_handler_signalling_its_own_process_is_refused_and_the_bot_runs_
         signal.signal(signal.SIGINT, before)
     assert received == []
     assert (await app.ask("/quick")).text == "quick answer"
+
+
+async def test_a_command_a_handler_runs_keeps_the_front_ends_loop_for_its_model_requests(
+    tmp_path: Path, tiny_gpt2: Path
+) -> None:
+    """A card's "Try it" runs another plugin's command from a plugin's loop: its requests still reach the service."""
+    made = make_app("plugins.study", "plugins.nexttoken", cache_dir=tmp_path / "cache", models={"causal_lm": tiny_gpt2})
+    try:
+        tried = await made.ask("/topic try:language-model")
+        direct = await made.ask(made.registry.topics["language-model"].try_command)
+        assert not tried.error and not direct.error, (tried.text, direct.text)
+        assert tried.data["top"] == direct.data["top"]
+    finally:
+        await made.close()
