@@ -72,6 +72,7 @@ _ENV_PREFIXES = (
 )
 _ENV_NAMES = ("TZ", "LANG", "LC_ALL", "HOME", "XDG_CACHE_HOME")
 _PROTOCOL = 1
+_LINE_WAIT_S = 10.0  # how long the warm lmbot waits for an asker's request line
 _CONNECT_TIMEOUT_S = 2.0
 _LINE_LIMIT = 1 << 20  # one request line: a command line and a few flags
 _LOCK_WAIT_S = 30.0  # a new warm lmbot waits this long for the one it replaces to let go
@@ -381,12 +382,19 @@ class WarmServer:
                 log.warning("could not preload %s: %s", role, exc)
 
     async def _serve(self, app: App, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        # An asker sends its line at once: a client that holds the socket with a partial line is cut off,
+        # and until its line is in, it is not an ask in progress (it must not keep the warm lmbot alive).
+        try:
+            line = await asyncio.wait_for(reader.readline(), _LINE_WAIT_S)
+        except (TimeoutError, ValueError, asyncio.LimitOverrunError, ConnectionError):
+            writer.close()
+            return
         self.in_flight += 1
         self.idle.clear()
         try:
             try:
-                message = json.loads(await reader.readline())
-            except (ValueError, asyncio.LimitOverrunError, ConnectionError):
+                message = json.loads(line)
+            except ValueError:
                 return
             answer = await self._answer(app, message)
             writer.write(json.dumps(answer, ensure_ascii=False).encode() + b"\n")

@@ -138,7 +138,12 @@ def _create_exclusive(folder: Path, name: str, data: bytes) -> Path:
         path = folder / (name if n == 1 else f"{base}-{n}{'.' + suffix if suffix else ''}")
         try:
             with open(path, "xb") as file:  # "x": fails if the file exists, atomically
-                file.write(data)
+                try:
+                    file.write(data)
+                    file.flush()
+                except OSError:  # the disk filled (ENOSPC) or the like: leave no truncated chart behind
+                    path.unlink(missing_ok=True)
+                    raise
         except FileExistsError:
             continue
         return path

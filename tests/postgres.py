@@ -59,6 +59,11 @@ class PostgresServer:
         )  # fmt: skip
         if made.returncode != 0:
             return f"initdb failed: {(made.stderr or made.stdout).strip()[-300:]}"
+        return self.resume()
+
+    def resume(self) -> str | None:
+        """Start the server on its existing data folder (after :meth:`stop`); None when it runs."""
+        data = self.folder / "data"
         options = f"-k {self.folder} -p {PORT} -c listen_addresses= -c fsync=off -c synchronous_commit=off"
         started = self._run(
             str(self.bin_dir / "pg_ctl"), "-D", str(data), "-l", str(self.folder / "server.log"),
@@ -73,8 +78,9 @@ class PostgresServer:
             return f"pg_ctl start failed: {(started.stderr or started.stdout or log).strip()[-300:]}"
         return None
 
-    def stop(self) -> None:
-        self._run(str(self.bin_dir / "pg_ctl"), "-D", str(self.folder / "data"), "-m", "immediate", "-w", "stop")
+    def stop(self, mode: str = "immediate") -> None:
+        """Stop the server (``mode``: pg_ctl's; "fast" as an operator's restart does, data kept)."""
+        self._run(str(self.bin_dir / "pg_ctl"), "-D", str(self.folder / "data"), "-m", mode, "-w", "stop")
 
 
 @pytest.fixture(scope="session")

@@ -6,11 +6,14 @@ Kept in a prometheus_client registry, so the same numbers feed ``/stats``,
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Iterable
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, start_http_server
+
+log = logging.getLogger(__name__)
 
 _SECONDS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, math.inf)
 _SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, math.inf)
@@ -50,9 +53,18 @@ class ServiceMetrics:
     def prometheus_text(self) -> bytes:
         return generate_latest(self.registry)
 
-    def serve(self, port: int) -> None:
-        """Expose ``/metrics`` on 127.0.0.1:``port`` (a daemon thread)."""
-        start_http_server(port, addr="127.0.0.1", registry=self.registry)
+    def serve(self, port: int) -> bool:
+        """Expose ``/metrics`` on 127.0.0.1:``port`` (a daemon thread); a taken port is one logged line.
+
+        The bot runs on without ``/metrics`` rather than stop: the port may have been taken after
+        ``lmbot run`` checked it.
+        """
+        try:
+            start_http_server(port, addr="127.0.0.1", registry=self.registry)
+        except OSError as exc:
+            log.warning("metrics are off: cannot listen on 127.0.0.1:%d (%s)", port, exc.strerror or exc)
+            return False
+        return True
 
     def summary(self) -> dict[str, Any]:
         return summarize(self.registry.collect())
