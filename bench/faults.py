@@ -275,7 +275,8 @@ class OverDiscord(Direct):
                     continue
                 if "callback" in parts and (call.body or {}).get("type") == 4:
                     answer = ("now", call.body["data"].get("content", ""))
-                elif "webhooks" in parts and call.method == "POST":
+                elif "webhooks" in parts and call.method in ("POST", "PATCH") and not call.failed:
+                    # A follow-up, or (when follow-ups keep failing) the edit of "thinking…" that carries it.
                     answer = ("followup", (call.body or {}).get("content", ""))
                 else:
                     continue  # a defer, or the deletion of "thinking…" before an ephemeral answer
@@ -647,6 +648,250 @@ async def locked_db(run: Run) -> None:
     await asyncio.gather(*(answer_one(run, "(after)", u) for u in students))
 
 
+# --------------------------------------------------------------------------- issue 25: plugins, Discord, disk, ports
+
+
+async def blocking_plugin(run: Run) -> None:
+    """A plugin whose handler does time.sleep(12) (3 s with --quick), pressed by several students,
+    while others ask /help and the ordinary stream goes on: only its own commands may wait."""
+    from bot import Reply as PluginReply
+    from bot import command, hookimpl
+
+    block_s = 3.0 if run.settings.stop_s <= QUICK.stop_s else 12.0  # how long the handler blocks its loop
+
+    @command("sleepy", "Blocks its event loop, as a careless plugin would")
+    async def sleepy(ctx: Context) -> PluginReply:
+        time.sleep(block_s)  # noqa: ASYNC251 - the fault itself
+        return PluginReply("woke up")
+
+    @hookimpl
+    def register_commands(register: Callable[[Any], None]) -> None:
+        register(sleepy)
+
+    import types
+
+    run.app.host.add(types.SimpleNamespace(register_commands=register_commands), "careless")
+    run.app.registry = run.app.host.build_registry()
+    run.begin_fault()
+    blocked = [run.command("sleepy (its own plugin)", "sleepy", {}, f"careless{i}") for i in range(3)]
+    others = []
+    for i in range(int(block_s * 2)):
+        others.append(run.command("help (during the block)", "help", {}, f"helper{i}"))
+        await asyncio.sleep(0.5)
+    await asyncio.wait(blocked + others)
+    await asyncio.sleep(1.0)  # the watchdog notes a stall's full length at its next look
+    stall = run.app.stalls.get("careless")
+    run.notes.append(f"/plugins and /stats show careless: {stall.describe() if stall else 'no stall recorded'}")
+    helped = [r.answered - r.sent for r in run.records if r.kind.startswith("help") and r.answered is not None]
+    if helped:
+        run.notes.append(f"/help during the block: slowest answer {max(helped):.2f} s (the block lasts {block_s:g} s)")
+    run.end_fault()
+
+
+async def storm_5xx(run: Run) -> None:
+    """Discord answers follow-ups with 503 storms and dropped connections (needs --discord)."""
+    fake = getattr(run.front, "fake", None)
+    if fake is None:
+        run.notes.append("no Discord in this run (App.execute): the 5xx storm needs --discord; nothing injected")
+        run.begin_fault()
+        run.end_fault()
+        return
+    run.begin_fault()
+    storm: list[int | str] = ([503] * 5 + ["drop"]) * 8  # 48 failed follow-ups, in a row, across students
+    fake.fail_webhooks.extend(storm)
+    while fake.fail_webhooks:  # noqa: ASYNC110 - the fake's queue drains as the bot tries
+        await asyncio.sleep(0.1)
+    run.notes.append(f"{len(storm)} follow-ups failed on purpose (503 and dropped connections), retried by the bot")
+    run.end_fault()
+
+
+class _WarmFront:
+    """The bench's app as the warm lmbot serves it (closed by the scenario, not by the server)."""
+
+    def __init__(self, app: App) -> None:
+        self.app, self.inference = app, object()
+
+    async def execute_line(self, line: str) -> Reply:
+        return await self.app.execute_line(line)
+
+    async def close(self) -> None:
+        pass
+
+
+async def slow_socket(run: Run) -> None:
+    """Clients that hold the warm lmbot's socket with a partial line, while others ask through it."""
+    import socket as socket_module
+
+    from bot import ask
+
+    with tempfile.TemporaryDirectory(prefix="lmbot-faults-run-") as runtime:
+        before = os.environ.get("XDG_RUNTIME_DIR")
+        os.environ["XDG_RUNTIME_DIR"] = runtime
+        try:
+            config = run.app.config
+            paths = ask.warm_paths(config)
+            assert paths is not None
+            server = ask.WarmServer(config, "bench", keep_alive=3600, paths=paths)
+            serving = asyncio.create_task(server.run(_WarmFront(run.app), []))  # type: ignore[arg-type]
+            while not paths.socket.exists():  # noqa: ASYNC110 - the server makes it
+                await asyncio.sleep(0.01)
+            run.begin_fault()
+            slow = []
+            for _ in range(8):
+                client = socket_module.socket(socket_module.AF_UNIX)
+                client.connect(str(paths.socket))
+                client.sendall(b'{"op": "ask", "line": "/tok')  # never finished
+                slow.append(client)
+
+            def one_ask(n: int) -> Reply:
+                request = ask.AskRequest(f"/tokenize text:ask {n}", as_json=False, out_dir=runtime, colour=False)
+                answer = ask.ask_warm(config, request, paths, "bench")
+                if answer is None or answer.rc != 0:
+                    return Reply.failure("the warm lmbot did not answer", error_kind="NoAnswer")
+                return Reply(text=answer.stdout)
+
+            for n in range(10):
+                record = Record("asks (slow clients on the socket)", "lmbot ask /tokenize", run.now())
+                run._track(record, lambda n=n: asyncio.to_thread(one_ask, n))
+                await asyncio.sleep(0.2)
+            await asyncio.wait([t for t in run.tasks if not t.done()], timeout=60)
+
+            def closed_by_server(client: socket_module.socket) -> bool:
+                client.settimeout(30)
+                try:
+                    return client.recv(1) == b""
+                except OSError:
+                    return False
+
+            # In threads: the server that closes them runs on this loop.
+            cut = sum(await asyncio.gather(*(asyncio.to_thread(closed_by_server, c) for c in slow)))
+            run.notes.append(f"{cut} of {len(slow)} slow clients were cut off by the warm lmbot")
+            for client in slow:
+                client.close()
+            server.stop.set()
+            await serving
+        finally:
+            if before is None:
+                os.environ.pop("XDG_RUNTIME_DIR", None)
+            else:
+                os.environ["XDG_RUNTIME_DIR"] = before
+    run.end_fault()
+
+
+async def disk_full(run: Run) -> None:
+    """Charts saved (as the console and lmbot ask save them) while the disk is full: ENOSPC on every write."""
+    import errno
+    import io
+
+    import bot.render
+
+    class FullDisk(io.RawIOBase):
+        def writable(self) -> bool:
+            return True
+
+        def write(self, data: Any) -> int:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    real_open = open
+
+    def full_open(path: Any, mode: str = "r", *args: Any, **kwargs: Any) -> Any:
+        if "x" in mode:
+            real_open(path, mode, *args, **kwargs).close()
+            return FullDisk()
+        return real_open(path, mode, *args, **kwargs)
+
+    with tempfile.TemporaryDirectory(prefix="lmbot-faults-charts-") as folder:
+
+        async def answer_and_save(n: int) -> Reply:
+            reply = await run.front.execute("nexttoken", {"prompt": PROMPTS[n % len(PROMPTS)], "k": 5}, f"saver{n}")
+            paths, note = bot.render.save_reply_images(reply, Path(folder), "nexttoken")
+            if reply.error:
+                return reply
+            if paths or "No space left on device" not in note:
+                return Reply.failure(f"unexpected: saved {paths}, note {note!r}", error_kind="Unexpected")
+            return Reply(text=f"{reply.text}\n{note}")
+
+        bot.render.open = full_open  # type: ignore[attr-defined]
+        try:
+            run.begin_fault()
+            for n in range(10):
+                record = Record("answers with a chart (disk full)", "/nexttoken + save", run.now())
+                run._track(record, lambda n=n: answer_and_save(n))
+                await asyncio.sleep(0.3)
+            await asyncio.wait([t for t in run.tasks if not t.done()], timeout=120)
+        finally:
+            del bot.render.open  # type: ignore[attr-defined]
+        left = await asyncio.to_thread(os.listdir, folder)
+        run.notes.append(f"every answer printed without its chart, with one line saying why; files left: {len(left)}")
+    run.end_fault()
+
+
+async def postgres_restart(run: Run) -> None:
+    """The quiz on PostgreSQL, which is stopped mid-quiz and started again."""
+    from tests.postgres import PostgresServer, _bin_dir
+
+    bin_dir = _bin_dir()
+    if bin_dir is None:
+        run.notes.append("PostgreSQL is not installed here: nothing injected")
+        run.begin_fault()
+        run.end_fault()
+        return
+    import pwd
+    import shutil
+
+    folder = Path(tempfile.mkdtemp(prefix="lmbot-faults-pg-"))
+    run_as = None
+    if os.geteuid() == 0:
+        account = pwd.getpwnam("nobody")
+        os.chown(folder, account.pw_uid, account.pw_gid)
+        run_as = "nobody"
+    server = PostgresServer(folder, bin_dir, run_as)
+    problem = await asyncio.to_thread(server.start)
+    if problem is not None:
+        run.notes.append(f"PostgreSQL could not start here ({problem}): nothing injected")
+        run.begin_fault()
+        run.end_fault()
+        shutil.rmtree(folder, ignore_errors=True)
+        return
+    try:
+        options = dict(run.app.config.plugins.options)
+        options["study"] = {**options.get("study", {}), "quiz_db": server.url()}
+        plugins = run.app.config.plugins.model_copy(update={"options": options})
+        run.app.config = run.app.config.model_copy(update={"plugins": plugins})
+        students = [f"pupil{i}" for i in range(run.settings.students)]
+        await asyncio.gather(*(answer_one(run, "(before)", u) for u in students))
+        run.begin_fault()
+        await asyncio.to_thread(server.stop, "fast")
+        await asyncio.gather(*(answer_one(run, "(PostgreSQL down)", u) for u in students))
+        problem = await asyncio.to_thread(server.resume)
+        if problem is not None:
+            run.notes.append(f"PostgreSQL did not start again: {problem}")
+        run.end_fault()
+        await asyncio.gather(*(answer_one(run, "(after)", u) for u in students))
+        saved = [r for r in run.records if r.kind == "quiz answers (after)" and r.reply is not None]
+        run.notes.append(
+            f"answers saved after the restart: {sum(bool(r.reply.data.get('saved')) for r in saved)} of {len(saved)}"
+        )
+    finally:
+        await asyncio.to_thread(server.stop)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+async def port_taken(run: Run) -> None:
+    """The metrics port is taken by another program when the service asks for it."""
+    import socket as socket_module
+
+    with socket_module.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        run.begin_fault()
+        served = run.app.inference.metrics.serve(port)
+        run.notes.append(f"metrics on taken port {port}: {'served (unexpected)' if served else 'off, one log line'}")
+        await asyncio.sleep(run.settings.baseline_s)
+    run.end_fault()
+
+
 SCENARIOS: dict[str, tuple[str, Callable[[Run], Awaitable[None]]]] = {
     "baseline": ("no fault, for comparison", baseline),
     "kill": ("kill -9 of the worker", kill),
@@ -656,6 +901,12 @@ SCENARIOS: dict[str, tuple[str, Callable[[Run], Awaitable[None]]]] = {
     "overflow": ("a burst larger than the queue", overflow),
     "slow-flood": ("slow /complexity from several students at once", slow_flood),
     "locked-db": ("another process holds the quiz database locked", locked_db),
+    "blocking-plugin": ("a plugin's handler blocks its event loop (time.sleep)", blocking_plugin),
+    "5xx-storm": ("Discord answers follow-ups with 503s and dropped connections (--discord)", storm_5xx),
+    "slow-socket": ("clients hold the warm lmbot's socket with a partial line", slow_socket),
+    "disk-full": ("charts saved while the disk is full (ENOSPC)", disk_full),
+    "postgres-restart": ("PostgreSQL stopped mid-quiz and started again", postgres_restart),
+    "port-taken": ("the metrics port is taken by another program", port_taken),
 }
 
 

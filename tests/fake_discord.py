@@ -64,6 +64,7 @@ class Call:
     body: Any
     files: list[tuple[str, bytes]] = field(default_factory=list)
     at: float = 0.0
+    failed: bool = False  # answered with a queued failure (fail_webhooks, fail_channel): not delivered
 
 
 class FakeDiscord:
@@ -249,12 +250,16 @@ class FakeDiscord:
     async def channel_message(self, request: web.Request) -> web.Response:
         call = await self._record(request)
         failed = self._failure(request, self.fail_channel)
-        return failed if failed is not None else _json(self._message(call.body))
+        if failed is not None:
+            call.failed = True
+            return failed
+        return _json(self._message(call.body))
 
     async def followup(self, request: web.Request) -> web.Response:
         call = await self._record(request)
         failed = self._failure(request, self.fail_webhooks)
         if failed is not None:
+            call.failed = True
             return failed
         reason = self.invalid(call.body)
         if reason is not None:

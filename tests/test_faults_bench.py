@@ -19,7 +19,10 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 SCENARIOS = {"baseline", "kill", "sigstop", "sigstop-forever", "poison", "overflow", "slow-flood", "locked-db"}
-SIGNAL_ONLY = {"baseline", "kill", "sigstop", "sigstop-forever"}  # faults that send no requests of their own
+# Issue 25: a blocking plugin, Discord's 5xx storms, the warm lmbot's socket, the disk, PostgreSQL, the metrics port.
+SCENARIOS |= {"blocking-plugin", "5xx-storm", "slow-socket", "disk-full", "postgres-restart", "port-taken"}
+# Faults that send no requests of their own (the 5xx storm without --discord has no Discord to fail).
+SIGNAL_ONLY = {"baseline", "kill", "sigstop", "sigstop-forever", "port-taken", "5xx-storm"}
 
 
 def run_bench(tiny_gpt2: Path, cache_dir: Path, *options: str) -> tuple[dict[str, Any], str]:
@@ -45,6 +48,28 @@ def check_counts(figures: dict[str, Any]) -> None:
         assert len(scenario["kinds"]) > 1 or name in SIGNAL_ONLY, (name, scenario)
 
 
+def check_issue_25(figures: dict[str, Any]) -> None:
+    """Every request of the new faults' own traffic answered ok (PostgreSQL down: in words, as storage)."""
+    scenarios = figures["scenarios"]
+    for name, kind in [
+        ("blocking-plugin", "help (during the block)"),
+        ("blocking-plugin", "sleepy (its own plugin)"),
+        ("slow-socket", "asks (slow clients on the socket)"),
+        ("disk-full", "answers with a chart (disk full)"),
+    ]:
+        if name in scenarios:
+            row = scenarios[name]["kinds"][kind]
+            assert row["sent"] > 0 and row["ok"] == row["sent"], (name, kind, row)
+    if "blocking-plugin" in scenarios:
+        assert any("careless: blocked the event loop" in n for n in scenarios["blocking-plugin"]["notes"])
+    if "postgres-restart" in scenarios and not any(
+        "nothing injected" in n for n in scenarios["postgres-restart"]["notes"]
+    ):
+        kinds = scenarios["postgres-restart"]["kinds"]
+        assert kinds["quiz answers (PostgreSQL down)"]["failed_by_reason"].get("storage", 0) > 0, kinds
+        assert kinds["quiz answers (after)"]["ok"] == kinds["quiz answers (after)"]["sent"] > 0, kinds
+
+
 def check_poison_and_storage(figures: dict[str, Any]) -> None:
     poison = figures["scenarios"]["poison"]["kinds"]["poison"]
     # Lone surrogates, control characters and 5,000 characters are refused as bad input by both commands.
@@ -61,6 +86,7 @@ def test_fault_benchmark_quick_mode_answers_every_request(tiny_gpt2: Path, cache
     assert set(figures["scenarios"]) == SCENARIOS
     check_counts(figures)
     check_poison_and_storage(figures)
+    check_issue_25(figures)
     for name in SCENARIOS:  # the printed table names every scenario
         assert f"== {name}:" in table
 
@@ -68,10 +94,13 @@ def test_fault_benchmark_quick_mode_answers_every_request(tiny_gpt2: Path, cache
 @pytest.mark.timeout(900)
 def test_fault_benchmark_over_the_discord_client(tiny_gpt2: Path, cache_dir: Path) -> None:
     """The same requests as interactions through the real discord.py client and the fake Discord."""
-    figures, _ = run_bench(tiny_gpt2, cache_dir, "--discord", "--scenario", "poison", "overflow", "locked-db")
+    chosen = ["poison", "overflow", "locked-db", "5xx-storm", "blocking-plugin"]
+    figures, _ = run_bench(tiny_gpt2, cache_dir, "--discord", "--scenario", *chosen)
     assert figures["front_end"] == "discord"
-    assert set(figures["scenarios"]) == {"poison", "overflow", "locked-db"}
+    assert set(figures["scenarios"]) == set(chosen)
     check_counts(figures)
     check_poison_and_storage(figures)
+    check_issue_25(figures)
+    assert any("retried by the bot" in n for n in figures["scenarios"]["5xx-storm"]["notes"])
     burst = figures["scenarios"]["overflow"]["kinds"]["burst"]
     assert burst["failed_by_reason"].get("busy", 0) > 0, burst  # more than the queue holds: some are told busy
