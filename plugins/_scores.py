@@ -702,6 +702,17 @@ class ScoreStore:
         )
 
 
+async def add_review_card(store: ScoreStore, user: str, card_id: str, front: str, back: str) -> bool:
+    """Put a new card in a person's review queue, due now (a card with this id is kept as it is).
+
+    Its schedule is an FSRS card (the ``fsrs`` package), stored as that package's JSON.
+    """
+    from fsrs import Card
+
+    card = Card()
+    return await store.add_card(user, card_id, front, back, card.to_json(), card.due.timestamp())
+
+
 _stores: dict[str, ScoreStore] = {}
 _stores_lock = threading.Lock()
 

@@ -30,7 +30,15 @@ from bot.app import App
 from bot.commands import Context, Reply, User
 from bot.discord_frontend import redact
 from bot.discord_frontend.command_loop import CommandLoop
-from bot.discord_frontend.render import MalformedButton, escape, parse_button_id, render_reply
+from bot.discord_frontend.render import (
+    MalformedButton,
+    asked_text_option,
+    escape,
+    form_values,
+    parse_button_id,
+    render_reply,
+    text_form,
+)
 from bot.discord_frontend.schema import autocomplete, commands_payload, focused_option, option_values, payload_hash
 
 log = logging.getLogger(__name__)
@@ -158,11 +166,24 @@ class LmbotClient(discord.AutoShardedClient):
             if pressed is None:
                 await self._answer_now(interaction, ANSWER_UNKNOWN_BUTTON)
                 return
+            if asked_text_option(str(data.get("custom_id", ""))):
+                await self._open_form(interaction, pressed[0], str(data.get("custom_id", "")))
+                return
             # A button's value is option text, converted as the console would.
             (name, values), typed = pressed, False
         elif interaction.type is discord.InteractionType.modal_submit:
-            await self._answer_now(interaction, "That form is not one this bot knows; run the command again.")
-            return
+            # A text-asking button's form: its id is the button's command and option, its text box
+            # fills the option the button named (Button.text_option).
+            try:
+                submitted = parse_button_id(str(data.get("custom_id", "")))
+            except MalformedButton:
+                submitted = None
+            if submitted is None:
+                await self._answer_now(interaction, "That form is not one this bot knows; run the command again.")
+                return
+            name, values = submitted
+            values = {**form_values(list(data.get("components") or [])), **values}
+            typed = False
         else:
             return
         task = asyncio.current_task()
@@ -172,6 +193,21 @@ class LmbotClient(discord.AutoShardedClient):
             await self._command(interaction, name, values, typed)
         finally:
             self.in_flight.discard(task)
+
+    async def _open_form(self, interaction: discord.Interaction, name: str, custom_id: str) -> None:
+        """Answer a text-asking button's press with its form (it must come at once: no deferring)."""
+        cmd = self.app.registry.commands.get(name)
+        option = cmd.option(asked_text_option(custom_id)) if cmd is not None else None
+        if not self.accepting or option is None:
+            restarting = "The bot is restarting; try again in a minute."
+            await self._answer_now(interaction, ANSWER_UNKNOWN_BUTTON if self.accepting else restarting)
+            return
+        form = text_form(custom_id, f"/{name}", option.description, int(getattr(option, "max_length", 500)))
+        form.stop()  # the submit comes back to on_interaction; discord.py need not keep the form
+        try:
+            await interaction.response.send_modal(form)
+        except discord.HTTPException as exc:
+            log.warning("could not open the form of a /%s button: %s", name, exc)
 
     async def _answer_now(self, interaction: discord.Interaction, text: str) -> None:
         with contextlib.suppress(discord.HTTPException):
@@ -238,6 +274,21 @@ class LmbotClient(discord.AutoShardedClient):
             log.exception("unexpected error answering /%s", name)
             reply = Reply.failure("Something went wrong; please try again.")
         await self._send(interaction, reply)
+        if reply.followup is not None:
+            await self._follow_up(interaction, name, reply.followup)
+
+    async def _follow_up(self, interaction: discord.Interaction, name: str, later: Any) -> None:
+        """Post a reply's later message (``Reply.followup``) in the same conversation."""
+        try:
+            reply = await self.command_loop.run(later())
+        except asyncio.CancelledError:
+            with contextlib.suppress(discord.HTTPException):
+                await interaction.followup.send(f"The bot is restarting, so this /{name} ends here.")
+            raise
+        except (Exception, SystemExit, KeyboardInterrupt):
+            log.exception("unexpected error in the later message of /%s", name)
+            reply = Reply.failure("Something went wrong; please try again.", ephemeral=False)
+        await self._send(interaction, reply, later=True)
 
     def _context(self, interaction: discord.Interaction) -> Context:
         user = interaction.user
@@ -248,11 +299,12 @@ class LmbotClient(discord.AutoShardedClient):
             transport="discord",
         )
 
-    async def _send(self, interaction: discord.Interaction, reply: Reply) -> None:
+    async def _send(self, interaction: discord.Interaction, reply: Reply, *, later: bool = False) -> None:
+        """Answer an interaction; ``later``: a further message, which keeps the first in place."""
         # Escaping and fitting a long reply is CPU work: off this loop, which must stay free to acknowledge.
         rendered = await asyncio.to_thread(render_reply, reply)
         try:
-            if rendered.ephemeral:
+            if rendered.ephemeral and not later:
                 # The "thinking…" message is public; an ephemeral answer replaces it privately.
                 with contextlib.suppress(discord.HTTPException):
                     await interaction.delete_original_response()
