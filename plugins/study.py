@@ -44,7 +44,7 @@ from bot import (
     hookimpl,
     plugin_options,
 )
-from plugins._scores import DEFAULT_DB, ScoreStore, ScoresUnavailable, open_store
+from plugins._scores import DEFAULT_DB, ScoreStore, ScoresUnavailable, add_review_card, open_store
 
 log = logging.getLogger(__name__)
 
@@ -332,6 +332,8 @@ async def _answer(ctx: Context, answer: str) -> Reply:
             fields.append(Field("score", f"{right} of {total} right"))
             if not counted:
                 notes.append("You had answered this one before; only your first answer counts.")
+            elif not correct and await _review_card(store, ctx, question_id, question):
+                notes.append("It is in your /review queue, to try again later.")
     return Reply(
         title=f"{ctx.user.name}: {verdict}",
         text="\n".join([question.why, *notes]),
@@ -350,6 +352,16 @@ async def _answer(ctx: Context, answer: str) -> Reply:
             "score": score,
         },
     )
+
+
+async def _review_card(store: ScoreStore, ctx: Context, question_id: str, question: QuizQuestion) -> bool:
+    """A missed question as a card of the person's review queue; whether it was added."""
+    choices = "\n".join(f"• {choice}" for choice in question.choices)
+    back = f"{question.choices[question.answer]}. {question.why}"
+    try:
+        return await add_review_card(store, ctx.user.id, f"quiz.{question_id}", f"{question.question}\n{choices}", back)
+    except ScoresUnavailable:
+        return False
 
 
 async def _leaderboard(ctx: Context) -> Reply:
