@@ -180,9 +180,12 @@ def points_of(logprob: float) -> float:
 
 
 def percent(p: float) -> str:
+    """A probability as people read it: a percentage, "1 in 6,225", or "1 in 10^12" when tiny."""
     if p >= 0.001:
         return f"{100 * p:.1f}%"
-    return f"1 in {round(1 / p):,}" if p > 0 else "0"
+    if p >= 1e-6:
+        return f"1 in {round(1 / p):,}"
+    return f"1 in 10^{round(-math.log10(p))}" if p > 0 else "0"
 
 
 def cell(text: str, width: int = CELL) -> str:

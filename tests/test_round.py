@@ -187,3 +187,10 @@ def test_continuations_read_as_the_next_word() -> None:
     assert continuation("The cat ", "sat") == "sat"
     assert continuation("The cat", ",") == ","
     assert continuation("The cat", "  sat   down ") == " sat down"
+
+
+def test_probabilities_read_as_people_read_them() -> None:
+    from plugins.round import percent
+
+    shown = [percent(p) for p in (0.773, 0.0005, 1 / 121_996, 9.2e-13)]
+    assert shown == ["77.3%", "1 in 2,000", "1 in 121,996", "1 in 10^12"]
