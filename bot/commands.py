@@ -327,15 +327,22 @@ class Button:
     """A button that, when pressed, runs ``/command option:value`` for whoever pressed it.
 
     On Discord it is a real button; in the console it is shown as the command to type.
+
+    With ``text_option`` (the name of another option of the command), pressing first asks the
+    presser for a line of their own text and runs ``/command option:value text_option:<text>``:
+    the way to collect a free answer (a guess, say) from whoever presses. Discord shows a form
+    with one text box, labelled with that option's description; the console shows the line to
+    type. The handler checks the text like any typed option's.
     """
 
     label: str
     command: str
     option: str
     value: str
+    text_option: str = ""
 
     def __post_init__(self) -> None:
-        for what in ("label", "command", "option", "value"):
+        for what in ("label", "command", "option", "value", "text_option"):
             _must_be_text(getattr(self, what), f"a Button's {what}")
 
     # Discord carries command, option and value in the button's 100-character id (with
@@ -344,8 +351,9 @@ class Button:
 
     @property
     def fits(self) -> bool:
-        """Whether command, option and value together fit every front end."""
-        return utf16_length(self.command + self.option + self.value) <= self.MAX_LENGTH
+        """Whether command, option, value (and the text option's name) together fit every front end."""
+        asks = len(self.text_option) + 1 if self.text_option else 0
+        return utf16_length(self.command + self.option + self.value) + asks <= self.MAX_LENGTH
 
 
 @dataclass
@@ -367,9 +375,16 @@ class Reply:
     data: dict[str, Any] = field(default_factory=dict)
     error: bool = False
     ephemeral: bool = False
+    # A later message in the same conversation (a game's results when its time is up): a front end
+    # that can post one (Discord) awaits ``followup()`` after showing this reply, on the command
+    # loop, and posts the Reply it returns; it is cancelled when the bot stops. Front ends that
+    # answer once (the console, ``lmbot ask``) never call it, so a command must not depend on it there.
+    followup: Callable[[], Awaitable[Reply]] | None = None
 
     def __post_init__(self) -> None:
         _must_be_text(self.text, "a Reply's text")
+        if self.followup is not None and not callable(self.followup):
+            raise TypeError("a Reply's followup must be an async function of no arguments")
         if self.title is not None:
             _must_be_text(self.title, "a Reply's title")
         for what, items, kind in (

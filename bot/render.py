@@ -62,7 +62,9 @@ def button_line(button: Button) -> str:
     value = button.value
     if not value or any(c.isspace() or c in "\"':" for c in value):
         value = quote(value)
-    return f"/{button.command} {button.option}:{value}"
+    line = f"/{button.command} {button.option}:{value}"
+    # A button that asks for text: the person types theirs in place of the placeholder.
+    return f"{line} {button.text_option}:<your text>" if button.text_option else line
 
 
 def render_text(reply: Reply, image_paths: list[str], *, colour: bool = False, numbered: bool = False) -> str:

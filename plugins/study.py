@@ -17,12 +17,14 @@ answer to a question scores nothing (the database's primary key).
 from __future__ import annotations
 
 import base64
+import datetime
 import hashlib
 import hmac
 import logging
 import os
 import random
 import re
+import time
 from collections.abc import Callable, Sequence
 
 from bot import (
@@ -42,7 +44,7 @@ from bot import (
     hookimpl,
     plugin_options,
 )
-from plugins._scores import DEFAULT_DB, ScoreStore, ScoresUnavailable, open_store
+from plugins._scores import DEFAULT_DB, ScoreStore, ScoresUnavailable, add_review_card, open_store
 
 log = logging.getLogger(__name__)
 
@@ -330,6 +332,8 @@ async def _answer(ctx: Context, answer: str) -> Reply:
             fields.append(Field("score", f"{right} of {total} right"))
             if not counted:
                 notes.append("You had answered this one before; only your first answer counts.")
+            elif not correct and await _review_card(store, ctx, question_id, question):
+                notes.append("It is in your /review queue, to try again later.")
     return Reply(
         title=f"{ctx.user.name}: {verdict}",
         text="\n".join([question.why, *notes]),
@@ -348,6 +352,16 @@ async def _answer(ctx: Context, answer: str) -> Reply:
             "score": score,
         },
     )
+
+
+async def _review_card(store: ScoreStore, ctx: Context, question_id: str, question: QuizQuestion) -> bool:
+    """A missed question as a card of the person's review queue; whether it was added."""
+    choices = "\n".join(f"• {choice}" for choice in question.choices)
+    back = f"{question.choices[question.answer]}. {question.why}"
+    try:
+        return await add_review_card(store, ctx.user.id, f"quiz.{question_id}", f"{question.question}\n{choices}", back)
+    except ScoresUnavailable:
+        return False
 
 
 async def _leaderboard(ctx: Context) -> Reply:
@@ -390,10 +404,85 @@ async def quiz(ctx: Context, topic: str | None, answer: str | None, leaderboard:
     return await _ask(ctx, topic)
 
 
+# --------------------------------------------------------------------------- /leaderboard
+
+PERIODS = ("day", "week", "all")
+GAMES = ("round", "quiz")
+BOARD_ROWS = 10
+STANDING_ROWS = 1000  # a member's own place is counted among this many (a class is far smaller)
+
+
+def period_start(period: str, now: float | None = None) -> float:
+    """When a board's period began (UTC): today's midnight, this week's Monday, or the beginning."""
+    if period == "all":
+        return 0.0
+    today = datetime.datetime.fromtimestamp(time.time() if now is None else now, datetime.UTC).date()
+    if period == "week":
+        today -= datetime.timedelta(days=today.weekday())
+    return datetime.datetime.combine(today, datetime.time(), datetime.UTC).timestamp()
+
+
+async def _board_rows(ctx: Context, game: str, since: float, limit: int) -> list[tuple[str, str, str, str]]:
+    """(user id, name, score, played) rows, best first."""
+    store = scores_for(ctx)
+    if game == "round":
+        return [
+            (user, name, f"{points:.1f}", str(played))
+            for user, name, points, played in await store.round_board(scope_of(ctx), since, limit)
+        ]
+    return [
+        (user, name, str(right), str(total))
+        for user, name, right, total in await store.quiz_board(scope_of(ctx), since, limit)
+    ]
+
+
+@command(
+    "leaderboard",
+    "This server's best players of rounds or the quiz, today, this week or all time",
+    options=[
+        Text("game", "Which game's board", default="round", choices=GAMES),
+        Text("period", "Since when (UTC days; weeks start on Monday)", default="week", choices=PERIODS),
+        Boolean("mine", "Only your own standing, shown to you alone", default=False),
+    ],
+)
+async def leaderboard(ctx: Context, game: str, period: str, mine: bool) -> Reply:
+    since = period_start(period)
+    when = {"day": "today", "week": "this week", "all": "all time"}[period]
+    headers = ["#", "player", "points", "rounds"] if game == "round" else ["#", "player", "right", "answered"]
+    where = "on this server" if ctx.guild_id else "(yours alone: outside a server each person has a board)"
+    try:
+        rows = await _board_rows(ctx, game, since, STANDING_ROWS if mine else BOARD_ROWS)
+    except ScoresUnavailable as exc:
+        return Reply.failure(f"The scores cannot be read right now: {exc}.", ephemeral=mine)
+    title = f"{'Round' if game == 'round' else 'Quiz'} leaderboard, {when}"
+    board = [{"user": user, "name": name, "score": score, "played": played} for user, name, score, played in rows]
+    if mine:
+        place = next((n for n, row in enumerate(rows, 1) if row[0] == ctx.user.id), None)
+        if place is None:
+            text = f"You have no {game} scores {where} {when} yet; /{game} to start."
+        else:
+            _, _, score, played = rows[place - 1]
+            text = f"You are #{place} of {len(rows)} {where} {when}: {score} {headers[2]}, {played} {headers[3]}."
+        return Reply(text, title=title, ephemeral=True, data={"place": place, "players": len(rows)})
+    if not rows:
+        return Reply(f"No {game} scores {where} {when} yet. Start with /{game}.", title=title, data={"board": []})
+    shown = [[str(n), name, score, played] for n, (_, name, score, played) in enumerate(rows, 1)]
+    # A button carries one option: "My standing" is offered for the default board, which it shows.
+    standing = [Button("My standing", "leaderboard", "mine", "true")] if (game, period) == ("round", "week") else []
+    return Reply(
+        f"The best {len(rows)} {where}, {when}.",
+        title=title,
+        table=Table(headers, shown, "rlrr"),
+        buttons=standing,
+        data={"board": board, "game": game, "period": period, "since": since},
+    )
+
+
 @hookimpl
 def register_commands(register: Callable[[Command], None]) -> None:
     register(topic)
     register(quiz)
+    register(leaderboard)
 
 
 @hookimpl

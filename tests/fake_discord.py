@@ -345,11 +345,11 @@ class FakeDiscord:
         data: dict[str, Any] = {}
         if kind == 3:  # a button press: the "options" are the component's custom_id
             data = {"custom_id": (options or {})["custom_id"], "component_type": 2}
-        elif kind == 5:  # a modal submit
-            data = {"custom_id": (options or {})["custom_id"], "components": []}
+        elif kind == 5:  # a modal submit: "components" are the form's filled-in rows, as Discord sends them
+            data = {"custom_id": (options or {})["custom_id"], "components": (options or {}).get("components", [])}
         data_options = [
             {"name": k, "type": types[type(v)], "value": v, **({"focused": True} if k == focused else {})}
-            for k, v in (options or {}).items()
+            for k, v in ((options or {}).items() if kind not in (3, 5) else ())
         ]
         payload = {
             "id": str(interaction_id),

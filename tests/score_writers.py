@@ -10,6 +10,7 @@ USERS = 5
 SHARED_QUESTIONS = 60  # both processes answer these: each user's answer must count once
 OWN_QUESTIONS = 20  # each process alone answers these
 BATCH = 4
+RETRIES = 50  # sends of one refused answer before it counts as lost
 
 
 def plan(process: int) -> list[tuple[str, str, bool]]:
@@ -33,17 +34,25 @@ def answer_from_process(spec: str, process: int, barrier: Any, results: Any) -> 
         answers = plan(process)
         for start in range(0, len(answers), BATCH):
             batch = answers[start : start + BATCH]
-            outcomes = await asyncio.gather(
-                *(store.record("race", user, user.upper(), question, correct) for user, question, correct in batch),
-                return_exceptions=True,
-            )
-            for outcome in outcomes:
-                if isinstance(outcome, ScoresUnavailable):
-                    failed += 1
-                elif isinstance(outcome, BaseException):
-                    raise outcome
-                else:
-                    counted += outcome[0]
+            # A refusal ("busy, try again") wrote nothing: the answer is sent again, as a student
+            # would press again, at once (no sleep). Only an answer refused every time is lost.
+            for _ in range(RETRIES):
+                outcomes = await asyncio.gather(
+                    *(store.record("race", user, user.upper(), question, correct) for user, question, correct in batch),
+                    return_exceptions=True,
+                )
+                refused = []
+                for answer, outcome in zip(batch, outcomes, strict=True):
+                    if isinstance(outcome, ScoresUnavailable):
+                        refused.append(answer)
+                    elif isinstance(outcome, BaseException):
+                        raise outcome
+                    else:
+                        counted += outcome[0]
+                batch = refused
+                if not batch:
+                    break
+            failed += len(batch)
         return counted, failed
 
     results.put((process, *asyncio.run(run())))

@@ -118,13 +118,146 @@ def test_two_processes_answering_at_once_lose_no_score(quiz_db: str) -> None:
     for process in processes:
         process.join(timeout=30)
         assert process.exitcode == 0
-    assert [failed for _, failed in outcomes.values()] == [0, 0]  # nothing refused: nothing lost
+    # A refusal under load ("busy, try again") is sent again until it is taken: none gave up.
+    assert [failed for _, failed in outcomes.values()] == [0, 0]
     users, shared, own = score_writers.USERS, score_writers.SHARED_QUESTIONS, score_writers.OWN_QUESTIONS
     assert sum(counted for counted, _ in outcomes.values()) == users * (shared + 2 * own)  # each answer once
     stored = [row for row in rows_of(quiz_db) if row[0] == "race"]
     assert len(stored) == users * (shared + 2 * own)
     expected = {(u, q) for p in (0, 1) for u, q, _ in score_writers.plan(p)}
     assert {(row[1], row[3]) for row in stored} == expected
+
+
+# The schema of today's main (no version table: version 1), frozen here as that version wrote it.
+MAIN_SQLITE = (
+    """CREATE TABLE quiz_answers (scope TEXT NOT NULL, user_id TEXT NOT NULL, name TEXT NOT NULL,
+       question TEXT NOT NULL, correct INTEGER NOT NULL, answered_at REAL NOT NULL,
+       PRIMARY KEY (scope, user_id, question))""",
+    "CREATE TABLE quiz_key (id INTEGER PRIMARY KEY CHECK (id = 1), secret BLOB NOT NULL)",
+)
+MAIN_POSTGRES = (
+    """CREATE TABLE quiz_answers (scope TEXT NOT NULL, user_id TEXT NOT NULL, name TEXT NOT NULL,
+       question TEXT NOT NULL, correct INTEGER NOT NULL, answered_at DOUBLE PRECISION NOT NULL,
+       PRIMARY KEY (scope, user_id, question))""",
+    "CREATE TABLE quiz_key (id INTEGER PRIMARY KEY CHECK (id = 1), secret BYTEA NOT NULL)",
+)
+
+
+def write_as_main(spec: str, answers: list[tuple[str, str, str, str, int, float]], secret: bytes) -> None:
+    """A store as today's main leaves it: its two tables, some answers and its key."""
+    if spec.startswith("postgresql://"):
+        import psycopg
+
+        with psycopg.connect(spec) as db:
+            for statement in MAIN_POSTGRES:
+                db.execute(statement)
+            db.cursor().executemany("INSERT INTO quiz_answers VALUES (%s, %s, %s, %s, %s, %s)", answers)
+            db.execute("INSERT INTO quiz_key VALUES (1, %s)", (secret,))
+        return
+    Path(spec).parent.mkdir(parents=True, exist_ok=True)
+    with contextlib.closing(sqlite3.connect(spec)) as db, db:
+        for statement in MAIN_SQLITE:
+            db.execute(statement)
+        db.executemany("INSERT INTO quiz_answers VALUES (?, ?, ?, ?, ?, ?)", answers)
+        db.execute("INSERT INTO quiz_key VALUES (1, ?)", (secret,))
+
+
+def schema_version(spec: str) -> int:
+    query = "SELECT version FROM lmbot_schema"
+    if spec.startswith("postgresql://"):
+        import psycopg
+
+        with psycopg.connect(spec) as db:
+            return int(db.execute(query).fetchone()[0])
+    with contextlib.closing(sqlite3.connect(spec)) as db:
+        return int(db.execute(query).fetchone()[0])
+
+
+async def test_an_upgrade_from_main_keeps_every_score_and_the_key(quiz_db: str) -> None:
+    answers = [(f"g{n % 3}", f"u{n % 7}", f"name{n % 7}", f"t.{n}", n % 2, 1_700_000_000.0 + n) for n in range(60)]
+    secret = os.urandom(32)
+    write_as_main(quiz_db, answers, secret)
+    before = rows_of(quiz_db)
+    store = open_store(quiz_db)
+    assert await store.key() == secret  # questions asked before the upgrade can still be answered
+    assert rows_of(quiz_db) == before
+    assert schema_version(quiz_db) == scores_module.SCHEMA_VERSION
+    for scope in ("g0", "g1", "g2"):
+        mine = [a for a in answers if a[0] == scope]
+        for user in {a[1] for a in mine}:
+            theirs = [a for a in mine if a[1] == user]
+            assert await store.score(scope, user) == (sum(a[4] for a in theirs), len(theirs))
+    # The new tables work on the upgraded store, and an answer counts as before.
+    await store.open_round("r1", "g0", "u1", "The capital of France is", time.time() + 30)
+    assert await store.guess("r1", "u1", "name1", " Paris") == "counted"
+    right, total = await store.score("g0", "u1")
+    assert await store.record("g0", "u1", "name1", "t.new", True) == (True, right + 1, total + 1)
+    # Opened again (another process, a restart): nothing migrates twice.
+    scores_module._stores.pop(quiz_db.strip())
+    assert await open_store(quiz_db).round_info("r1") is not None
+    assert schema_version(quiz_db) == scores_module.SCHEMA_VERSION
+
+
+async def test_a_store_from_a_newer_lmbot_is_refused_and_left_alone(quiz_db: str) -> None:
+    store = open_store(quiz_db)
+    await store.record("g", "u", "n", "t.0", True)
+    query = "UPDATE lmbot_schema SET version = 99"
+    if quiz_db.startswith("postgresql://"):
+        import psycopg
+
+        with psycopg.connect(quiz_db) as db:
+            db.execute(query)
+    else:
+        with contextlib.closing(sqlite3.connect(quiz_db)) as db, db:
+            db.execute(query)
+    scores_module._stores.pop(quiz_db.strip())
+    with pytest.raises(ScoresUnavailable, match="not working"):
+        await open_store(quiz_db).score("g", "u")
+    assert schema_version(quiz_db) == 99 and len(rows_of(quiz_db)) == 1
+
+
+async def test_a_round_takes_one_guess_per_player_while_open(quiz_db: str) -> None:
+    store = open_store(quiz_db)
+    await store.open_round("r", "g", "starter", "Once upon a", time.time() + 30)
+    assert await store.guess("r", "u1", "Ann", " time") == "counted"
+    assert await store.guess("r", "u1", "Ann", " day") == "again"
+    assert await store.guess("nope", "u1", "Ann", " day") == "closed"
+    assert await store.open_rounds("g") == ["r"]
+    assert await store.close_round("r") == [("u1", "Ann", " time")]
+    assert await store.close_round("r") is None  # exactly one caller reveals it
+    assert await store.guess("r", "u2", "Bo", " time") == "closed"
+    await store.score_round("r", [("u1", 12.5)])
+    info = await store.round_info("r")
+    assert info is not None and (info[:3], info[4]) == (("g", "starter", "Once upon a"), "revealed")
+    assert await store.round_board("g") == [("u1", "Ann", 12.5, 1)]
+    assert await store.round_board("g", since=time.time() + 60) == []
+    assert await store.round_board("other") == []
+
+
+async def test_fifty_players_guessing_in_the_same_second_are_recorded_once(quiz_db: str) -> None:
+    store = open_store(quiz_db)
+    await store.open_round("crowd", "g", "starter", "The cat sat on the", time.time() + 30)
+    go = asyncio.Event()
+
+    async def player(n: int) -> list[str]:
+        await go.wait()  # all 50 start together; each presses twice, as an impatient player does
+        outcomes = []
+        for _ in range(2):
+            for _ in range(20):  # "busy, try again": pressed again at once
+                try:
+                    outcomes.append(await store.guess("crowd", f"u{n}", f"player{n}", f" mat{n}"))
+                    break
+                except ScoresUnavailable:
+                    continue
+        return outcomes
+
+    tasks = [asyncio.create_task(player(n)) for n in range(50)]
+    go.set()
+    outcomes = await asyncio.gather(*tasks)
+    assert sorted(outcomes) == sorted([["counted", "again"]] * 50)
+    guesses = await store.close_round("crowd")
+    assert guesses is not None and sorted(g[0] for g in guesses) == sorted(f"u{n}" for n in range(50))
+    assert all(guess == f" mat{user[1:]}" for user, _, guess in guesses)
 
 
 def test_logs_never_show_a_database_password() -> None:

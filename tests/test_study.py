@@ -68,8 +68,9 @@ def answers_of(reply) -> dict[str, str]:  # type: ignore[no-untyped-def]
     return {re.sub(r"^[A-E]\. ", "", b.label): b.value for b in reply.buttons}
 
 
-async def test_quiz_asks_checks_and_scores(app_factory) -> None:  # type: ignore[no-untyped-def]
-    app = app_factory()
+async def test_quiz_asks_checks_and_scores(cache_dir: Path, tmp_path: Path) -> None:
+    # A score database of its own: the board below holds this test's answers only, whatever ran before.
+    app = App(make_config(cache_dir, plugin_options={"study": {"quiz_db": str(tmp_path / "quiz.sqlite3")}}))
     asked = await app.execute_line("/quiz topic:ngrams")
     assert not asked.error and len(asked.buttons) == 4
     slug, number = asked.data["question"].split(".")
@@ -92,6 +93,7 @@ async def test_quiz_asks_checks_and_scores(app_factory) -> None:  # type: ignore
     assert pressed["Scores"].data["leaderboard"] == board.data["leaderboard"]
     bad = await app.execute("quiz", {"answer": "ngrams.99.1.A"}, app.local_context())
     assert bad.error and "start a new one" in bad.text
+    await app.close()
 
 
 async def test_scores_survive_a_restart(cache_dir: Path, tmp_path: Path) -> None:

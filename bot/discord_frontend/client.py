@@ -31,7 +31,16 @@ from bot.app import App
 from bot.commands import Context, Reply, User
 from bot.discord_frontend import redact
 from bot.discord_frontend.command_loop import CommandLoop
-from bot.discord_frontend.render import MalformedButton, escape, fit, parse_button_id, render_reply
+from bot.discord_frontend.render import (
+    MalformedButton,
+    asked_text_option,
+    escape,
+    fit,
+    form_values,
+    parse_button_id,
+    render_reply,
+    text_form,
+)
 from bot.discord_frontend.schema import autocomplete, commands_payload, focused_option, option_values, payload_hash
 
 log = logging.getLogger(__name__)
@@ -174,11 +183,24 @@ class LmbotClient(discord.AutoShardedClient):
             if pressed is None:
                 await self._answer_now(interaction, ANSWER_UNKNOWN_BUTTON)
                 return
+            if asked_text_option(str(data.get("custom_id", ""))):
+                await self._open_form(interaction, pressed[0], str(data.get("custom_id", "")))
+                return
             # A button's value is option text, converted as the console would.
             (name, values), typed = pressed, False
         elif interaction.type is discord.InteractionType.modal_submit:
-            await self._answer_now(interaction, "That form is not one this bot knows; run the command again.")
-            return
+            # A text-asking button's form: its id is the button's command and option, its text box
+            # fills the option the button named (Button.text_option).
+            try:
+                submitted = parse_button_id(str(data.get("custom_id", "")))
+            except MalformedButton:
+                submitted = None
+            if submitted is None:
+                await self._answer_now(interaction, "That form is not one this bot knows; run the command again.")
+                return
+            name, values = submitted
+            values = {**form_values(list(data.get("components") or [])), **values}
+            typed = False
         else:
             return
         task = asyncio.current_task()
@@ -192,6 +214,21 @@ class LmbotClient(discord.AutoShardedClient):
             log.exception("unexpected error answering /%s", name)
         finally:
             self.in_flight.discard(task)
+
+    async def _open_form(self, interaction: discord.Interaction, name: str, custom_id: str) -> None:
+        """Answer a text-asking button's press with its form (it must come at once: no deferring)."""
+        cmd = self.app.registry.commands.get(name)
+        option = cmd.option(asked_text_option(custom_id)) if cmd is not None else None
+        if not self.accepting or option is None:
+            restarting = "The bot is restarting; try again in a minute."
+            await self._answer_now(interaction, ANSWER_UNKNOWN_BUTTON if self.accepting else restarting)
+            return
+        form = text_form(custom_id, f"/{name}", option.description, int(getattr(option, "max_length", 500)))
+        form.stop()  # the submit comes back to on_interaction; discord.py need not keep the form
+        try:
+            await interaction.response.send_modal(form)
+        except discord.HTTPException as exc:
+            log.warning("could not open the form of a /%s button: %s", name, exc)
 
     async def _answer_now(self, interaction: discord.Interaction, text: str) -> None:
         with contextlib.suppress(discord.HTTPException):
@@ -260,6 +297,32 @@ class LmbotClient(discord.AutoShardedClient):
             log.exception("unexpected error answering /%s", name)
             reply = Reply.failure("Something went wrong; please try again.")
         await self._send(interaction, reply, received)
+        if reply.followup is not None:
+            await self._follow_up(interaction, name, reply.followup, received)
+
+    async def _follow_up(self, interaction: discord.Interaction, name: str, later: Any, received: float) -> None:
+        """Post a reply's later message (``Reply.followup``) in the same conversation.
+
+        It is plugin code: it runs on its plugin's own loop (a block there costs only that plugin),
+        and whatever it raises becomes a short failure, as a handler's would.
+        """
+        cmd = self.app.registry.commands.get(name)
+        plugin = cmd.plugin if cmd is not None else "core"
+        try:
+            if plugin == "core":
+                reply = await self.command_loop.run(later())
+            else:
+                reply = await asyncio.wrap_future(self.app.plugin_loops.submit(plugin, name, later()))
+            if not isinstance(reply, Reply):
+                raise TypeError(f"the later message of /{name} is {type(reply).__name__}, not a Reply")
+        except asyncio.CancelledError:
+            with contextlib.suppress(*SENDING_FAILED):
+                await interaction.followup.send(f"The bot is restarting, so this /{name} ends here.")
+            raise
+        except BaseException:  # a plugin's later message cannot stop the bot, nor leave the channel silent
+            log.exception("unexpected error in the later message of /%s", name)
+            reply = Reply.failure("Something went wrong; please try again.", ephemeral=False)
+        await self._send(interaction, reply, received, later=True)
 
     def _context(self, interaction: discord.Interaction) -> Context:
         user = interaction.user
@@ -270,19 +333,23 @@ class LmbotClient(discord.AutoShardedClient):
             transport="discord",
         )
 
-    async def _send(self, interaction: discord.Interaction, reply: Reply, received: float | None = None) -> None:
+    async def _send(
+        self, interaction: discord.Interaction, reply: Reply, received: float | None = None, *, later: bool = False
+    ) -> None:
         """Deliver ``reply`` however Discord lets us: never dropped while any way is open.
 
         A follow-up that fails with a 5xx or a dropped connection is tried again (the
         follow-up and an edit of the "thinking…" message in turn) with growing pauses
         while the interaction token lasts (15 minutes from ``received``; ``followup_window_s``
-        of them); past that, a public answer is posted in the channel instead.
+        of them); past that, a public answer is posted in the channel instead. ``later``: a
+        further message (``Reply.followup``), which keeps the first in place: it is only ever
+        sent as a follow-up, never as an edit of the first.
         """
         # Escaping and fitting a long reply is CPU work: off this loop, which must stay free to acknowledge.
         # Rendered afresh for each try: discord.py closes a message's files once it has tried to send them.
         rendered = await asyncio.to_thread(render_reply, reply)
         window_ends = (received if received is not None else time.monotonic()) + self.followup_window_s
-        if rendered.ephemeral:
+        if rendered.ephemeral and not later:
             # The "thinking…" message is public; an ephemeral answer replaces it privately.
             with contextlib.suppress(*SENDING_FAILED):
                 await interaction.delete_original_response()
@@ -291,7 +358,7 @@ class LmbotClient(discord.AutoShardedClient):
             if tries:
                 rendered = await asyncio.to_thread(render_reply, reply)
             try:
-                if tries % 2 == 0 or rendered.ephemeral:
+                if tries % 2 == 0 or rendered.ephemeral or later:
                     await interaction.followup.send(**rendered.kwargs())
                 else:  # another endpoint than the follow-up's: a storm may spare it
                     await interaction.edit_original_response(**rendered.edit_kwargs())

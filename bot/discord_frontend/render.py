@@ -20,6 +20,7 @@ import bisect
 import io
 import re
 from dataclasses import dataclass, field
+from typing import Any
 
 import discord
 
@@ -174,8 +175,13 @@ class MalformedButton(ValueError):
 
 
 def button_id(button: Button) -> str:
-    """A button's custom_id: the command it runs, with one option, in Discord's 100 characters."""
-    custom_id = f"{BUTTON_PREFIX}|{button.command}|{button.option}|{button.value}"
+    """A button's custom_id: the command it runs, with one option, in Discord's 100 characters.
+
+    A button that asks for text (``Button.text_option``) says which option the text fills in
+    its prefix, ``lmbot:guess|...``; the form it opens has the plain id, ``lmbot|...``.
+    """
+    prefix = f"{BUTTON_PREFIX}:{button.text_option}" if button.text_option else BUTTON_PREFIX
+    custom_id = f"{prefix}|{button.command}|{button.option}|{button.value}"
     if utf16_length(custom_id) > CUSTOM_ID:  # Button.fits keeps this from happening
         raise ValueError(f"button id over {CUSTOM_ID} characters: {custom_id[:40]}…")
     return custom_id
@@ -188,11 +194,48 @@ def parse_button_id(custom_id: str) -> tuple[str, dict[str, str]] | None:
     command and option (``lmbot|help``): it is the bot's, so it must be answered.
     """
     parts = custom_id.split("|", 3)
-    if parts[0] != BUTTON_PREFIX:
+    if parts[0] != BUTTON_PREFIX and not parts[0].startswith(BUTTON_PREFIX + ":"):
         return None
     if len(parts) != 4 or not parts[1] or not parts[2]:
         raise MalformedButton(custom_id)
     return parts[1], {parts[2]: parts[3]}
+
+
+def asked_text_option(custom_id: str) -> str:
+    """The option a button's form fills with the presser's text ("" for an ordinary button)."""
+    prefix = custom_id.split("|", 1)[0]
+    return prefix.removeprefix(BUTTON_PREFIX + ":") if prefix.startswith(BUTTON_PREFIX + ":") else ""
+
+
+def form_id(custom_id: str) -> str:
+    """The id of the form a text-asking button opens: its own, without the text option."""
+    return BUTTON_PREFIX + "|" + custom_id.split("|", 1)[1]
+
+
+def form_values(components: list[dict]) -> dict[str, str]:
+    """The text boxes of a submitted form, by custom_id (rows and labels are looked into)."""
+    values: dict[str, str] = {}
+    for component in components:
+        if component.get("type") == 4 and isinstance(component.get("value"), str):
+            values[str(component.get("custom_id"))] = component["value"]
+        children = list(component.get("components") or [])
+        if isinstance(component.get("component"), dict):  # a Label wraps one component
+            children.append(component["component"])
+        values.update(form_values(children))
+    return values
+
+
+def text_form(custom_id: str, title: str, label: str, max_length: int) -> discord.ui.Modal:
+    """The form a text-asking button opens: one required text box, for the option the id names."""
+    modal = discord.ui.Modal(title=clip(literal(title), 45), custom_id=form_id(custom_id), timeout=None)
+    box: discord.ui.TextInput[Any] = discord.ui.TextInput(
+        label=clip(literal(label), 45),
+        custom_id=asked_text_option(custom_id),
+        max_length=max(1, min(max_length, 4000)),
+        required=True,
+    )
+    modal.add_item(box)
+    return modal
 
 
 def button_view(buttons: list[Button]) -> discord.ui.View:
