@@ -729,8 +729,12 @@ def heatmap(panels: Sequence[HeatmapPanel], *, colorbar: str, filename: str = "h
             )
             _column_labels(ax, fig, range(n), labels, font)
             _row_labels(ax, fig, range(n), labels, font)
-            ax.set_xlabel(axis_names[0], labelpad=4)
-            ax.set_ylabel(axis_names[1], labelpad=4)
+            # The axis names beyond the token labels (plain texts, which matplotlib's own axis
+            # labels would not make room for).
+            below = bottom - TICKS - tick_w - 4 * PX
+            fig.text((x0 + left + side / 2) / width, below / height, axis_names[0], ha="center", va="top", gid="xlabel")
+            middle = (bottom + side / 2) / height
+            fig.text((x0 + PAD) / width, middle, axis_names[1], rotation=90, ha="left", va="center", gid="ylabel")
             if n <= 10:  # few cells: write the weights in them
                 for i in range(n):
                     for j in range(n):

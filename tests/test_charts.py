@@ -498,3 +498,17 @@ def test_charts_drawn_at_once_in_threads_keep_their_own_fonts() -> None:
     emoji = [d for d in drawn if "🙂" in d.text]
     assert len(emoji) == 2 * 3  # title and label, three charts
     assert all("Symbola" in d.families and "Noto Sans CJK JP" in d.families for d in emoji)
+
+
+@pytest.mark.parametrize("kind", list(chart_calls()))
+def test_no_two_texts_of_a_chart_overlap(kind: str) -> None:
+    """Axis names, labels, values and titles each have their own room (checked by extents)."""
+    with drawn_texts() as drawn:
+        chart_calls()[kind]()
+    boxes = list({(d.text, round(d.x0), round(d.y0)): d for d in drawn}.values())
+    overlapping = [
+        (a.text, b.text)
+        for a, b in itertools.combinations(boxes, 2)
+        if min(a.x1, b.x1) - max(a.x0, b.x0) > 1 and min(a.y1, b.y1) - max(a.y0, b.y0) > 1
+    ]
+    assert overlapping == []
