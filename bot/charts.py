@@ -1,21 +1,30 @@
 """Charts for replies, drawn with matplotlib off the event loop.
 
-Call these through ``await asyncio.to_thread(...)`` (or :func:`render`): a
-figure takes tens of milliseconds to draw, which the bot's loop must not wait on.
+Call these through :func:`render`: it draws in the chart threads, one user's charts taking
+turns with everyone else's, so neither the bot's loop nor another student waits on a burst.
+
+Every chart is laid out from its own text: margins, title lines and axis limits come from the
+extents of the labels as the Agg renderer draws them, measured before drawing (no constrained
+layout, which drew each figure about three times to find them). Labels that do not fit are
+wrapped or shortened at word boundaries, values get as many digits as it takes to tell bars
+apart, and a character no installed font has is drawn as its name instead of a box.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import functools
 import io
+import itertools
 import logging
-import os
 import re
+import threading
 import unicodedata
 import warnings
-from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future
 from contextlib import contextmanager
 from typing import Any
 
@@ -24,7 +33,16 @@ from bot.commands import Image
 log = logging.getLogger(__name__)
 
 # Sized for Discord's inline preview; readable on a phone.
-WIDTH, ROW_HEIGHT, DPI = 7.0, 0.42, 110
+WIDTH, DPI = 7.0, 110
+ROW_HEIGHT = 0.34  # inches per bar
+PX = DPI / 72  # pixels per point
+WIDTH_PX = WIDTH * DPI
+PAD = 10.0  # pixels between the figure's edge and anything drawn
+TICKS = 7 * PX  # a tick (3.5 pt) and the gap to its label (3.5 pt)
+LINE = 1.25  # line height as a multiple of the font size
+TITLE_PT, LABEL_PT, VALUE_PT = 11.0, 10.0, 9.0
+# PNG encoding at zlib level 1: about a third of level 6's time for files ~10 % larger.
+PNG_OPTIONS = {"compress_level": 1}
 
 # Tokens come in any script. matplotlib falls back glyph by glyph along this list,
 # so a host with these fonts (the Docker image installs them) draws 東京 or عربي
@@ -52,19 +70,186 @@ def font_families() -> tuple[str, ...]:
     return ("DejaVu Sans", *(name for name in FALLBACK_FONTS if name in installed))
 
 
+@functools.cache
+def _charmap(family: str) -> frozenset[int]:
+    """The code points ``family`` has glyphs for."""
+    from matplotlib.font_manager import FontProperties, findfont, get_font
+
+    return frozenset(get_font(findfont(FontProperties(family=family), fallback_to_default=False)).get_charmap())
+
+
+@functools.cache
+def _covered() -> frozenset[int]:
+    return frozenset().union(*(_charmap(family) for family in font_families()))
+
+
+def has_glyph(ch: str) -> bool:
+    """Whether an installed chart font draws ``ch`` (otherwise matplotlib would draw a box)."""
+    return ord(ch) in _covered()
+
+
+def drawable(text: str) -> str:
+    """``text`` as the chart fonts can draw it: a character none of them has is written as its
+    name (⟦melting face⟧) rather than drawn as a box; an invisible joiner, selector or modifier
+    none of them has is left out (what it joins or modifies is still drawn)."""
+    covered = _covered()
+    if all(ord(ch) in covered for ch in text):
+        return text
+    out = []
+    for ch in text:
+        if ord(ch) in covered:
+            out.append(ch)
+        elif unicodedata.category(ch) not in ("Mn", "Me", "Cf", "Cc", "Sk"):
+            out.append(f"⟦{unicodedata.name(ch, f'U+{ord(ch):04X}').lower()}⟧")
+    return "".join(out)
+
+
+def _families_for(texts: Iterable[str]) -> list[str]:
+    """The fonts a chart needs: DejaVu Sans, then only the fallbacks that draw one of its characters.
+    (matplotlib looks every glyph up along the whole list, so a shorter list draws faster.)"""
+    families = font_families()
+    missing = {ord(ch) for text in texts for ch in text} - _charmap(families[0])
+    needed = [families[0]]
+    for family in families[1:]:
+        if not missing:
+            break
+        if missing & _charmap(family):
+            needed.append(family)
+            missing -= _charmap(family)
+    return needed
+
+
+HIDDEN_WARNING = "Glyph .* missing from font"
+# matplotlib's rcParams and Python's warning filters are process-wide: two charts drawn at once
+# in two threads would change each other's fonts. One chart draws at a time (under the GIL two
+# would take as long anyway).
+_DRAWING = threading.Lock()
+
+
 @contextmanager
-def _style() -> Iterator[None]:
+def _style(texts: Iterable[str] = ()) -> Iterator[None]:
     import matplotlib
 
     # parse_math off: every string drawn is literal, so "$5 and $6" in a prompt (or a " $$"
     # token a model predicts) is text, never mathtext to parse.
     with (
-        matplotlib.rc_context({"font.family": list(font_families()), "text.parse_math": False}),
+        _DRAWING,
+        matplotlib.rc_context(
+            {
+                "font.family": _families_for(texts),
+                "text.parse_math": False,
+                "font.size": LABEL_PT,
+                # Unhinted glyphs: laid out in ~60 % of the time FreeType's autohinter takes, and
+                # as sharp at this size and resolution (the hinter's horizontal part was off anyway).
+                "text.hinting": "none",
+            }
+        ),
         warnings.catch_warnings(),
     ):
-        # A glyph no installed font has is drawn as a box; the reply's table has the text.
-        warnings.filterwarnings("ignore", message="Glyph .* missing from font")
+        # drawable() names the characters no font has; a font whose table lists a glyph it
+        # cannot draw still gets a box rather than a warning per chart.
+        warnings.filterwarnings("ignore", message=HIDDEN_WARNING)
         yield
+
+
+_MEASURE = threading.local()
+
+
+def text_width(text: str, size: float) -> float:
+    """Width in pixels of ``text`` (its widest line) at ``size`` points, in the current chart fonts."""
+    from matplotlib.backends.backend_agg import RendererAgg
+    from matplotlib.font_manager import FontProperties
+
+    renderer = getattr(_MEASURE, "renderer", None)
+    if renderer is None:
+        renderer = _MEASURE.renderer = RendererAgg(1, 1, DPI)
+    prop = FontProperties(size=size)
+    return max(
+        (float(renderer.get_text_width_height_descent(line, prop, ismath=False)[0]) for line in text.split("\n")),
+        default=0.0,
+    )
+
+
+def text_height(text: str, size: float) -> float:
+    """Height in pixels of ``text``'s lines at ``size`` points."""
+    return (text.count("\n") + 1) * size * PX * LINE
+
+
+def fit_lines(text: str, width: float, size: float, max_lines: int = 2) -> str:
+    """``text`` in at most ``max_lines`` lines no wider than ``width`` pixels, broken at spaces.
+
+    What does not fit is left out at a word boundary and marked with "…"; only a single word
+    wider than a whole line is cut inside (there is no other way to fit it).
+    """
+    width -= 2  # widths are added up word by word; leave room for kerning across the spaces
+    space = text_width("a a", size) - text_width("aa", size)
+    ellipsis = text_width("…", size)
+    lines: list[tuple[str, float]] = []
+    current, used = "", 0.0
+    for word in text.split(" "):
+        word_width = text_width(word, size)
+        if current and used + space + word_width <= width:
+            current, used = f"{current} {word}", used + space + word_width
+            continue
+        if current:
+            lines.append((current, used))
+        current, used = word, word_width
+        while used > width and len(current) > 1:  # a word wider than a line: cut inside it
+            cut = _cut_word(current, width, size)
+            lines.append((cut, width))
+            current = current[len(cut) :]
+            used = text_width(current, size)
+        if len(lines) > max_lines:
+            break
+    lines.append((current, used))
+    if len(lines) <= max_lines:
+        return "\n".join(line for line, _ in lines)
+    last, used = lines[max_lines - 1]
+    while used + ellipsis > width and " " in last:
+        last = last.rsplit(" ", 1)[0]
+        used = text_width(last, size)
+    if used + ellipsis > width:
+        last = _cut_word(last, width - ellipsis, size)
+    return "\n".join([*(line for line, _ in lines[: max_lines - 1]), last + "…"])
+
+
+def _cut_word(word: str, width: float, size: float) -> str:
+    """The longest start of ``word`` no wider than ``width`` (at least one character)."""
+    low, high = 1, len(word)
+    while low < high:
+        mid = (low + high + 1) // 2
+        if text_width(word[:mid], size) <= width:
+            low = mid
+        else:
+            high = mid - 1
+    return word[:low]
+
+
+_FIXED = re.compile(r"\{:(,?)\.(\d+)([%f])\}")
+
+
+def value_labels(values: Sequence[float], value_format: str = "{:.1%}") -> list[str]:
+    """Each value formatted with ``value_format``, with more decimals where it would hide a
+    difference: a value that is not zero never shows as 0, and two values whose bars differ
+    visibly (by more than 0.5 % of the largest) never share a label."""
+    labels = [value_format.format(v) for v in values]
+    fixed = _FIXED.fullmatch(value_format)
+    if fixed is None:
+        return labels
+    grouping, decimals, kind = fixed.groups()
+    for more in range(int(decimals), int(decimals) + 9):
+        labels = [f"{v:{grouping}.{more}{kind}}" for v in values]
+        if _tells_apart(values, labels):
+            break
+    return labels
+
+
+def _tells_apart(values: Sequence[float], labels: Sequence[str]) -> bool:
+    if any(v != 0 and not any(ch in "123456789" for ch in label) for v, label in zip(values, labels, strict=True)):
+        return False
+    top = max((abs(v) for v in values), default=0.0)
+    ranked = sorted(zip(values, labels, strict=True))
+    return all(b - a <= 0.005 * top or la != lb for (a, la), (b, lb) in itertools.pairwise(ranked))
 
 
 def show_token(token: str) -> str:
@@ -128,6 +313,60 @@ def one_line(text: str, limit: int) -> str:
     return text if len(text) <= limit else text[: max(0, limit - 1)] + "…"
 
 
+def _png(fig: Any) -> bytes:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", pil_kwargs=PNG_OPTIONS)
+    return buffer.getvalue()
+
+
+def _title(fig: Any, text: str, x: float, y: float, size: float = TITLE_PT) -> None:
+    """A title whose first line's top is at (x, y) pixels from the figure's bottom left."""
+    width, height = fig.bbox.width, fig.bbox.height
+    fig.text(x / width, y / height, text, fontsize=size, ha="left", va="top", gid="title")
+
+
+def _row_labels(ax: Any, fig: Any, positions: Sequence[float], labels: Sequence[str], size: float = LABEL_PT) -> None:
+    """Labels left of the rows at ``positions``: plain texts, not ticks (a tick is four artists
+    to make and draw, most of a small chart's drawing time)."""
+    from matplotlib.transforms import offset_copy
+
+    ax.set_yticks([])
+    left = offset_copy(ax.get_yaxis_transform(), fig=fig, x=-TICKS, y=0, units="dots")
+    for position, label in zip(positions, labels, strict=True):
+        ax.text(0, position, label, transform=left, ha="right", va="center", fontsize=size, gid="label")
+
+
+def _column_labels(ax: Any, fig: Any, positions: Sequence[float], labels: Sequence[str], size: float) -> None:
+    """Labels under the columns at ``positions``, turned upright (as :func:`_row_labels`)."""
+    from matplotlib.transforms import offset_copy
+
+    ax.set_xticks([])
+    below = offset_copy(ax.get_xaxis_transform(), fig=fig, x=0, y=-TICKS, units="dots")
+    for position, label in zip(positions, labels, strict=True):
+        ax.text(position, 0, label, transform=below, ha="center", va="top", rotation=90, fontsize=size, gid="label")
+
+
+def _value_axis(ax: Any, fig: Any, top: float, percent: bool, label: str, bottom_px: float) -> None:
+    """The value axis under bars from 0 to ``top``: a few round values as plain texts under light
+    grid lines (as :func:`_row_labels`, no tick artists), and ``label`` centred below them."""
+    from matplotlib.ticker import MaxNLocator
+    from matplotlib.transforms import offset_copy
+
+    ax.set_xlim(0, top)
+    ax.set_xticks([])
+    ticks = [float(t) for t in MaxNLocator(nbins=4).tick_values(0, top) if 0 <= t <= top * 1.0001]
+    ax.vlines(ticks[1:], 0, 1, transform=ax.get_xaxis_transform(), colors="#dddddd", linewidth=0.8, zorder=0)
+    below = offset_copy(ax.get_xaxis_transform(), fig=fig, x=0, y=-4 * PX, units="dots")
+    for tick, mark in zip(ticks, value_labels(ticks, "{:.0%}" if percent else "{:g}"), strict=True):
+        ax.text(tick, 0, mark, transform=below, ha="center", va="top", fontsize=LABEL_PT, gid="tick")
+    if label:
+        box = ax.get_position()
+        y = bottom_px - 4 * PX - LABEL_PT * PX * LINE - 4 * PX
+        fig.text(
+            (box.x0 + box.x1) / 2, y / fig.bbox.height, label, ha="center", va="top", fontsize=LABEL_PT, gid="xlabel"
+        )
+
+
 def bar_chart(
     labels: Sequence[str],
     values: Sequence[float],
@@ -151,35 +390,63 @@ def bar_panels(
     xmax: float | None = None,
 ) -> Image:
     """One bar chart per panel, stacked vertically (e.g. one per blank in a sentence)."""
-    with _style():
-        return _bar_panels(panels, xlabel=xlabel, filename=filename, value_format=value_format, xmax=xmax)
-
-
-def _bar_panels(
-    panels: Sequence[tuple[str, Sequence[str], Sequence[float]]],
-    *,
-    xlabel: str,
-    filename: str,
-    value_format: str,
-    xmax: float | None,
-) -> Image:
     from matplotlib.figure import Figure
+    from matplotlib.transforms import offset_copy
 
-    rows = sum(len(labels) for _, labels, _ in panels)
-    fig = Figure(figsize=(WIDTH, 0.9 * len(panels) + 0.5 + ROW_HEIGHT * rows), dpi=DPI, layout="constrained")
-    axes = fig.subplots(len(panels), 1, squeeze=False, height_ratios=[max(1, len(p[1])) for p in panels])
-    for ax, (title, labels, values) in zip(axes[:, 0], panels, strict=True):
-        positions = list(range(len(labels)))[::-1]
-        bars = ax.barh(positions, values, color="#4C72B0")
-        ax.set_yticks(positions, [one_line(label, 28) for label in labels])
-        ax.set_title(one_line(title, 80), loc="left", fontsize=11)
-        ax.set_xlim(0, xmax if xmax is not None else max([*values, 1e-9]) * 1.18)
-        ax.bar_label(bars, labels=[value_format.format(v) for v in values], padding=3, fontsize=9)
-        ax.spines[["top", "right"]].set_visible(False)
-    axes[-1, 0].set_xlabel(one_line(xlabel, 90))
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
-    return Image(filename, buffer.getvalue(), one_line(panels[0][0], 100))
+    shown = [
+        (
+            drawable(one_line(title, 400)),
+            [drawable(one_line(label, 28)) for label in labels],
+            [float(v) for v in values],
+            value_labels(values, value_format),
+        )
+        for title, labels, values in panels
+    ]
+    axis_label = drawable(one_line(xlabel, 400))
+    texts = [axis_label, *(t for title, labels, _, marks in shown for t in (title, *labels, *marks))]
+    with _style(texts):
+        left = PAD + TICKS + max([text_width(label, LABEL_PT) for _, labels, _, _ in shown for label in labels] + [0])
+        plot_width = WIDTH_PX - left - PAD
+        axis_label = fit_lines(axis_label, plot_width, LABEL_PT)
+        titles = [fit_lines(title, WIDTH_PX - 2 * PAD, TITLE_PT) for title, _, _, _ in shown]
+        under = TICKS + LABEL_PT * PX * LINE + 2  # x ticks and their labels below each panel
+        heights = [
+            text_height(title, TITLE_PT) + 4 + ROW_HEIGHT * DPI * max(1, len(labels)) + under
+            for title, (_, labels, _, _) in zip(titles, shown, strict=True)
+        ]
+        total = PAD + sum(heights) + 4 * PX + text_height(axis_label, LABEL_PT) + PAD
+        fig = Figure(figsize=(WIDTH, total / DPI), dpi=DPI)
+        top = total - PAD
+        ax = None
+        for n, (title, (_, labels, values, marks), height) in enumerate(zip(titles, shown, heights, strict=True)):
+            _title(fig, title, PAD, top)
+            plot_height = height - text_height(title, TITLE_PT) - 4 - under
+            bottom = top - height + under
+            ax = fig.add_axes((left / WIDTH_PX, bottom / total, plot_width / WIDTH_PX, plot_height / total))
+            positions = list(range(len(labels)))[::-1]
+            ax.barh(positions, values, height=0.72, color="#4C72B0")
+            _row_labels(ax, fig, positions, labels)
+            ax.set_ylim(-0.6, max(1, len(labels)) - 0.4)
+            # The axis reaches far enough for the longest value label to fit beside its bar.
+            gap = 3 * PX
+            reach = [
+                v * plot_width / max(1.0, plot_width + PAD - 2 - gap - text_width(mark, VALUE_PT))
+                for v, mark in zip(values, marks, strict=True)
+            ]
+            _value_axis(
+                ax,
+                fig,
+                max([*reach, *(v * 1.05 for v in values), xmax or 0.0, 1e-9]),
+                value_format.endswith("%}"),
+                axis_label if n == len(shown) - 1 else "",
+                bottom,
+            )
+            beside = offset_copy(ax.transData, fig=fig, x=3, y=0, units="points")
+            for position, value, mark in zip(positions, values, marks, strict=True):
+                ax.text(value, position, mark, transform=beside, va="center", ha="left", fontsize=VALUE_PT)
+            ax.spines[["top", "right"]].set_visible(False)
+            top -= height
+        return Image(filename, _png(fig), one_line(panels[0][0], 100))
 
 
 def line_chart(
@@ -192,44 +459,54 @@ def line_chart(
     log: bool = True,
 ) -> Image:
     """Lines (label, xs, ys, style) on one axis, log-log by default; ``style`` is a matplotlib format."""
-    with _style():
-        return _line_chart(series, title=title, xlabel=xlabel, ylabel=ylabel, filename=filename, log=log)
-
-
-def _line_chart(
-    series: Sequence[tuple[str, Sequence[float], Sequence[float], str]],
-    *,
-    title: str,
-    xlabel: str,
-    ylabel: str,
-    filename: str,
-    log: bool,
-) -> Image:
     from matplotlib.figure import Figure
-    from matplotlib.ticker import LogFormatter, MaxNLocator
+    from matplotlib.ticker import LogFormatter, MaxNLocator, NullLocator
 
-    fig = Figure(figsize=(WIDTH, 4.2), dpi=DPI, layout="constrained")
-    ax = fig.add_subplot()
-    for label, xs, ys, style in series:
-        ax.plot(xs, ys, style, label=one_line(label, 60))
-    if log:
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        # The default log-axis labels are mathtext, which parse_math=False would show as source code.
-        for axis, base in ((ax.xaxis, 2), (ax.yaxis, 10)):
-            axis.set_major_formatter(LogFormatter(base=base))
-            axis.set_minor_formatter(LogFormatter(base=base, labelOnlyBase=False))
-    elif all(float(x).is_integer() for _, xs, _, _ in series for x in xs):
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps, counts: no 2.5
-    ax.set_xlabel(one_line(xlabel, 90))
-    ax.set_ylabel(one_line(ylabel, 60))
-    ax.set_title(one_line(title, 80), loc="left", fontsize=11)
-    ax.grid(True, which="major", alpha=0.3)
-    ax.legend(fontsize=9)
-    ax.spines[["top", "right"]].set_visible(False)
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
-    return Image(filename, buffer.getvalue(), one_line(title, 100))
+    names = [drawable(one_line(label, 60)) for label, _, _, _ in series]
+    heading, x_name, y_name = (drawable(one_line(text, 400)) for text in (title, xlabel, ylabel))
+    with _style([heading, x_name, y_name, *names]):
+        height = 4.2 * DPI
+        heading = fit_lines(heading, WIDTH_PX - 2 * PAD, TITLE_PT)
+        fig = Figure(figsize=(WIDTH, 4.2), dpi=DPI)
+        _title(fig, heading, PAD, height - PAD)
+        top = height - PAD - text_height(heading, TITLE_PT) - 6
+        x_name = fit_lines(x_name, WIDTH_PX - 2 * PAD, LABEL_PT)
+        bottom = PAD + text_height(x_name, LABEL_PT) + 4 * PX + TICKS + LABEL_PT * PX * LINE
+        y_name = fit_lines(y_name, top - bottom, LABEL_PT)
+        ax = fig.add_axes((0.15, bottom / height, 0.8, (top - bottom) / height))
+        for name, (_, xs, ys, style) in zip(names, series, strict=True):
+            ax.plot(xs, ys, style, label=name)
+        if log:
+            xs_all = [float(x) for _, xs, _, _ in series for x in xs if x > 0]
+            ys_all = [float(y) for _, _, ys, _ in series for y in ys if y > 0]
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            # The default log-axis labels are mathtext, which parse_math=False would show as source code.
+            for axis, base, values in ((ax.xaxis, 2, xs_all), (ax.yaxis, 10, ys_all)):
+                axis.set_major_formatter(LogFormatter(base=base))
+                axis.set_minor_formatter(LogFormatter(base=base, labelOnlyBase=False))
+                if values and max(values) > 10 * min(values):
+                    # Over more than a decade LogFormatter labels no minor tick: leave out their
+                    # ~8 unlabelled tick artists per decade (most of a log chart's drawing time).
+                    axis.set_minor_locator(NullLocator())
+        elif all(float(x).is_integer() for _, xs, _, _ in series for x in xs):
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps, counts: no 2.5
+        ax.set_xlabel(x_name, labelpad=4)
+        ax.set_ylabel(y_name, labelpad=4)
+        ax.grid(True, which="major", alpha=0.3)
+        ax.spines[["top", "right"]].set_visible(False)
+        # The margins from the tick labels the axes will draw (their height does not depend on the width).
+        y_ticks = [t.get_text() for t in ax.get_yticklabels(which="both")]
+        x_ticks = [t.get_text() for t in ax.get_xticklabels(which="both")]
+        left = (
+            PAD + text_height(y_name, LABEL_PT) + 4 * PX + TICKS + max([text_width(t, LABEL_PT) for t in y_ticks] + [0])
+        )
+        right = PAD + max([text_width(t, LABEL_PT) / 2 for t in x_ticks] + [0])
+        ax.set_position(
+            (left / WIDTH_PX, bottom / height, (WIDTH_PX - left - right) / WIDTH_PX, (top - bottom) / height)
+        )
+        ax.legend(fontsize=9)
+        return Image(filename, _png(fig), one_line(title, 100))
 
 
 def split_bar_chart(
@@ -243,63 +520,152 @@ def split_bar_chart(
 ) -> Image:
     """Horizontal bars split into stacked parts, ``(name, values)`` each, with a legend; the
     second and later parts are hatched, so a part that matters (unknown tokens) stands out."""
-    with _style():
-        return _split_bar_chart(labels, parts, title=title, xlabel=xlabel, filename=filename, value_format=value_format)
-
-
-def _split_bar_chart(
-    labels: Sequence[str],
-    parts: Sequence[tuple[str, Sequence[float]]],
-    *,
-    title: str,
-    xlabel: str,
-    filename: str,
-    value_format: str,
-) -> Image:
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(WIDTH, 1.4 + ROW_HEIGHT * len(labels)), dpi=DPI, layout="constrained")
-    ax = fig.add_subplot()
-    positions = list(range(len(labels)))[::-1]
-    left = [0.0] * len(labels)
-    styles = [("#4C72B0", ""), ("#C44E52", "///"), ("#DD8452", "xx"), ("#55A868", "..")]
-    for n, (name, values) in enumerate(parts):
-        colour, hatch = styles[n % len(styles)]
-        ax.barh(positions, values, left=left, color=colour, hatch=hatch, edgecolor="white", label=one_line(name, 50))
-        left = [a + b for a, b in zip(left, values, strict=True)]
-    ax.set_yticks(positions, [one_line(label, 28) for label in labels])
-    ax.set_title(one_line(title, 80), loc="left", fontsize=11)
-    ax.set_xlim(0, max([*left, 1e-9]) * 1.3)
-    totals = [
+    rows = [drawable(one_line(label, 28)) for label in labels]
+    names = [drawable(one_line(name, 50)) for name, _ in parts]
+    totals = [sum(float(values[i]) for _, values in parts) for i in range(len(labels))]
+    marks = [
         value_format.format(total)
-        + "".join(f" ({value_format.format(values[i])} {name})" for name, values in parts[1:] if values[i])
-        for i, total in enumerate(left)
+        + "".join(
+            f" ({value_format.format(values[i])} {name})"
+            for name, (_, values) in zip(names[1:], parts[1:], strict=True)
+            if values[i]
+        )
+        for i, total in enumerate(totals)
     ]
-    for position, total, text in zip(positions, left, totals, strict=True):
-        ax.annotate(text, (total, position), xytext=(3, 0), textcoords="offset points", va="center", fontsize=9)
-    ax.set_xlabel(one_line(xlabel, 90))
-    ax.legend(fontsize=9, loc="lower right")
-    ax.spines[["top", "right"]].set_visible(False)
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
-    return Image(filename, buffer.getvalue(), one_line(title, 100))
+    heading, axis_label = drawable(one_line(title, 400)), drawable(one_line(xlabel, 400))
+    with _style([heading, axis_label, *rows, *names, *marks]):
+        left = PAD + TICKS + max([text_width(row, LABEL_PT) for row in rows] + [0])
+        plot_width = WIDTH_PX - left - PAD
+        heading = fit_lines(heading, WIDTH_PX - 2 * PAD, TITLE_PT)
+        axis_label = fit_lines(axis_label, plot_width, LABEL_PT)
+        legend_rows = len(parts) * 9 * PX * LINE + 12  # the legend goes below the bars
+        legend_units = legend_rows / (ROW_HEIGHT * DPI)
+        plot_height = ROW_HEIGHT * DPI * (max(1, len(labels)) + 0.2) + legend_rows
+        under = TICKS + LABEL_PT * PX * LINE + 4 * PX + text_height(axis_label, LABEL_PT) + PAD
+        total = PAD + text_height(heading, TITLE_PT) + 4 + plot_height + under
+        fig = Figure(figsize=(WIDTH, total / DPI), dpi=DPI)
+        _title(fig, heading, PAD, total - PAD)
+        ax = fig.add_axes((left / WIDTH_PX, under / total, plot_width / WIDTH_PX, plot_height / total))
+        positions = [len(labels) - 1 - i + legend_units for i in range(len(labels))]
+        starts = [0.0] * len(labels)
+        styles = [("#4C72B0", ""), ("#C44E52", "///"), ("#DD8452", "xx"), ("#55A868", "..")]
+        for n, (name, (_, values)) in enumerate(zip(names, parts, strict=True)):
+            colour, hatch = styles[n % len(styles)]
+            widths = [float(v) for v in values]
+            ax.barh(positions, widths, left=starts, color=colour, hatch=hatch, edgecolor="white", label=name)
+            starts = [a + b for a, b in zip(starts, widths, strict=True)]
+        _row_labels(ax, fig, positions, rows)
+        ax.set_ylim(-0.6, max(1, len(labels)) - 1 + legend_units + 0.6)
+        gap = 3 * PX
+        reach = [
+            t * plot_width / max(1.0, plot_width + PAD - 2 - gap - text_width(m, VALUE_PT))
+            for t, m in zip(totals, marks, strict=True)
+        ]
+        _value_axis(ax, fig, max([*reach, *(t * 1.05 for t in totals), 1e-9]), "%" in value_format, axis_label, under)
+        from matplotlib.transforms import offset_copy
+
+        beside = offset_copy(ax.transData, fig=fig, x=3, y=0, units="points")
+        for position, total_value, mark in zip(positions, totals, marks, strict=True):
+            ax.text(total_value, position, mark, transform=beside, va="center", ha="left", fontsize=VALUE_PT)
+        ax.legend(fontsize=9, loc="lower right")
+        ax.spines[["top", "right"]].set_visible(False)
+        return Image(filename, _png(fig), one_line(title, 100))
 
 
-# Charts draw in threads of their own. A burst of charted replies is seconds of drawing on a
-# small host; in asyncio's shared pool it would queue every other reply's thread work
-# (tokenizing, the quiz database) behind it (measured by bench/faults.py's overflow scenario).
-_CHART_THREADS = ThreadPoolExecutor(max_workers=min(4, (os.cpu_count() or 1) + 1), thread_name_prefix="lmbot-chart")
+# --------------------------------------------------------------------------- drawing, fairly
+
+
+# Who a chart is drawn for: the user of the command being handled (bot.commands sets it), so
+# that one student's burst of charted replies takes turns with everyone else's.
+def _owner() -> str:
+    from bot.commands import current_user
+
+    user = current_user.get()
+    return user.id if user is not None else ""
+
+
+_Job = tuple[Future, Callable[[], Image]]
+
+
+class FairChartQueue:
+    """Chart drawing threads that take the waiting charts round-robin by user.
+
+    Charts draw in threads of their own: a burst of charted replies is seconds of drawing on a
+    small host, and in asyncio's shared pool it would queue every other reply's thread work
+    (tokenizing, the quiz database) behind it (bench/faults.py's overflow scenario). Within
+    these threads, first-come order would put one student's flood ahead of the whole class;
+    here each user with charts waiting gets one drawn per turn.
+    """
+
+    def __init__(self, threads: int) -> None:
+        self._threads = threads
+        self._started = 0
+        self._idle = 0
+        self._lock = threading.Lock()
+        self._ready = threading.Condition(self._lock)
+        self._waiting: dict[str, deque[_Job]] = {}
+        self._turns: deque[str] = deque()
+
+    def submit(self, owner: str, draw: Callable[[], Image]) -> Future:
+        """Queue ``draw`` for ``owner``; the future holds its image (or its exception)."""
+        future: Future = Future()
+        with self._lock:
+            if owner not in self._waiting:
+                self._waiting[owner] = deque()
+                self._turns.append(owner)
+            self._waiting[owner].append((future, draw))
+            if self._idle == 0 and self._started < self._threads:
+                self._started += 1
+                threading.Thread(target=self._work, name=f"lmbot-chart-{self._started}", daemon=True).start()
+            self._ready.notify()
+        return future
+
+    def waiting(self) -> int:
+        """How many charts wait for a thread."""
+        with self._lock:
+            return sum(len(jobs) for jobs in self._waiting.values())
+
+    def _next(self) -> _Job:
+        with self._lock:
+            self._idle += 1
+            while not self._turns:
+                self._ready.wait()
+            self._idle -= 1
+            owner = self._turns.popleft()
+            jobs = self._waiting[owner]
+            job = jobs.popleft()
+            if jobs:
+                self._turns.append(owner)  # the owner's next chart waits for everyone else's turn
+            else:
+                del self._waiting[owner]
+            return job
+
+    def _work(self) -> None:
+        while True:
+            future, draw = self._next()
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(draw())
+            except BaseException as exc:  # the awaiting reply logs it
+                future.set_exception(exc)
+
+
+_CHARTS = FairChartQueue(threads=2)  # charts draw one at a time (_DRAWING); a second thread serves other draws
 
 
 async def render(draw: Callable[..., Image], *args: Any, **kwargs: Any) -> Image:
-    """Draw a chart in the chart threads so the event loop and asyncio's shared pool stay free.
+    """Draw a chart in the chart threads so the event loop and asyncio's shared pool stay free,
+    taking turns with other users' charts (:class:`FairChartQueue`).
 
     Never raises: a chart that cannot be drawn is logged and comes back with no data, which
     :class:`~bot.commands.Reply` leaves out, so the reply goes without that chart.
     """
     try:
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(_CHART_THREADS, functools.partial(draw, *args, **kwargs))
+        call = functools.partial(contextvars.copy_context().run, functools.partial(draw, *args, **kwargs))
+        return await asyncio.wrap_future(_CHARTS.submit(_owner(), call))
     except Exception:
         filename = str(kwargs.get("filename", "chart.png"))
         name = getattr(draw, "__name__", repr(draw))
@@ -318,47 +684,71 @@ HeatmapPanel = tuple[str, Sequence[str], Sequence[Sequence[float]], bool]
 
 def heatmap(panels: Sequence[HeatmapPanel], *, colorbar: str, filename: str = "heatmap.png") -> Image:
     """Heatmaps side by side, tokens on both axes, one colour scale (square-root, so small weights show)."""
-    with _style():
-        return _heatmap(panels, colorbar=colorbar, filename=filename)
-
-
-def _heatmap(panels: Sequence[HeatmapPanel], *, colorbar: str, filename: str) -> Image:
     import numpy as np
     from matplotlib import colormaps
     from matplotlib.colors import PowerNorm
     from matplotlib.figure import Figure
+    from matplotlib.ticker import FormatStrFormatter, MaxNLocator
 
     size = max(len(labels) for _, labels, _, _ in panels)
     font = max(5.0, min(9.0, 260 / max(size, 1)))
-    fig = Figure(figsize=(0.6 + 5.6 * len(panels), 6.2), dpi=DPI, layout="constrained")
-    axes = fig.subplots(1, len(panels), squeeze=False)[0]
-    top = max([w for _, _, weights, _ in panels for row in weights for w in row] + [1e-9])
-    norm = PowerNorm(gamma=0.5, vmin=0.0, vmax=top)
-    cmap = colormaps["viridis"].with_extremes(bad="#e6e6e6")
-    image = None
-    for ax, (title, token_labels, weights, hide_future) in zip(axes, panels, strict=True):
-        n = len(token_labels)
-        grid = np.asarray(weights, dtype=float).reshape(n, n)
-        hidden = np.triu(np.ones((n, n), dtype=bool), k=1) if hide_future else np.zeros((n, n), dtype=bool)
-        image = ax.imshow(np.ma.masked_array(grid, mask=hidden), cmap=cmap, norm=norm, interpolation="nearest")
-        labels = [label[:14] for label in token_labels]
-        ax.set_xticks(range(n), labels, rotation=90, fontsize=font)
-        ax.set_yticks(range(n), labels, fontsize=font)
-        ax.set_xlabel("attended to (key)")
-        ax.set_ylabel("attending (query)")
-        ax.set_title("\n".join(one_line(line, 90) for line in title.split("\n")), loc="left", fontsize=10)
-        if n <= 10:  # few cells: write the weights in them
-            for i in range(n):
-                for j in range(n):
-                    if not hidden[i, j]:
-                        light = norm(grid[i, j]) > 0.6
-                        colour = "black" if light else "white"
-                        ax.text(j, i, f"{grid[i, j]:.2f}", ha="center", va="center", fontsize=7, color=colour)
-    if image is not None:
-        fig.colorbar(image, ax=list(axes), shrink=0.8, label=colorbar)
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
-    return Image(filename, buffer.getvalue(), one_line(panels[0][0], 100))
+    token_labels = [[drawable(one_line(label, 14)) for label in labels] for _, labels, _, _ in panels]
+    headings = ["\n".join(drawable(one_line(line, 400)) for line in title.split("\n")) for title, _, _, _ in panels]
+    scale_name = drawable(one_line(colorbar, 200))
+    axis_names = ("attended to (key)", "attending (query)")
+    with _style([*headings, scale_name, *axis_names, *(t for labels in token_labels for t in labels)]):
+        side = 440.0
+        tick_w = max([text_width(t, font) for labels in token_labels for t in labels] + [0])
+        left = PAD + LABEL_PT * PX * LINE + 4 * PX + TICKS + tick_w
+        bottom = PAD + LABEL_PT * PX * LINE + 4 * PX + TICKS + tick_w
+        scale_name = fit_lines(scale_name, side, LABEL_PT)
+        scale_w = 16 + 14 + TICKS + text_width("0.000", LABEL_PT) + 4 * PX + text_height(scale_name, LABEL_PT) + PAD
+        headings = [
+            "\n".join(fit_lines(line, left + side - 2 * PAD, 10.0) for line in heading.split("\n"))
+            for heading in headings
+        ]
+        title_h = max(text_height(h, 10.0) for h in headings)
+        width = len(panels) * (left + side) + scale_w
+        height = PAD + title_h + 8 + side + bottom
+        fig = Figure(figsize=(width / DPI, height / DPI), dpi=DPI)
+        top = max(max(max(row) for row in weights) if len(weights) else 0.0 for _, _, weights, _ in panels)
+        norm = PowerNorm(gamma=0.5, vmin=0.0, vmax=max(float(top), 1e-9))
+        cmap = colormaps["viridis"].with_extremes(bad="#e6e6e6")
+        image = None
+        for k, ((_, _, weights, hide_future), labels, heading) in enumerate(
+            zip(panels, token_labels, headings, strict=True)
+        ):
+            x0 = k * (left + side)
+            _title(fig, heading, x0 + PAD, height - PAD, size=10.0)
+            ax = fig.add_axes(((x0 + left) / width, bottom / height, side / width, side / height))
+            n = len(labels)
+            grid = np.asarray(weights, dtype=float).reshape(n, n)
+            hidden = np.triu(np.ones((n, n), dtype=bool), k=1) if hide_future else np.zeros((n, n), dtype=bool)
+            image = ax.imshow(
+                np.ma.masked_array(grid, mask=hidden), cmap=cmap, norm=norm, interpolation="nearest", aspect="auto"
+            )
+            _column_labels(ax, fig, range(n), labels, font)
+            _row_labels(ax, fig, range(n), labels, font)
+            # The axis names beyond the token labels (plain texts, which matplotlib's own axis
+            # labels would not make room for).
+            below = bottom - TICKS - tick_w - 4 * PX
+            fig.text((x0 + left + side / 2) / width, below / height, axis_names[0], ha="center", va="top", gid="xlabel")
+            middle = (bottom + side / 2) / height
+            fig.text((x0 + PAD) / width, middle, axis_names[1], rotation=90, ha="left", va="center", gid="ylabel")
+            if n <= 10:  # few cells: write the weights in them
+                for i in range(n):
+                    for j in range(n):
+                        if not hidden[i, j]:
+                            colour = "black" if norm(grid[i, j]) > 0.6 else "white"
+                            ax.text(j, i, f"{grid[i, j]:.2f}", ha="center", va="center", fontsize=7, color=colour)
+        if image is not None:
+            x0 = len(panels) * (left + side) + 16
+            cax = fig.add_axes((x0 / width, bottom / height, 14 / width, side / height))
+            bar = fig.colorbar(image, cax=cax, label=scale_name)
+            bar.locator = MaxNLocator(nbins=6)
+            bar.formatter = FormatStrFormatter("%.2f")
+            bar.update_ticks()
+        return Image(filename, _png(fig), one_line(panels[0][0], 100))
 
 
 # A shaded-text panel: (title, the text cut into pieces (a leading space starts a new word),
@@ -373,93 +763,90 @@ def shaded_text(
     filename: str = "shaded.png",
     value_format: str = "{:.1f}",
     vmax: float | None = None,
+    bounds: Sequence[float] = (),
 ) -> Image:
-    """Each panel's text with every piece shaded by its value (one colour scale), the value under it."""
-    with _style():
-        return _shaded_text(panels, colorbar=colorbar, filename=filename, value_format=value_format, vmax=vmax)
+    """Each panel's text with every piece shaded by its value (one colour scale), the value under it.
+
+    ``bounds`` (e.g. 2, 6, 12) make the scale bands, one shade per band, with the bounds marked
+    on the colour bar, so the chart's scale is the one a text key describes.
+    """
+    from matplotlib import colormaps
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.collections import PolyCollection
+    from matplotlib.colors import BoundaryNorm, Normalize
+    from matplotlib.figure import Figure
+
+    headings = [drawable(one_line(title, 400)) for title, _, _ in panels]
+    pieces = [[drawable(piece) for piece in panel_pieces] for _, panel_pieces, _ in panels]
+    marks = [[value_format.format(v) for v in values] for _, _, values in panels]
+    scale_name = drawable(one_line(colorbar, 200))
+    with _style([*headings, scale_name, *(p for ps in pieces for p in ps), *(m for ms in marks for m in ms)]):
+        line_h, text_pt = 34 * PX, 11.0
+        usable = WIDTH_PX - 2 * PAD
+        headings = [fit_lines(h, usable, 10.0) for h in headings]
+        scale_name = fit_lines(scale_name, usable * 0.8, LABEL_PT)
+        layouts = [_shaded_layout(ps, usable, text_pt) for ps in pieces]
+        heights = [
+            text_height(h, 10.0) + 6 + line_h * (1 + max((line for line, _, _, _ in placed), default=0))
+            for h, placed in zip(headings, layouts, strict=True)
+        ]
+        bar_h = 14 + TICKS + LABEL_PT * PX * LINE + 4 * PX + text_height(scale_name, LABEL_PT) + PAD
+        total = PAD + sum(heights) + bar_h
+        top_value = vmax if vmax is not None else max([v for _, _, values in panels for v in values] + [1e-9])
+        cmap = colormaps["YlOrRd"]
+        edges = sorted({0.0, *(b for b in bounds if 0 < b < top_value), float(top_value)})
+        norm = BoundaryNorm(edges, cmap.N) if bounds else Normalize(0.0, top_value)
+        fig = Figure(figsize=(WIDTH, total / DPI), dpi=DPI)
+        ax = fig.add_axes((0, 0, 1, 1))
+        ax.set_xlim(0, WIDTH_PX)
+        ax.set_ylim(total, 0)  # pixels from the top left
+        ax.axis("off")
+        y = PAD
+        boxes, shades = [], []
+        for heading, placed, values, panel_marks, height in zip(
+            headings, layouts, (v for _, _, v in panels), marks, heights, strict=True
+        ):
+            ax.text(PAD, y, heading, fontsize=10, va="top", ha="left", gid="title")
+            first = y + text_height(heading, 10.0) + 6
+            for (line, x, w, label), value, mark in zip(placed, values, panel_marks, strict=True):
+                shade = cmap(norm(min(value, top_value)))
+                dark = 0.299 * shade[0] + 0.587 * shade[1] + 0.114 * shade[2] < 0.5
+                x0, y0 = PAD + x, first + line * line_h
+                boxes.append([(x0, y0), (x0 + w, y0), (x0 + w, y0 + text_pt * PX * 1.3), (x0, y0 + text_pt * PX * 1.3)])
+                shades.append(shade)
+                ax.text(
+                    x0 + 2, y0 + 2, label, fontsize=text_pt, va="top", ha="left", color="white" if dark else "black"
+                )
+                ax.text(x0 + 2, y0 + text_pt * PX * 1.3 + 2, mark, fontsize=7, va="top", ha="left", color="#555555")
+            y += height
+        ax.add_collection(PolyCollection(boxes, facecolors=shades, edgecolors="none", zorder=0))
+        cax = fig.add_axes((0.1, (bar_h - 14) / total, 0.8, 14 / total))
+        bar = fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), cax=cax, orientation="horizontal", label=scale_name)
+        if bounds:
+            bar.set_ticks(edges)
+        return Image(filename, _png(fig), one_line(panels[0][0], 100))
 
 
-def _shaded_layout(
-    pieces: Sequence[str], width: float, measure: Callable[[str, float], float]
-) -> list[tuple[int, float, str]]:
-    """(line, x, label) for each piece, in points, wrapped at ``width``."""
+def _shaded_layout(pieces: Sequence[str], width: float, size: float) -> list[tuple[int, float, float, str]]:
+    """(line, x, box width, label) for each piece, in pixels, wrapped at ``width``."""
     line, x, placed = 0, 0.0, []
+    value_w = text_width("00.0", 7)
     for piece in pieces:
         breaks = piece.count("\n")
         body = piece.replace("\n", "").replace("\t", "⇥")
-        gap = 6.0 if body.startswith(" ") else 1.5  # a word starts after a space; subword pieces join
+        gap = 6 * PX if body.startswith(" ") else 1.5 * PX  # a word starts after a space; subword pieces join
         label = body.strip(" ") or ("␣" * len(body) if body else "⏎" if breaks else "∅")
         if breaks and body.strip(" "):
             label = label + "⏎"
-        size = max(measure(label, 11), measure("00.0", 7)) + 4
-        if x > 0 and x + gap + size > width:
+        box = min(max(text_width(label, size), value_w) + 4 + 2, width)
+        if x > 0 and x + gap + box > width:
             line, x = line + 1, 0.0
         x = x + gap if x > 0 else 0.0
-        placed.append((line, x, label))
-        x += size
+        placed.append((line, x, box, label))
+        x += box
         if breaks:
             line, x = line + breaks, 0.0
     return placed
-
-
-def _shaded_text(
-    panels: Sequence[ShadedPanel], *, colorbar: str, filename: str, value_format: str, vmax: float | None
-) -> Image:
-    from matplotlib import colormaps
-    from matplotlib.backends.backend_agg import RendererAgg
-    from matplotlib.cm import ScalarMappable
-    from matplotlib.colors import Normalize
-    from matplotlib.figure import Figure
-    from matplotlib.font_manager import FontProperties
-
-    measurer = RendererAgg(10, 10, 72)  # 72 dpi: one pixel is one point
-
-    def measure(text: str, size: float) -> float:
-        width, _, _ = measurer.get_text_width_height_descent(text, FontProperties(size=size), ismath=False)
-        return float(width)
-
-    width_pt, margin, line_h, title_h, bar_h = WIDTH * 72, 14.0, 34.0, 22.0, 64.0
-    layouts = [_shaded_layout(pieces, width_pt - 2 * margin, measure) for _, pieces, _ in panels]
-    heights = [title_h + line_h * (1 + max((line for line, _, _ in placed), default=0)) for placed in layouts]
-    total = sum(heights) + bar_h
-    top = vmax if vmax is not None else max([v for _, _, values in panels for v in values] + [1e-9])
-    norm, cmap = Normalize(0.0, top), colormaps["YlOrRd"]
-    fig = Figure(figsize=(WIDTH, total / 72), dpi=DPI)
-    y = total
-    for (title, _, values), placed, height in zip(panels, layouts, heights, strict=True):
-        y -= height
-        ax = fig.add_axes((0, y / total, 1, height / total))
-        ax.set_xlim(0, width_pt)
-        ax.set_ylim(height, 0)
-        ax.axis("off")
-        ax.text(margin, 4, one_line(title, 90), fontsize=10, va="top", ha="left")
-        for (line, x, label), value in zip(placed, values, strict=True):
-            shade = cmap(norm(min(value, top)))
-            dark = 0.299 * shade[0] + 0.587 * shade[1] + 0.114 * shade[2] < 0.5
-            ax.text(
-                margin + x + 2,
-                title_h + line * line_h + 4,
-                label,
-                fontsize=11,
-                va="top",
-                ha="left",
-                color="white" if dark else "black",
-                bbox={"boxstyle": "square,pad=0.12", "facecolor": shade, "edgecolor": "none"},
-            )
-            ax.text(
-                margin + x + 2,
-                title_h + line * line_h + 21,
-                value_format.format(value),
-                fontsize=7,
-                va="top",
-                ha="left",
-                color="#555555",
-            )
-    cax = fig.add_axes((0.1, 34 / total, 0.8, 10 / total))
-    fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), cax=cax, orientation="horizontal", label=colorbar)
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
-    return Image(filename, buffer.getvalue(), one_line(panels[0][0], 100))
 
 
 def grouped_bars(
@@ -472,42 +859,55 @@ def grouped_bars(
     filename: str = "chart.png",
 ) -> Image:
     """Horizontal bars, one group per label (top to bottom), one bar per series; ``notes`` go
-    right of each group (e.g. "cut by top-k")."""
-    with _style():
-        return _grouped_bars(labels, series, title=title, xlabel=xlabel, notes=notes, filename=filename)
-
-
-def _grouped_bars(
-    labels: Sequence[str],
-    series: Sequence[tuple[str, Sequence[float]]],
-    *,
-    title: str,
-    xlabel: str,
-    notes: Sequence[str],
-    filename: str,
-) -> Image:
+    right of each group (e.g. "cut by top-k"). The last series' bars carry their values."""
     from matplotlib.figure import Figure
+    from matplotlib.transforms import offset_copy
 
-    groups, per = len(labels), max(1, len(series))
-    fig = Figure(figsize=(WIDTH, 1.3 + 0.2 * per * groups), dpi=DPI, layout="constrained")
-    ax = fig.add_subplot()
-    height = 0.8 / per
-    colours = ("#9DA5B4", "#4C72B0", "#DD8452", "#55A868", "#C44E52")
-    top = max([v for _, values in series for v in values] + [1e-9])
-    for s, (name, values) in enumerate(series):
-        positions = [(groups - 1 - g) + 0.4 - height * (s + 0.5) for g in range(groups)]
-        bars = ax.barh(positions, values, height=height, color=colours[s % len(colours)], label=name)
-        if s == len(series) - 1:
-            ax.bar_label(bars, labels=[f"{v:.1%}" if v > 0 else "" for v in values], padding=2, fontsize=8)
-    for g, note in enumerate(notes):
-        if note:
-            ax.text(top * 0.02, groups - 1 - g - 0.38, note, fontsize=7, color="#C44E52", va="bottom")
-    ax.set_yticks(range(groups)[::-1], [one_line(label, 24) for label in labels])
-    ax.set_xlim(0, top * 1.22)
-    ax.set_xlabel(one_line(xlabel, 90))
-    ax.set_title(one_line(title, 80), loc="left", fontsize=11)
-    ax.legend(fontsize=8, loc="lower right")
-    ax.spines[["top", "right"]].set_visible(False)
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
-    return Image(filename, buffer.getvalue(), one_line(title, 100))
+    rows = [drawable(one_line(label, 24)) for label in labels]
+    names = [drawable(one_line(name, 60)) for name, _ in series]
+    notes = [drawable(one_line(note, 60)) for note in notes]
+    last = [float(v) for v in series[-1][1]] if series else []
+    marks = [m if v > 0 else "" for m, v in zip(value_labels(last, "{:.1%}"), last, strict=True)]
+    heading, axis_label = drawable(one_line(title, 400)), drawable(one_line(xlabel, 400))
+    with _style([heading, axis_label, *rows, *names, *notes, *marks]):
+        groups, per = len(labels), max(1, len(series))
+        left = PAD + TICKS + max([text_width(row, LABEL_PT) for row in rows] + [0])
+        plot_width = WIDTH_PX - left - PAD
+        heading = fit_lines(heading, WIDTH_PX - 2 * PAD, TITLE_PT)
+        axis_label = fit_lines(axis_label, plot_width, LABEL_PT)
+        group_px = 0.2 * per * DPI
+        legend_px = per * 8 * PX * LINE + 12  # the legend goes below the bars
+        legend_units = legend_px / group_px
+        plot_height = group_px * (groups + 0.1) + legend_px
+        under = TICKS + LABEL_PT * PX * LINE + 4 * PX + text_height(axis_label, LABEL_PT) + PAD
+        total = PAD + text_height(heading, TITLE_PT) + 4 + plot_height + under
+        fig = Figure(figsize=(WIDTH, total / DPI), dpi=DPI)
+        _title(fig, heading, PAD, total - PAD)
+        ax = fig.add_axes((left / WIDTH_PX, under / total, plot_width / WIDTH_PX, plot_height / total))
+        height = 0.8 / per
+        colours = ("#9DA5B4", "#4C72B0", "#DD8452", "#55A868", "#C44E52")
+        top = max([float(v) for _, values in series for v in values] + [1e-9])
+        gap = 3 * PX
+        reach = [
+            v * plot_width / max(1.0, plot_width + PAD - 2 - gap - text_width(m, 8))
+            for v, m in zip(last, marks, strict=True)
+        ]
+        _value_axis(ax, fig, max([*reach, top * 1.05]), True, axis_label, under)
+        for s, (name, (_, values)) in enumerate(zip(names, series, strict=True)):
+            positions = [(groups - 1 - g) + legend_units + 0.4 - height * (s + 0.5) for g in range(groups)]
+            ax.barh(positions, [float(v) for v in values], height=height, color=colours[s % len(colours)], label=name)
+            if s == len(series) - 1:
+                beside = offset_copy(ax.transData, fig=fig, x=2, y=0, units="points")
+                for position, value, mark in zip(positions, last, marks, strict=True):
+                    if mark:
+                        ax.text(value, position, mark, transform=beside, va="center", ha="left", fontsize=8)
+        for g, note in enumerate(notes):
+            if note:
+                ax.text(
+                    top * 0.02, groups - 1 - g + legend_units - 0.38, note, fontsize=7, color="#C44E52", va="bottom"
+                )
+        _row_labels(ax, fig, [groups - 1 - g + legend_units for g in range(groups)], rows)
+        ax.set_ylim(-0.5, groups - 0.4 + legend_units)
+        ax.legend(fontsize=8, loc="lower right")
+        ax.spines[["top", "right"]].set_visible(False)
+        return Image(filename, _png(fig), one_line(title, 100))

@@ -14,6 +14,7 @@ import math
 import re
 import unicodedata
 from collections.abc import Awaitable, Callable, Mapping, Sequence
+from contextvars import ContextVar
 from dataclasses import KW_ONLY, dataclass, field
 from typing import Any, ClassVar, Protocol
 
@@ -439,6 +440,11 @@ class CommandCatalog(Protocol):
     def commands(self) -> Sequence[Command]: ...
 
 
+# The user whose command is being handled: work done on their behalf (a chart, say) can take
+# turns with other users' without every helper taking a ctx.
+current_user: ContextVar[User | None] = ContextVar("lmbot_current_user", default=None)
+
+
 @dataclass
 class Context:
     """What a handler gets besides its options."""
@@ -577,7 +583,11 @@ class Command:
         return bound
 
     async def invoke(self, ctx: Context, values: dict[str, Any]) -> Reply:
-        return await self.handler(ctx, **self.bind(values))
+        token = current_user.set(ctx.user)
+        try:
+            return await self.handler(ctx, **self.bind(values))
+        finally:
+            current_user.reset(token)
 
 
 def command(

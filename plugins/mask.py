@@ -74,7 +74,7 @@ async def mask(ctx: Context, sentence: str, k: int) -> Reply:
             for r, (label, t) in enumerate(zip(labels, fill.top, strict=True), 1)
         ]
         panels.append((f"blank {n}", labels, [t.prob for t in fill.top]))
-    chart = await render(bar_panels, panels, xlabel=f"probability ({result.model[:60]})", filename="mask.png")
+    chart = await render(bar_panels, panels, xlabel=f"probability ({result.model})", filename="mask.png")
     best_fills = iter([token_text(f.top[0].token, f.top[0].raw).strip() for f in result.masks])
     best = BLANK.sub(lambda _blank: next(best_fills), sentence)
     return Reply(

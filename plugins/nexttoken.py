@@ -102,7 +102,7 @@ async def nexttoken(ctx: Context, prompt: str, k: int, temperature: float) -> Re
         labels,
         [t.prob for t in result.top],
         title=f"Next token after “{shown_prompt}”",
-        xlabel=f"probability ({result.model[:60]})",
+        xlabel=f"probability ({result.model})",
         filename="nexttoken.png",
     )
     shown = sum(t.prob for t in result.top)

@@ -29,7 +29,7 @@ from bot import (
     command,
     hookimpl,
 )
-from bot.charts import grouped_bars, render, show_bytes
+from bot.charts import grouped_bars, render, show_bytes, value_labels
 
 NEW_TOKENS = 12  # tokens per continuation
 SHOWN = 12  # tokens of the first distribution shown (the model's likeliest)
@@ -264,7 +264,8 @@ async def sample_command(
     else:
         steps.append("4. Top-p is off: nothing more is cut.")
     steps.append(
-        "The kept probabilities are divided by the mass they hold, so they sum to 1 again (orange bars); "
+        "The kept probabilities are divided by the mass they hold, so they sum to 1 again "
+        "(the bars “after top-k and top-p”); "
         "each token is drawn from that. transformers applies the three in this order."
     )
     fields = [
@@ -272,7 +273,8 @@ async def sample_command(
         Field("seed", f"{seed} (the same prompt, settings and seed draw the same samples again)", inline=False),
     ]
     for number, c in enumerate(result.continuations, 1):
-        tokens = " · ".join(f"{show_bytes(raw)} {p:.0%}" for raw, p in zip(c.raw, c.drawn, strict=True))
+        shares = value_labels(c.drawn, "{:.0%}")  # never "0%" for a token that was drawn
+        tokens = " · ".join(f"{show_bytes(raw)} {p}" for raw, p in zip(c.raw, shares, strict=True))
         fields.append(Field(f"sample {number}", f"“{continuation_text(c)}”\n{tokens}"[:1000], inline=False))
     chart = await render(
         grouped_bars,

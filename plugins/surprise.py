@@ -33,10 +33,10 @@ TOP = 5  # most surprising tokens listed
 NGRAM_ORDER, NGRAM_SMOOTHING = 2, 1.0  # /ngram's defaults: a bigram model, add-one smoothing
 # Console colours by surprisal (bits): (upper bound, colour, meaning).
 BANDS: tuple[tuple[float, str | None, str], ...] = (
-    (2.0, "green", "green under 2 bits (expected)"),
-    (6.0, None, "plain 2–6"),
-    (12.0, "yellow", "yellow 6–12"),
-    (math.inf, "red", "red 12 or more (rarer than 1 in 4,096)"),
+    (2.0, "green", "under 2 bits (expected)"),
+    (6.0, None, "2–6"),
+    (12.0, "yellow", "6–12"),
+    (math.inf, "red", "12 or more (rarer than 1 in 4,096)"),
 )
 
 
@@ -196,7 +196,9 @@ async def surprise(ctx: Context, text: str, ngram: bool) -> Reply:
         "scored from the ones before it.",
         f"Perplexity {perplexity:.1f} per token (2 to the average surprisal, {mean_bits:.2f} bits): on average "
         f"the model was as unsure as choosing among {perplexity:.0f} equally likely tokens. Lower is better.",
-        "Colours below: " + ", ".join(meaning for _, _, meaning in BANDS) + ".",
+        "Surprise bands (the chart's colour bar; the text below is coloured by them where colour shows): "
+        + ", ".join(meaning for _, _, meaning in BANDS)
+        + ".",
     ]
     fields = [Field("tokens", str(len(bits))), Field("perplexity", f"{perplexity:.1f} per token")]
     panels = [(f"{short(result.model)}: surprisal of each token (bits)", pieces, bits)]
@@ -244,7 +246,13 @@ async def surprise(ctx: Context, text: str, ngram: bool) -> Reply:
                 "perplexity_per_word": scored.perplexity,
                 "neural_perplexity_per_word": neural_per_word,
             }
-    chart = await render(shaded_text, panels, colorbar="surprisal (bits): −log₂ p", filename="surprise.png")
+    chart = await render(
+        shaded_text,
+        panels,
+        colorbar="surprisal (bits): −log₂ p",
+        filename="surprise.png",
+        bounds=[bound for bound, _, _ in BANDS if math.isfinite(bound)],
+    )
     return Reply(
         title=f"Surprise: {short(result.model)} reads your text",
         text="\n".join(lines),

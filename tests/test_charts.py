@@ -3,25 +3,72 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import shutil
 import threading
+import unicodedata
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import matplotlib
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from matplotlib import font_manager
 from matplotlib.figure import Figure
+from matplotlib.text import Text
 
 from bot import charts
 from bot.commands import Image, Reply
 from bot.render import save_images
 from tests.conftest import examples
+
+
+@dataclass
+class Drawn:
+    """A text the Agg renderer drew: what, where (pixels), and the size of the canvas."""
+
+    text: str
+    x0: float
+    y0: float
+    x1: float
+    y1: float
+    width: float
+    height: float
+    families: tuple[str, ...] = ()
+
+    def inside(self) -> bool:
+        return self.x0 >= -0.5 and self.y0 >= -0.5 and self.x1 <= self.width + 0.5 and self.y1 <= self.height + 0.5
+
+
+@contextmanager
+def drawn_texts() -> Iterator[list[Drawn]]:
+    """Every text the charts draw while inside, with its extent as the renderer measures it."""
+    from matplotlib.backends.backend_agg import RendererAgg
+
+    drawn: list[Drawn] = []
+    draw_text = RendererAgg.draw_text
+
+    def record(
+        self: RendererAgg, gc: Any, x: float, y: float, s: str, prop: Any, angle: float, *args: Any, **kw: Any
+    ) -> Any:
+        mtext = kw.get("mtext") or (args[1] if len(args) > 1 else None)
+        if mtext is not None and s.strip():
+            box = mtext.get_window_extent(self)
+            drawn.append(
+                Drawn(s, box.x0, box.y0, box.x1, box.y1, self.width, self.height, tuple(mtext.get_fontfamily()))
+            )
+        return draw_text(self, gc, x, y, s, prop, angle, *args, **kw)
+
+    RendererAgg.draw_text = record  # type: ignore[method-assign]
+    try:
+        yield drawn
+    finally:
+        RendererAgg.draw_text = draw_text  # type: ignore[method-assign]
 
 
 def test_font_families_start_with_matplotlibs_own_and_hold_only_installed_fonts() -> None:
@@ -59,32 +106,39 @@ def _need_fallback_fonts() -> None:
     assert not missing, f"{sorted(missing)} missing: run `apt-get install fonts-noto-cjk fonts-symbola` as root"
 
 
-@pytest.mark.parametrize("text", ["東京", "🙂", "東京 🙂 Paris"])
-def test_cjk_and_emoji_draw_with_no_missing_glyph(text: str) -> None:
+# Emoji from Unicode 6 to 14: Symbola has those up to Unicode 9; later ones (🥰 11, 🥲 13, 🫠 14) no font here has.
+EMOJI = ["🙂", "🦜", "👍🏽", "❤️", "👨‍👩‍👧", "🥰", "🧠", "🥲", "🫠"]
+
+
+@pytest.mark.parametrize("text", ["東京", *EMOJI, "東京 🙂 Paris 🫠"])
+def test_cjk_and_emoji_draw_with_no_missing_glyph(text: str, monkeypatch: pytest.MonkeyPatch) -> None:
     _need_fallback_fonts()
-    # The chart functions hide missing-glyph warnings (a box is drawn); draw here without that
-    # filter, in the same fonts, so a glyph no installed font has would show up as a warning.
-    with (
-        matplotlib.rc_context({"font.family": list(charts.font_families()), "text.parse_math": False}),
-        warnings.catch_warnings(record=True) as caught,
-    ):
+    # The chart functions hide missing-glyph warnings; unhide them here, so a glyph no chart font
+    # has (a box) shows up as a warning.
+    monkeypatch.setattr(charts, "HIDDEN_WARNING", "no warning is hidden in this test")
+    with warnings.catch_warnings(record=True) as caught, drawn_texts() as drawn:
         warnings.simplefilter("always")
-        image = charts._bar_panels(
-            [(f"Next token after “{text}”", [text, "x"], [0.6, 0.4])],
-            xlabel=text,
-            filename="t.png",
-            value_format="{:.1%}",
-            xmax=None,
-        )
+        image = charts.bar_chart([text, "x"], [0.6, 0.4], title=f"Next token after “{text}”", xlabel=text)
     assert image.data.startswith(b"\x89PNG")
     assert not [str(w.message) for w in caught if "missing from font" in str(w.message)]
+    label = next(d.text for d in drawn if d.text.endswith(text) or "⟦" in d.text)
+    for ch in text:  # every character is drawn, or named where no font has it
+        assert ch in label or unicodedata.name(ch).lower() in label or unicodedata.category(ch) in ("Mn", "Cf", "Sk")
 
 
-def test_a_glyph_no_font_has_draws_a_box_without_a_warning() -> None:
-    with warnings.catch_warnings():
+def test_an_emoji_no_font_has_is_named_not_boxed() -> None:
+    _need_fallback_fonts()
+    assert not charts.has_glyph("🫠")
+    assert charts.drawable("so 🫠!") == "so ⟦melting face⟧!"
+    assert charts.drawable("東京 🙂") == "東京 🙂"
+
+
+def test_a_glyph_no_font_has_draws_no_box_and_no_warning() -> None:
+    with warnings.catch_warnings(), drawn_texts() as drawn:
         warnings.simplefilter("error")
-        image = charts.bar_chart(["\U0001d11e\U00013000"], [1.0], title="rare scripts", xlabel="probability")
+        image = charts.bar_chart(["\U0001d11e\U00013000\U0001fae0"], [1.0], title="rare scripts", xlabel="probability")
     assert image.data.startswith(b"\x89PNG")
+    assert all(charts.has_glyph(ch) for d in drawn for ch in d.text if ch != "\n")
 
 
 @pytest.mark.parametrize("text", ["Pay $5 (20% off) instead of $6", "$$0", " $$", r"$\frac{1}{0}$", "a_b^c $x"])
@@ -116,24 +170,27 @@ def figures(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[Figure]]:
     yield drawn
 
 
-def test_a_title_with_newlines_is_drawn_on_one_line(figures: list[Figure]) -> None:
-    prompt = "Dear team,\n\nthe meeting\r\nis at\tnoon " + "and more " * 20
+def drawn_title(fig: Figure) -> str:
+    return next(t.get_text() for t in fig.findobj(Text) if t.get_gid() == "title")
+
+
+def test_a_title_with_newlines_shows_them_and_wraps_at_words(figures: list[Figure]) -> None:
+    prompt = "Dear team,\n\nthe meeting\r\nis at\tnoon " + "and more " * 40
     image = charts.bar_chart(["a\nb", "x"], [0.5, 0.5], title=f"Next token after “{prompt}”", xlabel="p\nq")
-    ax = figures[-1].axes[0]
-    title = ax.get_title(loc="left")
-    assert "\n" not in title and "\r" not in title and "\t" not in title
+    title = drawn_title(figures[-1])
+    lines = title.split("\n")
+    assert len(lines) == 2 and "\r" not in title and "\t" not in title
     assert title.startswith("Next token after “Dear team,⏎⏎the meeting⏎is at noon")
-    assert len(title) <= 80 and title.endswith("…")
-    assert all("\n" not in t.get_text() for t in ax.get_yticklabels())
-    assert "\n" not in ax.get_xlabel()
+    assert title.endswith("and…") or title.endswith("more…")
+    labels = [t.get_text() for t in figures[-1].findobj(Text) if t.get_gid() == "label"]
+    assert labels == ["a⏎b", "x"]
     assert "\n" not in image.description
 
 
 def test_line_chart_titles_and_legends_are_one_line(figures: list[Figure]) -> None:
     charts.line_chart([("a\nb", [1, 2], [1, 4], "o-")], title="x\ny", xlabel="n\n", ylabel="t\n", log=False)
-    ax = figures[-1].axes[0]
-    assert ax.get_title(loc="left") == "x⏎y"
-    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["a⏎b"]
+    assert drawn_title(figures[-1]) == "x⏎y"
+    assert [t.get_text() for t in figures[-1].axes[0].get_legend().get_texts()] == ["a⏎b"]
 
 
 @settings(max_examples=examples(200), deadline=None)
@@ -254,3 +311,204 @@ async def test_charts_being_drawn_never_hold_up_other_thread_work() -> None:
         release.set()
     images = await asyncio.gather(*drawing)
     assert [image.filename for image in images] == ["slow.png"] * 40
+
+
+# ----------------------------------------------------------------------------- legibility: every chart type
+
+LONG_TITLE = "Next token after “" + "the quick brown fox jumps over the lazy dog and " * 8 + "🙂 東京”"
+MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct (ONNX Runtime, fp32, from torch 2.5 weights, batch of 8)"
+TOKENS = ["␣Paris", "␣the", "␣a", "␣very-long-token-label-that-goes-on", "🙂", "東京"]
+
+
+def chart_calls() -> dict[str, Callable[[], Image]]:
+    """Every chart type, with long titles and labels, emoji and CJK."""
+    flat = [0.0021, 0.0018, 0.0016, 0.0015, 0.0013, 0.0012]
+    n = len(TOKENS)
+    weights = [[1.0 / (i + 1) if j <= i else 0.0 for j in range(n)] for i in range(n)]
+    return {
+        "bar_chart": lambda: charts.bar_chart(TOKENS, flat, title=LONG_TITLE, xlabel=f"probability ({MODEL})"),
+        "bar_panels": lambda: charts.bar_panels(
+            [(LONG_TITLE, TOKENS, flat), ("BERT " + LONG_TITLE, TOKENS[:2], [0.9, 0.1])],
+            xlabel=f"probability ({MODEL})",
+        ),
+        "line_chart": lambda: charts.line_chart(
+            [
+                ("GRU 6·n·d²", [8, 64, 4096], [3e3, 2e5, 1.6e7], "s-"),
+                ("attention " + "🙂" * 3, [8, 64, 4096], [4e3, 1e6, 1e9], "o-"),
+            ],
+            title=LONG_TITLE,
+            xlabel="sequence length (tokens) " * 6,
+            ylabel="milliseconds per forward pass " * 3,
+        ),
+        "split_bar_chart": lambda: charts.split_bar_chart(
+            TOKENS[:4],
+            [("known", [10, 2, 5, 7]), ("[UNK]: unknown, information lost", [0, 3, 0, 1])],
+            title=LONG_TITLE,
+            xlabel=MODEL,
+        ),
+        "heatmap": lambda: charts.heatmap(
+            [(LONG_TITLE, TOKENS, weights, True), ("masked\n" + LONG_TITLE, TOKENS, weights, False)], colorbar=MODEL
+        ),
+        "shaded_text": lambda: charts.shaded_text(
+            [(LONG_TITLE, [f" {t}" for t in TOKENS * 6], [float(i) for i in range(n * 6)])],
+            colorbar=MODEL,
+            bounds=(2, 6, 12),
+        ),
+        "grouped_bars": lambda: charts.grouped_bars(
+            TOKENS,
+            [("model", flat), ("temperature 5", flat[::-1]), ("after top-k and top-p (drawn from)", flat)],
+            title=LONG_TITLE,
+            xlabel=f"probability ({MODEL})",
+            notes=["cut by top-k"] * n,
+        ),
+    }
+
+
+@pytest.mark.parametrize("kind", list(chart_calls()))
+def test_every_text_of_every_chart_fits_inside_it_with_no_missing_glyph(kind: str) -> None:
+    with drawn_texts() as drawn:
+        image = chart_calls()[kind]()
+    assert image.data.startswith(b"\x89PNG") and drawn
+    assert [d.text for d in drawn if not d.inside()] == []
+    assert [d.text for d in drawn if not all(charts.has_glyph(ch) for ch in d.text if ch != "\n")] == []
+
+
+@pytest.mark.parametrize(
+    "kind", ["bar_chart", "bar_panels", "split_bar_chart", "grouped_bars", "line_chart", "shaded_text"]
+)
+def test_titles_are_cut_only_at_word_boundaries(kind: str, figures: list[Figure]) -> None:
+    chart_calls()[kind]()
+    title = drawn_title(figures[-1])
+    assert 1 <= len(title.split("\n")) <= 2 and title.endswith("…")
+    words = LONG_TITLE.split(" ")
+    drawn_words = title.replace("\n", " ").removesuffix("…").split(" ")
+    assert drawn_words == words[: len(drawn_words)]  # whole words, in order, none cut inside
+
+
+def test_the_nexttoken_axis_label_is_shown_whole(figures: list[Figure]) -> None:
+    xlabel = f"probability ({MODEL})"
+    charts.bar_chart(TOKENS, [0.5] * len(TOKENS), title="t", xlabel=xlabel)
+    shown = next(t.get_text() for t in figures[-1].texts if t.get_gid() == "xlabel")
+    assert shown.replace("\n", " ") == xlabel
+
+
+def test_bars_of_different_length_get_different_labels(figures: list[Figure]) -> None:
+    flat = [0.0021, 0.0018, 0.0016, 0.0015, 0.0013, 0.0012]  # /nexttoken at temperature 5
+    charts.bar_chart(TOKENS, flat, title="T=5", xlabel="probability")
+    ax = figures[-1].axes[0]
+    marks = [t.get_text() for t in ax.texts if t.get_gid() not in ("label", "tick")]
+    assert len(set(marks)) == len(flat) and not any(m.strip("0.%") == "" for m in marks)
+    assert [float(m.rstrip("%")) / 100 for m in marks] == pytest.approx(flat, rel=0.05)
+
+
+@settings(max_examples=examples(200), deadline=None)
+@given(
+    values=st.lists(st.floats(0, 1), min_size=1, max_size=12), decimals=st.integers(0, 2), kind=st.sampled_from("%f")
+)
+def test_value_labels_tell_apart_what_the_bars_tell_apart(values: list[float], decimals: int, kind: str) -> None:
+    labels = charts.value_labels(values, f"{{:.{decimals}{kind}}}")
+    top = max(values)
+    for value, label in zip(values, labels, strict=True):
+        assert (value == 0) or any(ch in "123456789" for ch in label) or value < 1e-9
+    for (a, la), (b, lb) in itertools.pairwise(sorted(zip(values, labels, strict=True))):
+        if b - a > 0.005 * top and a > 1e-9:
+            assert la != lb
+
+
+def test_grouped_bars_label_every_nonzero_drawn_probability(figures: list[Figure]) -> None:
+    flat = [2.1e-5, 1.9e-5, 1.7e-5]  # /sample at temperature 5: every drawn token was "0.0%"
+    charts.grouped_bars(TOKENS[:3], [("model", [0.5, 0.3, 0.2]), ("drawn from", flat)], title="t", xlabel="p")
+    marks = [t.get_text() for t in figures[-1].axes[0].texts if t.get_gid() not in ("label", "tick")]
+    assert len(set(marks)) == 3 and all(any(ch in "123456789" for ch in m) for m in marks)
+
+
+def test_shaded_text_bands_are_the_scale_a_text_key_describes(figures: list[Figure]) -> None:
+    charts.shaded_text([("bits", [" a", " b", " c", " d"], [1.0, 3.0, 7.0, 15.0])], colorbar="bits", bounds=(2, 6, 12))
+    bar = figures[-1].axes[-1]
+    assert [float(t) for t in bar.get_xticks()] == [0.0, 2.0, 6.0, 12.0, 15.0]
+    colours = figures[-1].axes[0].collections[0].get_facecolors()
+    assert len({tuple(c) for c in colours}) == 4  # one shade per band
+
+
+# ----------------------------------------------------------------------------- fair under a burst
+
+
+async def test_another_users_chart_is_drawn_before_a_floods_remainder(monkeypatch: pytest.MonkeyPatch) -> None:
+    """One user's 21 charts are queued first, another user's one chart after them: it is drawn
+    after at most one more of the flood, not after all of them. One drawing thread, held by a
+    gate until everything is queued, so the order is the queue's alone."""
+    from bot.commands import User, current_user
+
+    monkeypatch.setattr(charts, "_CHARTS", charts.FairChartQueue(threads=1))
+    gate = threading.Event()
+    order: list[str] = []
+
+    def draw(owner: str, wait: bool) -> Image:
+        if wait:
+            gate.wait(30)
+        order.append(owner)  # one thread: no lock needed
+        return Image("c.png", b"\x89PNG", owner)
+
+    async def as_user(user: str, wait: bool) -> Image:
+        current_user.set(User(user, user))
+        return await charts.render(draw, user, wait)
+
+    flood = [asyncio.create_task(as_user("flood", n == 0)) for n in range(21)]
+    await asyncio.sleep(0)  # every flood task has queued its chart
+    other = asyncio.create_task(as_user("student", False))
+    await asyncio.sleep(0)
+    gate.set()
+    images = await asyncio.gather(other, *flood)
+    assert [image.description for image in images] == ["student"] + ["flood"] * 21
+    assert order.index("student") <= 2, order  # the held chart, at most one more, then the student's
+
+
+def test_charts_are_drawn_for_the_user_whose_command_runs() -> None:
+    """Command.invoke names the user for the chart queue (and forgets them after)."""
+    from bot.commands import Command, Context, Reply, User, current_user
+
+    seen: list[object] = []
+
+    async def handler(ctx: Context) -> Reply:
+        seen.append(current_user.get())
+        return Reply("ok")
+
+    cmd = Command("who", "who is asking", handler)
+    asyncio.run(cmd.invoke(Context(User("u1", "Ann"), app=None), {}))
+    assert seen == [User("u1", "Ann")] and current_user.get() is None
+
+
+def test_charts_drawn_at_once_in_threads_keep_their_own_fonts() -> None:
+    """rcParams are process-wide: an emoji chart and a plain one drawn in two threads at once
+    must not draw with each other's fonts (a box for the emoji)."""
+    _need_fallback_fonts()
+    start = threading.Barrier(2)
+
+    def draw(label: str) -> None:
+        start.wait(10)
+        for _ in range(3):
+            charts.bar_chart([label, "x"], [0.6, 0.4], title=label, xlabel="p")
+
+    with drawn_texts() as drawn:
+        threads = [threading.Thread(target=draw, args=(label,)) for label in ("🙂 東京", "plain")]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    emoji = [d for d in drawn if "🙂" in d.text]
+    assert len(emoji) == 2 * 3  # title and label, three charts
+    assert all("Symbola" in d.families and "Noto Sans CJK JP" in d.families for d in emoji)
+
+
+@pytest.mark.parametrize("kind", list(chart_calls()))
+def test_no_two_texts_of_a_chart_overlap(kind: str) -> None:
+    """Axis names, labels, values and titles each have their own room (checked by extents)."""
+    with drawn_texts() as drawn:
+        chart_calls()[kind]()
+    boxes = list({(d.text, round(d.x0), round(d.y0)): d for d in drawn}.values())
+    overlapping = [
+        (a.text, b.text)
+        for a, b in itertools.combinations(boxes, 2)
+        if min(a.x1, b.x1) - max(a.x0, b.x0) > 1 and min(a.y1, b.y1) - max(a.y0, b.y0) > 1
+    ]
+    assert overlapping == []
