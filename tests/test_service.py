@@ -6,7 +6,6 @@ Every test here talks to real worker processes through the asyncio client.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import signal
 import time
@@ -28,7 +27,7 @@ from bot.inference.protocol import (
 )
 from tests.conftest import ROLES
 from tests.fake_tasks import OomAboveOne, Slow, logged, raised_at_once, until
-from tests.scheduling_cases import CASES
+from tests.scheduling_cases import CASES, a_cancelled_request_leaves_the_queue, an_expired_request_is_never_computed
 
 PROMPTS = [f"Prompt number {i} " + "word " * (i % 7) for i in range(24)]
 
@@ -75,38 +74,17 @@ async def test_queue_full_fails_at_once_with_retry_hint(config_factory, tiny_gpt
 
 
 async def test_expired_request_is_dropped_without_computing(config_factory, tiny_gpt2: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    log = tmp_path / "calls.log"
     client = await started(config_factory({"causal_lm": tiny_gpt2}, max_batch_size=1))
     try:
-        blocker = asyncio.create_task(client.submit(Slow("blocker", seconds=1.5, log=str(log))))
-        await until(logged(str(log), "start blocker"))
-        with pytest.raises(DeadlineExceeded):
-            await client.submit(Slow("expires", log=str(log)), timeout=0.5)
-        await blocker
-        await client.submit(Slow("after", log=str(log)))
-        calls = log.read_text()
-        assert "start blocker" in calls and "start after" in calls
-        assert "expires" not in calls
+        await an_expired_request_is_never_computed(client, tmp_path)  # also run on Ray (tests/ray_suite.py)
     finally:
         await client.close()
 
 
 async def test_cancelled_request_is_removed(config_factory, tiny_gpt2: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    log = tmp_path / "calls.log"
     client = await started(config_factory({"causal_lm": tiny_gpt2}, max_batch_size=1))
     try:
-        blocker = asyncio.create_task(client.submit(Slow("blocker", seconds=1.0, log=str(log))))
-        await until(logged(str(log), "start blocker"))
-        doomed = asyncio.create_task(client.submit(Slow("cancelled", log=str(log))))
-        await until(lambda: client.core.waiting == 1)
-        assert client.metrics.summary()["queue_depth"] == 1
-        doomed.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await doomed
-        assert client.metrics.summary()["queue_depth"] == 0
-        await blocker
-        await client.submit(Slow("after", log=str(log)))
-        assert "cancelled" not in log.read_text()
+        await a_cancelled_request_leaves_the_queue(client, tmp_path)  # also run on Ray (tests/ray_suite.py)
     finally:
         await client.close()
 

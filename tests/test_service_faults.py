@@ -46,6 +46,7 @@ from bot.inference.protocol import (
     WorkerDied,
 )
 from bot.inference.ray_backend import RayInferenceClient
+from bot.inference.settings import STARTING
 from tests.conftest import ROLES, examples, make_config
 from tests.fake_tasks import (
     Answers,
@@ -449,34 +450,36 @@ def alive(pid: int) -> bool:
     return True
 
 
-async def test_a_worker_stopped_while_it_loads_a_model_is_replaced(config_factory, tiny_gpt2: Path) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize("frozen_in", ["causal_lm", STARTING], ids=["model-load", "worker-start"])
+async def test_a_worker_stopped_while_it_loads_is_replaced(config_factory, tiny_gpt2: Path, frozen_in: str) -> None:  # type: ignore[no-untyped-def]
     """Issue 25 item 1: loading is watched like running. A worker frozen (SIGSTOP) the moment it
-    says it is loading a model stops sending its loading heartbeat: it is killed and replaced,
-    the request it held is told so (not "still loading" for ten minutes), and the next is served."""
-    client = await started(config_factory({"causal_lm": tiny_gpt2}, watchdog_margin_s=1.0))
-    (pid,) = client.worker_pids()
-    seen_loading = asyncio.Event()
+    says it loads a model (or starts: imports torch, preloads) stops sending its loading heartbeat:
+    it is killed and replaced, the request it held is told so (not "still loading" for ten
+    minutes), and the next request is served."""
+    client = LocalInferenceClient(config_factory({"causal_lm": tiny_gpt2}, watchdog_margin_s=1.0), ROLES)
+    frozen: list[int] = []
     on_message = client._on_message
 
     def stop_when_loading(worker: Any, message: tuple[Any, ...]) -> None:
-        if message[0] == "loading" and not seen_loading.is_set():
+        if message == ("loading", frozen_in) and not frozen:
             os.kill(worker.process.pid, signal.SIGSTOP)  # frozen in the middle of its load
-            seen_loading.set()
+            frozen.append(worker.process.pid)
         on_message(worker, message)
 
     client._on_message = stop_when_loading  # type: ignore[method-assign]
     try:
         with pytest.raises(WorkerDied, match="stopped responding and was restarted"):
             await client.submit(Slow("held during the load"), timeout=300)
-        assert seen_loading.is_set()
+        (pid,) = frozen
         assert service_figure(client, "worker_stalls") == 1
         await until(lambda: not alive(pid))  # killed and reaped, not left stopped
         assert await client.submit(Slow("after"), timeout=300) == "done after"
         (new_pid,) = client.worker_pids()
         assert new_pid != pid
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGCONT)
+        for pid in frozen:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
         await client.close()
 
 

@@ -45,7 +45,7 @@ from typing import Any
 from bot.config import Config
 from bot.inference.protocol import DeadlineExceeded, InferenceError, WorkerDied
 from bot.inference.scheduler import BatchedClient, Pending
-from bot.inference.settings import WorkerSettings
+from bot.inference.settings import STARTING, WorkerSettings
 from bot.topics import ModelRole
 
 log = logging.getLogger(__name__)
@@ -244,8 +244,8 @@ class LocalInferenceClient(BatchedClient):
                 # A load is watched by its heartbeat (a stopped worker sends none) and its allowance.
                 limit = min(worker.load_beat + self.load_silence_s, worker.loading_since + LOAD_ALLOWANCE_S)
                 if now >= limit:
-                    silent = now - worker.load_beat
-                    self._stall(worker, f"its {worker.loading} model load went silent {silent:.1f} s ago")
+                    what = "start" if worker.loading == STARTING else f"{worker.loading} model load"
+                    self._stall(worker, f"its {what} went silent {now - worker.load_beat:.1f} s ago")
                     continue
                 soonest = limit - now if soonest is None else min(soonest, limit - now)
                 continue

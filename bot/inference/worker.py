@@ -7,7 +7,8 @@ Protocol over a ``multiprocessing`` pipe (all messages are tuples):
 * worker -> client: ``("ready", pid, device)``, ``("done", batch_id, outcomes, timing)``,
   ``("status", token, info)``, ``("loading", role)`` before a model loads for a batch and
   every :data:`LOAD_HEARTBEAT_S` while it loads (a worker stopped mid-load sends none, and the
-  client replaces it), ``("loaded", role)`` after
+  client replaces it), ``("loaded", role)`` after; the same for :data:`STARTING` while the
+  worker starts, before ``ready``
 
 A result must be plain data (:func:`plain_data_problem`): a task returning a torch
 tensor, a numpy array or any other object fails with an error naming the task, here,
@@ -36,6 +37,8 @@ from collections.abc import Callable, Sequence
 from multiprocessing.connection import Connection
 from types import SimpleNamespace
 from typing import Any
+
+from bot.inference.settings import STARTING
 
 Outcome = tuple[int, bool, Any]
 log = logging.getLogger("bot.inference.worker")
@@ -86,6 +89,8 @@ def main(conn: Connection, settings: Any, log_level: str = "INFO") -> None:
     logging.basicConfig(
         level=log_level, stream=sys.stderr, format=f"%(asctime)s worker[{os.getpid()}] %(levelname)s %(message)s"
     )
+    heartbeat = LoadHeartbeat(conn)
+    heartbeat.start(STARTING)  # importing torch and preloading models is watched like a load
     import torch  # only workers import torch: the bot process stays small
 
     from bot.inference.loading import ModelCache, pick_device
@@ -98,7 +103,7 @@ def main(conn: Connection, settings: Any, log_level: str = "INFO") -> None:
             cache.get(role)
         except Exception:
             log.exception("could not preload %s", role)
-    heartbeat = LoadHeartbeat(conn)
+    heartbeat.stop(STARTING)
     conn.send(("ready", os.getpid(), str(pick_device(settings.device))))
     while True:
         try:
