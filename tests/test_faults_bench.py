@@ -19,7 +19,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 SCENARIOS = {"baseline", "kill", "sigstop", "sigstop-forever", "poison", "overflow", "slow-flood", "locked-db"}
+SCENARIOS |= {"stop-during-load"}
 SIGNAL_ONLY = {"baseline", "kill", "sigstop", "sigstop-forever"}  # faults that send no requests of their own
+SIGNAL_ONLY |= {"stop-during-load"}
 
 
 def run_bench(tiny_gpt2: Path, cache_dir: Path, *options: str) -> tuple[dict[str, Any], str]:

@@ -52,6 +52,8 @@ log = logging.getLogger(__name__)
 
 # Loading a model may mean downloading it first; a load may take this long in all.
 LOAD_ALLOWANCE_S = 600.0
+# How much longer than the heartbeat silence a new worker may take to send its first heartbeat.
+START_GRACE_S = 5.0
 STALLED = "The model worker stopped responding and was restarted; try again."
 UNSENDABLE = "This request cannot be sent to a model worker (it cannot be pickled): a bug in the plugin that made it."
 UNREADABLE = "The model's answer could not be read (a bug in the task's result type)."
@@ -177,6 +179,10 @@ class LocalInferenceClient(BatchedClient):
         process.start()
         child.close()  # so that the worker's death closes the pipe and the reader sees EOF at once
         worker = _Worker(index, process, parent)
+        # Its start is watched like a load from now: its first heartbeat comes once the interpreter
+        # has started and imported lmbot, which START_GRACE_S allows for on a busy machine.
+        now = time.monotonic()
+        worker.loading, worker.loading_since, worker.load_beat = STARTING, now, now + START_GRACE_S
         threading.Thread(target=self._read, args=(worker,), name=f"lmbot-reader-{index}", daemon=True).start()
         self.metrics.workers_alive.set(sum(1 for w in self._workers if not w.lost) + 1)
         return worker
