@@ -144,7 +144,15 @@ class LocalInferenceClient(BatchedClient):
         await self.start()
         self.spawn_workers()
         async with asyncio.timeout(timeout):
-            await asyncio.gather(*(w.ready.wait() for w in self._workers))
+            while True:  # a worker lost meanwhile is waited for as its replacement
+                starting = [w for w in self._workers if not w.ready.is_set()]
+                if not starting:
+                    return
+                live = [w for w in starting if not w.lost]
+                if live:
+                    await asyncio.gather(*(w.ready.wait() for w in live))
+                else:
+                    await asyncio.sleep(0.05)  # its replacement is about to be spawned
 
     async def close(self) -> None:
         self._closing = True
