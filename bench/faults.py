@@ -889,6 +889,21 @@ async def port_taken(run: Run) -> None:
         served = run.app.inference.metrics.serve(port)
         run.notes.append(f"metrics on taken port {port}: {'served (unexpected)' if served else 'off, one log line'}")
         await asyncio.sleep(run.settings.baseline_s)
+
+
+async def stop_during_load(run: Run) -> None:
+    """kill -9 of the worker, then SIGSTOP of its replacement while it starts (imports torch,
+    loads the model), never continued: the load heartbeat goes silent and it is replaced."""
+    killed = run.worker_pids()[0]
+    run.begin_fault()
+    signal_worker(run, killed, signal.SIGKILL)
+    while True:  # the replacement is spawned the moment the kill is seen
+        fresh = [pid for pid in run.worker_pids() if pid != killed]
+        if fresh:
+            break
+        await asyncio.sleep(0.005)
+    signal_worker(run, fresh[0], signal.SIGSTOP)
+    run.notes.append(f"stopped the replacement (pid {fresh[0]}) while it was loading")
     run.end_fault()
 
 
@@ -897,6 +912,7 @@ SCENARIOS: dict[str, tuple[str, Callable[[Run], Awaitable[None]]]] = {
     "kill": ("kill -9 of the worker", kill),
     "sigstop": ("SIGSTOP of the worker for longer than the request timeout, then SIGCONT", sigstop),
     "sigstop-forever": ("SIGSTOP of the worker, never continued", sigstop_forever),
+    "stop-during-load": ("SIGSTOP of a worker while it loads its model, never continued", stop_during_load),
     "poison": ("poison input mixed into the stream", poison),
     "overflow": ("a burst larger than the queue", overflow),
     "slow-flood": ("slow /complexity from several students at once", slow_flood),

@@ -1,7 +1,8 @@
 """Inference tasks for fault tests, run by real worker processes.
 
 They are named ``"tests.fake_tasks:<function>"`` so the worker imports them
-like any task that lives outside the core. Each writes what it computed to a
+like any task that lives outside the core. This module imports torch only inside
+task functions (worker-side), so a bot process may import its request types. Each writes what it computed to a
 log file, so tests can tell whether a request reached the model at all.
 """
 
@@ -11,8 +12,6 @@ import os
 import time
 from dataclasses import dataclass
 from typing import Any, ClassVar
-
-import torch
 
 from bot.inference.protocol import InferenceError, Request
 
@@ -167,6 +166,8 @@ def slow(model: Any, tokenizer: Any, batch: list[Slow]) -> list[str]:
 
 
 def oom_above_one(model: Any, tokenizer: Any, batch: list[OomAboveOne]) -> list[str]:
+    import torch
+
     _record(batch[0].log, f"batch {len(batch)}")
     if len(batch) > 1:
         raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
@@ -222,3 +223,67 @@ def answers(model: Any, tokenizer: Any, batch: list[Answers]) -> list[Any]:
     if any(r.mode == "plugin-error" for r in batch):
         raise PluginError(7, "the plugin says no")
     return [UnreadableInBot(r.bot_pid) if r.mode == "unreadable" else f"ok {r.text}" for r in batch]
+
+
+@dataclass(frozen=True)
+class Smuggles(Request):
+    """Its task returns what ``kind`` says: "tensor" (a torch tensor), "nested" (a dict holding
+    a numpy array), "object" (an arbitrary object) or "plain" (plain data). Needs no model."""
+
+    kind: str
+    task: ClassVar[str] = "tests.fake_tasks:smuggles"
+    role: ClassVar[str | None] = None
+
+    def texts(self) -> list[str]:
+        return [self.kind]
+
+    def batch_key(self) -> tuple[Any, ...]:
+        return (self.kind,)
+
+
+class Opaque:
+    """Not plain data: a class the bot process has no reason to import."""
+
+
+def smuggles(model: Any, tokenizer: Any, batch: list[Smuggles]) -> list[Any]:
+    import torch
+
+    made: dict[str, Any] = {
+        "tensor": lambda: torch.zeros(2),
+        "nested": lambda: {"top": [1, 2], "probs": torch.zeros(2).numpy()},
+        "object": Opaque,
+        "plain": lambda: {"top": [1, 2], "probs": [0.5, 0.25], "label": "plain"},
+    }
+    return [made[r.kind]() for r in batch]
+
+
+# ---------------------------------------------------------------------- waiting on events in tests
+
+
+async def until(condition: Any, poll_s: float = 0.01) -> None:
+    """Return once ``condition()`` is true (a state change the test waits for, however long it takes)."""
+    import asyncio
+
+    while True:
+        if condition():
+            return
+        await asyncio.sleep(poll_s)
+
+
+def logged(path: str, text: str) -> Any:
+    """A condition for :func:`until`: ``text`` is in the task log at ``path``."""
+    return lambda: os.path.exists(path) and text in open(path, encoding="utf-8").read()
+
+
+def raised_at_once(awaitable: Any) -> BaseException:
+    """The exception a coroutine raises in its first step, before it waits for anything.
+
+    This is what "refused at once" means, on a loaded machine or not: the refusal did not
+    wait on a worker, a timer or another task. Fails the test if the coroutine waited.
+    """
+    try:
+        awaitable.send(None)
+    except BaseException as exc:  # the refusal under test, whatever its class
+        return exc
+    awaitable.close()
+    raise AssertionError("it waited instead of answering at once")

@@ -24,6 +24,7 @@ from bot.inference.protocol import Busy, FillMask, NextToken, Score, WorkerDied
 from bot.inference.ray_backend import ClusterConfigConflict, RayInferenceClient
 from tests.conftest import make_config
 from tests.fake_tasks import Slow, SlowNoModel
+from tests.scheduling_cases import CASES
 
 PROMPTS = [f"Prompt {i} " + "word " * (i % 5) for i in range(12)]
 TIMING_KEYS = {"seconds"}
@@ -241,3 +242,15 @@ async def test_breakdown_accounts_for_the_request_time(apps) -> None:  # type: i
     assert one["forward"] > 0 and one["requests"] == 1
     status = await client.status()
     assert status["backend"] == "ray" and "causal_lm" in status["roles"] and status["breakdown_ms"]["forward"] > 0
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda case: case.__name__)
+async def test_the_scheduling_suite_on_ray(apps, case, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """The same suite tests/test_service.py runs on the local workers (tests/scheduling_cases.py)."""
+    ray_app, _ = apps
+    client: RayInferenceClient = ray_app.inference
+    max_batch, max_per_user = client.core.max_batch, client.max_per_user
+    try:
+        await case(client, tmp_path)
+    finally:
+        client.core.max_batch, client.max_per_user = max_batch, max_per_user

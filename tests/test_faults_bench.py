@@ -23,6 +23,8 @@ SCENARIOS = {"baseline", "kill", "sigstop", "sigstop-forever", "poison", "overfl
 SCENARIOS |= {"blocking-plugin", "5xx-storm", "slow-socket", "disk-full", "postgres-restart", "port-taken"}
 # Faults that send no requests of their own (the 5xx storm without --discord has no Discord to fail).
 SIGNAL_ONLY = {"baseline", "kill", "sigstop", "sigstop-forever", "port-taken", "5xx-storm"}
+SCENARIOS |= {"stop-during-load"}
+SIGNAL_ONLY |= {"stop-during-load"}
 
 
 def run_bench(tiny_gpt2: Path, cache_dir: Path, *options: str) -> tuple[dict[str, Any], str]:

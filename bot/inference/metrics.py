@@ -2,21 +2,66 @@
 
 Kept in a prometheus_client registry, so the same numbers feed ``/stats``,
 ``lmbot stats`` and the optional Prometheus text endpoint.
+
+Percentiles (p50, p95 of a request's time and of its queue wait) are computed
+from the last :data:`RECENT` measurements themselves, never from histogram
+bucket bounds: a bucket bound (10 s) is not a measurement, and showing it beside
+a measured compute time (753 ms) misleads. They are exported as the gauges
+``lmbot_request_seconds_recent{task,quantile}`` and
+``lmbot_queue_wait_seconds_recent{task,quantile}`` so a running bot's
+``/metrics`` carries them too.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterable
+import statistics
+import threading
+from collections import deque
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, start_http_server
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 log = logging.getLogger(__name__)
 
 _SECONDS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, math.inf)
 _SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, math.inf)
+RECENT = 2048  # measurements per (figure, task) that percentiles are computed from
+QUANTILES = (0.5, 0.95)
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The ``q`` quantile of measured ``values`` (linear between the two nearest ranks)."""
+    if len(values) == 1:
+        return values[0]
+    return statistics.quantiles(values, n=100, method="inclusive")[round(q * 100) - 1]
+
+
+class RecentMeasurements(Collector):
+    """The last :data:`RECENT` measurements of a figure per task; collected as percentile gauges."""
+
+    def __init__(self, name: str, documentation: str) -> None:
+        self.name = name
+        self.documentation = documentation
+        self._values: dict[str, deque[float]] = {}
+        self._lock = threading.Lock()  # collected from the metrics server's thread
+
+    def observe(self, task: str, value: float) -> None:
+        with self._lock:
+            self._values.setdefault(task, deque(maxlen=RECENT)).append(value)
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        family = GaugeMetricFamily(self.name, self.documentation, labels=["task", "quantile"])
+        with self._lock:
+            snapshot = {task: sorted(values) for task, values in self._values.items() if values}
+        for task, values in snapshot.items():
+            for q in QUANTILES:
+                family.add_metric([task, str(q)], percentile(values, q))
+        yield family
 
 
 class ServiceMetrics:
@@ -49,6 +94,24 @@ class ServiceMetrics:
             "lmbot_last_progress_timestamp_seconds", "Unix time the service last finished a batch", registry=r
         )
         self.last_progress.set_to_current_time()
+        self.recent_latency = RecentMeasurements(
+            "lmbot_request_seconds_recent", "Submit to result, per request: percentiles of the last measurements"
+        )
+        self.recent_queue_wait = RecentMeasurements(
+            "lmbot_queue_wait_seconds_recent", "Time queued before dispatch: percentiles of the last measurements"
+        )
+        r.register(self.recent_latency)
+        r.register(self.recent_queue_wait)
+
+    def observe_latency(self, task: str, seconds: float) -> None:
+        """A request's submit-to-result time (histogram and percentile window)."""
+        self.latency.labels(task).observe(seconds)
+        self.recent_latency.observe(task, seconds)
+
+    def observe_queue_wait(self, task: str, seconds: float) -> None:
+        """A request's time queued before its batch went to a runner."""
+        self.queue_wait.labels(task).observe(seconds)
+        self.recent_queue_wait.observe(task, seconds)
 
     def prometheus_text(self) -> bytes:
         return generate_latest(self.registry)
@@ -83,7 +146,11 @@ def summarize(families: Iterable[Any]) -> dict[str, Any]:
                     service[sample.name.removeprefix("lmbot_").removesuffix("_total")] = sample.value
                 continue
             entry = tasks.setdefault(task, {"ok": 0, "errors": {}, "hist": {}})
-            if sample.name == "lmbot_requests_total":
+            if sample.name.endswith("_seconds_recent"):
+                short = sample.name.removeprefix("lmbot_").removesuffix("_recent")
+                label = f"p{round(float(sample.labels['quantile']) * 100)}"
+                entry.setdefault("recent", {})[f"{short}_{label}"] = sample.value
+            elif sample.name == "lmbot_requests_total":
                 outcome = sample.labels["outcome"]
                 if outcome == "ok":
                     entry["ok"] += int(sample.value)
@@ -105,9 +172,7 @@ def summarize(families: Iterable[Any]) -> dict[str, Any]:
             if not count:
                 continue
             row[f"{short}_mean"] = hist["sum"] / count
-            if short in ("request_seconds", "queue_wait_seconds"):
-                row[f"{short}_p50"] = _quantile(hist["buckets"], count, 0.5)
-                row[f"{short}_p95"] = _quantile(hist["buckets"], count, 0.95)
+        row.update(entry.get("recent", {}))  # measured percentiles, never bucket bounds
         out[task] = row
     return {"tasks": out, **service}
 
@@ -120,13 +185,3 @@ def read_running(port: int, timeout: float = 5.0) -> dict[str, Any]:
 
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=timeout) as response:
         return summarize(text_string_to_metric_families(response.read().decode()))
-
-
-def _quantile(buckets: list[tuple[float, float]], count: float, q: float) -> float:
-    """Upper bound of the bucket holding the q-quantile (what Prometheus histograms allow)."""
-    target = q * count
-    finite = [b for b in sorted(buckets) if math.isfinite(b[0])]
-    for bound, cumulative in finite:
-        if cumulative >= target:
-            return bound
-    return finite[-1][0] if finite else math.nan

@@ -3,9 +3,9 @@
 One Serve application per model role (``lmbot-<role>``). Each replica owns its
 role's model (the same :class:`~bot.inference.loading.ModelCache` the local
 workers use) and runs the same tasks through :func:`bot.inference.worker.run_batch`.
-The bot process batches requests as the local backend does (a queue per role,
-task and batch key, taken round-robin by user; ``max_batch_size``,
-``max_wait_ms``, ``max_queue`` and its Busy reply) and sends each batch to the
+The bot process batches requests with the same batching core as the local
+backend (:mod:`bot.inference.scheduler`: admission, fair queues, deadlines,
+batching); this module is its transport: it sends each batch to the
 application in one handle call, at most two per replica at a time; a replica
 that is busy merges the batches waiting for it, from every bot process, into
 its next run. A replica that dies fails its batch with WorkerDied while Serve
@@ -40,9 +40,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import itertools
 import json
-import math
 import os
 import statistics
 import time
@@ -51,9 +49,8 @@ from collections import deque
 from typing import Any
 
 from bot.config import Config
-from bot.inference.local import _FairQueue, _Pending  # the local backend's queue, reused as is
 from bot.inference.protocol import Busy, DeadlineExceeded, InferenceError, Request, WorkerDied
-from bot.inference.service import InferenceClient
+from bot.inference.scheduler import BatchedClient, Pending
 from bot.inference.settings import WorkerSettings
 from bot.topics import ModelRole
 
@@ -70,6 +67,8 @@ def app_name(role: str) -> str:
 
 class ClusterConfigConflict(InferenceError):
     """The cluster already runs this role's application with a different config."""
+
+    outcome = "config_conflict"  # its label in lmbot_requests_total
 
 
 # ---------------------------------------------------------------------- what an application is built from
@@ -362,9 +361,9 @@ STAGES = (
 )
 
 
-class RayInferenceClient(InferenceClient):
-    """Batches requests in the bot process, as the local service does, and sends each batch
-    to its role's Serve application in one handle call."""
+class RayInferenceClient(BatchedClient):
+    """The batching core's transport to Ray Serve: each batch goes to its role's Serve
+    application in one handle call."""
 
     def __init__(self, config: Config, roles: dict[str, ModelRole]) -> None:
         super().__init__(config)  # the shared admission rules: text, size, cost, per-user share
@@ -372,9 +371,6 @@ class RayInferenceClient(InferenceClient):
         self.config = config
         self.settings = WorkerSettings.from_config(config, roles)
         self.roles = roles
-        self.max_queue = inf.max_queue
-        self.max_batch = inf.max_batch_size
-        self.max_wait = inf.max_wait_ms / 1000
         # Batches in flight per role: two per replica, so the next batch travels while one computes.
         self.slots = 2 * inf.ray_replicas
         self._handles: dict[str, Any] = {}
@@ -385,16 +381,8 @@ class RayInferenceClient(InferenceClient):
         self._start_lock = asyncio.Lock()
         self._started = False
         self._owns_ray = False
-        # The local backend's queue per (role, task, batch key), taken round-robin by user.
-        self._queues: dict[tuple[Any, ...], _FairQueue] = {}
-        self._ids = itertools.count()
-        self._waiting = 0
         self._in_flight: dict[str, int] = {}
-        self._wake = asyncio.Event()
-        self._scheduler: asyncio.Task[None] | None = None
         self._sending: set[asyncio.Task[None]] = set()
-        self._done_rate = 0.0
-        self._last_done = time.monotonic()
         self._traces: deque[tuple[float, ...]] = deque(maxlen=4096)
 
     async def start(self) -> None:
@@ -403,7 +391,7 @@ class RayInferenceClient(InferenceClient):
         async with self._start_lock:  # concurrent first requests must not init Ray twice
             if not self._started:
                 await asyncio.to_thread(self._connect)
-                self._scheduler = asyncio.create_task(self._schedule(), name="lmbot-ray-scheduler")
+                self.core.start()
                 self._started = True
 
     def _connect(self) -> None:
@@ -537,101 +525,33 @@ class RayInferenceClient(InferenceClient):
                 self._handles[role] = handle
         return self._handles[role]
 
-    # ------------------------------------------------------------------ requests
+    # ------------------------------------------------------------------ the transport
 
-    async def _submit(self, request: Request, *, timeout: float | None, user: str | None) -> Any:
-        """The Ray path of an admitted request: the bot's queue, a batch call, the result."""
+    @property
+    def parallelism(self) -> int:
+        return max(1, self.config.inference.ray_replicas)
+
+    async def prepare(self, role: str | None) -> None:
+        """Connect to Ray, and deploy (or join) the role's application before its first request queues."""
         await self.start()
-        task, role = type(request).task, type(request).role or NO_ROLE
-        budget = timeout or self.timeout
-        if role not in self._handles:
-            try:
-                await self._handle(role)  # deployed (or joined) before its first request queues
-            except InferenceError as exc:
-                outcome = "config_conflict" if isinstance(exc, ClusterConfigConflict) else "error"
-                self.metrics.requests.labels(task, outcome).inc()
-                raise
-        if self._waiting >= self.max_queue:
-            self.metrics.requests.labels(task, "busy").inc()
-            raise Busy(self._retry_hint())
-        now = time.monotonic()
-        key = (role, task, type(request), request.batch_key())
-        waiting = _Pending(
-            next(self._ids), request, key, user, asyncio.get_running_loop().create_future(), now, now + budget
-        )
-        self._queues.setdefault(key, _FairQueue()).push(waiting)
-        self._waiting += 1
-        self._wake.set()
-        try:
-            async with asyncio.timeout(budget):
-                result = await waiting.future
-        except TimeoutError:
-            self._forget(waiting)
-            self.metrics.requests.labels(task, "deadline").inc()
-            raise DeadlineExceeded() from None
-        except asyncio.CancelledError:
-            self._forget(waiting)
-            self.metrics.requests.labels(task, "cancelled").inc()
-            raise
-        except InferenceError as exc:
-            self.metrics.requests.labels(task, "busy" if isinstance(exc, Busy) else type(exc).__name__).inc()
-            raise
-        self.metrics.requests.labels(task, "ok").inc()
-        self.metrics.latency.labels(task).observe(time.monotonic() - now)
-        return result
+        name = role or NO_ROLE
+        if name not in self._handles:
+            await self._handle(name)
 
-    def _forget(self, waiting: _Pending) -> None:
-        """Remove a request that nobody awaits any more, if it is still queued here."""
-        queue = self._queues.get(waiting.key)
-        if queue is not None and queue.remove(waiting):
-            self._waiting -= 1
+    def free(self, role: str | None) -> int:
+        return self.slots - self._in_flight.get(role or NO_ROLE, 0)
 
-    def retry_hint_if_full(self) -> float | None:
-        return self._retry_hint() if self._waiting >= self.max_queue else None
+    def run(self, batch: list[Pending]) -> bool:
+        role = batch[0].role or NO_ROLE
+        self._in_flight[role] = self._in_flight.get(role, 0) + 1
+        sending = asyncio.get_running_loop().create_task(self._send(role, batch, batch[0].sent))
+        self._sending.add(sending)
+        sending.add_done_callback(self._sending.discard)
+        return True
 
-    def _retry_hint(self) -> float:
-        return max(1.0, math.ceil(self._waiting / (self._done_rate or 1.0)))
-
-    async def _schedule(self) -> None:
-        while True:
-            self._wake.clear()
-            delay = self._dispatch()
-            if delay is None:
-                await self._wake.wait()
-            else:
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(delay):
-                        await self._wake.wait()
-
-    def _dispatch(self) -> float | None:
-        """Send every batch that is due and has a free slot; return how long until the next one is due."""
-        now = time.monotonic()
-        next_due: float | None = None
-        for key, queue in sorted(self._queues.items(), key=lambda kv: kv[1].oldest() if kv[1].size else now):
-            for expired in queue.drop_finished(now):
-                self._waiting -= 1
-                if not expired.future.done():
-                    expired.future.set_exception(DeadlineExceeded())
-            role = key[0]
-            while queue.size and self._in_flight.get(role, 0) < self.slots:
-                due = queue.oldest() + self.max_wait
-                if queue.size < self.max_batch and due > now:
-                    next_due = due - now if next_due is None else min(next_due, due - now)
-                    break
-                batch = queue.take(self.max_batch)
-                self._waiting -= len(batch)
-                self._in_flight[role] = self._in_flight.get(role, 0) + 1
-                sending = asyncio.get_running_loop().create_task(self._send(role, batch, now))
-                self._sending.add(sending)
-                sending.add_done_callback(self._sending.discard)
-            if not queue.size:
-                del self._queues[key]
-        self.metrics.queue_depth.set(self._waiting)
-        return next_due
-
-    async def _send(self, role: str, batch: list[_Pending], formed: float) -> None:
-        """One batch, one handle call; its answers go to each request's future."""
-        task = type(batch[0].request).task
+    async def _send(self, role: str, batch: list[Pending], formed: float) -> None:
+        """One batch, one handle call; its answers go back to the core."""
+        task = batch[0].task
         items = [(w.request, w.deadline - formed) for w in batch]
         response = None
         try:
@@ -648,34 +568,26 @@ class RayInferenceClient(InferenceClient):
                 error = DeadlineExceeded()
             else:
                 error = self._translate(exc, task)
-            for waiting in batch:
-                if not waiting.future.done():
-                    waiting.future.set_exception(error)
+            self._in_flight[role] -= 1
+            self.core.failed(batch, error)
             if isinstance(exc, asyncio.CancelledError):
                 raise
             return
-        finally:
-            self._in_flight[role] -= 1
-            self._wake.set()
+        self._in_flight[role] -= 1
         done = time.monotonic()
-        elapsed = max(done - self._last_done, 1e-3)
-        self._last_done = done
-        self._done_rate = 0.8 * self._done_rate + 0.2 * (len(batch) / elapsed)
         sizes = set()
+        outcomes = []
+        busy: float | None = None  # the replica's compute run, from its own timestamps
         for waiting, (ok, value, stamps) in zip(batch, answers, strict=True):
             if len(stamps) == 7:
                 self._traces.append((waiting.enqueued, formed, *stamps, done))
                 sizes.add(stamps[5])
-            if waiting.future.done():
-                continue  # cancelled or timed out while the replica computed
-            if ok:
-                waiting.future.set_result(value)
-            else:
-                waiting.future.set_exception(value)
-        for size in sizes:
-            if size:
-                self.metrics.batch_size.labels(task).observe(size)
-        self.metrics.last_progress.set_to_current_time()
+                busy = max(busy or 0.0, stamps[3] - stamps[2])
+            outcomes.append((waiting.id, ok, value))
+        timing: dict[str, Any] = {"sizes": sorted(size for size in sizes if size)}
+        if busy is not None:
+            timing["busy_s"] = busy
+        self.core.finished(batch, outcomes, timing)
 
     def breakdown(self, last: int | None = None) -> dict[str, float]:
         """Median milliseconds per stage of the last ``last`` answered requests, and their mean batch size.
@@ -740,25 +652,19 @@ class RayInferenceClient(InferenceClient):
         return {
             "backend": "ray",
             "roles": sorted(self._handles),
-            "queue_depth": self._waiting,
+            "queue_depth": self.core.waiting,
             "breakdown_ms": self.breakdown(),
         }
 
     async def close(self) -> None:
         self._closing = True
-        for queue in self._queues.values():
-            for waiting in queue.take(queue.size):
-                if not waiting.future.done():
-                    waiting.future.set_exception(InferenceError("The bot is shutting down."))
-        self._queues.clear()
-        self._waiting = 0
+        await self.core.close()
         if not self._started:
             return
-        for running in [self._scheduler, *self._sending]:
-            if running is not None:
-                running.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await running
+        for running in list(self._sending):
+            running.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await running
         import ray
         from ray import serve
 

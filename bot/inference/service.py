@@ -2,7 +2,10 @@
 
 :class:`InferenceClient` is the interface every backend implements (the local
 worker processes in :mod:`bot.inference.local`, Ray Serve in
-:mod:`bot.inference.ray_backend`) and the admission rules they share. A request
+:mod:`bot.inference.ray_backend`) and the admission rules they share. Both
+backends queue and batch through one core, :mod:`bot.inference.scheduler`, which
+also refuses a request as busy when the work ahead of it cannot be done before
+its deadline at the measured speed. A request
 is admitted before anything is queued or started: the service must be open,
 its text must be readable text within ``inference.max_input_chars``, its
 estimated cost (:meth:`Request.cost`) within ``inference.max_request_cost``,

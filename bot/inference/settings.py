@@ -8,6 +8,10 @@ from dataclasses import dataclass, field
 from bot.config import Config
 from bot.topics import ModelRole
 
+# What a worker reports it "loads" while it starts (imports torch, preloads models): its start
+# is watched by the same heartbeat as a model load.
+STARTING = "(starting)"
+
 
 @dataclass(frozen=True)
 class WorkerSettings:

@@ -6,7 +6,13 @@ Protocol over a ``multiprocessing`` pipe (all messages are tuples):
   ``("status", token)``, ``("load", token, role)``, ``("stop",)``
 * worker -> client: ``("ready", pid, device)``, ``("done", batch_id, outcomes, timing)``,
   ``("status", token, info)``, ``("loading", role)`` before a model loads for a batch and
-  ``("loaded", role)`` after
+  every :data:`LOAD_HEARTBEAT_S` while it loads (a worker stopped mid-load sends none, and the
+  client replaces it), ``("loaded", role)`` after; the same for :data:`STARTING` while the
+  worker starts, before ``ready``
+
+A result must be plain data (:func:`plain_data_problem`): a task returning a torch
+tensor, a numpy array or any other object fails with an error naming the task, here,
+before anything is pickled, so the bot process never imports torch to read an answer.
 
 A request that fails fails alone: its tokenization and limits are checked one
 request at a time, and a batch on which the task raises is split in halves down
@@ -19,10 +25,12 @@ An outcome is ``(request_id, ok, result_or_error)``. Deadlines are
 from __future__ import annotations
 
 import dataclasses
+import enum
 import logging
 import os
 import pickle
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -30,8 +38,46 @@ from multiprocessing.connection import Connection
 from types import SimpleNamespace
 from typing import Any
 
+from bot.inference.settings import STARTING
+
 Outcome = tuple[int, bool, Any]
 log = logging.getLogger("bot.inference.worker")
+LOAD_HEARTBEAT_S = 1.0
+
+
+class LoadHeartbeat:
+    """Sends ``("loading", role)`` now and every :data:`LOAD_HEARTBEAT_S` until :meth:`stop`."""
+
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+        self.lock = threading.Lock()  # the pipe is shared with the main thread
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def send(self, message: tuple[Any, ...]) -> None:
+        with self.lock:
+            self.conn.send(message)
+
+    def start(self, role: str) -> None:
+        self._stop.clear()
+        self.send(("loading", role))
+
+        def beat() -> None:
+            while not self._stop.wait(LOAD_HEARTBEAT_S):
+                try:
+                    self.send(("loading", role))
+                except (OSError, ValueError):
+                    return
+
+        self._thread = threading.Thread(target=beat, name="lmbot-load-heartbeat", daemon=True)
+        self._thread.start()
+
+    def stop(self, role: str) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        self.send(("loaded", role))
 
 
 def main(conn: Connection, settings: Any, log_level: str = "INFO") -> None:
@@ -43,6 +89,8 @@ def main(conn: Connection, settings: Any, log_level: str = "INFO") -> None:
     logging.basicConfig(
         level=log_level, stream=sys.stderr, format=f"%(asctime)s worker[{os.getpid()}] %(levelname)s %(message)s"
     )
+    heartbeat = LoadHeartbeat(conn)
+    heartbeat.start(STARTING)  # importing torch and preloading models is watched like a load
     import torch  # only workers import torch: the bot process stays small
 
     from bot.inference.loading import ModelCache, pick_device
@@ -55,6 +103,7 @@ def main(conn: Connection, settings: Any, log_level: str = "INFO") -> None:
             cache.get(role)
         except Exception:
             log.exception("could not preload %s", role)
+    heartbeat.stop(STARTING)
     conn.send(("ready", os.getpid(), str(pick_device(settings.device))))
     while True:
         try:
@@ -77,16 +126,19 @@ def main(conn: Connection, settings: Any, log_level: str = "INFO") -> None:
         elif kind == "batch":
             _, batch_id, pickled = message
             unreadable, items = _unpickle(pickled)
+            began = time.perf_counter()
             try:
                 outcomes, timing = run_batch(
                     cache,
                     settings,
                     items,
-                    on_load=lambda role: conn.send(("loading", role)),
-                    on_loaded=lambda role: conn.send(("loaded", role)),
+                    on_load=heartbeat.start,
+                    on_loaded=heartbeat.stop,
                 )
             except Exception:  # run_batch answers every request itself; this is a last resort
                 outcomes, timing = _all_failed(items, "running a batch failed"), {}
+            # The batch's time here, less any model load: the speed the client admits requests by.
+            timing["busy_s"] = max(0.0, time.perf_counter() - began - timing.get("load_s", 0.0))
             _send_done(conn, batch_id, unreadable + outcomes, timing)
 
 
@@ -305,6 +357,46 @@ def _check_request(request: Any, tokenizer: Any, settings: Any) -> tuple[int, An
     return length, request
 
 
+PLAIN_SCALARS = (str, int, float, bool, bytes, type(None))
+REFUSED_MODULES = ("torch", "numpy")  # their objects would import them in the bot process
+
+
+def plain_data_problem(value: Any, where: str = "the result", depth: int = 0) -> str | None:
+    """None if ``value`` is plain data, else what is wrong and where (``"a torch.Tensor at [0].top"``).
+
+    Plain data: None, bool, int, float, str, bytes, enums, lists, tuples, sets and dicts of
+    plain data, and dataclass instances whose fields are plain data. Anything else (a tensor,
+    an array, a numpy number, an arbitrary object) would make the bot process import its module.
+    """
+    if depth > 50:
+        return f"data nested too deeply at {where}"
+    kind = type(value)
+    if kind.__module__.split(".", 1)[0] in REFUSED_MODULES:
+        return f"a {kind.__module__}.{kind.__qualname__} at {where}"
+    if isinstance(value, (*PLAIN_SCALARS, enum.Enum)):
+        return None
+    if isinstance(value, list | tuple | set | frozenset):
+        for index, item in enumerate(value):
+            found = plain_data_problem(item, f"{where}[{index}]", depth + 1)
+            if found:
+                return found
+        return None
+    if isinstance(value, dict):
+        for key, item in value.items():
+            found = plain_data_problem(key, f"a key of {where}", depth + 1)
+            found = found or plain_data_problem(item, f"{where}[{key!r}]", depth + 1)
+            if found:
+                return found
+        return None
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        for f in dataclasses.fields(value):
+            found = plain_data_problem(getattr(value, f.name, None), f"{where}.{f.name}", depth + 1)
+            if found:
+                return found
+        return None
+    return f"a {kind.__module__}.{kind.__qualname__} at {where}"
+
+
 class WrongResultCount(Exception):
     """A task returned a different number of results than it was given requests."""
 
@@ -331,9 +423,19 @@ def _run_split(task: Any, loaded: Any, chunk: list[tuple[int, Any]], timing: dic
                 f"task {_task_label(task)} returned {len(results)} result(s) for {len(chunk)} request(s); "
                 "a task returns one result per request, in order"
             )
-        answers: list[Outcome] = [
-            (rid, True, _labelled(result, loaded.label)) for (rid, _), result in zip(chunk, results, strict=True)
-        ]
+        answers: list[Outcome] = []
+        for (rid, _), result in zip(chunk, results, strict=True):
+            problem = plain_data_problem(result)
+            if problem is not None:  # a plugin's bug, whatever the request: it fails alone, named
+                eid = _error_id()
+                log.error("error %s: task %s returned %s", eid, _task_label(task), problem)
+                message = (
+                    f"The task {_task_label(task)} returned {problem}; a task must return plain data "
+                    f"(numbers, text, lists, dicts, dataclasses of those) (error id {eid})."
+                )
+                answers.append((rid, False, ModelFailed(message)))
+            else:
+                answers.append((rid, True, _labelled(result, loaded.label)))
     except torch.OutOfMemoryError:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
