@@ -20,10 +20,12 @@ import asyncio
 import contextlib
 import json
 import logging
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import discord
 
 from bot.app import App
@@ -37,6 +39,22 @@ log = logging.getLogger(__name__)
 
 
 ANSWER_UNKNOWN_BUTTON = "That button no longer works; run the command again."
+# The invite: "bot" puts the bot user in the server (the guild count, and DMs), "applications.commands"
+# its slash commands. Answers go out as interaction responses, which need no channel permission.
+INVITE_SCOPES = ("bot", "applications.commands")
+INVITE_PERMISSIONS = discord.Permissions.none()
+
+
+def invite_url(application_id: int) -> str:
+    """The link a server admin opens to add the bot (discord.py builds Discord's OAuth2 URL)."""
+    return discord.utils.oauth_url(application_id, permissions=INVITE_PERMISSIONS, scopes=INVITE_SCOPES)
+
+
+def ready_line(user: discord.abc.User, servers: int, application_id: int | None) -> str:
+    """``logged in as NAME (id ID) in N servers; invite: URL``: the start-up summary's last line."""
+    where = f"{servers} server{'' if servers == 1 else 's'}"
+    invite = f"; invite it to a server: {invite_url(application_id)}" if application_id else ""
+    return f"logged in as {user.name} (id {user.id}) in {where}{invite}"
 
 
 class LmbotClient(discord.AutoShardedClient):
@@ -63,6 +81,7 @@ class LmbotClient(discord.AutoShardedClient):
         self._cooldowns: dict[tuple[int, str], float] = {}
         self.synced: list[str] = []  # scopes synced by the last sync_commands call
         self.command_loop = CommandLoop(app)
+        self._said_ready = False
 
     @property
     def owns_sync(self) -> bool:
@@ -92,12 +111,24 @@ class LmbotClient(discord.AutoShardedClient):
             self.owner_ids.update(member.id for member in info.team.members)
         if self.settings.sync == "auto":
             if self.owns_sync:
-                await self.sync_commands()
+                try:
+                    await self.sync_commands()
+                except (OSError, aiohttp.ClientError, discord.DiscordServerError) as exc:
+                    # The network went away between login and here: the commands Discord has still
+                    # work; /sync or the next start uploads the new set. Not worth stopping the bot.
+                    log.warning("could not sync the commands now (%s); run /sync or restart later", exc)
             else:
                 log.info("%s: the process that runs shard 0 syncs the commands; this one never uploads", self._shards())
 
     async def on_shard_ready(self, shard_id: int) -> None:
         log.info("shard %d of %s ready", shard_id, self.shard_count)
+
+    async def on_ready(self) -> None:
+        """Say once who the bot is, where it is, and how to invite it (every shard is ready)."""
+        if self._said_ready or self.user is None:
+            return
+        self._said_ready = True
+        print(f"lmbot: {ready_line(self.user, len(self.guilds), self.application_id)}", file=sys.stderr, flush=True)
 
     async def _publish(self) -> list[str]:
         """``/sync`` and ``/reload`` call this from the command loop; the upload runs on the client's."""

@@ -22,6 +22,7 @@ import dataclasses
 import logging
 import os
 import pickle
+import signal
 import sys
 import time
 import uuid
@@ -36,6 +37,7 @@ log = logging.getLogger("bot.inference.worker")
 
 def main(conn: Connection, settings: Any, log_level: str = "INFO") -> None:
     """Entry point of a spawned worker; returns (and the process exits) when the pipe closes."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle; it stops the workers
     # OpenMP threads spin-wait after each parallel region by default, taking the CPU from the
     # bot process exactly when it has results to route; sleeping at once (OMP_WAIT_POLICY=PASSIVE)
     # makes every small op pay a wake-up instead. A short spin is measurably best (bench/inference.py).
