@@ -7,6 +7,7 @@ Kept in a prometheus_client registry, so the same numbers feed ``/stats``,
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Iterable
 from typing import Any
 
@@ -52,7 +53,8 @@ class ServiceMetrics:
 
     def serve(self, port: int) -> None:
         """Expose ``/metrics`` on 127.0.0.1:``port`` (a daemon thread)."""
-        start_http_server(port, addr="127.0.0.1", registry=self.registry)
+        # LMBOT_METRICS_ADDR=0.0.0.0 in the Docker image: reachable through a published port.
+        start_http_server(port, addr=os.environ.get("LMBOT_METRICS_ADDR", "127.0.0.1"), registry=self.registry)
 
     def summary(self) -> dict[str, Any]:
         return summarize(self.registry.collect())
