@@ -159,3 +159,13 @@ def test_install_sh_stops_at_once_on_an_old_python(tmp_path: Path) -> None:
         "install.sh: lmbot needs Python 3.11 or newer; found python3 3.10.12. Install python3.11 "
         "(e.g. sudo apt install python3.11 python3.11-venv) or set PYTHON=/path/to/python3.11"
     ]
+
+
+def test_postgresql_and_ray_skips_fail_in_ci_only() -> None:
+    from tests.conftest import mandatory_skip
+
+    reason = "PostgreSQL is not installed (scripts/install.sh --test installs Debian's postgresql package)"
+    assert mandatory_skip("tests/postgres.py", reason, {"CI": "true"})
+    assert mandatory_skip("tests/test_ray_backend.py", "ray[serve] is not installed", {"CI": "true"})
+    assert not mandatory_skip("tests/postgres.py", reason, {})  # a developer's machine: reported, not failed
+    assert not mandatory_skip("tests/test_charts.py", "fonts-noto-cjk is missing", {"CI": "true"})
