@@ -8,11 +8,14 @@ answers the asks that follow over a Unix socket and stops itself after
 ``ask.keep_alive_s`` seconds (default 300) without one.
 
 * One warm lmbot per user and model cache (``inference.cache_dir``); its socket and log live
-  in a private folder (``$XDG_RUNTIME_DIR/lmbot-UID``, else the temp folder's).
-* It answers only an ask whose *fingerprint* matches its own: the effective config, the
-  working folder, lmbot's version and source files, the installed plugins and the
-  environment variables models and threads depend on. Any difference stops it; that ask is
-  answered here, and leaves a warm lmbot for the new setting.
+  in a private folder (``$XDG_RUNTIME_DIR/lmbot-UID``, else the temp folder's). It serves
+  asks from every working folder: each ask says its folder, and its images are saved there.
+* It answers only an ask whose *fingerprint* matches its own: the effective config, lmbot's
+  version and every file of its code and data (``bot/``, ``plugins/`` with its topic TOMLs and
+  corpus, editable plugins' folders, local model folders), the installed plugins and the
+  environment variables models and threads depend on; and the working folder itself only
+  when the config names a relative path (which that folder resolves). Any difference stops
+  it; that ask is answered here, and leaves a warm lmbot for the new setting.
 * ``-v`` (the logs are wanted), ``--cold``, ``ask.keep_alive_s = 0`` or
   ``LMBOT_ASK_KEEP_ALIVE_S=0`` answer here and leave nothing behind; ``lmbot ask --stop``
   stops a warm one now.
@@ -71,7 +74,7 @@ _ENV_PREFIXES = (
     "PG",  # the quiz's PostgreSQL login (PGPASSWORD, PGHOST, ...)
 )
 _ENV_NAMES = ("TZ", "LANG", "LC_ALL", "HOME", "XDG_CACHE_HOME")
-_PROTOCOL = 1
+_PROTOCOL = 2
 _LINE_WAIT_S = 10.0  # how long the warm lmbot waits for an asker's request line
 _CONNECT_TIMEOUT_S = 2.0
 _LINE_LIMIT = 1 << 20  # one request line: a command line and a few flags
@@ -98,8 +101,16 @@ class Answer:
 class AskRequest:
     line: str
     as_json: bool
-    out_dir: str  # as given: the warm lmbot runs in the asker's folder (the fingerprint says so)
+    out_dir: str  # as given: relative to ``cwd``
     colour: bool
+    save_images: bool = True
+    cwd: str = "."  # the asker's working folder (a warm lmbot serves several)
+
+
+def _shown_path(path: str, cwd: str) -> str:
+    """An image's path as the asker would name it: relative to their folder when inside it."""
+    relative = os.path.relpath(path, cwd)
+    return path if relative.startswith("..") else relative
 
 
 def usage_json(message: str) -> str:
@@ -114,7 +125,11 @@ async def answer_line(app: App, request: AskRequest) -> Answer:
         if request.as_json:
             return Answer(EXIT_USAGE, stdout=usage_json(str(exc)))
         return Answer(EXIT_USAGE, stderr=f"lmbot: {exc}")
-    paths, note = save_reply_images(reply, Path(request.out_dir), request.line.split()[0])
+    paths: list[str] = []
+    note = ""
+    if request.save_images:
+        saved, note = save_reply_images(reply, Path(request.cwd) / request.out_dir, request.line.split()[0])
+        paths = [_shown_path(str(path), request.cwd) for path in saved]
     text = render_json(reply, paths) if request.as_json else render_text(reply, paths, colour=request.colour)
     return Answer(EXIT_ANSWERED_ERROR if reply.error else EXIT_OK, stdout=text, stderr=note)
 
@@ -162,26 +177,34 @@ def warm_paths(config: Config) -> WarmPaths | None:
     return paths
 
 
-def _files_stamp(folder: Path, pattern: str) -> list[str]:
+def _files_stamp(folder: Path, pattern: str = "*") -> list[str]:
+    """Name, size and change time of every file under ``folder`` (bytecode caches aside)."""
     stamp = []
     for path in sorted(folder.rglob(pattern)):
+        if "__pycache__" in path.parts or path.suffix == ".pyc":
+            continue
         with contextlib.suppress(OSError):
             info = path.stat()
-            stamp.append(f"{path}|{info.st_size}|{info.st_mtime_ns}")
+            if not path.is_dir():
+                stamp.append(f"{path}|{info.st_size}|{info.st_mtime_ns}")
     return stamp
 
 
 def _code_stamp() -> list[str]:
-    """lmbot's own source files, and those of plugins installed from a folder (``pip install -e``)."""
+    """Every file of lmbot's code and data (topic TOMLs, corpus), and of plugins installed from a folder.
+
+    Data counts as code: a lecturer who edits ``plugins/data/topics/ngrams.toml`` expects the
+    next ask to show the new text.
+    """
     root = Path(__file__).resolve().parent.parent
-    stamp = _files_stamp(root / "bot", "*.py") + _files_stamp(root / "plugins", "*.py")
+    stamp = _files_stamp(root / "bot") + _files_stamp(root / "plugins")
     for ep in metadata.entry_points(group="lmbot"):
         dist = getattr(ep, "dist", None)
         stamp.append(f"{ep.name}={ep.value}@{dist.version if dist else '?'}")
         with contextlib.suppress(Exception):  # a plugin that cannot be found fails to load anyway
             spec = importlib.util.find_spec(ep.module.partition(".")[0])
             if spec is not None and spec.origin and "site-packages" not in spec.origin:
-                stamp += _files_stamp(Path(spec.origin).parent, "*.py")
+                stamp += _files_stamp(Path(spec.origin).parent)
     return stamp
 
 
@@ -195,18 +218,54 @@ def _models_stamp(config: Config) -> list[str]:
     return stamp
 
 
+def _looks_relative(text: str) -> bool:
+    """Whether a config value may be a file path that the working folder resolves."""
+    if not text or "://" in text or text.startswith(("/", "~")) or len(text) > 4096 or "\0" in text:
+        return False
+    if text.startswith(".") or "/" in text or os.sep in text:
+        return True
+    return not any(c.isspace() for c in text) and (bool(Path(text).suffix) or os.path.exists(text))
+
+
+def relative_config_values(config: Config) -> list[str]:
+    """The config's values that look like relative paths: they make answers depend on the folder.
+
+    ``bot.output_dir`` is not one of them: each ask sends it with its own folder.
+    """
+    dump = config.model_dump(mode="json", exclude={"path"})
+    dump["bot"].pop("output_dir", None)
+    found: list[str] = []
+
+    def walk(value: Any) -> None:
+        if isinstance(value, dict):
+            for item in value.values():
+                walk(item)
+        elif isinstance(value, list):
+            for item in value:
+                walk(item)
+        elif isinstance(value, str) and _looks_relative(value):
+            found.append(value)
+
+    walk(dump)
+    return found
+
+
 def fingerprint(config: Config) -> str:
-    """Everything a warm lmbot's answers depend on besides the command line itself."""
+    """Everything a warm lmbot's answers depend on besides the command line and the asker's folder."""
     from bot import __version__
 
     env = sorted((k, v) for k, v in os.environ.items() if k.startswith(_ENV_PREFIXES) or k in _ENV_NAMES)
-    here = os.stat(".")
+    folder: list[Any] = []
+    if relative_config_values(config):
+        # A relative path in the config means another file in another folder: the folder
+        # itself, not only its name.
+        here = os.stat(".")
+        folder = [os.getcwd(), here.st_dev, here.st_ino]
     parts = {
         "protocol": _PROTOCOL,
         "version": __version__,
         "python": sys.executable,
-        # The folder itself, not only its name: images are saved relative to it.
-        "cwd": [os.getcwd(), here.st_dev, here.st_ino],
+        "cwd": folder,
         "config": config.model_dump(mode="json"),
         "env": env,
         "code": _code_stamp(),
@@ -426,6 +485,8 @@ class WarmServer:
             as_json=bool(message["as_json"]),
             out_dir=str(message["out_dir"]),
             colour=bool(message["colour"]),
+            save_images=bool(message["save_images"]),
+            cwd=str(message["cwd"]),
         )
         started = time.perf_counter()
         try:

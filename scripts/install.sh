@@ -5,7 +5,33 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-PYTHON=${PYTHON:-python3}
+# Preflight, before anything is downloaded: measured sizes are a worker ~1.8 GB of RAM (the bot
+# itself ~0.3 GB), the venv 1.9 GB and the model cache 1.3 GB of disk. LMBOT_SKIP_PREFLIGHT=1 skips it.
+NEED_DISK_MB=4000 NEED_RAM_MB=2500
+fail() { echo "install.sh: $*" >&2; exit 1; }
+if [ ! -x .venv/bin/python ]; then
+    # Python 3.11 or newer: plain python3 is 3.10 on Ubuntu 22.04, so try the versioned names too.
+    PYTHON_FOUND=""
+    for candidate in ${PYTHON:-python3 python3.13 python3.12 python3.11}; do
+        if command -v "$candidate" >/dev/null 2>&1 \
+            && "$candidate" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
+            PYTHON_FOUND=$candidate
+            break
+        fi
+    done
+    [ -n "$PYTHON_FOUND" ] || fail "lmbot needs Python 3.11 or newer; found ${PYTHON:-python3} $(${PYTHON:-python3} -c 'import platform; print(platform.python_version())' 2>/dev/null || echo '(none)'). Install python3.11 (e.g. sudo apt install python3.11 python3.11-venv) or set PYTHON=/path/to/python3.11"
+    PYTHON=$PYTHON_FOUND
+    if [ -z "${LMBOT_SKIP_PREFLIGHT:-}" ]; then
+        free_mb=$(df -Pm . | awk 'NR == 2 {print $4}')
+        [ "${free_mb:-0}" -ge "$NEED_DISK_MB" ] \
+            || fail "needs about $NEED_DISK_MB MB free disk here (venv 1.9 GB + model cache 1.3 GB); $free_mb MB free. LMBOT_SKIP_PREFLIGHT=1 to try anyway"
+    fi
+fi
+if [ -z "${LMBOT_SKIP_PREFLIGHT:-}" ] && [ -r /proc/meminfo ]; then
+    ram_mb=$(awk '/^MemTotal:/ {print int($2 / 1024)}' /proc/meminfo)
+    [ "${ram_mb:-0}" -ge "$NEED_RAM_MB" ] \
+        || echo "install.sh: warning: $ram_mb MB of RAM; the bot and one model worker need about $NEED_RAM_MB MB" >&2
+fi
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 PIP=".venv/bin/python -m pip"
 $PIP install --quiet --upgrade pip

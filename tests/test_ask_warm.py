@@ -59,11 +59,11 @@ class Bench:
             PYTHONIOENCODING="utf-8",
         )
 
-    def ask(self, *args: str, timeout: int = 180) -> subprocess.CompletedProcess[str]:
+    def ask(self, *args: str, timeout: int = 180, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
             # -P as the `lmbot` script: the working folder is not on sys.path.
             [sys.executable, "-P", "-m", "bot.cli", "ask", *args],
-            cwd=self.dir,
+            cwd=cwd or self.dir,
             env=self.env(),
             capture_output=True,
             text=True,
@@ -301,9 +301,17 @@ def test_the_fingerprint_follows_what_answers_depend_on(
     monkeypatch.setenv("LMBOT_ENGINE", "torch")
     assert ask.fingerprint(config) != base
     monkeypatch.delenv("LMBOT_ENGINE")
+    # Another folder is the same setting (each ask names its folder)...
     (tmp_path / "elsewhere").mkdir()
     monkeypatch.chdir(tmp_path / "elsewhere")
-    assert ask.fingerprint(config) != base
+    assert ask.fingerprint(config) == base
+    # ...unless the config names a relative path, which each folder resolves to its own file.
+    relative = parse_config({"inference": {"cache_dir": str(cache_dir)}, "models": {"causal_lm": "./my-model"}})
+    assert ask.relative_config_values(relative) == ["./my-model"]
+    here = ask.fingerprint(relative)
+    monkeypatch.chdir(tmp_path)
+    assert ask.fingerprint(relative) != here
+    assert ask.relative_config_values(config) == []  # the defaults name no relative path
 
 
 def test_no_warm_lmbot_in_a_folder_others_may_enter(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -314,3 +322,39 @@ def test_no_warm_lmbot_in_a_folder_others_may_enter(tmp_path: Path, monkeypatch:
     assert paths.socket.parent.stat().st_mode & 0o777 == 0o700
     paths.socket.parent.chmod(0o777)
     assert ask.warm_paths(config) is None
+
+
+def test_asks_from_two_folders_share_one_warm_lmbot(bench: Bench) -> None:
+    """A second folder with the same settings is answered by the same warm lmbot; its images land there."""
+    first = bench.ask("--json", ASK)
+    wait_for(bench.pids)
+    (pid,) = bench.pids()
+    other = bench.dir.parent / "other"
+    other.mkdir()
+    (other / "config.toml").write_text((bench.dir / "config.toml").read_text(), encoding="utf-8")
+    there = bench.ask("--json", ASK, cwd=other)
+    assert top(there) == top(first) and bench.answered() == 1, bench.logs()
+    image = json.loads(there.stdout)["images"][0]
+    assert not Path(image).is_absolute() and (other / image).read_bytes().startswith(b"\x89PNG")
+    again = bench.ask("--json", ASK)  # and the first folder still has it
+    assert top(again) == top(first) and bench.answered() == 2 and bench.pids() == [pid] and alive(pid)
+
+
+def test_an_edited_topic_toml_is_shown_on_the_next_ask(bench: Bench) -> None:
+    """Data files are part of the fingerprint: a lecturer's edit is the next ask's answer (issue 23)."""
+    topic = Path(ask.__file__).resolve().parent.parent / "plugins" / "data" / "topics" / "ngrams.toml"
+    original, info = topic.read_bytes(), topic.stat()
+    bench.ask(ASK)
+    wait_for(bench.pids)
+    before = bench.ask("--json", "/topic name:ngrams")
+    assert bench.answered() == 1, bench.logs()  # answered warm
+    title = json.loads(before.stdout)["title"]
+    assert "LLMs vs classical statistical models" in title
+    try:
+        topic.write_bytes(original.replace(b'title = "LLMs vs classical', b'title = "Edited: LLMs vs classical', 1))
+        after = bench.ask("--json", "/topic name:ngrams")
+    finally:
+        topic.write_bytes(original)
+        os.utime(topic, ns=(info.st_atime_ns, info.st_mtime_ns))
+    assert after.returncode == 0, after.stderr
+    assert json.loads(after.stdout)["title"] == title.replace("LLMs vs classical", "Edited: LLMs vs classical")

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -31,8 +35,11 @@ def run(args: list[str], cwd: Path, stdin: str | None = None, extra_path: Path |
 
 @pytest.fixture
 def workdir(tmp_path: Path, cache_dir: Path) -> Path:
+    # Quiz scores in the test's folder: no test writes to the user's ~/.local/share/lmbot.
     (tmp_path / "config.toml").write_text(
-        f'[inference]\ncache_dir = "{cache_dir}"\noffline = "always"\n[bot]\nlog_level = "WARNING"\n', encoding="utf-8"
+        f'[inference]\ncache_dir = "{cache_dir}"\noffline = "always"\n[bot]\nlog_level = "WARNING"\n'
+        f'[plugins.options.study]\nquiz_db = "{tmp_path / "quiz.sqlite3"}"\n',
+        encoding="utf-8",
     )
     return tmp_path
 
@@ -78,7 +85,8 @@ def test_plugin_broken_on_import_is_listed_while_others_answer(workdir: Path, tm
     site.mkdir()
     install_plugin(site, "lmbot_broken_cli", BROKEN_IMPORT)
     done = run(["plugins"], workdir, extra_path=site)
-    assert done.returncode == 0
+    assert done.returncode == 1  # a CI job or deploy script notices
+    assert done.stderr.strip().splitlines()[-1] == "lmbot: 1 plugin(s) failed to load: lmbot_broken_cli"
     line = next(line for line in done.stdout.splitlines() if "lmbot_broken_cli" in line)
     assert "failed: RuntimeError: this plugin is broken on purpose" in line
     assert run(["ask", "/help"], workdir, extra_path=site).returncode == 0
@@ -173,3 +181,166 @@ def test_console_presses_buttons_by_number(workdir: Path) -> None:
     # 2 answered B: the answer carries the question's signed token and the letter.
     assert re.search(r"→ /quiz answer:nsp\.\d+\.[\w-]+\.[\w-]+\.B\n.*: (Correct!|Not quite)", out)
     assert "There is no button 9; the last reply has 3." in out  # the answer's own buttons
+
+
+def test_a_reader_that_goes_away_gets_no_traceback(workdir: Path) -> None:
+    """`lmbot ask "/help" | head -3`: the pipe is closed before lmbot writes; it exits quietly."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader is gone before the answer is written
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONIOENCODING="utf-8")
+    done = subprocess.run(
+        [sys.executable, "-m", "bot.cli", "ask", "/help"],
+        cwd=workdir,
+        env=env,
+        stdout=write_end,
+        stderr=subprocess.PIPE,
+        text=True,
+        timeout=180,
+    )
+    os.close(write_end)
+    assert done.returncode == 141 and done.stderr == ""
+
+
+def test_no_color_and_terminals_decide_colour(monkeypatch: pytest.MonkeyPatch) -> None:
+    from bot.cli import colour_wanted
+
+    class Terminal:
+        def isatty(self) -> bool:
+            return True
+
+    monkeypatch.delenv("NO_COLOR", raising=False)
+    assert colour_wanted(Terminal()) is True
+    assert colour_wanted(open(os.devnull, "w")) is False  # noqa: SIM115
+    monkeypatch.setenv("NO_COLOR", "1")
+    assert colour_wanted(Terminal()) is False
+    monkeypatch.setenv("NO_COLOR", "")  # https://no-color.org: only a non-empty value counts
+    assert colour_wanted(Terminal()) is True
+
+
+def test_no_color_reaches_the_answer_on_a_terminal(workdir: Path) -> None:
+    import pty
+
+    def answer(extra: dict[str, str]) -> bytes:
+        main_fd, child_fd = pty.openpty()
+        env = {k: v for k, v in os.environ.items() if k != "NO_COLOR"}
+        env.update(HF_HUB_OFFLINE="1", PYTHONIOENCODING="utf-8", **extra)
+        done = subprocess.run(
+            [sys.executable, "-m", "bot.cli", "ask", "/tokenize text:unbelievable"],
+            cwd=workdir,
+            env=env,
+            stdout=child_fd,
+            stderr=subprocess.PIPE,
+            timeout=180,
+        )
+        os.close(child_fd)
+        out = b""
+        with contextlib.suppress(OSError):
+            while chunk := os.read(main_fd, 1 << 16):
+                out += chunk
+        os.close(main_fd)
+        assert done.returncode == 0, done.stderr
+        return out
+
+    assert b"\x1b[" in answer({})
+    assert b"\x1b[" not in answer({"NO_COLOR": "1"})
+
+
+async def test_no_images_saves_no_files_and_images_land_in_the_askers_folder(tmp_path: Path) -> None:
+    """--no-images; and an ask names its own folder, so one warm lmbot serves asks from several."""
+    from bot import Image, Reply, ask
+
+    class OneChart:
+        async def execute_line(self, line: str) -> Reply:
+            return Reply(text="a chart", images=[Image("chart.png", b"\x89PNG fake")])
+
+    elsewhere = tmp_path / "elsewhere"
+    request = ask.AskRequest("/chart", True, "lmbot-out", False, save_images=False, cwd=str(elsewhere))
+    answer = await ask.answer_line(OneChart(), request)  # type: ignore[arg-type]
+    assert json.loads(answer.stdout)["images"] == [] and not (elsewhere / "lmbot-out").exists()
+    elsewhere.mkdir()
+    request = ask.AskRequest("/chart", True, "lmbot-out", False, cwd=str(elsewhere))
+    (shown,) = json.loads((await ask.answer_line(OneChart(), request)).stdout)["images"]  # type: ignore[arg-type]
+    assert shown.startswith("lmbot-out/chart-") and (elsewhere / shown).read_bytes() == b"\x89PNG fake"
+
+
+def test_every_subcommand_help_has_a_description_and_examples() -> None:
+    from bot.cli import HELP, build_parser
+
+    parser = build_parser()
+    subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    assert set(subparsers.choices) == set(HELP)
+    for name, sub in subparsers.choices.items():
+        text = sub.format_help()
+        assert HELP[name][1].split(". ")[0][:40] in " ".join(text.split()), name
+        assert "examples:\n  lmbot " in text or "examples:\n  LMBOT_" in text, name
+
+
+def test_lmbot_models_fits_the_terminal(workdir: Path) -> None:
+    wide = subprocess.run(
+        [sys.executable, "-m", "bot.cli", "models"],
+        cwd=workdir,
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env=dict(os.environ, HF_HUB_OFFLINE="1", COLUMNS="400"),
+    )
+    narrow = subprocess.run(
+        [sys.executable, "-m", "bot.cli", "models"],
+        cwd=workdir,
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env=dict(os.environ, HF_HUB_OFFLINE="1", COLUMNS="80"),
+    )
+    assert wide.returncode == narrow.returncode == 0, narrow.stderr
+    assert max(len(line) for line in wide.stdout.splitlines()) > 80  # the table as columns
+    assert max(len(line) for line in narrow.stdout.splitlines()) <= 80
+    assert "role: causal_lm" in narrow.stdout and "runs as: " in narrow.stdout
+
+
+def test_ctrl_c_during_a_cold_ask_is_one_line(workdir: Path, smollm_dir: Path) -> None:
+    """Ctrl-C while the model loads: the terminal's interrupt reaches lmbot and its worker (one process
+    group); lmbot says one line, the worker (which ignores SIGINT) prints nothing. The status line
+    appears on a terminal meanwhile."""
+    import pty
+
+    main_fd, child_fd = pty.openpty()
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONIOENCODING="utf-8")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bot.cli", "ask", "/nexttoken prompt:hello"],
+        cwd=workdir,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=child_fd,
+        start_new_session=True,
+    )
+    os.close(child_fd)
+    seen = b""
+    while b"lmbot: answering" not in seen:
+        seen += os.read(main_fd, 1 << 16)
+
+    def worker_has_torch() -> bool:
+        for child in Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split():
+            with contextlib.suppress(OSError):
+                if (
+                    b"spawn_main" in Path(f"/proc/{child}/cmdline").read_bytes()
+                    and "torch" in Path(f"/proc/{child}/maps").read_text()
+                ):
+                    return True
+        return False
+
+    deadline = time.monotonic() + 120
+    while not worker_has_torch():  # the worker is past its start-up: the SIGINT it ignores is the real case
+        assert time.monotonic() < deadline and proc.poll() is None, "no worker started"
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGINT)
+    assert proc.wait(120) == 130
+    with contextlib.suppress(OSError):
+        while chunk := os.read(main_fd, 1 << 16):
+            seen += chunk
+    os.close(main_fd)
+    assert proc.stdout is not None and proc.stdout.read() == b""
+    text = seen.decode()
+    assert "Traceback" not in text and "KeyboardInterrupt" not in text, text[-3000:]
+    after = text.split("\x1b[K")[-1]  # what follows the erased status line
+    assert after.strip() == "lmbot: interrupted", text[-3000:]

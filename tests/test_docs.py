@@ -40,8 +40,8 @@ def guide_files() -> dict[str, str]:
 
 
 def readme_plugin_section() -> str:
-    text = README.read_text(encoding="utf-8")
-    return text.split("## Writing a plugin\n", 1)[1].split("\n## ", 1)[0]
+    """The short plugin guide (docs/writing-a-plugin.md, once the README's section)."""
+    return (REPO / "docs" / "writing-a-plugin.md").read_text(encoding="utf-8")
 
 
 @pytest.fixture
@@ -71,7 +71,8 @@ def test_the_guide_has_a_block_for_every_part() -> None:
         files
     )
     section = readme_plugin_section()
-    assert "(docs/plugins.md)" in section and "examples/lmbot-example" in section
+    assert "(plugins.md)" in section and "examples/lmbot-example" in section
+    assert "(docs/writing-a-plugin.md)" in README.read_text(encoding="utf-8")
     for heading in ("Commands and options", "Replies and charts", "Worker tasks", "Plugin options", "Testing"):
         assert f"## {heading}" in GUIDE.read_text(encoding="utf-8")
 
@@ -152,3 +153,23 @@ def test_the_kit_is_a_pytest_plugin_and_the_example_an_lmbot_plugin() -> None:
     assert ours["project"]["entry-points"]["pytest11"] == {"bot.testing.pytest_plugin": "bot.testing.pytest_plugin"}
     example = tomllib.loads((REPO / "examples" / "lmbot-example" / "pyproject.toml").read_text(encoding="utf-8"))
     assert example["project"]["entry-points"]["lmbot"] == {"example": "lmbot_example"}
+
+
+def test_the_readme_is_a_short_front_page_linking_every_docs_page() -> None:
+    readme = README.read_text(encoding="utf-8")
+    assert len(readme.splitlines()) <= 200
+    for page in ("commands", "operating", "performance", "architecture", "plugins", "writing-a-plugin", "testing"):
+        assert f"(docs/{page}.md)" in readme and (REPO / "docs" / f"{page}.md").is_file(), page
+
+
+def test_operating_md_gets_an_admin_a_bot_that_survives_outages_and_reboots() -> None:
+    text = (REPO / "docs" / "operating.md").read_text(encoding="utf-8")
+    for step in (
+        "systemctl enable --now lmbot",
+        "journalctl -eu lmbot",
+        "deploy/lmbot.service",
+        "EnvironmentFile",
+        "quiz.sqlite3",
+        "docker compose",
+    ):
+        assert step in text, step

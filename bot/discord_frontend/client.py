@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -58,6 +59,24 @@ def _why(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
 
+# The invite: "bot" puts the bot user in the server (the guild count, and DMs), "applications.commands"
+# its slash commands. Answers go out as interaction responses, which need no channel permission.
+INVITE_SCOPES = ("bot", "applications.commands")
+INVITE_PERMISSIONS = discord.Permissions.none()
+
+
+def invite_url(application_id: int) -> str:
+    """The link a server admin opens to add the bot (discord.py builds Discord's OAuth2 URL)."""
+    return discord.utils.oauth_url(application_id, permissions=INVITE_PERMISSIONS, scopes=INVITE_SCOPES)
+
+
+def ready_line(user: discord.abc.User, servers: int, application_id: int | None) -> str:
+    """``logged in as NAME (id ID) in N servers; invite: URL``: the start-up summary's last line."""
+    where = f"{servers} server{'' if servers == 1 else 's'}"
+    invite = f"; invite it to a server: {invite_url(application_id)}" if application_id else ""
+    return f"logged in as {user.name} (id {user.id}) in {where}{invite}"
+
+
 class LmbotClient(discord.AutoShardedClient):
     def __init__(self, app: App, *, serve: bool = True, **options: Any) -> None:
         """``serve=False`` logs in without starting the inference service or syncing (``lmbot sync``)."""
@@ -88,6 +107,7 @@ class LmbotClient(discord.AutoShardedClient):
         self.retry_pause_s = 2.0
         self.retry_pause_max_s = 60.0
         self.channel_tries = 5
+        self._said_ready = False
 
     @property
     def owns_sync(self) -> bool:
@@ -117,12 +137,24 @@ class LmbotClient(discord.AutoShardedClient):
             self.owner_ids.update(member.id for member in info.team.members)
         if self.settings.sync == "auto":
             if self.owns_sync:
-                await self.sync_commands()
+                try:
+                    await self.sync_commands()
+                except (OSError, aiohttp.ClientError, discord.DiscordServerError) as exc:
+                    # The network went away between login and here: the commands Discord has still
+                    # work; /sync or the next start uploads the new set. Not worth stopping the bot.
+                    log.warning("could not sync the commands now (%s); run /sync or restart later", exc)
             else:
                 log.info("%s: the process that runs shard 0 syncs the commands; this one never uploads", self._shards())
 
     async def on_shard_ready(self, shard_id: int) -> None:
         log.info("shard %d of %s ready", shard_id, self.shard_count)
+
+    async def on_ready(self) -> None:
+        """Say once who the bot is, where it is, and how to invite it (every shard is ready)."""
+        if self._said_ready or self.user is None:
+            return
+        self._said_ready = True
+        print(f"lmbot: {ready_line(self.user, len(self.guilds), self.application_id)}", file=sys.stderr, flush=True)
 
     async def _publish(self) -> list[str]:
         """``/sync`` and ``/reload`` call this from the command loop; the upload runs on the client's."""

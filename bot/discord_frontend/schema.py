@@ -41,8 +41,13 @@ def option_payload(option: Option) -> dict[str, Any]:
     return body
 
 
+# default_member_permissions "0": in a server, only members with Administrator see the command
+# in their menu until a server admin grants it to a role (Server Settings > Integrations).
+OWNER_ONLY_PERMISSIONS = "0"
+
+
 def command_payload(cmd: Command) -> dict[str, Any]:
-    return {
+    body: dict[str, Any] = {
         "type": 1,  # slash command
         "name": cmd.name,
         "description": cmd.description,
@@ -50,6 +55,10 @@ def command_payload(cmd: Command) -> dict[str, Any]:
         "contexts": [0, 1, 2],  # guilds, the bot's DMs, private channels
         "integration_types": [0],  # installed to a guild
     }
+    if cmd.owner_only:
+        # Hidden from students' menus; the owner check in the client still refuses anyone else.
+        body["default_member_permissions"] = OWNER_ONLY_PERMISSIONS
+    return body
 
 
 def commands_payload(commands: Iterable[Command]) -> list[dict[str, Any]]:

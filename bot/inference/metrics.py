@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import statistics
 import threading
 from collections import deque
@@ -117,15 +118,17 @@ class ServiceMetrics:
         return generate_latest(self.registry)
 
     def serve(self, port: int) -> bool:
-        """Expose ``/metrics`` on 127.0.0.1:``port`` (a daemon thread); a taken port is one logged line.
+        """Expose ``/metrics`` on ``port`` (a daemon thread); a taken port is one logged line.
 
-        The bot runs on without ``/metrics`` rather than stop: the port may have been taken after
-        ``lmbot run`` checked it.
+        The address is 127.0.0.1 unless ``LMBOT_METRICS_ADDR`` says otherwise (0.0.0.0 in the Docker
+        image: reachable through a published port). The bot runs on without ``/metrics`` rather than
+        stop: the port may have been taken after ``lmbot run`` checked it.
         """
+        addr = os.environ.get("LMBOT_METRICS_ADDR", "127.0.0.1")
         try:
-            start_http_server(port, addr="127.0.0.1", registry=self.registry)
+            start_http_server(port, addr=addr, registry=self.registry)
         except OSError as exc:
-            log.warning("metrics are off: cannot listen on 127.0.0.1:%d (%s)", port, exc.strerror or exc)
+            log.warning("metrics are off: cannot listen on %s:%d (%s)", addr, port, exc.strerror or exc)
             return False
         return True
 

@@ -29,6 +29,7 @@ import enum
 import logging
 import os
 import pickle
+import signal
 import sys
 import threading
 import time
@@ -82,6 +83,7 @@ class LoadHeartbeat:
 
 def main(conn: Connection, settings: Any, log_level: str = "INFO") -> None:
     """Entry point of a spawned worker; returns (and the process exits) when the pipe closes."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle; it stops the workers
     # OpenMP threads spin-wait after each parallel region by default, taking the CPU from the
     # bot process exactly when it has results to route; sleeping at once (OMP_WAIT_POLICY=PASSIVE)
     # makes every small op pay a wake-up instead. A short spin is measurably best (bench/inference.py).
