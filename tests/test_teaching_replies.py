@@ -542,3 +542,32 @@ def test_nsp_ratios_read_as_plain_numbers() -> None:
 def test_nsp_ratios_never_use_e_notation(gain: float) -> None:
     shown = times(gain)
     assert "e+" not in shown and "e-" not in shown and shown.endswith("×")
+
+
+# ----------------------------------------------------------------------------- /compare: the hidden word itself
+
+
+@pytest.mark.parametrize(
+    "text", ["The capital of France is Paris.", "The cat sat on the mat", "東京 is far from Osaka"]
+)
+async def test_compare_shows_the_hidden_words_own_probability_and_rank(app_factory, tiny_gpt2: Path, text: str) -> None:  # type: ignore[no-untyped-def]
+    app = app_factory({"causal_lm": tiny_gpt2})
+    reply = await app.execute_line(f"/compare text:{text}")
+    assert not reply.error, reply.text
+    assert_fits_discord(reply)
+    left, word = reply.data["left"], reply.data["hidden"]
+    model = transformers.AutoModelForCausalLM.from_pretrained(tiny_gpt2).eval()
+    tok = transformers.AutoTokenizer.from_pretrained(tiny_gpt2)
+    context = tok(left.rstrip())["input_ids"]
+    word_ids = tok(left.rstrip() + left[len(left.rstrip()) :] + word)["input_ids"][len(context) :]
+    with torch.no_grad():
+        logp = torch.log_softmax(model(torch.tensor([context + word_ids])).logits[0].float(), -1)
+    first = logp[len(context) - 1]
+    causal = reply.data["causal"]
+    assert causal["hidden_first_token_prob"] == pytest.approx(float(first[word_ids[0]].exp()), rel=1e-4)
+    assert causal["hidden_first_token_rank"] == int((first > first[word_ids[0]]).sum()) + 1
+    whole = sum(float(logp[len(context) - 1 + n, t]) for n, t in enumerate(word_ids))
+    assert causal["hidden_word_prob"] == pytest.approx(math.exp(whole), rel=1e-4)
+    assert causal["hidden_word_tokens"] == len(word_ids)
+    shown = next(f.value for f in reply.fields if f.name.startswith("the hidden word"))
+    assert f"rank {causal['hidden_first_token_rank']:,} of {len(first):,} tokens" in shown
