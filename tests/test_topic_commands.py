@@ -605,3 +605,34 @@ async def test_topic_try_beside_a_name_runs_that_card_or_says_why_not(app_factor
     assert other.error and "give one topic" in other.text
     unknown = await app.execute("topic", {"name": "attention", "try": "1"}, app.local_context())
     assert unknown.error and "attention" in unknown.text
+
+
+async def test_sentiment_says_forced_choice_and_calibrates_by_the_label_prior(
+    app_factory, tiny_classifier, tiny_gpt2
+) -> None:  # type: ignore[no-untyped-def]
+    """Contextual calibration (Zhao et al. 2021): the label shares on content-free inputs, from direct
+    forwards here, are the prior; the calibrated reading divides by it and renormalises."""
+    app = app_factory({"classifier": tiny_classifier, "causal_lm": tiny_gpt2})
+    text = "The meeting is at 3 pm."
+    reply = await app.execute_line(f"/sentiment text:{text}")
+    assert not reply.error, reply.text
+    assert_fits_discord(reply)
+
+    def shares(review: str) -> dict[str, float]:
+        forms = label_forms_reference(tiny_gpt2, PROMPT.format(text=review))
+        mass = {label: sum(p for f, p in forms.items() if f.strip().lower() == label) for label in LABELS}
+        return {label: m / sum(mass.values()) for label, m in mass.items()}
+
+    free = [shares(blank) for blank in ("N/A", "", "[MASK]")]
+    prior = {label: sum(s[label] for s in free) / len(free) for label in LABELS}
+    generative = reply.data["generative"]
+    assert generative["prior"] == pytest.approx(prior, rel=1e-4)
+    raw = shares(text)
+    assert generative["probs"] == pytest.approx(raw, rel=1e-4)
+    weighted = {label: raw[label] / prior[label] for label in LABELS}
+    want = {label: w / sum(weighted.values()) for label, w in weighted.items()}
+    assert generative["calibrated"] == pytest.approx(want, rel=1e-4)
+    assert "Forced choice" in reply.text and "not how sure the model is" in reply.text
+    assert "Label prior" in reply.text and "Zhao et al. 2021" in reply.text
+    assert reply.table is not None and "confidence" not in reply.table.headers
+    assert [row[0] for row in reply.table.rows][-1] == "generative, calibrated"
