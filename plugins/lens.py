@@ -413,8 +413,8 @@ async def lens(ctx: Context, prompt: str, knockout: str, layer: int | None, head
     if knockout != "none" and result.kl_bits is not None and result.answer_after is not None:
         cut = what_was_cut(knockout, layer, head)
         lines += [
-            f"Switched off: {cut}. The answer “{answer}” went from {result.answer.prob:.1%} to "
-            f"{result.answer_after:.1%}; the distribution moved by {result.kl_bits:.3f} bits (KL divergence).",
+            f"Switched off: {cut}. The answer “{answer}” went from {percent(result.answer.prob)} to "
+            f"{percent(result.answer_after)}; the distribution moved by {result.kl_bits:.3f} bits (KL divergence).",
             KL_LINE,
         ]
         fields += [

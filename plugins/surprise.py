@@ -25,7 +25,7 @@ from bot import (
     hookimpl,
 )
 from bot.charts import render, shaded_text, show_bytes
-from plugins.ngram import UNKNOWN, NgramModel, builtin_corpus, comparability_warnings, sentences
+from plugins.ngram import UNKNOWN, NgramModel, amount, builtin_corpus, comparability_warnings, sentences
 
 LN2 = math.log(2)
 MAX_TOKENS = 120  # one chart of shaded text, and a reply that fits Discord
@@ -220,15 +220,16 @@ async def surprise(ctx: Context, text: str, ngram: bool) -> Reply:
             neural_per_word = math.exp(-sum(result.logprobs) / len(scored.words))
             lines.append(
                 f"The {NGRAM_ORDER}-gram model of /ngram (counted from its small built-in corpus) scores the same "
-                f"text word by word: perplexity {scored.perplexity:.1f} per word, against {neural_per_word:.1f} per "
-                f"word for {short(result.model)}. It only knows the words it counted, and only one word back."
+                f"text word by word: perplexity {amount(scored.perplexity)} per word, against "
+                f"{amount(neural_per_word)} per word for {short(result.model)}. "
+                "It only knows the words it counted, and only one word back."
             )
             lines.append(
                 "Can the two be compared? "
                 + ("No: " + " ".join(scored.warnings) if scored.warnings else "Yes: every word occurs in its counts.")
             )
-            fields.append(Field(f"{NGRAM_ORDER}-gram perplexity", f"{scored.perplexity:.1f} per word"))
-            fields.append(Field("neural perplexity", f"{neural_per_word:.1f} per word"))
+            fields.append(Field(f"{NGRAM_ORDER}-gram perplexity", f"{amount(scored.perplexity)} per word"))
+            fields.append(Field("neural perplexity", f"{amount(neural_per_word)} per word"))
             if scored.unknown:
                 unknown = ", ".join(scored.unknown)
                 fields.append(Field("unknown to the n-gram model (scored as <unk>)", unknown[:1000], inline=False))
