@@ -77,9 +77,9 @@ LARGE = ((1e12, "trillion"), (1e9, "billion"), (1e6, "million"))
 
 
 def readable(factor: float) -> str:
-    """A factor ≥ 1 as a student reads it aloud: 2.7, 380, 5,420, 3.1 million, about 10²³."""
+    """A factor ≥ 1 as a student reads it aloud: 2.72, 380, 5,420, 3.1 million, about 10²³."""
     if factor < 10:
-        return f"{factor:.2g}"
+        return f"{factor:.3g}"  # 1.03× and 1.97× must not both read "2×"
     if factor < 1e6:
         return f"{float(f'{factor:.3g}'):,.0f}"  # three significant figures, digits grouped
     if factor < 1e15:

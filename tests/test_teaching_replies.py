@@ -532,7 +532,7 @@ async def test_nexttoken_explains_entropy_with_a_number_a_student_can_check(  # 
 
 def test_nsp_ratios_read_as_plain_numbers() -> None:
     assert times(math.log(5420)) == "5,420×" and times(-math.log(5420)) == "1/5,420×"
-    assert times(math.log(2.7183)) == "2.7×" and times(math.log(0.5)) == "0.5×"
+    assert times(math.log(2.7183)) == "2.72×" and times(math.log(1.03)) == "1.03×" and times(math.log(0.5)) == "0.5×"
     assert times(math.log(3.1e6)) == "3.1 million×" and times(-math.log(4.2e9)) == "1/4.2 billion×"
     assert times(60) == "about 10²⁶×"
 
