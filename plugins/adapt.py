@@ -249,13 +249,16 @@ async def adapt(ctx: Context, text: str, train: bool) -> Reply:
     images = []
     run: LoraRun | None = None
     mode = str(ctx.config.plugins.options.get("adapt", {}).get("training", "gpu"))
+    untrained = ""  # why train:true trained nothing; said in the text, not only in a field
     if train and mode == "never":
-        fields.append(Field("LoRA training", "Training is turned off on this bot.", inline=False))
+        untrained = "Training is turned off on this bot."
+        fields.append(Field("LoRA training", untrained, inline=False))
     elif train:
         # Training takes longer than a forward pass: a longer deadline than other requests.
         deadline = ctx.config.inference.request_timeout_s * 5
         run = await ctx.inference.submit(training_request(text, allow_cpu=mode == "always"), timeout=deadline)
         if run.refused:
+            untrained = run.refused
             fields.append(Field("LoRA training", run.refused, inline=False))
         else:
             fields += [
@@ -284,6 +287,12 @@ async def adapt(ctx: Context, text: str, train: bool) -> Reply:
             "adapted weight matrix (d_out × d_in) gets two thin ones beside it, d_out × r and r × d_in, so the "
             "trainable count grows in proportion to r. At the end: both prompts exactly as the model reads them, "
             "with its greedy 3-token answer (the likeliest token at each step) in «…» (green)."
+            + (
+                f"\nNothing was trained: {untrained} No weights changed, so there is no after-LoRA answer to "
+                "compare; the table only counts what LoRA would train."
+                if untrained
+                else ""
+            )
         ),
         fields=fields,
         table=Table(["LoRA on", "r", "trainable", "total", "share"], rows, align="lrrrr"),
@@ -298,6 +307,7 @@ async def adapt(ctx: Context, text: str, train: bool) -> Reply:
             "prompt_ms": prompt_ms,
             "lora": [row.__dict__ for row in lora.rows],
             "lora_run": run.__dict__ if run is not None else None,
+            "trained": bool(run is not None and not run.refused),
         },
     )
 

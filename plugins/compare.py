@@ -7,9 +7,9 @@ import re
 import time
 import unicodedata
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from bot import (
     MASK,
@@ -150,6 +150,55 @@ def named_hidden(text: str, hide: str) -> tuple[int, int, str]:
     return start, end, "the part you named" + (" (its last occurrence)" if len(whole) > 1 else "")
 
 
+@dataclass(frozen=True)
+class HiddenWord(Request):
+    """The hidden word's own probability after ``context`` (causal LM): its first token's probability
+    and rank among every token, and the whole word's probability (all its tokens in turn)."""
+
+    context: str
+    continuation: str  # what follows the context: the gap before the word, then the word
+    task: ClassVar[str] = "plugins.compare:hidden_word"
+
+    def texts(self) -> list[str]:
+        return [self.context + self.continuation]
+
+
+@dataclass(frozen=True)
+class HiddenWordResult:
+    model: str
+    first_prob: float  # P(first token of the word | context)
+    first_rank: int  # 1 = the model's top guess
+    word_prob: float  # P(every token of the word, in turn | context)
+    tokens: int  # how many tokens the word takes here
+    vocabulary: int
+
+
+def hidden_word(model: Any, tokenizer: Any, batch: Sequence[HiddenWord]) -> list[HiddenWordResult]:
+    """Runs in the worker, one text at a time (each is a single short forward)."""
+    import torch
+
+    results = []
+    for request in batch:
+        context = list(tokenizer(request.context)["input_ids"])
+        full = list(tokenizer(request.context + request.continuation)["input_ids"])
+        # Merges across the boundary are rare; the word's tokens are what follows the context's own.
+        same = 0
+        while same < min(len(context), len(full)) and context[same] == full[same]:
+            same += 1
+        start = min(same, len(context))
+        word = full[start:] or full[-1:]
+        ids = torch.tensor([context[:start] + word], device=model.device)
+        logp = torch.log_softmax(model(input_ids=ids).logits[0].float(), dim=-1)
+        steps = [logp[start - 1 + n, token] for n, token in enumerate(word)]
+        first = logp[start - 1]
+        first_prob = float(steps[0].exp())
+        rank = int((first > steps[0]).sum()) + 1
+        results.append(
+            HiddenWordResult("", first_prob, rank, float(torch.stack(steps).sum().exp()), len(word), first.shape[-1])
+        )
+    return results
+
+
 def short(model: str) -> str:
     """A model's name without the note in brackets, for chart titles."""
     return model.split(" (")[0][:40]
@@ -227,6 +276,20 @@ async def compare(ctx: Context, text: str, hide: str | None, k: int) -> Reply:
         )
     )
     fields.append(Field("causal LM guesses", ", ".join(causal_labels)))
+    context = left.rstrip()
+    own: HiddenWordResult = await ctx.inference.submit(HiddenWord(context, left[len(context) :] + word))
+    fields.append(
+        Field(
+            f"the hidden word “{word[:40]}” itself, for the causal LM",
+            f"first token: probability {own.first_prob:.2%}, rank {own.first_rank:,} of {own.vocabulary:,} tokens"
+            + (
+                f"; the whole word ({own.tokens} tokens): {own.word_prob:.2%}"
+                if own.tokens > 1
+                else " (the word is one token)"
+            ),
+            inline=False,
+        )
+    )
     fields.append(
         Field("causal LM continues the text before the hidden word with", continued[:1000] or "∅", inline=False)
     )
@@ -234,6 +297,10 @@ async def compare(ctx: Context, text: str, hide: str | None, k: int) -> Reply:
         "model": causal.model,
         "top": [token_record(t) for t in causal.top],
         "continuation": continued,
+        "hidden_first_token_prob": own.first_prob,
+        "hidden_first_token_rank": own.first_rank,
+        "hidden_word_prob": own.word_prob,
+        "hidden_word_tokens": own.tokens,
         "seconds": causal_s,
         "warm": True,
     }
@@ -250,6 +317,17 @@ async def compare(ctx: Context, text: str, hide: str | None, k: int) -> Reply:
         masked_labels = [token_label(t.token, t.raw) for t in top]
         panels.append((f"{short(masked.model)} reads both sides", masked_labels, [t.prob for t in top]))
         fields.append(Field("masked LM guesses", ", ".join(masked_labels) or "∅"))
+        wanted = word.strip().casefold()
+        place = next((n for n, t in enumerate(top, 1) if token_text(t.token, t.raw).strip().casefold() == wanted), None)
+        fields.append(
+            Field(
+                f"the hidden word “{word[:40]}” itself, for the masked LM",
+                f"guess {place} of its top {k}, probability {top[place - 1].prob:.2%}"
+                if place is not None
+                else f"not among its top {k} guesses (a word of several tokens cannot be one guess)",
+                inline=False,
+            )
+        )
         data["masked"] = {
             "model": masked.model,
             "top": [token_record(t) for t in top],

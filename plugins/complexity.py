@@ -189,7 +189,14 @@ def measured_verdict(measured: Sequence[tuple[int, LayerTimes]], d: int) -> str:
     slower = [n for n, t in measured if t.attention_ms > t.recurrent_ms]
     faster = [n for n, t in measured if t.attention_ms <= t.recurrent_ms]
     start = slower_from(measured)
-    if not slower:
+    if len(measured) == 1:
+        # One point has no trend: say what was measured there and nothing about "every length".
+        n = measured[0][0]
+        verdict = (
+            f"Measured at one length only (n = {n:,}): attention was {'slower' if slower else 'faster'} than the "
+            "GRU there. One point shows no growth; give more lengths that can be timed to see how time grows."
+        )
+    elif not slower:
         verdict = "Measured, attention was faster than the GRU at every timed length."
     elif not faster:
         verdict = f"Measured, attention was slower than the GRU at every timed length (n = {listing(slower)})."
@@ -321,39 +328,48 @@ async def complexity(ctx: Context, lengths: str, width: int) -> Reply:
             "the counts need no measurement."
         )
 
-    if measured:
-        series = [
-            ("self-attention (measured)", [n for n, _ in measured], [t.attention_ms for _, t in measured], "o-"),
-            ("GRU (measured)", [n for n, _ in measured], [t.recurrent_ms for _, t in measured], "s-"),
-        ]
-        if reference_n2:
-            xs = [n for n, _ in measured]
-            series += [
-                ("∝ n² (through the longest)", xs, reference_n2, "--"),
-                ("∝ n (through the longest)", xs, reference_n, ":"),
-            ]
-        chart = await render(
-            line_chart,
-            series,
-            title=f"One layer, width {width}, on {device}",
-            xlabel="sequence length (tokens)",
-            ylabel="milliseconds per forward pass",
-            filename="complexity.png",
-        )
-    else:
-        attention_total = [projection_macs(n, d) + pair_macs(n, d) for n in ns]
-        chart = await render(
+    # The counts are always charted (they need no measurement); the timings only from two timed
+    # lengths on, since one point is no curve and would invite a trend it cannot show.
+    attention_total = [projection_macs(n, d) + pair_macs(n, d) for n in ns]
+    charted = ["counts"]
+    images = [
+        await render(
             line_chart,
             [
                 ("GRU 6·n·d²", ns, [recurrent_macs(n, d) for n in ns], "s-"),
                 ("attention 4·n·d² + 2·n²·d", ns, attention_total, "o-"),
-                ("attention pairs 2·n²·d", ns, [pair_macs(n, d) for n in ns], "--"),
+                ("attention pairs 2·n²·d (the n² part)", ns, [pair_macs(n, d) for n in ns], "--"),
             ],
-            title=f"One layer, width {width}: counted, not timed",
+            title=f"One layer, width {width}: counted multiply-accumulates",
             xlabel="sequence length (tokens)",
             ylabel="multiply-accumulates per forward pass",
-            filename="complexity.png",
+            filename="complexity-counts.png",
         )
+    ]
+    if len(measured) > 1:
+        series = [
+            ("self-attention (measured)", [n for n, _ in measured], [t.attention_ms for _, t in measured], "o-"),
+            ("GRU (measured)", [n for n, _ in measured], [t.recurrent_ms for _, t in measured], "s-"),
+        ]
+        xs = [n for n, _ in measured]
+        series += [
+            ("∝ n² (through the longest)", xs, reference_n2, "--"),
+            ("∝ n (through the longest)", xs, reference_n, ":"),
+        ]
+        charted.insert(0, "timings")
+        images.insert(
+            0,
+            await render(
+                line_chart,
+                series,
+                title=f"One layer, width {width}, on {device}: measured",
+                xlabel="sequence length (tokens)",
+                ylabel="milliseconds per forward pass",
+                filename="complexity.png",
+            ),
+        )
+    elif measured:
+        lines.append("Only one length was timed, so its time is in the table and only the counts are charted.")
     return Reply(
         title="Self-attention vs recurrence",
         text="\n".join(lines),
@@ -368,8 +384,9 @@ async def complexity(ctx: Context, lengths: str, width: int) -> Reply:
             Field("heads", str(HEADS)),
             Field("budget", f"{short(budget)} multiply-accumulates per request"),
         ],
-        images=[chart],
+        images=images,
         data={
+            "charted": charted,
             "device": device,
             "width": width,
             "heads": HEADS,

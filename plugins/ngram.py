@@ -164,6 +164,37 @@ class NgramModel:
         return -math.inf if min(probs, default=1.0) == 0 else sum(math.log(p) for p in probs)
 
 
+def comparability_warnings(model: NgramModel, held: list[list[str]], corpus: list[list[str]]) -> list[str]:
+    """Why the n-gram model's perplexity on ``held`` cannot be set beside a neural model's (empty
+    when it can): words it never counted (all lumped into one cheap <unk> outcome), and held-out
+    sentences it counted itself (a memorised sentence scores well without any generalisation).
+    Every reply that shows the two perplexities side by side says this."""
+    flat = [w for sentence in held for w in sentence]
+    unseen = [w for w in flat if w not in model.word_types]
+    warnings = []
+    if unseen:
+        warnings.append(
+            f"{len(unseen)} held-out {'word is' if len(unseen) == 1 else 'words are'} unknown to the n-gram model: "
+            f"it chooses among only {len(model.vocab):,} outcomes and lumps every unseen word into {UNKNOWN}, "
+            "while the neural model must spell each word out of its whole vocabulary. "
+            "Its perplexity looks better than it is, so the two are not comparable."
+        )
+    counted = {tuple(sentence) for sentence in corpus}
+    memorised = [s for s in held if tuple(s) in counted]
+    if memorised:
+        one = len(memorised) == 1
+        which = (
+            "The held-out sentence is"
+            if len(held) == 1
+            else f"{len(memorised)} of the {len(held)} held-out sentences {'is' if one else 'are'}"
+        )
+        warnings.append(
+            f"{which} itself in the counted text, so the n-gram model has memorised {'it' if one else 'them'}: "
+            "its low perplexity there is recall, not generalisation, so the two are not comparable."
+        )
+    return warnings
+
+
 def smoothing_text(k: float, vocab_size: int) -> str:
     if k == 0:
         return (
@@ -289,26 +320,7 @@ async def ngram(ctx: Context, context: str, n: int, text: str | None, sentence: 
     if unseen:
         shown = joined([f"“{w}”" for w in dict.fromkeys(unseen)], ", ", 300)
         oov_value += f": {shown}. The n-gram model scores each one as {UNKNOWN}."
-    warnings = []
-    if unseen:
-        warnings.append(
-            f"{len(unseen)} held-out {'word is' if len(unseen) == 1 else 'words are'} unknown to the n-gram model: "
-            f"it chooses among only {len(model.vocab):,} outcomes and lumps every unseen word into {UNKNOWN}, "
-            "while the neural model must spell each word out of its whole vocabulary. "
-            "Its perplexity looks better than it is, so the two are not comparable."
-        )
-    memorised = [s for s in held_sentences if s in corpus]
-    if memorised:
-        one = len(memorised) == 1
-        which = (
-            "The held-out sentence is"
-            if len(held_sentences) == 1
-            else f"{len(memorised)} of the {len(held_sentences)} held-out sentences {'is' if one else 'are'}"
-        )
-        warnings.append(
-            f"{which} itself in the counted text, so the n-gram model has memorised {'it' if one else 'them'}: "
-            "that is not held out."
-        )
+    warnings = comparability_warnings(model, held_sentences, corpus)
     compare_value = (
         ("No: " + " ".join(warnings) if warnings else "Yes: every held-out word occurs in the counted text.")
         + f" Both perplexities above are {unit}; the neural model really predicts "

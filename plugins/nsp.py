@@ -72,10 +72,29 @@ NATS = (
 )
 
 
+SUPERSCRIPT = str.maketrans("0123456789", "⁰¹²³⁴⁵⁶⁷⁸⁹")
+LARGE = ((1e12, "trillion"), (1e9, "billion"), (1e6, "million"))
+
+
+def readable(factor: float) -> str:
+    """A factor ≥ 1 as a student reads it aloud: 2.72, 380, 5,420, 3.1 million, about 10²³."""
+    if factor < 10:
+        return f"{factor:.3g}"  # 1.03× and 1.97× must not both read "2×"
+    if factor < 1e6:
+        return f"{float(f'{factor:.3g}'):,.0f}"  # three significant figures, digits grouped
+    if factor < 1e15:
+        scale, word = next((s, w) for s, w in LARGE if factor >= s)
+        return f"{factor / scale:.3g} {word}"
+    return "about 10" + str(round(math.log10(factor))).translate(SUPERSCRIPT)
+
+
 def times(gain: float) -> str:
-    """e^gain in words: how many times as likely B became."""
-    factor = math.exp(max(min(gain, 700.0), -700.0))
-    return f"{factor:.3g}×" if factor >= 0.01 else f"1/{1 / factor:.3g}×"
+    """e^gain in words: how many times as likely B became (a fraction below 0.1 as 1/N)."""
+    gain = max(min(gain, 700.0), -700.0)
+    factor = math.exp(gain)
+    if factor >= 1:
+        return f"{readable(factor)}×"
+    return f"{factor:.2g}×" if factor >= 0.1 else f"1/{readable(1 / factor)}×"
 
 
 async def coherence(ctx: Context, first: str, second: str, why: str) -> Reply:

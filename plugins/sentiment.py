@@ -62,6 +62,51 @@ def distinct_events(forms: Sequence[str], tokens: Sequence[Sequence[str]]) -> li
     return keep
 
 
+# Inputs with no sentiment at all: what the prompt alone makes the LM say (contextual
+# calibration, Zhao et al. 2021, averages the label probabilities over a few such inputs).
+CONTENT_FREE = ("N/A", "", "[MASK]")
+FORCED_LINE = (
+    "Forced choice: both sides must pick one of the two labels, and each share is that label's share of the "
+    "two, not how sure the model is that the text has a sentiment at all: a neutral fact or sarcasm still "
+    "gets a label, often with a high share."
+)
+
+
+@dataclass(frozen=True)
+class LabelReading:
+    """The prompted LM's reading of one input: each form's probability, the label masses and shares."""
+
+    scores: list[Any]
+    form_probs: dict[str, float]
+    counted: list[bool]
+    mass: dict[str, float]
+    covered: float
+    probs: dict[str, float]  # renormalised over the two labels
+
+
+async def read_labels(ctx: Context, text: str) -> LabelReading:
+    """P(each way of writing each label | the prompt around ``text``), summed per label, renormalised."""
+    prompt = PROMPT.format(text=text)
+    forms = [form for label in LABELS for form in surface_forms(label)]
+    scores = list(await asyncio.gather(*(ctx.inference.submit(Score(f, context=prompt)) for f in forms)))
+    counted = distinct_events(forms, [s.tokens for s in scores])
+    form_probs = {f: math.exp(sum(s.logprobs)) for f, s in zip(forms, scores, strict=True)}
+    mass = {
+        label: sum(form_probs[f] for f, keep in zip(forms, counted, strict=True) if keep and f in surface_forms(label))
+        for label in LABELS
+    }
+    covered = sum(mass.values())
+    probs = {label: (mass[label] / covered if covered > 0 else 0.5) for label in LABELS}
+    return LabelReading(scores, form_probs, counted, mass, covered, probs)
+
+
+def calibrated(probs: dict[str, float], prior: dict[str, float]) -> dict[str, float]:
+    """Contextual calibration: each label's share divided by its share on content-free inputs, renormalised."""
+    weighted = {label: probs[label] / prior[label] if prior[label] > 0 else 0.0 for label in LABELS}
+    total = sum(weighted.values())
+    return {label: (w / total if total > 0 else 0.5) for label, w in weighted.items()}
+
+
 @functools.cache
 def training_set() -> list[tuple[str, str]]:
     """The plugin's own labelled sentences (label, text)."""
@@ -144,7 +189,12 @@ async def sentiment(ctx: Context, text: str) -> Reply:
     kind, disc_request, _ = await discriminative(ctx, text)
     prompt = PROMPT.format(text=text)
     forms = [form for label in LABELS for form in surface_forms(label)]
-    scores = list(await asyncio.gather(*(ctx.inference.submit(Score(f, context=prompt)) for f in forms)))
+    reading = await read_labels(ctx, text)
+    # One input at a time: each is 12 requests at once, and a user may only have so many waiting.
+    free = [await read_labels(ctx, blank) for blank in CONTENT_FREE]
+    prior = {label: sum(r.probs[label] for r in free) / len(free) for label in LABELS}
+    fixed = calibrated(reading.probs, prior)
+    fixed_label = max(fixed, key=fixed.__getitem__)
     # Like with like: one pass of each model over its input. The classifier reads the review once; the
     # LM reads the prompt once (plus one label word), which is all a system needs to read off the label
     # words' probabilities. The batch of forms above exists to show every form, and is not timed.
@@ -154,20 +204,15 @@ async def sentiment(ctx: Context, text: str) -> Reply:
     disc_probs = {label.lower(): p for label, p in zip(disc.labels, disc.probs, strict=True)}
     disc_label = max(disc_probs, key=disc_probs.__getitem__)
 
-    counted = distinct_events(forms, [s.tokens for s in scores])
-    form_probs = {f: math.exp(sum(s.logprobs)) for f, s in zip(forms, scores, strict=True)}
-    mass = {
-        label: sum(form_probs[f] for f, keep in zip(forms, counted, strict=True) if keep and f in surface_forms(label))
-        for label in LABELS
-    }
-    covered = sum(mass.values())
-    gen_probs = {label: (mass[label] / covered if covered > 0 else 0.5) for label in LABELS}
+    scores, counted, form_probs = reading.scores, reading.counted, reading.form_probs
+    mass, covered, gen_probs = reading.mass, reading.covered, reading.probs
     gen_label = max(gen_probs, key=gen_probs.__getitem__)
     generative_model = scores[0].model
 
     rows = [
         ["discriminative (classifier)", disc_label, f"{disc_probs[disc_label]:.3f}", ms(disc_s)],
         ["generative (prompted LM)", gen_label, f"{gen_probs[gen_label]:.3f}", ms(gen_s)],
+        ["generative, calibrated", fixed_label, f"{fixed[fixed_label]:.3f}", "same pass"],
     ]
     ranked = sorted(
         ((f, p) for (f, p), keep in zip(form_probs.items(), counted, strict=True) if keep), key=lambda fp: -fp[1]
@@ -184,9 +229,14 @@ async def sentiment(ctx: Context, text: str) -> Reply:
             "then renormalised over the two labels.\n"
             f"Times: one pass of each model over its input (the review; the prompt), median of {TIMED_RUNS} warm "
             "runs. Each model was loaded (and the offline classifier fitted) by an untimed first run, so they "
-            "compare answering only.\n" + MASS_LINE
+            "compare answering only.\n" + MASS_LINE + "\n" + FORCED_LINE + "\n"
+            f"Label prior: with no review at all (content-free inputs {', '.join(f'“{b}”' for b in CONTENT_FREE)}) "
+            "the prompt alone gives "
+            + " · ".join(f"{label} {prior[label]:.2f}" for label in LABELS)
+            + ". Calibrated: each label's share divided by its prior, renormalised (contextual calibration, "
+            "Zhao et al. 2021), so a label the prompt favours whatever the input does not win for free."
         ),
-        table=Table(["approach", "label", "confidence", "time"], rows, align="llrr"),
+        table=Table(["approach", "label", "share", "time"], rows, align="llrr"),
         fields=[
             Field("label words' share", f"{covered:.3f} of the LM's probability for what comes next"),
             Field(
@@ -194,6 +244,11 @@ async def sentiment(ctx: Context, text: str) -> Reply:
                 " · ".join(f"{label} {mass[label]:.3f}" for label in LABELS),
             ),
             Field("each form", forms_line, inline=False),
+            Field(
+                "label prior (content-free inputs)",
+                " · ".join(f"{label} {prior[label]:.3f}" for label in LABELS),
+            ),
+            Field("calibrated", " · ".join(f"{label} {fixed[label]:.3f}" for label in LABELS)),
             Field("discriminative model", disc.model or kind, inline=False),
             Field("generative model", generative_model, inline=False),
         ],
@@ -213,6 +268,9 @@ async def sentiment(ctx: Context, text: str) -> Reply:
                 "mass_covered": covered,
                 "logprobs": {label: math.log(m) if m > 0 else None for label, m in mass.items()},
                 "probs": gen_probs,
+                "content_free": list(CONTENT_FREE),
+                "prior": prior,
+                "calibrated": fixed,
                 "seconds": gen_s,
                 "timing": f"one pass over the prompt and one label form, median of {TIMED_RUNS} warm runs",
             },

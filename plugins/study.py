@@ -76,6 +76,10 @@ def ordered_topics(ctx: Context) -> list[Topic]:
     return sorted(ctx.app.registry.topics.values(), key=lambda t: (t.order, t.slug))
 
 
+YES = frozenset({"1", "yes", "y", "true", "on"})  # `try` beside a `name`: run that card's command
+NO = frozenset({"0", "no", "n", "false", "off"})
+
+
 def find_topic(ctx: Context, name: str) -> Topic:
     topics = ordered_topics(ctx)
     wanted = name.strip().lower()
@@ -145,8 +149,21 @@ def command_lines(lines: Sequence[str], limit: int = FIELD_VALUE) -> str:
 )
 async def topic(ctx: Context, name: str | None, **more: str | None) -> Reply:
     # "try" is a Python keyword, so it arrives through **more.
-    if more.get("try"):
-        return await _try(ctx, str(more["try"]))
+    chosen = str(more.get("try") or "").strip()
+    if chosen and not name:
+        return await _try(ctx, chosen)
+    if chosen and name:
+        # With a name, `try` reads as yes/no for that card (`name:ngrams try:1`); a topic it names
+        # must be the same one, never a different card run silently in its place.
+        card = find_topic(ctx, name)
+        if chosen.lower() not in NO:
+            if chosen.lower() not in YES and find_topic(ctx, chosen).slug != card.slug:
+                other = find_topic(ctx, chosen)
+                raise UserError(
+                    f"`name` is {card.slug} but `try` is {other.slug}: give one topic "
+                    f"(e.g. `/topic name:{card.slug} try:yes`)."
+                )
+            return await _try(ctx, card.slug)
     if not name:
         topics = ordered_topics(ctx)
         rows = [[str(n), t.slug, t.title, t.try_command.split(" ")[0]] for n, t in enumerate(topics, 1)]

@@ -25,7 +25,7 @@ from bot import (
     hookimpl,
 )
 from bot.charts import render, shaded_text, show_bytes
-from plugins.ngram import UNKNOWN, NgramModel, builtin_corpus, sentences
+from plugins.ngram import UNKNOWN, NgramModel, amount, builtin_corpus, comparability_warnings, sentences
 
 LN2 = math.log(2)
 MAX_TOKENS = 120  # one chart of shaded text, and a reply that fits Discord
@@ -146,11 +146,13 @@ class NgramScores:
     bits: list[float]
     unknown: list[str]
     perplexity: float  # per word, as /ngram computes it
+    warnings: list[str]  # why this perplexity is not comparable with the neural model's (empty: it is)
 
 
 def ngram_scores(text: str) -> NgramScores | None:
     """The text scored word by word by /ngram's bigram model on its built-in corpus."""
-    model = NgramModel.fit(sentences(builtin_corpus()), NGRAM_ORDER, NGRAM_SMOOTHING)
+    corpus = sentences(builtin_corpus())
+    model = NgramModel.fit(corpus, NGRAM_ORDER, NGRAM_SMOOTHING)
     held = sentences(text)
     found = [word for sentence in held for word in sentence]
     if not found:
@@ -159,7 +161,7 @@ def ngram_scores(text: str) -> NgramScores | None:
     bits = [-math.log2(step.prob) for step in steps]
     unknown = sorted({step.word for step in steps if step.scored_as == UNKNOWN})
     perplexity = 2 ** (sum(bits) / len(found))
-    return NgramScores(found, bits, unknown, perplexity)
+    return NgramScores(found, bits, unknown, perplexity, comparability_warnings(model, held, corpus))
 
 
 @command(
@@ -220,11 +222,16 @@ async def surprise(ctx: Context, text: str, ngram: bool) -> Reply:
             neural_per_word = math.exp(-sum(result.logprobs) / len(scored.words))
             lines.append(
                 f"The {NGRAM_ORDER}-gram model of /ngram (counted from its small built-in corpus) scores the same "
-                f"text word by word: perplexity {scored.perplexity:.1f} per word, against {neural_per_word:.1f} per "
-                f"word for {short(result.model)}. It only knows the words it counted, and only one word back."
+                f"text word by word: perplexity {amount(scored.perplexity)} per word, against "
+                f"{amount(neural_per_word)} per word for {short(result.model)}. "
+                "It only knows the words it counted, and only one word back."
             )
-            fields.append(Field(f"{NGRAM_ORDER}-gram perplexity", f"{scored.perplexity:.1f} per word"))
-            fields.append(Field("neural perplexity", f"{neural_per_word:.1f} per word"))
+            lines.append(
+                "Can the two be compared? "
+                + ("No: " + " ".join(scored.warnings) if scored.warnings else "Yes: every word occurs in its counts.")
+            )
+            fields.append(Field(f"{NGRAM_ORDER}-gram perplexity", f"{amount(scored.perplexity)} per word"))
+            fields.append(Field("neural perplexity", f"{amount(neural_per_word)} per word"))
             if scored.unknown:
                 unknown = ", ".join(scored.unknown)
                 fields.append(Field("unknown to the n-gram model (scored as <unk>)", unknown[:1000], inline=False))
@@ -245,6 +252,8 @@ async def surprise(ctx: Context, text: str, ngram: bool) -> Reply:
                 "unknown": scored.unknown,
                 "perplexity_per_word": scored.perplexity,
                 "neural_perplexity_per_word": neural_per_word,
+                "comparable": not scored.warnings,
+                "not_comparable_because": scored.warnings,
             }
     chart = await render(
         shaded_text,

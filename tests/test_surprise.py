@@ -174,3 +174,27 @@ def test_shaded_text_draws_literal_text() -> None:
         colorbar="bits",
     )
     assert image.data.startswith(b"\x89PNG") and image.description == "$5 and $6"
+
+
+async def test_surprise_says_when_the_two_perplexities_are_not_comparable(app_factory, tiny_gpt2: Path) -> None:  # type: ignore[no-untyped-def]
+    # One judgement, shared with /ngram: unknown words (all lumped into <unk>) and a memorised
+    # corpus sentence both make the n-gram's per-word perplexity look better than it is.
+    app = app_factory({"causal_lm": tiny_gpt2})
+    corpus = sentences(builtin_corpus())
+    cases = {
+        "Zyx qwv plomb frax.": ("unknown to the n-gram model", False),
+        "The cat sat on the mat.": ("memorised", False),
+        "The cat sat on the rug.": ("", True),
+    }
+    assert sentences("The cat sat on the mat.")[0] in corpus
+    assert sentences("The cat sat on the rug.")[0] not in corpus
+    for text, (reason, comparable) in cases.items():
+        reply = await app.execute("surprise", {"text": text, "ngram": True}, app.local_context())
+        assert not reply.error, reply.text
+        same = await app.execute("ngram", {"sentence": text}, app.local_context())
+        assert reply.data["ngram"]["comparable"] is comparable is same.data["comparable"]
+        if comparable:
+            assert "Can the two be compared? Yes" in reply.text
+        else:
+            assert "Can the two be compared? No" in reply.text and "not comparable" in reply.text
+            assert reason in reply.text

@@ -552,3 +552,87 @@ async def test_jargon_in_complexity_and_adapt_gets_a_plain_line(app_factory, tin
     for row in rows:
         per_rank = {other["r"]: other["trainable"] for other in rows if other["targets"] == row["targets"]}
         assert {r: t / r for r, t in per_rank.items()} == {r: row["trainable"] / row["r"] for r in per_rank}
+
+
+async def test_complexity_never_generalises_from_one_timed_length(app_factory, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """lengths:8,16384,32768 width:16 times n = 8 only: no "every timed length", no one-dot curve,
+    and the counted n² growth is charted beside the table."""
+    app = app_factory()
+    timed_as(app, monkeypatch, {8: (0.5, 0.2)})
+    reply = await app.execute_line("/complexity lengths:8,16384,32768 width:16")
+    assert not reply.error, reply.text
+    assert_fits_discord(reply)
+    assert reply.data["timed"] == [True, False, False]
+    assert "every timed length" not in reply.text
+    assert "Measured at one length only (n = 8)" in reply.text and "One point shows no growth" in reply.text
+    assert reply.data["charted"] == ["counts"]
+    assert [image.filename for image in reply.images] == ["complexity-counts.png"]
+    assert "counted" in reply.images[0].description
+
+
+async def test_complexity_charts_timings_and_counts_from_two_timed_lengths(app_factory, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    app = app_factory()
+    timed_as(app, monkeypatch, {16: (1.0, 2.0), 64: (3.0, 2.5)})
+    reply = await app.execute_line("/complexity lengths:16,64 width:16")
+    assert reply.data["charted"] == ["timings", "counts"]
+    assert [image.filename for image in reply.images] == ["complexity.png", "complexity-counts.png"]
+    assert all(image.data.startswith(b"\x89PNG") for image in reply.images)
+
+
+async def test_adapt_says_nothing_was_trained_when_the_worker_refuses(app_factory, tiny_gpt2: Path) -> None:  # type: ignore[no-untyped-def]
+    # On a CPU worker with the default setting, train:true trains nothing: the reply's text says so.
+    reply = await app_factory({"causal_lm": tiny_gpt2}).execute_line("/adapt text:ok train:true")
+    assert not reply.error and reply.data["lora_run"]["refused"]
+    assert reply.data["trained"] is False
+    assert "Nothing was trained" in reply.text and "No weights changed" in reply.text
+    untouched = await app_factory({"causal_lm": tiny_gpt2}).execute_line("/adapt text:ok")
+    assert "Nothing was trained" not in untouched.text and untouched.data["trained"] is False
+
+
+async def test_topic_try_beside_a_name_runs_that_card_or_says_why_not(app_factory) -> None:  # type: ignore[no-untyped-def]
+    app = app_factory()
+    topics = await app.execute_line("/topic")
+    slug = "transformers-vs-rnns"
+    assert topics.data["topics"][0] != slug  # so "1" read as a topic number would be another card
+    direct = await app.execute_line(app.registry.topics[slug].try_command)
+    for answer in ("1", "yes", "true", slug):
+        tried = await app.execute("topic", {"name": slug, "try": answer}, app.local_context())
+        assert not tried.error, tried.text
+        assert tried.data["lengths"] == direct.data["lengths"]
+    shown = await app.execute("topic", {"name": slug, "try": "no"}, app.local_context())
+    assert shown.data["topic"] == slug
+    other = await app.execute("topic", {"name": slug, "try": "ngrams"}, app.local_context())
+    assert other.error and "give one topic" in other.text
+    unknown = await app.execute("topic", {"name": "attention", "try": "1"}, app.local_context())
+    assert unknown.error and "attention" in unknown.text
+
+
+async def test_sentiment_says_forced_choice_and_calibrates_by_the_label_prior(
+    app_factory, tiny_classifier, tiny_gpt2
+) -> None:  # type: ignore[no-untyped-def]
+    """Contextual calibration (Zhao et al. 2021): the label shares on content-free inputs, from direct
+    forwards here, are the prior; the calibrated reading divides by it and renormalises."""
+    app = app_factory({"classifier": tiny_classifier, "causal_lm": tiny_gpt2})
+    text = "The meeting is at 3 pm."
+    reply = await app.execute_line(f"/sentiment text:{text}")
+    assert not reply.error, reply.text
+    assert_fits_discord(reply)
+
+    def shares(review: str) -> dict[str, float]:
+        forms = label_forms_reference(tiny_gpt2, PROMPT.format(text=review))
+        mass = {label: sum(p for f, p in forms.items() if f.strip().lower() == label) for label in LABELS}
+        return {label: m / sum(mass.values()) for label, m in mass.items()}
+
+    free = [shares(blank) for blank in ("N/A", "", "[MASK]")]
+    prior = {label: sum(s[label] for s in free) / len(free) for label in LABELS}
+    generative = reply.data["generative"]
+    assert generative["prior"] == pytest.approx(prior, rel=1e-4)
+    raw = shares(text)
+    assert generative["probs"] == pytest.approx(raw, rel=1e-4)
+    weighted = {label: raw[label] / prior[label] for label in LABELS}
+    want = {label: w / sum(weighted.values()) for label, w in weighted.items()}
+    assert generative["calibrated"] == pytest.approx(want, rel=1e-4)
+    assert "Forced choice" in reply.text and "not how sure the model is" in reply.text
+    assert "Label prior" in reply.text and "Zhao et al. 2021" in reply.text
+    assert reply.table is not None and "confidence" not in reply.table.headers
+    assert [row[0] for row in reply.table.rows][-1] == "generative, calibrated"

@@ -1,0 +1,193 @@
+"""/lens: every layer's guess equals transformers' own hidden states through the final norm and
+the output layer; a knock-out equals a model whose weights for that part are zeroed (written here,
+without hooks); batched and alone."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import transformers
+
+from plugins.lens import MAX_TOKENS, Lens, logit_lens
+from tests.plugin_helpers import assert_fits_discord, causal_reference
+
+TEXTS = ["The capital of France is", "Hi", "東京 is far 🙂, and the 🦜"]
+TOL = 2e-5
+
+
+def load(path: Path) -> tuple[Any, Any]:
+    tok = transformers.AutoTokenizer.from_pretrained(path)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return transformers.AutoModelForCausalLM.from_pretrained(path).eval(), tok
+
+
+def final_norm(model: Any) -> Any:
+    base = model.base_model
+    return base.norm if hasattr(base, "norm") else base.ln_f
+
+
+def reference_lens(model: Any, tok: Any, text: str) -> torch.Tensor:
+    """(layers + 1) × vocab probabilities at the last position, from output_hidden_states: index 0 is
+    what the first layer reads, 1..L-1 each layer's output (not yet normed), and the last is the
+    model's own logits (transformers applies the final norm to the last hidden state itself)."""
+    with torch.no_grad():
+        out = model(**tok(text, return_tensors="pt"), output_hidden_states=True)
+        states = out.hidden_states
+        layers = model.config.num_hidden_layers
+        rows = [model.lm_head(final_norm(model)(states[n][0, -1])) for n in range(layers)]
+        rows.append(out.logits[0, -1])
+    return torch.softmax(torch.stack(rows).float(), dim=-1)
+
+
+def zeroed(path: Path, knockout: str, layer: int, head: int | None = None) -> Any:
+    """A fresh copy of the model with one part's output weights set to zero."""
+    model, _ = load(path)
+    block = model.base_model.layers[layer - 1] if hasattr(model.base_model, "layers") else model.base_model.h[layer - 1]
+    gpt2 = not hasattr(block, "self_attn")
+    with torch.no_grad():
+        if knockout == "attention":
+            projection = block.attn.c_proj if gpt2 else block.self_attn.o_proj
+            projection.weight.zero_()
+            if projection.bias is not None:
+                projection.bias.zero_()
+        elif knockout == "mlp":
+            projection = block.mlp.c_proj if gpt2 else block.mlp.down_proj
+            projection.weight.zero_()
+            if projection.bias is not None:
+                projection.bias.zero_()
+        else:
+            assert head is not None
+            heads = model.config.num_attention_heads
+            if gpt2:  # Conv1D: weight is (in, out); the heads sit side by side along "in"
+                size = block.attn.c_proj.weight.shape[0] // heads
+                block.attn.c_proj.weight[(head - 1) * size : head * size, :] = 0
+            else:  # Linear: weight is (out, in)
+                size = block.self_attn.o_proj.weight.shape[1] // heads
+                block.self_attn.o_proj.weight[:, (head - 1) * size : head * size] = 0
+    return model
+
+
+@pytest.fixture(scope="module", params=["tiny_gpt2", "tiny_llama", "smollm_dir"])
+def causal_path(request) -> Path:  # type: ignore[no-untyped-def]
+    return request.getfixturevalue(request.param)
+
+
+@torch.inference_mode()
+def test_every_layer_equals_the_hidden_states_through_norm_and_head(causal_path: Path) -> None:
+    model, tok = load(causal_path)
+    batch = [Lens(text, k=4) for text in TEXTS]
+    together = logit_lens(model, tok, batch)
+    for request, got in zip(batch, together, strict=True):
+        alone = logit_lens(model, tok, [request])[0]
+        want = reference_lens(model, tok, request.text)
+        assert len(got.rows) == model.config.num_hidden_layers + 1
+        for result in (got, alone):
+            assert not result.problem
+            for layer, row in enumerate(result.rows):
+                top = torch.topk(want[layer], 4)
+                assert [g.id for g in row] == top.indices.tolist(), layer
+                assert [g.prob for g in row] == pytest.approx(top.values.tolist(), abs=TOL)
+            answer = int(want[-1].argmax())
+            assert result.answer is not None and result.answer.id == answer
+            assert result.answer_probs == pytest.approx(want[:, answer].tolist(), abs=TOL)
+        # The last layer is exactly /nexttoken's distribution.
+        nexttoken = causal_reference(causal_path, request.text)
+        assert got.answer is not None and got.answer.prob == pytest.approx(float(nexttoken.max()), abs=TOL)
+
+
+@pytest.mark.parametrize(("knockout", "layer", "head"), [("attention", 1, None), ("mlp", 2, None), ("head", 2, 2)])
+@torch.inference_mode()
+def test_a_knockout_equals_a_model_with_those_weights_zeroed(
+    causal_path: Path, knockout: str, layer: int, head: int | None
+) -> None:
+    model, tok = load(causal_path)
+    cut = zeroed(causal_path, knockout, layer, head)
+    batch = [Lens(text, k=5, knockout=knockout, layer=layer, head=head) for text in TEXTS]
+    together = logit_lens(model, tok, batch)
+    for request, got in zip(batch, together, strict=True):
+        alone = logit_lens(model, tok, [request])[0]
+        before = reference_lens(model, tok, request.text)
+        after = reference_lens(cut, tok, request.text)
+        p, q = before[-1].double(), after[-1].double()
+        kl = float((p * (p.log() - q.log())).sum()) / math.log(2)
+        answer = int(p.argmax())
+        for result in (got, alone):
+            assert not result.problem
+            top = torch.topk(after[-1], 5)
+            assert [g.id for g in result.after] == top.indices.tolist()
+            assert [g.prob for g in result.after] == pytest.approx(top.values.tolist(), abs=TOL)
+            assert [g.id for g in result.before] == torch.topk(before[-1], 5).indices.tolist()
+            assert result.answer_after == pytest.approx(float(q[answer]), abs=TOL)
+            assert result.kl_bits == pytest.approx(kl, abs=1e-4)
+            assert result.knocked_answer_probs == pytest.approx(after[:, answer].tolist(), abs=TOL)
+        # Nothing stays switched off: the served model answers as before.
+        plain = logit_lens(model, tok, [Lens(request.text, k=5)])[0].before
+        assert [(g.id, g.prob) for g in plain] == [(g.id, g.prob) for g in alone.before]
+
+
+@torch.inference_mode()
+def test_problems_are_reported_per_request(tiny_gpt2: Path) -> None:
+    model, tok = load(tiny_gpt2)
+    got = logit_lens(
+        model,
+        tok,
+        [
+            Lens("word " * (MAX_TOKENS + 5)),
+            Lens("Hi", knockout="mlp", layer=3),
+            Lens("Hi", knockout="head", layer=1, head=9),
+            Lens("Hi", knockout="head", layer=1),
+            Lens("Hi", knockout="attention"),
+        ],
+    )
+    assert f"at most {MAX_TOKENS}" in got[0].problem
+    assert got[1].problem == "This model has 2 layers: `layer` must be 1 to 2."
+    assert got[2].problem == "This model has 2 heads per layer: `head` must be 1 to 2."
+    assert "which head" in got[3].problem and "which layer" in got[4].problem
+
+
+# ----------------------------------------------------------------------------- the command
+
+
+async def test_lens_command_through_the_service(app_factory, tiny_llama: Path) -> None:  # type: ignore[no-untyped-def]
+    app = app_factory({"causal_lm": tiny_llama})
+    prompt = TEXTS[0]
+    reply = await app.execute_line(f"/lens prompt:{prompt}")
+    assert not reply.error, reply.text
+    assert_fits_discord(reply)
+    assert reply.images[0].filename == "lens.png" and reply.images[0].data.startswith(b"\x89PNG")
+    model, tok = load(tiny_llama)
+    want = reference_lens(model, tok, prompt)
+    answer = int(want[-1].argmax())
+    assert reply.data["answer"]["id"] == answer
+    assert reply.data["answer_probs"] == pytest.approx(want[:, answer].tolist(), abs=TOL)
+    nexttoken = await app.execute_line(f"/nexttoken prompt:{prompt}")
+    assert nexttoken.data["top"][0]["id"] == answer
+    assert "Logit lens" in reply.text and "residual stream" in reply.text
+    cut = await app.execute_line(f"/lens prompt:{prompt} knockout:head layer:1 head:2")
+    assert not cut.error, cut.text
+    assert_fits_discord(cut)
+    after = reference_lens(zeroed(tiny_llama, "head", 1, 2), tok, prompt)
+    assert cut.data["answer_after"] == pytest.approx(float(after[-1, answer]), abs=TOL)
+    assert f"{cut.data['kl_bits']:.3f} bits" in cut.text and "KL divergence" in cut.text
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ("/lens prompt:Hi layer:1", "knockout:attention"),
+        ("/lens prompt:Hi knockout:mlp head:1 layer:1", "`head` needs `knockout:head`"),
+        ("/lens prompt:Hi knockout:head layer:1", "which head"),
+        ("/lens prompt:Hi knockout:attention layer:99", "layers: `layer` must be 1 to"),
+        ("/lens prompt:Hi knockout:everything", "must be one of"),
+        (f"/lens prompt:{'word ' * 70}", f"at most {MAX_TOKENS}"),
+    ],
+)
+async def test_lens_bad_input_gets_a_short_reply(app_factory, tiny_gpt2: Path, line: str, message: str) -> None:  # type: ignore[no-untyped-def]
+    reply = await app_factory({"causal_lm": tiny_gpt2}).execute_line(line)
+    assert reply.error and message in reply.text, reply.text
+    assert "Traceback" not in reply.text
