@@ -70,6 +70,9 @@ async def selfsignal(ctx, how: str) -> Reply:  # type: ignore[no-untyped-def]
         os.killpg(os.getpgrp(), signal.SIGINT)
     elif how == "to_thread":
         await asyncio.to_thread(os.kill, os.getpid(), signal.SIGINT)
+    elif how == "to_thread_wait":  # a handler waiting in to_thread for what never comes
+        RELEASE.entered.set()
+        await asyncio.to_thread(RELEASE.gate.wait)
     elif how == "raise":
         signal.raise_signal(signal.SIGINT)
     else:
@@ -231,3 +234,15 @@ async def test_a_command_run_without_ctx_from_a_handler_keeps_the_front_ends_loo
     direct = await app.ask("/whereis")
     from_handler = await app.ask("/nested")
     assert direct.data["home"] == from_handler.data["home"] == id(asyncio.get_running_loop())
+
+
+async def test_a_handler_waiting_in_to_thread_does_not_hold_the_exit(app: IsolatedApp, release: Release) -> None:
+    """Its worker is a daemon thread, and close() returns though the call never ends (`lmbot ask` exits)."""
+    waiting = asyncio.create_task(app.ask("/selfsignal how:to_thread_wait"))
+    await asyncio.to_thread(release.entered.wait)
+    workers = [t for t in threading.enumerate() if t.name.startswith("lmbot-plugin-careless-worker")]
+    assert workers and all(t.daemon for t in workers)
+    await app.close()  # returns while the worker still waits
+    assert all(t.is_alive() for t in workers)
+    release.gate.set()
+    waiting.cancel()
