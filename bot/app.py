@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import inspect
 import logging
 import threading
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
+from types import CodeType
 from typing import Any
 
 from bot import core
@@ -29,7 +31,7 @@ from bot.config import Config, check_paths, check_roles
 from bot.inference.client import InferenceClient, create_client
 from bot.inference.registry import BUILTIN_ROLES
 from bot.parsing import UsageError, parse_line
-from bot.plugin_loops import OnLoop, PluginLoops
+from bot.plugin_loops import Culprit, LoopThread, OnLoop, PluginLoops, culprit, on_plugin_thread
 from bot.plugins import PluginHost, PluginRecord, Registry, check_plugin_config
 
 log = logging.getLogger(__name__)
@@ -82,7 +84,10 @@ class App:
         self.running: dict[asyncio.Task[Any], tuple[str, str]] = {}
         self.stalls: dict[str, LoopStall] = {}
         self._stalls_lock = threading.Lock()
-        self.plugin_loops = PluginLoops(self.record_stall)
+        self.plugin_loops = PluginLoops(self.record_stall, culprit_of=self.culprit_on)
+        # The front end's loop, where the inference client lives: model requests made on a plugin's
+        # loop are sent there. Recorded at the first command run outside any plugin's thread.
+        self.home_loop: asyncio.AbstractEventLoop | None = None
 
     @property
     def plugin_records(self) -> list[PluginRecord]:
@@ -90,8 +95,12 @@ class App:
 
     def reload_plugin(self, name: str) -> PluginRecord:
         """Reload one plugin and rebuild the registry; on a conflict the old registry stays."""
-        record = self.host.reload(name)
-        self.registry = self.host.build_registry()
+        try:
+            record = self.host.reload(name)
+            self.registry = self.host.build_registry()
+        finally:
+            # A handler stuck on the plugin's loop would hold every later command: the next one gets a new loop.
+            self.plugin_loops.retire(name)
         return record
 
     def local_context(self) -> Context:
@@ -114,6 +123,15 @@ class App:
             count, longest = (old.count, old.longest_s) if old else (0, 0.0)
             self.stalls[plugin] = LoopStall(command, count + int(new or not old), max(longest, seconds), seconds)
 
+    def culprit_on(self, loop: LoopThread) -> Culprit:
+        """The command ``loop``'s thread runs now, its plugin, and where (:func:`~bot.plugin_loops.culprit`)."""
+        handlers: dict[CodeType, tuple[str, str]] = {}
+        for cmd in list(self.registry.commands.values()):
+            code = getattr(inspect.unwrap(cmd.handler), "__code__", None)
+            if code is not None:
+                handlers[code] = (cmd.name, cmd.plugin)
+        return culprit(loop.thread, loop.loop, handlers, self.running)
+
     async def execute(self, name: str, values: dict[str, Any], ctx: Context) -> Reply:
         """Run ``/name`` and return its Reply, whatever the handler does.
 
@@ -130,8 +148,11 @@ class App:
         if task is not None:
             self.running[task] = (name, cmd.plugin)
         # The front end's loop, where the inference client lives; a command a handler runs (a card's
-        # "Try it") runs on a plugin's loop but keeps the same home.
-        ctx = dataclasses.replace(ctx, home_loop=ctx.home_loop or asyncio.get_running_loop())
+        # "Try it", or execute_line without a ctx) runs on a plugin's loop but keeps the same home.
+        here = asyncio.get_running_loop()
+        if not on_plugin_thread() and (self.home_loop is None or self.home_loop.is_closed()):
+            self.home_loop = here
+        ctx = dataclasses.replace(ctx, home_loop=ctx.home_loop or self.home_loop or here)
         deadline = self.config.bot.command_timeout_s
         try:
             if cmd.plugin == "core":
@@ -163,6 +184,9 @@ class App:
     async def _invoke(self, cmd: Command, ctx: Context, values: dict[str, Any]) -> Reply:
         """The handler's call, where it runs: every exception it raises becomes a reply."""
         started = time.monotonic()
+        task = asyncio.current_task()
+        if task is not None:  # on the plugin's loop: the watchdog names the command this task runs
+            self.running[task] = (cmd.name, cmd.plugin)
         try:
             reply = await cmd.invoke(ctx, values)
             if not isinstance(reply, Reply):
@@ -191,6 +215,9 @@ class App:
                 error_kind="PluginError",
                 error_id=error_id,
             )
+        finally:
+            if task is not None:
+                self.running.pop(task, None)
 
     async def execute_text(self, name: str, texts: dict[str, str], ctx: Context) -> Reply:
         """Run a command from option text, converted as the console would (a pressed button)."""
@@ -214,5 +241,8 @@ class App:
         return await self.execute(cmd.name, values, ctx or self.local_context())
 
     async def close(self) -> None:
-        await asyncio.to_thread(self.plugin_loops.close)
-        await self.inference.close()
+        """Stop the plugins' loops (5 s for all), then the inference service, whatever the loops did."""
+        try:
+            await asyncio.to_thread(self.plugin_loops.close)
+        finally:
+            await self.inference.close()

@@ -8,6 +8,7 @@ the environment variable that holds them.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import tempfile
@@ -27,6 +28,8 @@ from pydantic import (
     field_validator,
 )
 from pydantic_core import ErrorDetails
+
+log = logging.getLogger(__name__)
 
 DEFAULT_PATH = "config.toml"
 ENV_VAR = "LMBOT_CONFIG"
@@ -349,11 +352,20 @@ def check_paths(config: Config) -> None:
     """Folders the bot will need, checked before it starts: one line naming the key if one is unusable.
 
     ``inference.cache_dir`` must be a folder the bot can write in (it is made if missing);
-    a ``[models]`` value written as a local path must exist.
+    a ``[models]`` value written as a local path must exist (with the local backend only: Ray's
+    workers read it on the cluster's machines, so here it is only a warning).
     """
     source = config.path or "<config>"
     for role, name in config.models.items():
         if name.startswith(LOCAL_PATH_PREFIXES) and not Path(os.path.expanduser(name)).exists():
+            if config.inference.backend == "ray":
+                log.warning(
+                    "%s: `%s`: no folder %s here; the Ray cluster's workers must have it",
+                    source,
+                    shown_key("models." + role),
+                    value_shown(name),
+                )
+                continue
             raise ConfigError(f"{source}: `{shown_key('models.' + role)}`: no such folder {value_shown(name)}")
     cache = config.cache_dir
     try:

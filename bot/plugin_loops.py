@@ -35,10 +35,13 @@ import contextlib
 import functools
 import logging
 import os
+import queue
 import signal
+import sys
 import threading
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Mapping
+from types import CodeType, FrameType
 from typing import Any, TypeVar
 
 log = logging.getLogger(__name__)
@@ -48,6 +51,80 @@ StallCallback = Callable[[str, str, float, bool], None]  # plugin, command, seco
 
 
 _plugin_thread = threading.local()
+
+
+def _mark_plugin_thread(plugin: str | None) -> None:
+    _plugin_thread.plugin = plugin
+
+
+def on_plugin_thread() -> bool:
+    """Whether the calling thread runs a plugin's code (its loop, or its loop's ``asyncio.to_thread`` workers)."""
+    return getattr(_plugin_thread, "plugin", None) is not None
+
+
+class PluginExecutor(concurrent.futures.ThreadPoolExecutor):
+    """A plugin loop's default executor (``asyncio.to_thread``): marked threads, daemon threads.
+
+    Marked: the self-signal guard refuses ``os.kill`` and friends there as on the loop's thread.
+    Daemon: a call that never returns is abandoned at exit, where ``ThreadPoolExecutor``'s own
+    workers are joined (and would keep ``lmbot ask`` alive). A subclass only because asyncio's
+    ``set_default_executor`` takes nothing else; its queue and threads are its own.
+    """
+
+    def __init__(self, plugin: str, max_workers: int | None = None) -> None:
+        super().__init__(max_workers, f"lmbot-plugin-{plugin}-worker", _mark_plugin_thread, (plugin,))
+        self._jobs: queue.SimpleQueue[tuple[concurrent.futures.Future[Any], Callable[..., Any], Any, Any] | None]
+        self._jobs = queue.SimpleQueue()
+        self._workers: list[threading.Thread] = []
+        self._idle_workers = threading.Semaphore(0)
+        self._closed = False
+        self._guard = threading.Lock()
+
+    def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> concurrent.futures.Future[T]:
+        with self._guard:
+            if self._closed:
+                raise RuntimeError("cannot schedule new futures after shutdown")
+            future: concurrent.futures.Future[T] = concurrent.futures.Future()
+            self._jobs.put((future, fn, args, kwargs))
+            if not self._idle_workers.acquire(timeout=0) and len(self._workers) < self._max_workers:
+                worker = threading.Thread(
+                    target=self._work, name=f"{self._thread_name_prefix}_{len(self._workers)}", daemon=True
+                )
+                self._workers.append(worker)
+                worker.start()
+            return future
+
+    def _work(self) -> None:
+        _mark_plugin_thread(*self._initargs)
+        while (job := self._jobs.get()) is not None:
+            future, fn, args, kwargs = job
+            if future.set_running_or_notify_cancel():
+                try:
+                    result = fn(*args, **kwargs)
+                except BaseException as exc:  # handed to the awaiting handler, as ThreadPoolExecutor does
+                    future.set_exception(exc)
+                else:
+                    future.set_result(result)
+            del job, future, fn, args, kwargs
+            self._idle_workers.release()
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        with self._guard:
+            self._closed = True
+            workers = list(self._workers)
+        if cancel_futures:
+            while True:
+                try:
+                    job = self._jobs.get_nowait()
+                except queue.Empty:
+                    break
+                if job is not None:
+                    job[0].cancel()
+        for _ in workers:
+            self._jobs.put(None)
+        if wait:
+            for worker in workers:
+                worker.join()
 
 
 def _refuse(what: str) -> None:
@@ -100,6 +177,10 @@ class LoopThread:
         if plugin is not None:
             guard_self_signals()
         self.loop = asyncio.new_event_loop()
+        # A plugin's to_thread calls run on marked daemon threads of its own (see PluginExecutor).
+        self.executor = PluginExecutor(plugin) if plugin is not None else None
+        if self.executor is not None:
+            self.loop.set_default_executor(self.executor)
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._stopping = threading.Event()
         self._started = False
@@ -133,17 +214,35 @@ class LoopThread:
 
     def stop(self, timeout: float = 10.0) -> None:
         """Stop the loop and wait for its thread (blocking: from a loop, use ``asyncio.to_thread``)."""
+        if self.request_stop():
+            self.join(time.monotonic() + timeout)
+
+    def request_stop(self) -> bool:
+        """Ask the loop to stop, without waiting; False if it was not running or already asked."""
         if not self._started or self._stopping.is_set():
-            return
+            return False
         self._stopping.set()
         with contextlib.suppress(RuntimeError):  # already closed
             self.loop.call_soon_threadsafe(self.loop.stop)
-        self._thread.join(timeout)
+        if self.executor is not None:
+            # Calls not started yet never will be; one still running is left to its daemon thread.
+            self.executor.shutdown(wait=False, cancel_futures=True)
+        return True
+
+    def join(self, deadline: float) -> bool:
+        """Wait until the thread ended or ``time.monotonic()`` passes ``deadline``; whether it ended."""
+        self._thread.join(max(0.0, deadline - time.monotonic()))
         if self._thread.is_alive():
-            log.warning("%s did not stop within %.0f s: a handler is still blocking it", self._thread.name, timeout)
+            log.warning(
+                "%s did not stop in time (a handler still blocks it, or its tasks did not end when cancelled); "
+                "its daemon thread is left behind",
+                self._thread.name,
+            )
+            return False
+        return True
 
     def _run(self) -> None:
-        _plugin_thread.plugin = self.plugin
+        _mark_plugin_thread(self.plugin)
         asyncio.set_event_loop(self.loop)
         while True:
             try:
@@ -159,7 +258,10 @@ class LoopThread:
             if pending:
                 self.loop.run_until_complete(asyncio.wait(pending, timeout=5))
             self.loop.run_until_complete(self.loop.shutdown_asyncgens())
-            self.loop.run_until_complete(self.loop.shutdown_default_executor())
+            if self.executor is not None:
+                self.executor.shutdown(wait=False, cancel_futures=True)  # a stuck call must not hold the exit
+            else:
+                self.loop.run_until_complete(self.loop.shutdown_default_executor())
         except BaseException:
             log.exception("could not tidy up %s", self._thread.name)
         finally:
@@ -175,15 +277,55 @@ class LoopThread:
         return ran
 
 
-class PluginLoops:
-    """One :class:`LoopThread` per plugin, started at the plugin's first command, and a watchdog."""
+Culprit = tuple[str | None, str | None, str]  # the command, its plugin, where the thread is
 
-    def __init__(self, on_stall: StallCallback, *, stall_after_s: float = 1.0, probe_every_s: float = 0.25) -> None:
+
+def culprit(
+    thread: threading.Thread,
+    loop: asyncio.AbstractEventLoop,
+    handlers: Mapping[CodeType, tuple[str, str]],
+    running: Mapping[asyncio.Task[Any], tuple[str, str]],
+) -> Culprit:
+    """The command (and its plugin) whose code ``thread``, which runs ``loop``, is running now, and where.
+
+    ``handlers``: each command's handler code; ``running``: the command each task runs. A frame of a
+    handler names it; else the task the loop runs (code a handler started as a task of its own).
+    """
+    frame: FrameType | None = sys._current_frames().get(thread.ident or -1)
+    where = f"{frame.f_code.co_filename}:{frame.f_lineno} in {frame.f_code.co_name}" if frame else "?"
+    while frame is not None:
+        if frame.f_code in handlers:
+            return (*handlers[frame.f_code], where)
+        frame = frame.f_back
+    with contextlib.suppress(RuntimeError):
+        task = asyncio.current_task(loop)
+        named = running.get(task) if task is not None else None  # .get: the loop's thread edits it
+        if named is not None:
+            return (*named, where)
+    return None, None, where
+
+
+class PluginLoops:
+    """One :class:`LoopThread` per plugin, started at the plugin's first command, and a watchdog.
+
+    ``culprit_of``: the command a blocked loop's thread is running (see :func:`culprit`); without
+    it, or when it finds none, the plugin's last submitted command is named.
+    """
+
+    def __init__(
+        self,
+        on_stall: StallCallback,
+        *,
+        stall_after_s: float = 1.0,
+        probe_every_s: float = 0.25,
+        culprit_of: Callable[[LoopThread], Culprit] | None = None,
+    ) -> None:
         self.on_stall = on_stall
         self.stall_after_s = stall_after_s
         self.probe_every_s = probe_every_s
+        self.culprit_of = culprit_of
         self._loops: dict[str, LoopThread] = {}
-        # The command each plugin ran last, per plugin: named when its loop is found blocked.
+        # The command each plugin ran last, per plugin: named when no running command is found.
         self.last_command: dict[str, str] = {}
         self._lock = threading.Lock()
         self._closed = threading.Event()
@@ -212,37 +354,66 @@ class PluginLoops:
         self.last_command[plugin] = command
         return loop.submit(coro)
 
+    def retire(self, plugin: str) -> bool:
+        """Stop ``plugin``'s loop without waiting (``/reload``): its next command starts a fresh one.
+
+        A handler stuck on the old loop keeps only the old (daemon) thread. Whether there was a loop.
+        """
+        with self._lock:
+            loop = self._loops.pop(plugin, None)
+        if loop is None:
+            return False
+        loop.request_stop()
+        log.info("the event loop of plugin %s was retired; its next command starts a new one", plugin)
+        return True
+
     def close(self, timeout: float = 5.0) -> None:
-        """Stop every plugin loop (blocking); a loop a handler still blocks is left to its daemon thread."""
+        """Stop every plugin loop (blocking, ``timeout`` for all together); a loop a handler still blocks
+        is left to its daemon thread."""
+        deadline = time.monotonic() + timeout
         with self._lock:
             self._closed.set()
             loops = list(self._loops.values())
+        for loop in loops:  # every loop told first, so that they all wind down at once
+            loop.request_stop()
         for loop in loops:
-            loop.stop(timeout)
+            loop.join(deadline)
         if self._watchdog is not None:
-            self._watchdog.join(timeout)
+            self._watchdog.join(max(0.0, deadline - time.monotonic()))
+
+    def _blame(self, plugin: str, loop: LoopThread) -> str:
+        if self.culprit_of is not None:
+            command, of_plugin, _ = self.culprit_of(loop)
+            if command is not None and of_plugin == plugin:
+                return command
+        return self.last_command.get(plugin, "?")
 
     def _watch(self) -> None:
         """Probe every loop; a late probe means plugin code blocks that loop: report it once it ends."""
-        blocked: dict[str, tuple[threading.Event, float, str, bool]] = {}  # plugin -> probe, posted, command, warned
+        # per loop (a retired plugin's new loop is another): probe, posted, plugin, command, warned
+        blocked: dict[LoopThread, tuple[threading.Event, float, str, str, bool]] = {}
         while not self._closed.wait(self.probe_every_s):
             with self._lock:
-                loops = dict(self._loops)
+                loops = {loop: plugin for plugin, loop in self._loops.items()}
+            for gone in blocked.keys() - loops.keys():
+                del blocked[gone]
             now = time.monotonic()
-            for plugin, loop in loops.items():
-                if plugin not in blocked:
-                    blocked[plugin] = (loop.probe(), now, self.last_command.get(plugin, "?"), False)
+            for loop, plugin in loops.items():
+                if loop not in blocked:
+                    blocked[loop] = (loop.probe(), now, plugin, "?", False)
                     continue
-                ran, posted, command, warned = blocked[plugin]
+                ran, posted, plugin, command, warned = blocked[loop]
                 if ran.is_set():
-                    del blocked[plugin]
+                    del blocked[loop]
                     seconds = now - posted
                     if seconds >= self.stall_after_s:
+                        command = command if warned else self._blame(plugin, loop)
                         log.warning(
                             "/%s (plugin %s) blocked its event loop for %.1f s in all", command, plugin, seconds
                         )
                         self.on_stall(plugin, command, seconds, not warned)
                 elif not warned and now - posted >= self.stall_after_s:
+                    command = self._blame(plugin, loop)
                     log.warning(
                         "/%s (plugin %s) has blocked its event loop for %.1f s: handlers must not block; use "
                         "asyncio.to_thread for slow code. Only this plugin's commands wait.",
@@ -251,7 +422,7 @@ class PluginLoops:
                         now - posted,
                     )
                     self.on_stall(plugin, command, now - posted, True)
-                    blocked[plugin] = (ran, posted, command, True)
+                    blocked[loop] = (ran, posted, plugin, command, True)
 
 
 class OnLoop:

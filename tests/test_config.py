@@ -160,3 +160,18 @@ def test_an_unusable_folder_fails_lmbot_plugins_with_one_line(
     assert main(["plugins", "--config", path]) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and message in err, err
+
+
+def test_a_model_folder_only_the_ray_cluster_has_is_accepted_with_a_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from bot.config import check_paths
+
+    toml = (
+        f"[models]\ncausal_lm = '/cluster/only/model'\n[inference]\nbackend = 'ray'\ncache_dir = '{tmp_path / 'c'}'\n"
+    )
+    check_paths(load_config(write(tmp_path, toml)))
+    assert "`models.causal_lm`: no folder (got '/cluster/only/model') here" in caplog.text
+    local = load_config(write(tmp_path, toml.replace("backend = 'ray'", "backend = 'local'")))
+    with pytest.raises(ConfigError, match="no such folder"):
+        check_paths(local)

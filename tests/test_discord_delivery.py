@@ -6,6 +6,7 @@ answer is posted in the channel; the student is never left on "thinking…".
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -83,3 +84,50 @@ async def test_a_private_answer_is_retried_but_never_made_public(harness: Harnes
     answers = [c for c in calls if token in c.path and "webhooks" in c.path and c.method != "DELETE"]
     assert [c.method for c in answers] == ["POST", "POST", "POST"]  # never an edit of the public message
     assert all(c.body["flags"] == EPHEMERAL and "There is no /nosuchcommand" in c.body["content"] for c in answers)
+
+
+async def test_the_thinking_message_of_a_private_answer_goes_only_once_the_answer_arrived(harness: Harness) -> None:
+    await start(harness)
+    harness.fake.fail_webhooks = [503, 503]
+    token = await harness.fake.interact("help", {"command": "nosuchcommand"})
+    calls = await harness.fake.wait_for(lambda calls: any(token in c.path and c.method == "DELETE" for c in calls))
+    ours = [c for c in calls if token in c.path and "webhooks" in c.path]
+    assert [(c.method, c.failed) for c in ours] == [("POST", True), ("POST", True), ("POST", False), ("DELETE", False)]
+
+
+# discord.py itself tries a webhook call 5 times on a 5xx: five 503s fail one try of ours.
+@pytest.mark.parametrize("storm", [[503] * 5])
+async def test_a_private_answer_past_the_window_leaves_a_public_note_naming_no_detail(
+    harness: Harness, storm: list[int | str]
+) -> None:
+    """No window to retry in: the "thinking…" message says the answer was private and to run it again."""
+    await start(harness, window_s=0.0)
+    harness.fake.fail_webhooks = list(storm)  # 5: the follow-up fails; 10: the edit that shows the note too
+    token = await harness.fake.interact("help", {"command": "nosuchcommand"})
+    note = "Your answer to /help is private and Discord would not deliver it; please run /help again."
+
+    def shows_note(c: Call) -> bool:
+        return not c.failed and isinstance(c.body, dict) and note in (c.body.get("content") or "")
+
+    calls = await harness.fake.wait_for(lambda calls: any(shows_note(c) for c in calls))
+    shown = next(c for c in calls if shows_note(c))
+    if len(storm) == 5:
+        assert shown.method == "PATCH" and token in shown.path and shown.body["content"] == note
+    else:
+        assert shown.path == f"/api/v10/channels/{CHANNEL_ID}/messages"
+    assert not (shown.body.get("flags") or 0) & EPHEMERAL and not shown.body.get("embeds")
+    public = [c for c in calls if c.method == "PATCH" or "/channels/" in c.path]
+    assert public and not any("nosuchcommand" in json.dumps(c.body) for c in public)
+    assert not [c for c in calls if token in c.path and c.method == "DELETE"]  # the note stays
+
+
+@pytest.mark.parametrize("storm", [[503] * 5 + [404]])
+async def test_an_interaction_gone_mid_storm_is_answered_in_the_channel(harness: Harness, storm: list[int]) -> None:
+    """After a failed try, a 404 (the token expired, or someone deleted "thinking…") sends the answer to the channel."""
+    await start(harness)
+    harness.fake.fail_webhooks = list(storm)
+    await harness.fake.interact("help", user_id=2346)
+    calls = await harness.fake.wait_for(lambda calls: any("/channels/" in c.path for c in calls))
+    posted = next(c for c in calls if "/channels/" in c.path)
+    assert posted.body["embeds"][0]["title"] == "Commands"
+    assert posted.body["content"].startswith("For student2346 (Discord would not take this as a reply)")

@@ -31,6 +31,7 @@ class Release:
     def __init__(self) -> None:
         self.gate = threading.Event()
         self.entered = threading.Event()
+        self.start = threading.Event()
 
 
 RELEASE = Release()
@@ -67,11 +68,34 @@ async def selfsignal(ctx, how: str) -> Reply:  # type: ignore[no-untyped-def]
         os.kill(os.getpid(), signal.SIGINT)
     elif how == "killpg":
         os.killpg(os.getpgrp(), signal.SIGINT)
+    elif how == "to_thread":
+        await asyncio.to_thread(os.kill, os.getpid(), signal.SIGINT)
+    elif how == "to_thread_wait":  # a handler waiting in to_thread for what never comes
+        RELEASE.entered.set()
+        await asyncio.to_thread(RELEASE.gate.wait)
     elif how == "raise":
         signal.raise_signal(signal.SIGINT)
     else:
         _thread.interrupt_main()
     return Reply("still here")
+
+
+@command("waitsthenblocks", "Waits (without blocking) for the test, then blocks its loop")
+async def waitsthenblocks(ctx) -> Reply:  # type: ignore[no-untyped-def]
+    await asyncio.to_thread(RELEASE.start.wait)
+    RELEASE.entered.set()
+    RELEASE.gate.wait()
+    return Reply("let go")
+
+
+@command("nested", "Runs /whereis as a card's button does, without a ctx")
+async def nested(ctx) -> Reply:  # type: ignore[no-untyped-def]
+    return await ctx.app.execute_line("/whereis")
+
+
+@command("whereis", "Says which loop its model requests would go to")
+async def whereis(ctx) -> Reply:  # type: ignore[no-untyped-def]
+    return Reply("here", data={"home": id(ctx.home_loop)})
 
 
 @command("quick", "Answers at once")
@@ -94,6 +118,7 @@ def _plugin(name: str, *commands: object) -> tuple[types.ModuleType, str]:
 def release() -> Iterator[Release]:
     RELEASE.gate.clear()
     RELEASE.entered.clear()
+    RELEASE.start.clear()
     yield RELEASE
     RELEASE.gate.set()  # never leave a thread blocked after the test
 
@@ -101,7 +126,9 @@ def release() -> Iterator[Release]:
 @pytest.fixture
 async def app(tmp_path: Path, release: Release) -> AsyncIterator[IsolatedApp]:
     made = make_app(
-        _plugin("careless", raises, forever, blocks, selfsignal), _plugin("tidy", quick), cache_dir=tmp_path / "cache"
+        _plugin("careless", raises, forever, blocks, selfsignal, waitsthenblocks, nested),
+        _plugin("tidy", quick, whereis),
+        cache_dir=tmp_path / "cache",
     )
     # A short deadline, so that the abandoned handler's answer comes soon; nothing here times a check.
     made.config = made.config.model_copy(update={"bot": made.config.bot.model_copy(update={"command_timeout_s": 2.0})})
@@ -135,7 +162,7 @@ async def test_a_blocking_handler_costs_only_its_own_plugins_commands(app: Isola
     # The block was noticed, named, and is shown to the owner while it lasts.
     while "careless" not in app.stalls:  # noqa: ASYNC110 - the watchdog thread records it
         await asyncio.sleep(0.05)
-    assert app.stalls["careless"].command == "raises" or app.stalls["careless"].command == "blocks"
+    assert app.stalls["careless"].command == "blocks"  # the command running, not the last one sent
     stats = await app.ask("/stats")
     blocking = next(f for f in stats.fields if f.name == "blocking plugins")
     assert blocking.value.startswith("careless: blocked the event loop once")
@@ -168,7 +195,7 @@ async def test_a_handler_signalling_its_own_process_is_refused_and_the_bot_runs_
     received: list[int] = []
     before = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
     try:
-        for how in ("kill", "killpg", "raise", "interrupt_main"):
+        for how in ("kill", "killpg", "raise", "interrupt_main", "to_thread"):
             reply = await app.ask(f"/selfsignal how:{how}")
             assert reply.error and "error id" in reply.text, (how, reply.text)
     finally:
@@ -189,3 +216,33 @@ async def test_a_command_a_handler_runs_keeps_the_front_ends_loop_for_its_model_
         assert tried.data["top"] == direct.data["top"]
     finally:
         await made.close()
+
+
+async def test_the_stall_names_the_command_running_not_the_last_one_sent(app: IsolatedApp, release: Release) -> None:
+    first = asyncio.create_task(app.ask("/waitsthenblocks"))
+    assert (await app.ask("/raises what:exit")).data["error_kind"] == "PluginError"  # sent later, ran, done
+    release.start.set()  # only now does /waitsthenblocks block the loop
+    await asyncio.to_thread(release.entered.wait)
+    while "careless" not in app.stalls:  # noqa: ASYNC110 - the watchdog thread records it
+        await asyncio.sleep(0.05)
+    assert app.stalls["careless"].command == "waitsthenblocks"
+    release.gate.set()
+    assert (await first).text == "let go"
+
+
+async def test_a_command_run_without_ctx_from_a_handler_keeps_the_front_ends_loop(app: IsolatedApp) -> None:
+    direct = await app.ask("/whereis")
+    from_handler = await app.ask("/nested")
+    assert direct.data["home"] == from_handler.data["home"] == id(asyncio.get_running_loop())
+
+
+async def test_a_handler_waiting_in_to_thread_does_not_hold_the_exit(app: IsolatedApp, release: Release) -> None:
+    """Its worker is a daemon thread, and close() returns though the call never ends (`lmbot ask` exits)."""
+    waiting = asyncio.create_task(app.ask("/selfsignal how:to_thread_wait"))
+    await asyncio.to_thread(release.entered.wait)
+    workers = [t for t in threading.enumerate() if t.name.startswith("lmbot-plugin-careless-worker")]
+    assert workers and all(t.daemon for t in workers)
+    await app.close()  # returns while the worker still waits
+    assert all(t.is_alive() for t in workers)
+    release.gate.set()
+    waiting.cancel()

@@ -4,6 +4,7 @@ plugin passes when it loads (worker tasks, handlers, heavy imports, options, tim
 from __future__ import annotations
 
 import ast
+import asyncio
 import json
 import os
 import subprocess
@@ -715,3 +716,46 @@ def test_bot_modules_import_no_heavy_library_at_module_level() -> None:
                 names = [node.module]
             offenders += [f"{name}: {n}" for n in names if n.split(".")[0] in bot.plugins.HEAVY_MODULES]
     assert offenders == []
+
+
+STUCK_PLUGIN = """
+    from bot import Reply, command, hookimpl
+    from tests.test_handler_faults import RELEASE
+
+    @command("stuck", "Blocks its loop until the test lets it go")
+    async def stuck(ctx):
+        RELEASE.entered.set()
+        RELEASE.gate.wait()
+        return Reply("let go")
+
+    @command("fine", "Answers at once")
+    async def fine(ctx):
+        return Reply("fine answer")
+
+    @hookimpl
+    def register_commands(register):
+        register(stuck)
+        register(fine)
+"""
+
+
+async def test_reload_recovers_a_plugin_stuck_on_its_loop(app_factory, tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """A handler that never lets its loop go: /reload gives the plugin a fresh loop, its commands answer again."""
+    from tests.test_handler_faults import RELEASE
+
+    RELEASE.gate.clear()
+    RELEASE.entered.clear()
+    install_plugin(tmp_path, "lmbot_stuck_demo", STUCK_PLUGIN)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    app = app_factory(entry_points=True)
+    app.config = app.config.model_copy(update={"bot": app.config.bot.model_copy(update={"command_timeout_s": 1.0})})
+    try:
+        stuck = asyncio.create_task(app.execute_line("/stuck"))
+        await asyncio.to_thread(RELEASE.entered.wait)
+        assert (await app.execute_line("/fine")).data["error_kind"] == "CommandTimeout"  # behind the stuck one
+        reply = await app.execute_line("/reload plugin:lmbot_stuck_demo")
+        assert not reply.error, reply.text
+        assert (await app.execute_line("/fine")).text == "fine answer"
+        assert (await stuck).data["error_kind"] == "CommandTimeout"
+    finally:
+        RELEASE.gate.set()

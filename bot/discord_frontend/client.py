@@ -328,7 +328,7 @@ class LmbotClient(discord.AutoShardedClient):
         except BaseException:  # execute() already turns plugin errors into replies; this is the last net
             log.exception("unexpected error answering /%s", name)
             reply = Reply.failure("Something went wrong; please try again.")
-        await self._send(interaction, reply, received)
+        await self._send(interaction, reply, received, name=name)
         if reply.followup is not None:
             await self._follow_up(interaction, name, reply.followup, received)
 
@@ -354,7 +354,7 @@ class LmbotClient(discord.AutoShardedClient):
         except BaseException:  # a plugin's later message cannot stop the bot, nor leave the channel silent
             log.exception("unexpected error in the later message of /%s", name)
             reply = Reply.failure("Something went wrong; please try again.", ephemeral=False)
-        await self._send(interaction, reply, received, later=True)
+        await self._send(interaction, reply, received, later=True, name=name)
 
     def _context(self, interaction: discord.Interaction) -> Context:
         user = interaction.user
@@ -366,9 +366,15 @@ class LmbotClient(discord.AutoShardedClient):
         )
 
     async def _send(
-        self, interaction: discord.Interaction, reply: Reply, received: float | None = None, *, later: bool = False
+        self,
+        interaction: discord.Interaction,
+        reply: Reply,
+        received: float | None = None,
+        *,
+        later: bool = False,
+        name: str = "",
     ) -> None:
-        """Deliver ``reply`` however Discord lets us: never dropped while any way is open.
+        """Deliver ``reply`` (the answer to ``/name``) however Discord lets us: never dropped while any way is open.
 
         A follow-up that fails with a 5xx or a dropped connection is tried again (the
         follow-up and an edit of the "thinking…" message in turn) with growing pauses
@@ -376,19 +382,24 @@ class LmbotClient(discord.AutoShardedClient):
         of them); past that, a public answer is posted in the channel instead. ``later``: a
         further message (``Reply.followup``), which keeps the first in place: it is only ever
         sent as a follow-up, never as an edit of the first.
+
+        A private answer is only ever a follow-up; the public "thinking…" message is removed once
+        one has arrived. Past the window it is left public, edited to a fixed note that names no
+        detail of the answer and asks the student to run the command again.
+
+        A ``NotFound`` after an earlier failure (the token ran out mid-storm, or someone deleted
+        "thinking…"), or near the window's end, goes to the channel as the window's end does.
         """
         # Escaping and fitting a long reply is CPU work: off this loop, which must stay free to acknowledge.
         # Rendered afresh for each try: discord.py closes a message's files once it has tried to send them.
         rendered = await asyncio.to_thread(render_reply, reply)
         window_ends = (received if received is not None else time.monotonic()) + self.followup_window_s
-        if rendered.ephemeral and not later:
-            # The "thinking…" message is public; an ephemeral answer replaces it privately.
-            with contextlib.suppress(*SENDING_FAILED):
-                await interaction.delete_original_response()
+        private_first = rendered.ephemeral and not later
         tries = 0
         while True:
             if tries:
                 rendered = await asyncio.to_thread(render_reply, reply)
+            began = time.monotonic()
             try:
                 if tries % 2 == 0 or rendered.ephemeral or later:
                     await interaction.followup.send(**rendered.kwargs())
@@ -397,33 +408,61 @@ class LmbotClient(discord.AutoShardedClient):
                 if rendered.view is not None:
                     # Presses come back to on_interaction by custom_id; discord.py need not keep the view.
                     rendered.view.stop()
+                if private_first:
+                    # The "thinking…" message is public; now that the private answer is there, it goes.
+                    with contextlib.suppress(*SENDING_FAILED):
+                        await interaction.delete_original_response()
                 return
-            except discord.NotFound:
-                # The token expired or the message is gone: retrying would only earn invalid-request strikes.
-                log.warning("the interaction for /%s is gone; its answer was dropped", interaction.data)
-                return
+            except discord.NotFound as exc:
+                if not tries and time.monotonic() < window_ends:
+                    # Gone from the start (not a storm's end): retrying would only earn invalid-request strikes.
+                    log.warning("the interaction for /%s is gone; its answer was dropped", name or "?")
+                    return
+                failure: BaseException = exc
+                log.warning("the interaction for /%s is gone after %d failed tries (%s)", name or "?", tries, exc)
+                break
             except discord.HTTPException as exc:
                 if exc.status < 500:
                     log.error("could not answer an interaction: %s", exc)
                     with contextlib.suppress(*SENDING_FAILED):
                         await interaction.followup.send("Sorry, that answer could not be sent.", ephemeral=True)
                     return
-                failure: BaseException = exc
+                failure = exc
             except TRANSIENT as exc:
                 failure = exc
             tries += 1
             pause = min(self.retry_pause_max_s, self.retry_pause_s * 2 ** (tries - 1))
-            if time.monotonic() + pause > window_ends:
+            # The next try may take as long as this one did: it must end within the window too.
+            if time.monotonic() + pause + (time.monotonic() - began) > window_ends:
                 break
             log.warning("answering an interaction failed (%s); try %d again in %.0f s", _why(failure), tries, pause)
             await asyncio.sleep(pause)
-        await self._answer_in_channel(interaction, reply)
+        if private_first or reply.ephemeral:
+            await self._private_undelivered(interaction, name)
+        else:
+            await self._answer_in_channel(interaction, reply)
+
+    async def _private_undelivered(self, interaction: discord.Interaction, name: str) -> None:
+        """A private answer Discord would not take: say so publicly, with no detail of it.
+
+        The "thinking…" message (still there: it is removed only once the answer arrived) becomes
+        the note; if it cannot be edited, the note goes in the channel.
+        """
+        command = f"/{name}" if name else "your command"
+        note = f"Your answer to {command} is private and Discord would not deliver it; please run {command} again."
+        try:
+            await interaction.edit_original_response(content=escape(note), embeds=[], attachments=[], view=None)
+            log.error("could not deliver a private answer to /%s; its public message now says so", name or "?")
+            return
+        except SENDING_FAILED as exc:
+            log.warning("could not edit the message of /%s to say its answer is private: %s", name or "?", _why(exc))
+        await self._answer_in_channel(interaction, Reply(note))
 
     async def _answer_in_channel(self, interaction: discord.Interaction, reply: Reply) -> None:
         """The last way: a message in the channel, which needs no interaction token."""
         if reply.ephemeral or interaction.channel_id is None:
-            # A private answer is never made public; the "thinking…" message was already removed.
-            log.error("could not deliver a private answer within the interaction's token; dropped")
+            # A private answer is never made public (_private_undelivered posts a note naming no detail).
+            log.error("could not deliver an answer within the interaction's token; dropped")
             return
         channel = self.get_partial_messageable(interaction.channel_id)
         who = escape(interaction.user.display_name)

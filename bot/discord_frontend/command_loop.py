@@ -13,14 +13,9 @@ still watches this loop: code that blocks it is named in the log and in
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import inspect
 import logging
-import sys
 import threading
 import time
-from types import CodeType, FrameType
 
 from bot.app import App
 from bot.plugin_loops import LoopThread
@@ -79,24 +74,7 @@ class CommandLoop(LoopThread):
 
     def _culprit(self) -> tuple[str | None, str | None, str]:
         """The command (and its plugin) whose code the loop's thread is running now, and where."""
-        frame: FrameType | None = sys._current_frames().get(self._thread.ident or -1)
-        where = f"{frame.f_code.co_filename}:{frame.f_lineno} in {frame.f_code.co_name}" if frame else "?"
-        handlers: dict[CodeType, tuple[str, str]] = {}
-        for cmd in list(self.app.registry.commands.values()):
-            code = getattr(inspect.unwrap(cmd.handler), "__code__", None)
-            if code is not None:
-                handlers[code] = (cmd.name, cmd.plugin)
-        while frame is not None:
-            if frame.f_code in handlers:
-                return (*handlers[frame.f_code], where)
-            frame = frame.f_back
-        # Code the handler started as a task of its own: the command that task belongs to, if any.
-        with contextlib.suppress(RuntimeError):
-            task = asyncio.current_task(self.loop)
-            running = self.app.running.get(task) if task is not None else None  # .get: the loop's thread edits it
-            if running is not None:
-                return (*running, where)
-        return None, None, where
+        return self.app.culprit_on(self)
 
 
 def _name(command: str | None, plugin: str | None) -> str:
