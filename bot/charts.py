@@ -18,6 +18,7 @@ import functools
 import io
 import itertools
 import logging
+import math
 import re
 import threading
 import unicodedata
@@ -683,12 +684,19 @@ HeatmapPanel = tuple[str, Sequence[str], Sequence[Sequence[float]], bool]
 
 
 def heatmap(panels: Sequence[HeatmapPanel], *, colorbar: str, filename: str = "heatmap.png") -> Image:
-    """Heatmaps side by side, tokens on both axes, one colour scale (square-root, so small weights show)."""
+    """Heatmaps side by side, tokens on both axes, one colour scale (square-root, so small weights show).
+
+    The cells and the colour bar are pixels put straight on the figure (no Axes: building and
+    drawing three of them was most of this chart's time), with every label a plain text.
+    """
     import numpy as np
     from matplotlib import colormaps
+    from matplotlib.collections import LineCollection
     from matplotlib.colors import PowerNorm
     from matplotlib.figure import Figure
-    from matplotlib.ticker import FormatStrFormatter, MaxNLocator
+    from matplotlib.patches import Rectangle
+    from matplotlib.ticker import MaxNLocator
+    from matplotlib.transforms import IdentityTransform
 
     size = max(len(labels) for _, labels, _, _ in panels)
     font = max(5.0, min(9.0, 260 / max(size, 1)))
@@ -697,10 +705,10 @@ def heatmap(panels: Sequence[HeatmapPanel], *, colorbar: str, filename: str = "h
     scale_name = drawable(one_line(colorbar, 200))
     axis_names = ("attended to (key)", "attending (query)")
     with _style([*headings, scale_name, *axis_names, *(t for labels in token_labels for t in labels)]):
-        side = 440.0
+        side = 440
         tick_w = max([text_width(t, font) for labels in token_labels for t in labels] + [0])
-        left = PAD + LABEL_PT * PX * LINE + 4 * PX + TICKS + tick_w
-        bottom = PAD + LABEL_PT * PX * LINE + 4 * PX + TICKS + tick_w
+        left = round(PAD + LABEL_PT * PX * LINE + 4 * PX + TICKS + tick_w)
+        bottom = round(PAD + LABEL_PT * PX * LINE + 4 * PX + TICKS + tick_w)
         scale_name = fit_lines(scale_name, side, LABEL_PT)
         scale_w = 16 + 14 + TICKS + text_width("0.000", LABEL_PT) + 4 * PX + text_height(scale_name, LABEL_PT) + PAD
         headings = [
@@ -708,46 +716,89 @@ def heatmap(panels: Sequence[HeatmapPanel], *, colorbar: str, filename: str = "h
             for heading in headings
         ]
         title_h = max(text_height(h, 10.0) for h in headings)
-        width = len(panels) * (left + side) + scale_w
-        height = PAD + title_h + 8 + side + bottom
+        width = math.ceil(len(panels) * (left + side) + scale_w)
+        height = math.ceil(PAD + title_h + 8 + side + bottom)
         fig = Figure(figsize=(width / DPI, height / DPI), dpi=DPI)
+        pixels = IdentityTransform()  # positions below are pixels from the bottom left
+
+        def text(x: float, y: float, s: str, **kwargs: Any) -> None:
+            fig.text(x, y, s, transform=pixels, **kwargs)
+
+        def frame(x: float, y: float, w: float, h: float) -> None:
+            fig.add_artist(Rectangle((x, y), w, h, fill=False, linewidth=0.8, transform=pixels))
+
         top = max(max(max(row) for row in weights) if len(weights) else 0.0 for _, _, weights, _ in panels)
         norm = PowerNorm(gamma=0.5, vmin=0.0, vmax=max(float(top), 1e-9))
         cmap = colormaps["viridis"].with_extremes(bad="#e6e6e6")
-        image = None
+        ticks: list[tuple[tuple[float, float], tuple[float, float]]] = []
         for k, ((_, _, weights, hide_future), labels, heading) in enumerate(
             zip(panels, token_labels, headings, strict=True)
         ):
             x0 = k * (left + side)
-            _title(fig, heading, x0 + PAD, height - PAD, size=10.0)
-            ax = fig.add_axes(((x0 + left) / width, bottom / height, side / width, side / height))
+            text(x0 + PAD, height - PAD, heading, fontsize=10.0, ha="left", va="top", gid="title")
             n = len(labels)
             grid = np.asarray(weights, dtype=float).reshape(n, n)
             hidden = np.triu(np.ones((n, n), dtype=bool), k=1) if hide_future else np.zeros((n, n), dtype=bool)
-            image = ax.imshow(
-                np.ma.masked_array(grid, mask=hidden), cmap=cmap, norm=norm, interpolation="nearest", aspect="auto"
+            if n:
+                colours = cmap(norm(np.ma.masked_array(grid, mask=hidden)), bytes=True)
+                cell = np.arange(side) * n // side  # the cell each pixel row/column shows
+                fig.figimage(colours[cell][:, cell], xo=x0 + left, yo=bottom, origin="upper")
+            frame(x0 + left, bottom, side, side)
+            pitch = side / max(n, 1)
+            for j, label in enumerate(labels):
+                x = x0 + left + (j + 0.5) * pitch
+                y = bottom + side - (j + 0.5) * pitch
+                ticks += [((x, bottom), (x, bottom - 3.5 * PX)), ((x0 + left, y), (x0 + left - 3.5 * PX, y))]
+                text(x, bottom - TICKS, label, ha="center", va="top", rotation=90, fontsize=font, gid="label")
+                text(x0 + left - TICKS, y, label, ha="right", va="center", fontsize=font, gid="label")
+            # The axis names beyond the token labels.
+            text(
+                x0 + left + side / 2,
+                bottom - TICKS - tick_w - 4 * PX,
+                axis_names[0],
+                ha="center",
+                va="top",
+                gid="xlabel",
             )
-            _column_labels(ax, fig, range(n), labels, font)
-            _row_labels(ax, fig, range(n), labels, font)
-            # The axis names beyond the token labels (plain texts, which matplotlib's own axis
-            # labels would not make room for).
-            below = bottom - TICKS - tick_w - 4 * PX
-            fig.text((x0 + left + side / 2) / width, below / height, axis_names[0], ha="center", va="top", gid="xlabel")
-            middle = (bottom + side / 2) / height
-            fig.text((x0 + PAD) / width, middle, axis_names[1], rotation=90, ha="left", va="center", gid="ylabel")
+            text(x0 + PAD, bottom + side / 2, axis_names[1], rotation=90, ha="left", va="center", gid="ylabel")
             if n <= 10:  # few cells: write the weights in them
                 for i in range(n):
                     for j in range(n):
                         if not hidden[i, j]:
                             colour = "black" if norm(grid[i, j]) > 0.6 else "white"
-                            ax.text(j, i, f"{grid[i, j]:.2f}", ha="center", va="center", fontsize=7, color=colour)
-        if image is not None:
-            x0 = len(panels) * (left + side) + 16
-            cax = fig.add_axes((x0 / width, bottom / height, 14 / width, side / height))
-            bar = fig.colorbar(image, cax=cax, label=scale_name)
-            bar.locator = MaxNLocator(nbins=6)
-            bar.formatter = FormatStrFormatter("%.2f")
-            bar.update_ticks()
+                            text(
+                                x0 + left + (j + 0.5) * pitch,
+                                bottom + side - (i + 0.5) * pitch,
+                                f"{grid[i, j]:.2f}",
+                                ha="center",
+                                va="center",
+                                fontsize=7,
+                                color=colour,
+                            )
+        # The colour bar: the scale from 0 (bottom) to the largest weight, square-root spaced as the cells.
+        x0 = len(panels) * (left + side) + 16
+        shades = cmap(np.linspace(1.0, 0.0, side), bytes=True)[:, np.newaxis, :].repeat(14, axis=1)
+        fig.figimage(shades, xo=x0, yo=bottom, origin="upper")
+        frame(x0, bottom, 14, side)
+        widest = 0.0
+        for value in MaxNLocator(nbins=6).tick_values(0.0, norm.vmax):
+            if 0.0 <= value <= norm.vmax * 1.0001:
+                y = bottom + float(norm(value)) * side
+                ticks.append(((x0 + 14, y), (x0 + 14 + 3.5 * PX, y)))
+                mark = f"{value:.2f}"
+                widest = max(widest, text_width(mark, LABEL_PT))
+                text(x0 + 14 + TICKS, y, mark, ha="left", va="center", fontsize=LABEL_PT)
+        text(
+            x0 + 14 + TICKS + widest + 4 * PX,
+            bottom + side / 2,
+            scale_name,
+            rotation=90,
+            ha="left",
+            va="center",
+            fontsize=LABEL_PT,
+            gid="colorbar",
+        )
+        fig.add_artist(LineCollection(ticks, colors="black", linewidths=0.8, transform=pixels))
         return Image(filename, _png(fig), one_line(panels[0][0], 100))
 
 
