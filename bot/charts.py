@@ -513,22 +513,103 @@ def line_chart(
                     axis.set_minor_locator(NullLocator())
         elif all(float(x).is_integer() for _, xs, _, _ in series for x in xs):
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps, counts: no 2.5
-        ax.set_xlabel(x_name, labelpad=4)
-        ax.set_ylabel(y_name, labelpad=4)
-        ax.grid(True, which="major", alpha=0.3)
         ax.spines[["top", "right"]].set_visible(False)
-        # The margins from the tick labels the axes will draw (their height does not depend on the width).
-        y_ticks = [t.get_text() for t in ax.get_yticklabels(which="both")]
-        x_ticks = [t.get_text() for t in ax.get_xticklabels(which="both")]
+        # The margins from the tick labels the axes would draw (their height does not depend on the width).
+        y_ticks = _tick_marks(ax.yaxis)
         left = (
-            PAD + text_height(y_name, LABEL_PT) + 4 * PX + TICKS + max([text_width(t, LABEL_PT) for t in y_ticks] + [0])
+            PAD
+            + text_height(y_name, LABEL_PT)
+            + 4 * PX
+            + TICKS
+            + max([text_width(t, LABEL_PT) for _, t, _ in y_ticks] + [0])
         )
-        right = PAD + max([text_width(t, LABEL_PT) / 2 for t in x_ticks] + [0])
+        right = PAD + max([text_width(t, LABEL_PT) / 2 for _, t, _ in _tick_marks(ax.xaxis)] + [0])
         ax.set_position(
             (left / WIDTH_PX, bottom / height, (WIDTH_PX - left - right) / WIDTH_PX, (top - bottom) / height)
         )
+        _plain_ticks(ax, fig, ax.xaxis, _tick_marks(ax.xaxis))
+        _plain_ticks(ax, fig, ax.yaxis, y_ticks)
+        # The axis names beyond the tick labels (plain texts: the axes' own would make no room for them).
+        fig.text(
+            (left + (WIDTH_PX - left - right) / 2) / WIDTH_PX,
+            (bottom - TICKS - LABEL_PT * PX * LINE - 4 * PX) / height,
+            x_name,
+            ha="center",
+            va="top",
+            fontsize=LABEL_PT,
+            gid="xlabel",
+        )
+        fig.text(
+            PAD / WIDTH_PX,
+            (bottom + top) / 2 / height,
+            y_name,
+            rotation=90,
+            ha="left",
+            va="center",
+            fontsize=LABEL_PT,
+            gid="ylabel",
+        )
         ax.legend(fontsize=9)
         return Image(filename, _png(fig), one_line(title, 100))
+
+
+def _tick_marks(axis: Any) -> list[tuple[float, str, bool]]:
+    """(value, label, major) of each tick ``axis`` would draw in its view now (a minor tick where
+    a major one is left out, as matplotlib does)."""
+    low, high = sorted(float(v) for v in axis.get_view_interval())
+    slack = (high - low) * 1e-9
+    marks: list[tuple[float, str, bool]] = []
+    majors: list[float] = []
+    for locator, formatter, major in (
+        (axis.get_major_locator(), axis.get_major_formatter(), True),
+        (axis.get_minor_locator(), axis.get_minor_formatter(), False),
+    ):
+        values = [float(v) for v in locator() if low - slack <= v <= high + slack]
+        if not major:
+            values = [v for v in values if not any(math.isclose(v, m, rel_tol=1e-9) for m in majors)]
+        else:
+            majors = values
+        marks += zip(values, formatter.format_ticks(values), itertools.repeat(major), strict=False)
+    return marks
+
+
+def _plain_ticks(ax: Any, fig: Any, axis: Any, marks: Sequence[tuple[float, str, bool]]) -> None:
+    """``marks`` (from :func:`_tick_marks`) drawn as tick marks, light grid lines at the major ones
+    and plain texts, in place of ``axis``'s own ticks (a tick is four artists to make and draw,
+    most of a line chart's time)."""
+    from matplotlib.markers import TICKDOWN, TICKLEFT
+    from matplotlib.ticker import NullLocator
+    from matplotlib.transforms import offset_copy
+
+    is_x = axis is ax.xaxis
+    axis.set_major_locator(NullLocator())
+    axis.set_minor_locator(NullLocator())
+    along = ax.get_xaxis_transform() if is_x else ax.get_yaxis_transform()
+    majors = [v for v, _, major in marks if major]
+    grid = ax.vlines if is_x else ax.hlines
+    grid(majors, 0, 1, transform=along, colors="#b0b0b0", alpha=0.3, linewidth=0.8, zorder=0.5)
+    for major, length in ((True, 3.5), (False, 2.0)):
+        values = [v for v, _, m in marks if m is major]
+        at_edge = [0.0] * len(values)
+        xs, ys = (values, at_edge) if is_x else (at_edge, values)
+        ax.plot(
+            xs,
+            ys,
+            transform=along,
+            marker=TICKDOWN if is_x else TICKLEFT,
+            markersize=length,
+            markeredgewidth=0.8,
+            linestyle="",
+            color="black",
+            clip_on=False,
+        )
+    shift = {"x": 0, "y": -TICKS} if is_x else {"x": -TICKS, "y": 0}
+    place = offset_copy(along, fig=fig, units="dots", **shift)
+    for value, label, _ in marks:
+        if label:
+            ha, va = ("center", "top") if is_x else ("right", "center")
+            xy = (value, 0) if is_x else (0, value)
+            ax.text(*xy, label, transform=place, ha=ha, va=va, fontsize=LABEL_PT, gid="tick")
 
 
 def split_bar_chart(
