@@ -341,17 +341,7 @@ def _row_labels(ax: Any, fig: Any, positions: Sequence[float], labels: Sequence[
     ax.set_yticks([])
     left = offset_copy(ax.get_yaxis_transform(), fig=fig, x=-TICKS, y=0, units="dots")
     for position, label in zip(positions, labels, strict=True):
-        ax.text(0, position, label, transform=left, ha="right", va="center", fontsize=size, gid="label")
-
-
-def _column_labels(ax: Any, fig: Any, positions: Sequence[float], labels: Sequence[str], size: float) -> None:
-    """Labels under the columns at ``positions``, turned upright (as :func:`_row_labels`)."""
-    from matplotlib.transforms import offset_copy
-
-    ax.set_xticks([])
-    below = offset_copy(ax.get_xaxis_transform(), fig=fig, x=0, y=-TICKS, units="dots")
-    for position, label in zip(positions, labels, strict=True):
-        ax.text(position, 0, label, transform=below, ha="center", va="top", rotation=90, fontsize=size, gid="label")
+        fig.text(0, position, label, transform=left, ha="right", va="center", fontsize=size, gid="label")
 
 
 def _value_axis(ax: Any, fig: Any, top: float, percent: bool, label: str, bottom_px: float) -> None:
@@ -366,7 +356,7 @@ def _value_axis(ax: Any, fig: Any, top: float, percent: bool, label: str, bottom
     ax.vlines(ticks[1:], 0, 1, transform=ax.get_xaxis_transform(), colors="#dddddd", linewidth=0.8, zorder=0)
     below = offset_copy(ax.get_xaxis_transform(), fig=fig, x=0, y=-4 * PX, units="dots")
     for tick, mark in zip(ticks, value_labels(ticks, "{:.0%}" if percent else "{:g}"), strict=True):
-        ax.text(tick, 0, mark, transform=below, ha="center", va="top", fontsize=LABEL_PT, gid="tick")
+        fig.text(tick, 0, mark, transform=below, ha="center", va="top", fontsize=LABEL_PT, gid="tick")
     if label:
         box = ax.get_position()
         y = bottom_px - 4 * PX - LABEL_PT * PX * LINE - 4 * PX
@@ -609,7 +599,7 @@ def _plain_ticks(ax: Any, fig: Any, axis: Any, marks: Sequence[tuple[float, str,
         if label:
             ha, va = ("center", "top") if is_x else ("right", "center")
             xy = (value, 0) if is_x else (0, value)
-            ax.text(*xy, label, transform=place, ha=ha, va=va, fontsize=LABEL_PT, gid="tick")
+            fig.text(*xy, label, transform=place, ha=ha, va=va, fontsize=LABEL_PT, gid="tick")
 
 
 def split_bar_chart(
@@ -960,7 +950,7 @@ def shaded_text(
         for heading, placed, values, panel_marks, height in zip(
             headings, layouts, (v for _, _, v in panels), marks, heights, strict=True
         ):
-            ax.text(PAD, y, heading, fontsize=10, va="top", ha="left", gid="title")
+            fig.text(PAD, y, heading, fontsize=10, va="top", ha="left", transform=ax.transData, gid="title")
             first = y + text_height(heading, 10.0) + 6
             for (line, x, w, label), value, mark in zip(placed, values, panel_marks, strict=True):
                 shade = cmap(norm(min(value, top_value)))
@@ -968,10 +958,26 @@ def shaded_text(
                 x0, y0 = PAD + x, first + line * line_h
                 boxes.append([(x0, y0), (x0 + w, y0), (x0 + w, y0 + text_pt * PX * 1.3), (x0, y0 + text_pt * PX * 1.3)])
                 shades.append(shade)
-                ax.text(
-                    x0 + 2, y0 + 2, label, fontsize=text_pt, va="top", ha="left", color="white" if dark else "black"
+                fig.text(
+                    x0 + 2,
+                    y0 + 2,
+                    label,
+                    fontsize=text_pt,
+                    va="top",
+                    ha="left",
+                    color="white" if dark else "black",
+                    transform=ax.transData,
                 )
-                ax.text(x0 + 2, y0 + text_pt * PX * 1.3 + 2, mark, fontsize=7, va="top", ha="left", color="#555555")
+                fig.text(
+                    x0 + 2,
+                    y0 + text_pt * PX * 1.3 + 2,
+                    mark,
+                    fontsize=7,
+                    va="top",
+                    ha="left",
+                    transform=ax.transData,
+                    color="#555555",
+                )
             y += height
         ax.add_collection(PolyCollection(boxes, facecolors=shades, edgecolors="none", zorder=0))
         cax = fig.add_axes((0.1, (bar_h - 14) / total, 0.8, 14 / total))
