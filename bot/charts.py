@@ -379,6 +379,26 @@ def _bars(
     ax.add_collection(PolyCollection(boxes, facecolors=colour, edgecolors="none", label=label), autolim=False)
 
 
+def _key(fig: Any, entries: Sequence[tuple[str, str]], right: float, bottom: float, size: float = 8.0) -> None:
+    """A legend of (name, colour) entries, one a line, its bottom right corner 6 px inside
+    (``right``, ``bottom``) pixels: a swatch collection and plain texts (a matplotlib legend lays
+    out and draws a box of packers, a few milliseconds a chart)."""
+    from matplotlib.collections import PolyCollection
+    from matplotlib.transforms import IdentityTransform
+
+    pixels = IdentityTransform()
+    row = size * PX * LINE
+    swatch = 2 * size * PX
+    names_x = right - 6 - max([text_width(name, size) for name, _ in entries] + [0])
+    boxes = []
+    for n, (name, _) in enumerate(entries):
+        y = bottom + 6 + (len(entries) - 1 - n + 0.5) * row
+        x = names_x - 4 * PX - swatch
+        boxes.append([(x, y - row * 0.3), (x + swatch, y - row * 0.3), (x + swatch, y + row * 0.3), (x, y + row * 0.3)])
+        fig.text(names_x, y, name, transform=pixels, ha="left", va="center", fontsize=size, gid="legend")
+    fig.add_artist(PolyCollection(boxes, facecolors=[c for _, c in entries], edgecolors="none", transform=pixels))
+
+
 def bar_chart(
     labels: Sequence[str],
     values: Sequence[float],
@@ -1068,6 +1088,6 @@ def grouped_bars(
                 )
         _row_labels(ax, fig, [groups - 1 - g + legend_units for g in range(groups)], rows)
         ax.set_ylim(-0.5, groups - 0.4 + legend_units)
-        ax.legend(fontsize=8, loc="lower right")
+        _key(fig, [(name, colours[s % len(colours)]) for s, name in enumerate(names)], left + plot_width, under)
         ax.spines[["top", "right"]].set_visible(False)
         return Image(filename, _png(fig), one_line(title, 100))
