@@ -1,21 +1,30 @@
-"""Benchmark: 200 interactions at once through a fake Discord while inference is saturated.
+"""Benchmark: a class pressing one command at once, through a fake Discord, beside the model alone.
 
 The real discord.py client runs against tests/fake_discord.py on 127.0.0.1 with
-the offline causal LM. 200 students send /nexttoken at the same moment; the queue
-holds fewer than that, so some must be told "busy". Prints the time from each
-INTERACTION_CREATE to its first answer (defer or immediate reply), whether every
-interaction was answered, and any "heartbeat blocked" warning from discord.py.
+the offline causal LM. N students send /nexttoken (or /sample, /attention) at the
+same moment. Prints the time from each INTERACTION_CREATE to its first answer
+(defer or immediate reply), whether every interaction was answered (with a result
+or "busy"), and any "heartbeat blocked" warning from discord.py.
+
+In the same run, on the same warm service, the *model-only peer* submits the same N
+requests straight to the inference service (no Discord, no charts, no reply text):
+the time until the last of them is answered is the limit the product could reach,
+and "all answered after" / model-only is the ratio to read (issue 20's target: ≤ 2.5).
+
 With ``--block-s S`` a careless plugin's command that blocks its event loop for
 S seconds (``time.sleep`` in an async handler) is sent first: acknowledgements
-must not wait behind it. Last line: one JSON object with every figure.
+must not wait behind it. Last line: one JSON object with every figure (a list
+when several class sizes are given).
 
-    python bench/interactions.py [--interactions 200] [--max-queue 50] [--block-s 0]
+    python bench/interactions.py [--interactions 30 100 200] [--command nexttoken|sample|attention]
+                                 [--max-queue 50] [--block-s 0]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -61,7 +70,45 @@ def blocking_plugin(seconds: float) -> object:
     return types.SimpleNamespace(register_commands=register_commands)
 
 
-async def main(count: int, max_queue: int, block_s: float = 0.0) -> dict:
+COMMANDS = ("nexttoken", "sample", "attention")
+
+
+def student_options(command: str, student: int) -> dict[str, object]:
+    """What student ``student`` types: a prompt of their own (and a fixed seed for /sample, so the
+    model-only peer samples exactly what the bot did)."""
+    if command == "attention":
+        return {"text": f"Student {student} asks: the capital of France is"}
+    if command == "sample":
+        return {"prompt": f"Student {student} asks: the capital of France is", "seed": student}
+    return {"prompt": f"Student {student} asks: the capital of France is"}
+
+
+async def model_only(app: object, command: str, count: int) -> float:
+    """Seconds until the service has answered the model requests of ``count`` students' ``command``,
+    all submitted at once, as the command's handler submits them (same requests, same users)."""
+    from bot import NoModelForRole
+    from bot.inference.protocol import NextToken
+    from plugins.attention import Attention, MaskedAttention
+    from plugins.sample import Sample
+
+    async def one(student: int) -> None:
+        service = app.inference_view(str(10_000 + student), None)  # type: ignore[attr-defined]
+        options = student_options(command, student)
+        if command == "nexttoken":
+            await service.submit(NextToken(str(options["prompt"]), k=10, temperature=1.0))
+        elif command == "sample":
+            await service.submit(Sample(str(options["prompt"]), 1.0, 50, 0.9, 3, student))
+        else:
+            await service.submit(Attention(str(options["text"]), None, None))
+            with contextlib.suppress(NoModelForRole):  # as the handler: offline, no masked LM
+                await service.submit(MaskedAttention(str(options["text"]), None, None))
+
+    started = time.perf_counter()
+    await asyncio.gather(*(one(i) for i in range(count)))
+    return time.perf_counter() - started
+
+
+async def main(count: int, max_queue: int, block_s: float = 0.0, command: str = "nexttoken") -> dict:
     import aiohttp
     import discord
     import yarl
@@ -102,10 +149,7 @@ async def main(count: int, max_queue: int, block_s: float = 0.0) -> dict:
         await fake.wait_for(lambda calls: any(blocker in c.path for c in calls))
         await asyncio.sleep(0.2)  # the handler is blocking its loop now
     started = time.perf_counter()
-    tokens = [
-        await fake.interact("nexttoken", {"prompt": f"Student {i} asks: the capital of France is"}, user_id=10_000 + i)
-        for i in range(count)
-    ]
+    tokens = [await fake.interact(command, student_options(command, i), user_id=10_000 + i) for i in range(count)]
 
     def first_answer(token: str) -> float | None:
         for call in fake.calls:
@@ -127,15 +171,20 @@ async def main(count: int, max_queue: int, block_s: float = 0.0) -> dict:
     elapsed = time.perf_counter() - started
     defer = [first_answer(t) for t in tokens]
     outcomes = [final(t) for t in tokens]
+    # The model-only peer, on the same warm service right after the burst (where handlers submit).
+    peer_s = await client.command_loop.run(model_only(app, command, count))
     await client.shutdown()
     await bot
     await fake.stop()
     blocked = [m for m in warnings.messages if "heartbeat blocked" in m.lower() or "can't keep up" in m.lower()]
     return {
         "interactions": count,
+        "command": command,
         "max_queue": max_queue,
         "blocking_handler_s": block_s,
         "seconds_until_all_answered": elapsed,
+        "model_only_s": peer_s,
+        "ratio_to_model_only": elapsed / peer_s,
         "defer_p50_ms": 1000 * percentile([d for d in defer if d is not None], 0.5),
         "defer_p99_ms": 1000 * percentile([d for d in defer if d is not None], 0.99),
         "defer_max_ms": 1000 * max(d for d in defer if d is not None),
@@ -147,26 +196,49 @@ async def main(count: int, max_queue: int, block_s: float = 0.0) -> dict:
     }
 
 
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--interactions", type=int, default=200)
-    parser.add_argument("--max-queue", type=int, default=50)
-    parser.add_argument("--block-s", type=float, default=0.0, help="first send a command that blocks for this long")
-    args = parser.parse_args()
-    with tempfile.TemporaryDirectory():
-        figures = asyncio.run(main(args.interactions, args.max_queue, args.block_s))
-    blocking = f", while a handler blocks its loop for {args.block_s:g} s" if args.block_s else ""
-    print(f"{figures['interactions']} interactions at once, queue limit {figures['max_queue']}{blocking}")
+def report(figures: dict, block_s: float) -> None:
+    """The figures of one class size, in words."""
+    blocking = f", while a handler blocks its loop for {block_s:g} s" if block_s else ""
+    print(
+        f"{figures['interactions']} students press /{figures['command']} at once, "
+        f"queue limit {figures['max_queue']}{blocking}"
+    )
     print(
         f"first response (defer or reply): p50 {figures['defer_p50_ms']:.0f} ms, "
         f"p99 {figures['defer_p99_ms']:.0f} ms, max {figures['defer_max_ms']:.0f} ms"
     )
     print(
         f"answered: {figures['answered_with_result']} with a result, {figures['answered_busy']} busy, "
-        f"{figures['unanswered']} unanswered; all done in {figures['seconds_until_all_answered']:.1f} s"
+        f"{figures['unanswered']} unanswered; all answered after {figures['seconds_until_all_answered']:.1f} s"
+    )
+    print(
+        f"model-only peer (same {figures['interactions']} requests straight to the service, no Discord, no charts): "
+        f"{figures['model_only_s']:.1f} s; all answered after / model-only = {figures['ratio_to_model_only']:.1f}×"
     )
     print(f"heartbeat warnings from discord.py: {figures['heartbeat_warnings']}")
     ok = figures["defer_p99_ms"] <= 250 and figures["unanswered"] == 0 and figures["heartbeat_warnings"] == 0
     print(f"target p99 defer <= 250 ms, every interaction answered, no heartbeat warning: {'met' if ok else 'NOT met'}")
     figures["targets_met"] = ok
-    print(json.dumps(figures))
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument(
+        "--interactions",
+        type=int,
+        nargs="+",
+        default=[200],
+        metavar="N",
+        help="class sizes, one burst each, e.g. 30 100 200 (default: 200)",
+    )
+    parser.add_argument("--command", choices=COMMANDS, default="nexttoken", help="what every student presses")
+    parser.add_argument("--max-queue", type=int, default=50, help="the inference queue's length limit")
+    parser.add_argument("--block-s", type=float, default=0.0, help="first send a command that blocks for this long")
+    args = parser.parse_args()
+    runs = []
+    for count in args.interactions:
+        with tempfile.TemporaryDirectory():
+            figures = asyncio.run(main(count, args.max_queue, args.block_s, args.command))
+        report(figures, args.block_s)
+        runs.append(figures)
+    print(json.dumps(runs[0] if len(runs) == 1 else runs))

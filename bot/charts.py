@@ -18,6 +18,7 @@ import functools
 import io
 import itertools
 import logging
+import math
 import re
 import threading
 import unicodedata
@@ -314,8 +315,15 @@ def one_line(text: str, limit: int) -> str:
 
 
 def _png(fig: Any) -> bytes:
+    """``fig`` as a PNG with no alpha channel (the charts are opaque): a quarter less to compress."""
+    from PIL import Image as PILImage
+
+    pixels = io.BytesIO()
+    fig.savefig(pixels, format="rgba")
+    width, height = (int(v) for v in fig.bbox.size)  # as the Agg renderer sizes its buffer
+    picture = PILImage.frombuffer("RGBA", (width, height), pixels.getvalue(), "raw", "RGBA", 0, 1).convert("RGB")
     buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", pil_kwargs=PNG_OPTIONS)
+    picture.save(buffer, format="png", **PNG_OPTIONS)
     return buffer.getvalue()
 
 
@@ -333,17 +341,7 @@ def _row_labels(ax: Any, fig: Any, positions: Sequence[float], labels: Sequence[
     ax.set_yticks([])
     left = offset_copy(ax.get_yaxis_transform(), fig=fig, x=-TICKS, y=0, units="dots")
     for position, label in zip(positions, labels, strict=True):
-        ax.text(0, position, label, transform=left, ha="right", va="center", fontsize=size, gid="label")
-
-
-def _column_labels(ax: Any, fig: Any, positions: Sequence[float], labels: Sequence[str], size: float) -> None:
-    """Labels under the columns at ``positions``, turned upright (as :func:`_row_labels`)."""
-    from matplotlib.transforms import offset_copy
-
-    ax.set_xticks([])
-    below = offset_copy(ax.get_xaxis_transform(), fig=fig, x=0, y=-TICKS, units="dots")
-    for position, label in zip(positions, labels, strict=True):
-        ax.text(position, 0, label, transform=below, ha="center", va="top", rotation=90, fontsize=size, gid="label")
+        fig.text(0, position, label, transform=left, ha="right", va="center", fontsize=size, gid="label")
 
 
 def _value_axis(ax: Any, fig: Any, top: float, percent: bool, label: str, bottom_px: float) -> None:
@@ -358,13 +356,47 @@ def _value_axis(ax: Any, fig: Any, top: float, percent: bool, label: str, bottom
     ax.vlines(ticks[1:], 0, 1, transform=ax.get_xaxis_transform(), colors="#dddddd", linewidth=0.8, zorder=0)
     below = offset_copy(ax.get_xaxis_transform(), fig=fig, x=0, y=-4 * PX, units="dots")
     for tick, mark in zip(ticks, value_labels(ticks, "{:.0%}" if percent else "{:g}"), strict=True):
-        ax.text(tick, 0, mark, transform=below, ha="center", va="top", fontsize=LABEL_PT, gid="tick")
+        fig.text(tick, 0, mark, transform=below, ha="center", va="top", fontsize=LABEL_PT, gid="tick")
     if label:
         box = ax.get_position()
         y = bottom_px - 4 * PX - LABEL_PT * PX * LINE - 4 * PX
         fig.text(
             (box.x0 + box.x1) / 2, y / fig.bbox.height, label, ha="center", va="top", fontsize=LABEL_PT, gid="xlabel"
         )
+
+
+def _bars(
+    ax: Any, positions: Sequence[float], values: Sequence[float], height: float, colour: str, label: str = ""
+) -> None:
+    """Horizontal bars from 0 as one collection: drawn in one call, where ``barh`` makes and draws
+    a Rectangle per bar (the caller sets the axis limits)."""
+    from matplotlib.collections import PolyCollection
+
+    boxes = [
+        [(0.0, y - height / 2), (v, y - height / 2), (v, y + height / 2), (0.0, y + height / 2)]
+        for y, v in zip(positions, values, strict=True)
+    ]
+    ax.add_collection(PolyCollection(boxes, facecolors=colour, edgecolors="none", label=label), autolim=False)
+
+
+def _key(fig: Any, entries: Sequence[tuple[str, str]], right: float, bottom: float, size: float = 8.0) -> None:
+    """A legend of (name, colour) entries, one a line, its bottom right corner 6 px inside
+    (``right``, ``bottom``) pixels: a swatch collection and plain texts (a matplotlib legend lays
+    out and draws a box of packers, a few milliseconds a chart)."""
+    from matplotlib.collections import PolyCollection
+    from matplotlib.transforms import IdentityTransform
+
+    pixels = IdentityTransform()
+    row = size * PX * LINE
+    swatch = 2 * size * PX
+    names_x = right - 6 - max([text_width(name, size) for name, _ in entries] + [0])
+    boxes = []
+    for n, (name, _) in enumerate(entries):
+        y = bottom + 6 + (len(entries) - 1 - n + 0.5) * row
+        x = names_x - 4 * PX - swatch
+        boxes.append([(x, y - row * 0.3), (x + swatch, y - row * 0.3), (x + swatch, y + row * 0.3), (x, y + row * 0.3)])
+        fig.text(names_x, y, name, transform=pixels, ha="left", va="center", fontsize=size, gid="legend")
+    fig.add_artist(PolyCollection(boxes, facecolors=[c for _, c in entries], edgecolors="none", transform=pixels))
 
 
 def bar_chart(
@@ -424,7 +456,7 @@ def bar_panels(
             bottom = top - height + under
             ax = fig.add_axes((left / WIDTH_PX, bottom / total, plot_width / WIDTH_PX, plot_height / total))
             positions = list(range(len(labels)))[::-1]
-            ax.barh(positions, values, height=0.72, color="#4C72B0")
+            _bars(ax, positions, values, 0.72, "#4C72B0")
             _row_labels(ax, fig, positions, labels)
             ax.set_ylim(-0.6, max(1, len(labels)) - 0.4)
             # The axis reaches far enough for the longest value label to fit beside its bar.
@@ -491,22 +523,103 @@ def line_chart(
                     axis.set_minor_locator(NullLocator())
         elif all(float(x).is_integer() for _, xs, _, _ in series for x in xs):
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps, counts: no 2.5
-        ax.set_xlabel(x_name, labelpad=4)
-        ax.set_ylabel(y_name, labelpad=4)
-        ax.grid(True, which="major", alpha=0.3)
         ax.spines[["top", "right"]].set_visible(False)
-        # The margins from the tick labels the axes will draw (their height does not depend on the width).
-        y_ticks = [t.get_text() for t in ax.get_yticklabels(which="both")]
-        x_ticks = [t.get_text() for t in ax.get_xticklabels(which="both")]
+        # The margins from the tick labels the axes would draw (their height does not depend on the width).
+        y_ticks = _tick_marks(ax.yaxis)
         left = (
-            PAD + text_height(y_name, LABEL_PT) + 4 * PX + TICKS + max([text_width(t, LABEL_PT) for t in y_ticks] + [0])
+            PAD
+            + text_height(y_name, LABEL_PT)
+            + 4 * PX
+            + TICKS
+            + max([text_width(t, LABEL_PT) for _, t, _ in y_ticks] + [0])
         )
-        right = PAD + max([text_width(t, LABEL_PT) / 2 for t in x_ticks] + [0])
+        right = PAD + max([text_width(t, LABEL_PT) / 2 for _, t, _ in _tick_marks(ax.xaxis)] + [0])
         ax.set_position(
             (left / WIDTH_PX, bottom / height, (WIDTH_PX - left - right) / WIDTH_PX, (top - bottom) / height)
         )
+        _plain_ticks(ax, fig, ax.xaxis, _tick_marks(ax.xaxis))
+        _plain_ticks(ax, fig, ax.yaxis, y_ticks)
+        # The axis names beyond the tick labels (plain texts: the axes' own would make no room for them).
+        fig.text(
+            (left + (WIDTH_PX - left - right) / 2) / WIDTH_PX,
+            (bottom - TICKS - LABEL_PT * PX * LINE - 4 * PX) / height,
+            x_name,
+            ha="center",
+            va="top",
+            fontsize=LABEL_PT,
+            gid="xlabel",
+        )
+        fig.text(
+            PAD / WIDTH_PX,
+            (bottom + top) / 2 / height,
+            y_name,
+            rotation=90,
+            ha="left",
+            va="center",
+            fontsize=LABEL_PT,
+            gid="ylabel",
+        )
         ax.legend(fontsize=9)
         return Image(filename, _png(fig), one_line(title, 100))
+
+
+def _tick_marks(axis: Any) -> list[tuple[float, str, bool]]:
+    """(value, label, major) of each tick ``axis`` would draw in its view now (a minor tick where
+    a major one is left out, as matplotlib does)."""
+    low, high = sorted(float(v) for v in axis.get_view_interval())
+    slack = (high - low) * 1e-9
+    marks: list[tuple[float, str, bool]] = []
+    majors: list[float] = []
+    for locator, formatter, major in (
+        (axis.get_major_locator(), axis.get_major_formatter(), True),
+        (axis.get_minor_locator(), axis.get_minor_formatter(), False),
+    ):
+        values = [float(v) for v in locator() if low - slack <= v <= high + slack]
+        if not major:
+            values = [v for v in values if not any(math.isclose(v, m, rel_tol=1e-9) for m in majors)]
+        else:
+            majors = values
+        marks += zip(values, formatter.format_ticks(values), itertools.repeat(major), strict=False)
+    return marks
+
+
+def _plain_ticks(ax: Any, fig: Any, axis: Any, marks: Sequence[tuple[float, str, bool]]) -> None:
+    """``marks`` (from :func:`_tick_marks`) drawn as tick marks, light grid lines at the major ones
+    and plain texts, in place of ``axis``'s own ticks (a tick is four artists to make and draw,
+    most of a line chart's time)."""
+    from matplotlib.markers import TICKDOWN, TICKLEFT
+    from matplotlib.ticker import NullLocator
+    from matplotlib.transforms import offset_copy
+
+    is_x = axis is ax.xaxis
+    axis.set_major_locator(NullLocator())
+    axis.set_minor_locator(NullLocator())
+    along = ax.get_xaxis_transform() if is_x else ax.get_yaxis_transform()
+    majors = [v for v, _, major in marks if major]
+    grid = ax.vlines if is_x else ax.hlines
+    grid(majors, 0, 1, transform=along, colors="#b0b0b0", alpha=0.3, linewidth=0.8, zorder=0.5)
+    for major, length in ((True, 3.5), (False, 2.0)):
+        values = [v for v, _, m in marks if m is major]
+        at_edge = [0.0] * len(values)
+        xs, ys = (values, at_edge) if is_x else (at_edge, values)
+        ax.plot(
+            xs,
+            ys,
+            transform=along,
+            marker=TICKDOWN if is_x else TICKLEFT,
+            markersize=length,
+            markeredgewidth=0.8,
+            linestyle="",
+            color="black",
+            clip_on=False,
+        )
+    shift = {"x": 0, "y": -TICKS} if is_x else {"x": -TICKS, "y": 0}
+    place = offset_copy(along, fig=fig, units="dots", **shift)
+    for value, label, _ in marks:
+        if label:
+            ha, va = ("center", "top") if is_x else ("right", "center")
+            xy = (value, 0) if is_x else (0, value)
+            fig.text(*xy, label, transform=place, ha=ha, va=va, fontsize=LABEL_PT, gid="tick")
 
 
 def split_bar_chart(
@@ -683,12 +796,19 @@ HeatmapPanel = tuple[str, Sequence[str], Sequence[Sequence[float]], bool]
 
 
 def heatmap(panels: Sequence[HeatmapPanel], *, colorbar: str, filename: str = "heatmap.png") -> Image:
-    """Heatmaps side by side, tokens on both axes, one colour scale (square-root, so small weights show)."""
+    """Heatmaps side by side, tokens on both axes, one colour scale (square-root, so small weights show).
+
+    The cells and the colour bar are pixels put straight on the figure (no Axes: building and
+    drawing three of them was most of this chart's time), with every label a plain text.
+    """
     import numpy as np
     from matplotlib import colormaps
+    from matplotlib.collections import LineCollection
     from matplotlib.colors import PowerNorm
     from matplotlib.figure import Figure
-    from matplotlib.ticker import FormatStrFormatter, MaxNLocator
+    from matplotlib.patches import Rectangle
+    from matplotlib.ticker import MaxNLocator
+    from matplotlib.transforms import IdentityTransform
 
     size = max(len(labels) for _, labels, _, _ in panels)
     font = max(5.0, min(9.0, 260 / max(size, 1)))
@@ -697,10 +817,10 @@ def heatmap(panels: Sequence[HeatmapPanel], *, colorbar: str, filename: str = "h
     scale_name = drawable(one_line(colorbar, 200))
     axis_names = ("attended to (key)", "attending (query)")
     with _style([*headings, scale_name, *axis_names, *(t for labels in token_labels for t in labels)]):
-        side = 440.0
+        side = 440
         tick_w = max([text_width(t, font) for labels in token_labels for t in labels] + [0])
-        left = PAD + LABEL_PT * PX * LINE + 4 * PX + TICKS + tick_w
-        bottom = PAD + LABEL_PT * PX * LINE + 4 * PX + TICKS + tick_w
+        left = round(PAD + LABEL_PT * PX * LINE + 4 * PX + TICKS + tick_w)
+        bottom = round(PAD + LABEL_PT * PX * LINE + 4 * PX + TICKS + tick_w)
         scale_name = fit_lines(scale_name, side, LABEL_PT)
         scale_w = 16 + 14 + TICKS + text_width("0.000", LABEL_PT) + 4 * PX + text_height(scale_name, LABEL_PT) + PAD
         headings = [
@@ -708,46 +828,90 @@ def heatmap(panels: Sequence[HeatmapPanel], *, colorbar: str, filename: str = "h
             for heading in headings
         ]
         title_h = max(text_height(h, 10.0) for h in headings)
-        width = len(panels) * (left + side) + scale_w
-        height = PAD + title_h + 8 + side + bottom
+        width = math.ceil(len(panels) * (left + side) + scale_w)
+        height = math.ceil(PAD + title_h + 8 + side + bottom)
         fig = Figure(figsize=(width / DPI, height / DPI), dpi=DPI)
+        pixels = IdentityTransform()  # positions below are pixels from the bottom left
+
+        def text(x: float, y: float, s: str, **kwargs: Any) -> None:
+            fig.text(x, y, s, transform=pixels, **kwargs)
+
+        def frame(x: float, y: float, w: float, h: float) -> None:
+            fig.add_artist(Rectangle((x, y), w, h, fill=False, linewidth=0.8, transform=pixels))
+
         top = max(max(max(row) for row in weights) if len(weights) else 0.0 for _, _, weights, _ in panels)
-        norm = PowerNorm(gamma=0.5, vmin=0.0, vmax=max(float(top), 1e-9))
+        scale_top = max(float(top), 1e-9)
+        norm = PowerNorm(gamma=0.5, vmin=0.0, vmax=scale_top)
         cmap = colormaps["viridis"].with_extremes(bad="#e6e6e6")
-        image = None
+        ticks: list[tuple[tuple[float, float], tuple[float, float]]] = []
         for k, ((_, _, weights, hide_future), labels, heading) in enumerate(
             zip(panels, token_labels, headings, strict=True)
         ):
             x0 = k * (left + side)
-            _title(fig, heading, x0 + PAD, height - PAD, size=10.0)
-            ax = fig.add_axes(((x0 + left) / width, bottom / height, side / width, side / height))
+            text(x0 + PAD, height - PAD, heading, fontsize=10.0, ha="left", va="top", gid="title")
             n = len(labels)
             grid = np.asarray(weights, dtype=float).reshape(n, n)
             hidden = np.triu(np.ones((n, n), dtype=bool), k=1) if hide_future else np.zeros((n, n), dtype=bool)
-            image = ax.imshow(
-                np.ma.masked_array(grid, mask=hidden), cmap=cmap, norm=norm, interpolation="nearest", aspect="auto"
+            if n:
+                colours = cmap(norm(np.ma.masked_array(grid, mask=hidden)), bytes=True)
+                cell = np.arange(side) * n // side  # the cell each pixel row/column shows
+                fig.figimage(colours[cell][:, cell], xo=x0 + left, yo=bottom, origin="upper")
+            frame(x0 + left, bottom, side, side)
+            pitch = side / max(n, 1)
+            for j, label in enumerate(labels):
+                x = x0 + left + (j + 0.5) * pitch
+                y = bottom + side - (j + 0.5) * pitch
+                ticks += [((x, bottom), (x, bottom - 3.5 * PX)), ((x0 + left, y), (x0 + left - 3.5 * PX, y))]
+                text(x, bottom - TICKS, label, ha="center", va="top", rotation=90, fontsize=font, gid="label")
+                text(x0 + left - TICKS, y, label, ha="right", va="center", fontsize=font, gid="label")
+            # The axis names beyond the token labels.
+            text(
+                x0 + left + side / 2,
+                bottom - TICKS - tick_w - 4 * PX,
+                axis_names[0],
+                ha="center",
+                va="top",
+                gid="xlabel",
             )
-            _column_labels(ax, fig, range(n), labels, font)
-            _row_labels(ax, fig, range(n), labels, font)
-            # The axis names beyond the token labels (plain texts, which matplotlib's own axis
-            # labels would not make room for).
-            below = bottom - TICKS - tick_w - 4 * PX
-            fig.text((x0 + left + side / 2) / width, below / height, axis_names[0], ha="center", va="top", gid="xlabel")
-            middle = (bottom + side / 2) / height
-            fig.text((x0 + PAD) / width, middle, axis_names[1], rotation=90, ha="left", va="center", gid="ylabel")
+            text(x0 + PAD, bottom + side / 2, axis_names[1], rotation=90, ha="left", va="center", gid="ylabel")
             if n <= 10:  # few cells: write the weights in them
                 for i in range(n):
                     for j in range(n):
                         if not hidden[i, j]:
                             colour = "black" if norm(grid[i, j]) > 0.6 else "white"
-                            ax.text(j, i, f"{grid[i, j]:.2f}", ha="center", va="center", fontsize=7, color=colour)
-        if image is not None:
-            x0 = len(panels) * (left + side) + 16
-            cax = fig.add_axes((x0 / width, bottom / height, 14 / width, side / height))
-            bar = fig.colorbar(image, cax=cax, label=scale_name)
-            bar.locator = MaxNLocator(nbins=6)
-            bar.formatter = FormatStrFormatter("%.2f")
-            bar.update_ticks()
+                            text(
+                                x0 + left + (j + 0.5) * pitch,
+                                bottom + side - (i + 0.5) * pitch,
+                                f"{grid[i, j]:.2f}",
+                                ha="center",
+                                va="center",
+                                fontsize=7,
+                                color=colour,
+                            )
+        # The colour bar: the scale from 0 (bottom) to the largest weight, square-root spaced as the cells.
+        x0 = len(panels) * (left + side) + 16
+        shades = cmap(np.linspace(1.0, 0.0, side), bytes=True)[:, np.newaxis, :].repeat(14, axis=1)
+        fig.figimage(shades, xo=x0, yo=bottom, origin="upper")
+        frame(x0, bottom, 14, side)
+        widest = 0.0
+        for value in MaxNLocator(nbins=6).tick_values(0.0, scale_top):
+            if 0.0 <= value <= scale_top * 1.0001:
+                y = bottom + float(norm(value)) * side
+                ticks.append(((x0 + 14, y), (x0 + 14 + 3.5 * PX, y)))
+                mark = f"{value:.2f}"
+                widest = max(widest, text_width(mark, LABEL_PT))
+                text(x0 + 14 + TICKS, y, mark, ha="left", va="center", fontsize=LABEL_PT)
+        text(
+            x0 + 14 + TICKS + widest + 4 * PX,
+            bottom + side / 2,
+            scale_name,
+            rotation=90,
+            ha="left",
+            va="center",
+            fontsize=LABEL_PT,
+            gid="colorbar",
+        )
+        fig.add_artist(LineCollection(ticks, colors="black", linewidths=0.8, transform=pixels))
         return Image(filename, _png(fig), one_line(panels[0][0], 100))
 
 
@@ -806,7 +970,7 @@ def shaded_text(
         for heading, placed, values, panel_marks, height in zip(
             headings, layouts, (v for _, _, v in panels), marks, heights, strict=True
         ):
-            ax.text(PAD, y, heading, fontsize=10, va="top", ha="left", gid="title")
+            fig.text(PAD, y, heading, fontsize=10, va="top", ha="left", transform=ax.transData, gid="title")
             first = y + text_height(heading, 10.0) + 6
             for (line, x, w, label), value, mark in zip(placed, values, panel_marks, strict=True):
                 shade = cmap(norm(min(value, top_value)))
@@ -814,10 +978,26 @@ def shaded_text(
                 x0, y0 = PAD + x, first + line * line_h
                 boxes.append([(x0, y0), (x0 + w, y0), (x0 + w, y0 + text_pt * PX * 1.3), (x0, y0 + text_pt * PX * 1.3)])
                 shades.append(shade)
-                ax.text(
-                    x0 + 2, y0 + 2, label, fontsize=text_pt, va="top", ha="left", color="white" if dark else "black"
+                fig.text(
+                    x0 + 2,
+                    y0 + 2,
+                    label,
+                    fontsize=text_pt,
+                    va="top",
+                    ha="left",
+                    color="white" if dark else "black",
+                    transform=ax.transData,
                 )
-                ax.text(x0 + 2, y0 + text_pt * PX * 1.3 + 2, mark, fontsize=7, va="top", ha="left", color="#555555")
+                fig.text(
+                    x0 + 2,
+                    y0 + text_pt * PX * 1.3 + 2,
+                    mark,
+                    fontsize=7,
+                    va="top",
+                    ha="left",
+                    transform=ax.transData,
+                    color="#555555",
+                )
             y += height
         ax.add_collection(PolyCollection(boxes, facecolors=shades, edgecolors="none", zorder=0))
         cax = fig.add_axes((0.1, (bar_h - 14) / total, 0.8, 14 / total))
@@ -895,7 +1075,7 @@ def grouped_bars(
         _value_axis(ax, fig, max([*reach, top * 1.05]), True, axis_label, under)
         for s, (name, (_, values)) in enumerate(zip(names, series, strict=True)):
             positions = [(groups - 1 - g) + legend_units + 0.4 - height * (s + 0.5) for g in range(groups)]
-            ax.barh(positions, [float(v) for v in values], height=height, color=colours[s % len(colours)], label=name)
+            _bars(ax, positions, [float(v) for v in values], height, colours[s % len(colours)], label=name)
             if s == len(series) - 1:
                 beside = offset_copy(ax.transData, fig=fig, x=2, y=0, units="points")
                 for position, value, mark in zip(positions, last, marks, strict=True):
@@ -908,6 +1088,6 @@ def grouped_bars(
                 )
         _row_labels(ax, fig, [groups - 1 - g + legend_units for g in range(groups)], rows)
         ax.set_ylim(-0.5, groups - 0.4 + legend_units)
-        ax.legend(fontsize=8, loc="lower right")
+        _key(fig, [(name, colours[s % len(colours)]) for s, name in enumerate(names)], left + plot_width, under)
         ax.spines[["top", "right"]].set_visible(False)
         return Image(filename, _png(fig), one_line(title, 100))
