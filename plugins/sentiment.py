@@ -148,7 +148,7 @@ def embedding_head(model: Any, tokenizer: Any, batch: Sequence[EmbeddingHead]) -
         head = _heads[id(model)] = fit_head(model, tokenizer)
     vectors = [r.vector for r in embed(model, tokenizer, [Embed(r.text) for r in batch])]
     probs = head.predict_proba(vectors)
-    return [ClassifyResult("", list(head.classes_), [float(p) for p in row]) for row in probs]
+    return [ClassifyResult("", [str(c) for c in head.classes_], [float(p) for p in row]) for row in probs]
 
 
 async def discriminative(ctx: Context, text: str) -> tuple[str, Request, ClassifyResult]:
