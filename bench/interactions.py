@@ -83,15 +83,24 @@ def student_options(command: str, student: int) -> dict[str, object]:
     return {"prompt": f"Student {student} asks: the capital of France is"}
 
 
-async def model_only(app: object, command: str, count: int) -> float:
+async def model_only(app: object, command: str, count: int) -> tuple[float, int]:
     """Seconds until the service has answered the model requests of ``count`` students' ``command``,
-    all submitted at once, as the command's handler submits them (same requests, same users)."""
+    all submitted at once, as the command's handler submits them (same requests, same users), and
+    how many of those students the service told "busy" (as it tells the Discord burst)."""
     from bot import NoModelForRole
+    from bot.errors import Busy
     from bot.inference.protocol import NextToken
     from plugins.attention import Attention, MaskedAttention
     from plugins.sample import Sample
 
-    async def one(student: int) -> None:
+    async def one(student: int) -> bool:
+        try:
+            await ask(student)
+        except Busy:
+            return False
+        return True
+
+    async def ask(student: int) -> None:
         service = app.inference_view(str(10_000 + student), None)  # type: ignore[attr-defined]
         options = student_options(command, student)
         if command == "nexttoken":
@@ -104,8 +113,8 @@ async def model_only(app: object, command: str, count: int) -> float:
                 await service.submit(MaskedAttention(str(options["text"]), None, None))
 
     started = time.perf_counter()
-    await asyncio.gather(*(one(i) for i in range(count)))
-    return time.perf_counter() - started
+    answered = await asyncio.gather(*(one(i) for i in range(count)))
+    return time.perf_counter() - started, answered.count(False)
 
 
 async def main(count: int, max_queue: int, block_s: float = 0.0, command: str = "nexttoken") -> dict:
@@ -172,7 +181,7 @@ async def main(count: int, max_queue: int, block_s: float = 0.0, command: str = 
     defer = [first_answer(t) for t in tokens]
     outcomes = [final(t) for t in tokens]
     # The model-only peer, on the same warm service right after the burst (where handlers submit).
-    peer_s = await client.command_loop.run(model_only(app, command, count))
+    peer_s, peer_busy = await client.command_loop.run(model_only(app, command, count))
     await client.shutdown()
     await bot
     await fake.stop()
@@ -184,6 +193,7 @@ async def main(count: int, max_queue: int, block_s: float = 0.0, command: str = 
         "blocking_handler_s": block_s,
         "seconds_until_all_answered": elapsed,
         "model_only_s": peer_s,
+        "model_only_busy": peer_busy,
         "ratio_to_model_only": elapsed / peer_s,
         "defer_p50_ms": 1000 * percentile([d for d in defer if d is not None], 0.5),
         "defer_p99_ms": 1000 * percentile([d for d in defer if d is not None], 0.99),
@@ -213,7 +223,8 @@ def report(figures: dict, block_s: float) -> None:
     )
     print(
         f"model-only peer (same {figures['interactions']} requests straight to the service, no Discord, no charts): "
-        f"{figures['model_only_s']:.1f} s; all answered after / model-only = {figures['ratio_to_model_only']:.1f}×"
+        f"{figures['model_only_s']:.1f} s ({figures['model_only_busy']} told busy); "
+        f"all answered after / model-only = {figures['ratio_to_model_only']:.1f}×"
     )
     print(f"heartbeat warnings from discord.py: {figures['heartbeat_warnings']}")
     ok = figures["defer_p99_ms"] <= 250 and figures["unanswered"] == 0 and figures["heartbeat_warnings"] == 0
