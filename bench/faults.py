@@ -889,6 +889,7 @@ async def port_taken(run: Run) -> None:
         served = run.app.inference.metrics.serve(port)
         run.notes.append(f"metrics on taken port {port}: {'served (unexpected)' if served else 'off, one log line'}")
         await asyncio.sleep(run.settings.baseline_s)
+    run.end_fault()
 
 
 async def stop_during_load(run: Run) -> None:

@@ -227,9 +227,15 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def fit_table(table: Table, width: int | None = None) -> str:
-    """The table as columns if it fits the terminal's width, else one block of ``header: value`` lines per row."""
-    width = width or shutil.get_terminal_size().columns
+    """The table as columns if it fits the terminal's width, else one block of ``header: value`` lines per row.
+
+    Written to a pipe or a file with no ``COLUMNS`` set, there is no width to fit: the columns, for scripts.
+    """
     text = render_table(table)
+    if width is None:
+        if not os.environ.get("COLUMNS") and not sys.stdout.isatty():
+            return text
+        width = shutil.get_terminal_size().columns
     if max(display_width(line) for line in text.splitlines()) <= width:
         return text
     blocks = []

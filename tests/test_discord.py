@@ -151,10 +151,13 @@ async def test_crashing_plugin_answers_with_an_error_id(harness: Harness) -> Non
 
 async def test_bad_input_gets_an_ephemeral_answer(harness: Harness) -> None:
     await harness.start()
-    calls = await harness.answer(await harness.fake.interact("nexttoken", {"prompt": "   "}))
-    assert [c.method for c in calls] == ["POST", "DELETE", "POST"]  # defer, drop "thinking", private answer
-    assert calls[-1].body["flags"] == EPHEMERAL
-    assert "`prompt` is empty" in calls[-1].body["content"]
+    token = await harness.fake.interact("nexttoken", {"prompt": "   "})
+    # "thinking…" is dropped only once the private answer has arrived (never a silent gap).
+    await harness.fake.wait_for(lambda calls: any(token in c.path and c.method == "DELETE" for c in calls))
+    calls = [c for c in harness.fake.calls if token in c.path]
+    assert [c.method for c in calls] == ["POST", "POST", "DELETE"]  # defer, private answer, drop "thinking"
+    assert calls[1].body["flags"] == EPHEMERAL
+    assert "`prompt` is empty" in calls[1].body["content"]
 
 
 async def test_busy_queue_answers_at_once(harness: Harness) -> None:

@@ -27,6 +27,7 @@ REPO = "lmbot-test/tiny-gpt2"
 def lmbot(args: list[str], cwd: Path, hub_url: str, offline: bool = False) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
     env.update(HF_ENDPOINT=hub_url, HF_HOME=str(cwd / "hf"), HF_HUB_DISABLE_TELEMETRY="1", PYTHONIOENCODING="utf-8")
+    env["COLUMNS"] = "1000"  # `lmbot models` as one row a line, whatever width the test run has
     if offline:
         env["HF_HUB_OFFLINE"] = "1"
     return subprocess.run(

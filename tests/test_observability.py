@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -61,12 +62,16 @@ async def test_prometheus_endpoint_and_lmbot_stats(config_factory, tiny_gpt2: Pa
         await client.close()
 
 
+# `lmbot models` fits its table to COLUMNS when set (it may be, in a test run): wide enough for one row a line.
+WIDE = dict(os.environ, COLUMNS="1000")
+
+
 def test_lmbot_models_lists_roles_and_where_they_resolve(tmp_path: Path, cache_dir: Path, tiny_gpt2: Path) -> None:
     (tmp_path / "config.toml").write_text(
         f'[inference]\ncache_dir = "{cache_dir}"\noffline = "always"\n[models]\ncausal_lm = "{tiny_gpt2}"\n'
     )
     done = subprocess.run(
-        [sys.executable, "-m", "bot.cli", "models"], cwd=tmp_path, capture_output=True, text=True, timeout=60
+        [sys.executable, "-m", "bot.cli", "models"], cwd=tmp_path, capture_output=True, text=True, timeout=60, env=WIDE
     )
     assert done.returncode == 0, done.stderr
     lines = {line.split()[0]: line for line in done.stdout.splitlines()[2:]}
@@ -79,7 +84,7 @@ def test_lmbot_models_lists_roles_and_where_they_resolve(tmp_path: Path, cache_d
         f'[inference]\ncache_dir = "{cache_dir}"\noffline = "always"\ndevice = "cpu"\ndtype = "bfloat16"\n'
     )
     done = subprocess.run(
-        [sys.executable, "-m", "bot.cli", "models"], cwd=tmp_path, capture_output=True, text=True, timeout=60
+        [sys.executable, "-m", "bot.cli", "models"], cwd=tmp_path, capture_output=True, text=True, timeout=60, env=WIDE
     )
     assert done.returncode == 0, done.stderr
     lines = {line.split()[0]: line for line in done.stdout.splitlines()[2:]}

@@ -13,6 +13,7 @@ a score database of another program was changed by the quiz.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.metadata
 import json
 import os
@@ -125,11 +126,12 @@ def test_lmbot_answers_with_an_installed_plugin_that_claims_help(tmp_path: Path,
     (tmp_path / "config.toml").write_text(f'[inference]\ncache_dir = "{cache_dir}"\n', encoding="utf-8")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")]))
     outputs = []
-    for args in (["plugins"], ["ask", "/help"]):
+    # `lmbot plugins` exits 1 when a plugin failed to load (usable in CI); the bot still answers.
+    for args, code in ((["plugins"], 1), (["ask", "/help"], 0)):
         done = subprocess.run(
             [sys.executable, "-m", "bot.cli", *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
         )
-        assert done.returncode == 0, done.stderr[-2000:]
+        assert done.returncode == code, done.stderr[-2000:]
         outputs.append(done.stdout)
     row = next(line for line in outputs[0].splitlines() if line.startswith("lmbot_claims_help"))
     assert "failed: its command /help is already registered by plugin 'core'" in row
@@ -232,12 +234,14 @@ class _Item:
     text: str
 
 
+@dataclasses.dataclass
 class _Labelled:
-    """A result that has a ``model`` attribute but is not a dataclass."""
+    """A result (plain data: a dataclass) with a ``model`` attribute that is not one of its fields."""
 
-    def __init__(self, text: str) -> None:
+    text: str
+
+    def __post_init__(self) -> None:
         self.model = "set by the task"
-        self.text = text
 
 
 def drops_one(model: Any, tokenizer: Any, batch: list[_Item]) -> list[str]:
