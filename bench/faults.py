@@ -718,6 +718,13 @@ class _WarmFront:
         pass
 
 
+async def _wait_pending(run: Run, timeout: float) -> None:
+    """Wait for the run's requests still out; asyncio.wait refuses an empty set, and all may be done."""
+    pending = [t for t in run.tasks if not t.done()]
+    if pending:
+        await asyncio.wait(pending, timeout=timeout)
+
+
 async def slow_socket(run: Run) -> None:
     """Clients that hold the warm lmbot's socket with a partial line, while others ask through it."""
     import socket as socket_module
@@ -754,7 +761,7 @@ async def slow_socket(run: Run) -> None:
                 record = Record("asks (slow clients on the socket)", "lmbot ask /tokenize", run.now())
                 run._track(record, lambda n=n: asyncio.to_thread(one_ask, n))
                 await asyncio.sleep(0.2)
-            await asyncio.wait([t for t in run.tasks if not t.done()], timeout=60)
+            await _wait_pending(run, 60)
 
             def closed_by_server(client: socket_module.socket) -> bool:
                 client.settimeout(30)
@@ -818,7 +825,7 @@ async def disk_full(run: Run) -> None:
                 record = Record("answers with a chart (disk full)", "/nexttoken + save", run.now())
                 run._track(record, lambda n=n: answer_and_save(n))
                 await asyncio.sleep(0.3)
-            await asyncio.wait([t for t in run.tasks if not t.done()], timeout=120)
+            await _wait_pending(run, 120)
         finally:
             del bot.render.open  # type: ignore[attr-defined]
         left = await asyncio.to_thread(os.listdir, folder)
