@@ -138,7 +138,7 @@ def raw_batches(run: Callable[[list[str]], object], concurrency: int, rounds: in
 def task_runner(model, tokenizer) -> Callable[[list[str]], object]:  # type: ignore[no-untyped-def]
     """The service's own next-token task on a model in this process: ways (b) and bf16."""
     from bot.inference.protocol import NextToken
-    from bot.inference.tasks import next_token
+    from bot.worker.tasks import next_token
 
     return lambda texts: next_token(model, tokenizer, [NextToken(t, k=5) for t in texts])
 
@@ -367,10 +367,10 @@ def load_models():  # type: ignore[no-untyped-def]
     import torch
 
     from bot.config import parse_config
-    from bot.inference import engines
-    from bot.inference.loading import load_source
     from bot.inference.registry import BUILTIN_ROLES, resolve
     from bot.inference.settings import WorkerSettings
+    from bot.worker import engines
+    from bot.worker.loading import load_source
 
     role = next(r for r in BUILTIN_ROLES if r.name == "causal_lm")
     loaded = {}
@@ -605,7 +605,7 @@ def main() -> None:
 
         return go
 
-    from bot.inference.tasks import _causal_forward
+    from bot.worker.tasks import _causal_forward
 
     reference = all_probs(alone(model), 1)
     fid = fidelity(

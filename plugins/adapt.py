@@ -164,7 +164,7 @@ def lora_train(model: Any, tokenizer: Any, batch: Sequence[LoraTrain]) -> list[L
     import torch
     from peft import LoraConfig, get_peft_model
 
-    from bot.inference.tasks import generate
+    from bot.worker.tasks import generate
 
     def greedy(served: Any, prompt: str, max_new_tokens: int) -> str:
         return generate(served, tokenizer, [Generate(prompt, max_new_tokens=max_new_tokens)])[0].text

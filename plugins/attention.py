@@ -110,7 +110,7 @@ def attention_weights(model: Any, tokenizer: Any, batch: Sequence[Attention]) ->
     """
     import torch
 
-    from bot.inference.tasks import token_bytes
+    from bot.worker.tasks import token_bytes
 
     causal = not isinstance(batch[0], MaskedAttention)
     layers, heads = int(model.config.num_hidden_layers), int(model.config.num_attention_heads)

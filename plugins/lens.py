@@ -221,7 +221,7 @@ def _lens_forward(model: Any, found: Parts, kwargs: dict[str, Any]) -> tuple[Any
 def _top(tokenizer: Any, logp: Any, k: int) -> list[Guess]:
     import torch
 
-    from bot.inference.tasks import token_bytes
+    from bot.worker.tasks import token_bytes
 
     values, ids = torch.topk(logp, k)
     id_list = [int(i) for i in ids.tolist()]
@@ -236,7 +236,7 @@ def logit_lens(model: Any, tokenizer: Any, batch: Sequence[Lens]) -> list[LensRe
     only, so each text gets the numbers it gets alone), and one more with the knock-out, if any."""
     import torch
 
-    from bot.inference.tasks import token_bytes
+    from bot.worker.tasks import token_bytes
 
     found = parts(model)
     layers, heads = int(model.config.num_hidden_layers), int(model.config.num_attention_heads)

@@ -114,7 +114,7 @@ def round_scores(model: Any, tokenizer: Any, batch: Sequence[RoundScore]) -> lis
 
     import torch
 
-    from bot.inference.tasks import token_bytes
+    from bot.worker.tasks import token_bytes
 
     rows: list[list[int]] = []
     firsts: list[int] = []  # each request's first row

@@ -96,7 +96,7 @@ def sample(model: Any, tokenizer: Any, batch: Sequence[Sample]) -> list[SampleRe
     import torch
     from transformers import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
-    from bot.inference.tasks import token_bytes
+    from bot.worker.tasks import token_bytes
 
     eos = model.generation_config.eos_token_id
     stop = set(eos if isinstance(eos, list) else [] if eos is None else [eos])

@@ -133,7 +133,7 @@ def fit_head(model: Any, tokenizer: Any) -> Any:
     """Train the logistic-regression head on the shipped labelled set (runs in the worker)."""
     from sklearn.linear_model import LogisticRegression
 
-    from bot.inference.tasks import embed
+    from bot.worker.tasks import embed
 
     examples = training_set()
     vectors = [r.vector for r in embed(model, tokenizer, [Embed(text) for _, text in examples])]
@@ -141,7 +141,7 @@ def fit_head(model: Any, tokenizer: Any) -> Any:
 
 
 def embedding_head(model: Any, tokenizer: Any, batch: Sequence[EmbeddingHead]) -> list[ClassifyResult]:
-    from bot.inference.tasks import embed
+    from bot.worker.tasks import embed
 
     head = _heads.get(id(model))
     if head is None:

@@ -70,7 +70,7 @@ def surprisal(model: Any, tokenizer: Any, batch: Sequence[Surprisal]) -> list[Su
 
     import torch
 
-    from bot.inference.tasks import document_start_id, token_bytes
+    from bot.worker.tasks import document_start_id, token_bytes
 
     start = document_start_id(tokenizer)
     texts = [list(tokenizer(r.text, add_special_tokens=False)["input_ids"]) for r in batch]

@@ -12,10 +12,10 @@ import pytest
 import torch
 import transformers
 
-from bot.inference import engines, loading, tasks
 from bot.inference.protocol import NextToken, Score
 from bot.inference.registry import BUILTIN_ROLES, runs_as
 from bot.inference.settings import WorkerSettings
+from bot.worker import engines, loading, tasks
 from tests.conftest import ROLES, make_config
 
 TOL = 1e-5

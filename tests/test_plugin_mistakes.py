@@ -253,7 +253,7 @@ def plain_objects(model: Any, tokenizer: Any, batch: list[_Item]) -> list[_Label
 
 
 def test_a_task_returning_too_few_results_fails_only_that_request_and_says_why(caplog) -> None:  # type: ignore[no-untyped-def]
-    from bot.inference import worker
+    from bot.worker import process as worker
 
     loaded = types.SimpleNamespace(model=None, tokenizer=None, label="tiny")
     timing: dict[str, Any] = {"compute_s": 0.0, "sizes": [], "load_s": 0.0}
@@ -267,7 +267,7 @@ def test_a_task_returning_too_few_results_fails_only_that_request_and_says_why(c
 
 
 def test_a_result_with_a_model_attribute_that_is_no_dataclass_field_is_kept() -> None:
-    from bot.inference import worker
+    from bot.worker import process as worker
 
     loaded = types.SimpleNamespace(model=None, tokenizer=None, label="tiny")
     timing: dict[str, Any] = {"compute_s": 0.0, "sizes": [], "load_s": 0.0}

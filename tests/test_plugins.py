@@ -250,7 +250,7 @@ async def test_a_mismatched_handler_is_a_load_error_naming_the_plugin(lmbot_app)
 
 
 def test_builtin_task_names_are_the_service_tasks() -> None:
-    from bot.inference.tasks import TASKS  # imports torch: fine in a test process
+    from bot.worker.tasks import TASKS  # imports torch: fine in a test process
 
     assert set(builtin_tasks()) == set(TASKS)
 
@@ -695,10 +695,10 @@ def test_bot_has_no_import_cycles() -> None:
 def test_bot_modules_import_no_heavy_library_at_module_level() -> None:
     """Only worker-side modules (and the test kit's model builder) may import torch at the top."""
     worker_side = {
-        "bot.inference.tasks",
-        "bot.inference.loading",
-        "bot.inference.engines",
-        "bot.inference.worker",
+        "bot.worker.tasks",
+        "bot.worker.loading",
+        "bot.worker.engines",
+        "bot.worker.process",
         "bot.testing.models",
     }
     root = REPO / "bot"

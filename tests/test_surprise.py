@@ -14,8 +14,8 @@ import transformers
 
 from bot.app import App
 from bot.charts import shaded_text
-from bot.inference.tasks import document_start_id
 from bot.render import render_code
+from bot.worker.tasks import document_start_id
 from plugins.ngram import builtin_corpus, sentences, words
 from plugins.surprise import MAX_TOKENS, Surprisal, band, surprisal
 from tests.conftest import make_config

@@ -12,7 +12,6 @@ import pytest
 import torch
 import transformers
 
-from bot.inference import tasks
 from bot.inference.protocol import (
     MASK,
     Classify,
@@ -24,6 +23,7 @@ from bot.inference.protocol import (
     Score,
     Seq2Seq,
 )
+from bot.worker import tasks
 
 PROMPTS = ["The capital of France is", "Hi", "A much longer prompt, so that the others need padding: one two three"]
 TOL = 1e-5

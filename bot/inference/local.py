@@ -24,7 +24,7 @@ only while a load is alive by that measure.
 
 Answers are read at the boundary with an unpickler that refuses torch and numpy
 objects, so a task's result can never import torch into the bot process (workers
-check results are plain data first, see :func:`bot.inference.worker.plain_data_problem`).
+check results are plain data first, see :func:`bot.worker.process.plain_data_problem`).
 """
 
 from __future__ import annotations
@@ -175,7 +175,7 @@ class LocalInferenceClient(BatchedClient):
         return [w.process.pid for w in self._workers if not w.lost and w.process.is_alive()]
 
     def _spawn(self, index: int) -> _Worker:
-        from bot.inference import worker as worker_module
+        from bot.worker import process as worker_module
 
         parent, child = self._mp.Pipe(duplex=True)
         process = self._mp.Process(

@@ -3,7 +3,7 @@
 This module is imported by the bot process, so it must stay free of torch and
 transformers: the bot only describes work here; worker processes do it.
 
-Each request type names its ``task`` (a function in :mod:`bot.inference.tasks`,
+Each request type names its ``task`` (a function in :mod:`bot.worker.tasks`,
 or ``"module:function"`` for tasks that live elsewhere) and its model ``role``.
 Requests of the same role, task and :meth:`Request.batch_key` may be batched.
 """

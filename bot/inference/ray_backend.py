@@ -1,8 +1,8 @@
 """The Ray Serve backend: the same client interface, inference on a Ray cluster.
 
 One Serve application per model role (``lmbot-<role>``). Each replica owns its
-role's model (the same :class:`~bot.inference.loading.ModelCache` the local
-workers use) and runs the same tasks through :func:`bot.inference.worker.run_batch`.
+role's model (the same :class:`~bot.worker.loading.ModelCache` the local
+workers use) and runs the same tasks through :func:`bot.worker.process.run_batch`.
 The bot process batches requests with the same batching core as the local
 backend (:mod:`bot.inference.scheduler`: admission, fair queues, deadlines,
 batching); this module is its transport: it sends each batch to the
@@ -149,7 +149,7 @@ class RoleServer:
         # As in the local workers, and before torch loads libgomp (which reads it once, at load):
         # OpenMP's default long spin keeps idle threads busy, taking the cores from everything else.
         os.environ.setdefault("GOMP_SPINCOUNT", "20000")
-        from bot.inference.loading import ModelCache
+        from bot.worker.loading import ModelCache
 
         if settings.threads:
             import torch
@@ -208,7 +208,7 @@ class RoleServer:
                 start += len(items)
 
     def _compute(self, merged: list[tuple[float, Request, float]], picked: float) -> list[Answer]:
-        from bot.inference.worker import run_batch
+        from bot.worker.process import run_batch
 
         began = time.monotonic()
         # run_batch takes one (task, batch key) at a time; a batch from one bot process holds one,

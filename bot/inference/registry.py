@@ -195,7 +195,7 @@ def runs_as(role: ModelRole, device: str = "auto", dtype: str = "auto", engine: 
 def onnxruntime_applies(on_cpu: bool, fp32: bool, auto_class: str) -> bool:
     """Where the ONNX Runtime engine runs a role: causal LMs in fp32 on the CPU, when it is installed.
 
-    One rule for the workers (``bot.inference.engines.wanted_engine``) and ``lmbot models``.
+    One rule for the workers (``bot.worker.engines.wanted_engine``) and ``lmbot models``.
     """
     return (
         on_cpu and fp32 and auto_class == "AutoModelForCausalLM" and importlib.util.find_spec("onnxruntime") is not None

@@ -117,8 +117,8 @@ def packaged_causal_lm(cache: Path, kept: Path) -> Path:
     ``inference.cache_dir`` a test's apps use) gets a link to the kept copy, so a
     model worker started by a test finds it converted too.
     """
-    from bot.inference.loading import _gguf_to_safetensors
     from bot.inference.registry import PACKAGED
+    from bot.worker.loading import _gguf_to_safetensors
 
     packaged = PACKAGED["causal_lm"]
     folder = packaged.folder()

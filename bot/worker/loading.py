@@ -26,10 +26,10 @@ from typing import Any
 import torch
 import transformers
 
-from bot.inference import engines
 from bot.inference.protocol import NoModelForRole
 from bot.inference.registry import ModelSource, resolve
 from bot.inference.settings import WorkerSettings
+from bot.worker import engines
 
 log = logging.getLogger(__name__)
 

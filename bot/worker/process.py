@@ -42,7 +42,7 @@ from typing import Any
 from bot.inference.settings import STARTING
 
 Outcome = tuple[int, bool, Any]
-log = logging.getLogger("bot.inference.worker")
+log = logging.getLogger("bot.worker.process")
 LOAD_HEARTBEAT_S = 1.0
 
 
@@ -95,7 +95,7 @@ def main(conn: Connection, settings: Any, log_level: str = "INFO") -> None:
     heartbeat.start(STARTING)  # importing torch and preloading models is watched like a load
     import torch  # only workers import torch: the bot process stays small
 
-    from bot.inference.loading import ModelCache, pick_device
+    from bot.worker.loading import ModelCache, pick_device
 
     if settings.threads:
         torch.set_num_threads(settings.threads)
@@ -308,7 +308,7 @@ def _unexpired(items: Sequence[tuple[int, Any, float]], outcomes: list[Outcome])
 def _find_task(name: str) -> Callable[..., Any]:
     """The task function, or :class:`TaskNotFound` saying that the request's plugin names a wrong one."""
     from bot.inference.protocol import TaskNotFound
-    from bot.inference.tasks import find_task
+    from bot.worker.tasks import find_task
 
     module = name.partition(":")[0]
     try:

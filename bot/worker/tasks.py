@@ -17,7 +17,6 @@ from typing import Any
 
 import torch
 
-from bot.inference.engines import engine_of
 from bot.inference.protocol import (
     MASK,
     Classify,
@@ -38,6 +37,7 @@ from bot.inference.protocol import (
     Seq2Seq,
     TokenProb,
 )
+from bot.worker.engines import engine_of
 
 LN2 = math.log(2)
 
