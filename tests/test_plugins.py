@@ -692,32 +692,6 @@ def test_bot_has_no_import_cycles() -> None:
     assert cycles == [], " ; ".join(" -> ".join(c) for c in cycles)
 
 
-def test_bot_modules_import_no_heavy_library_at_module_level() -> None:
-    """Only worker-side modules (and the test kit's model builder) may import torch at the top."""
-    worker_side = {
-        "bot.worker.tasks",
-        "bot.worker.loading",
-        "bot.worker.engines",
-        "bot.worker.process",
-        "bot.testing.models",
-    }
-    root = REPO / "bot"
-    offenders = []
-    for path in sorted(root.rglob("*.py")):
-        parts = list(path.relative_to(REPO).with_suffix("").parts)
-        name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
-        if name in worker_side:
-            continue
-        for node in ast.parse(path.read_text(encoding="utf-8")).body:
-            names = []
-            if isinstance(node, ast.Import):
-                names = [alias.name for alias in node.names]
-            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-                names = [node.module]
-            offenders += [f"{name}: {n}" for n in names if n.split(".")[0] in bot.plugins.HEAVY_MODULES]
-    assert offenders == []
-
-
 STUCK_PLUGIN = """
     from bot import Reply, command, hookimpl
     from tests.test_handler_faults import RELEASE

@@ -1,10 +1,30 @@
-"""The inference tasks: pure functions of ``(model, tokenizer, batch)``.
+"""The inference tasks, and the helpers a plugin's own task may use.
 
-Each takes a list of requests of one type and returns one result per request,
-in order. They hold no state, so any backend (the local workers, Ray Serve)
-can call them. Batching must not change a number: causal LMs are padded on
-the left with explicit position ids, so every row sees exactly the positions
-it would see alone.
+A task is a pure function of ``(model, tokenizer, batch)``: it takes a list of
+requests of one type and returns one result per request, in order. It holds no
+state, so any backend (the local workers, Ray Serve) can call it. Batching must
+not change a number: causal LMs are padded on the left with explicit position
+ids, so every row sees exactly the positions it would see alone.
+
+This module runs in model workers only (it imports torch). A plugin imports it
+inside its task function, never at the top of its module (the bot process loads
+the plugin module; see docs/writing-a-plugin.md). Its public API, ``__all__``:
+
+Helpers for a plugin's own task:
+
+* :func:`token_bytes`: each token's own bytes (a token that holds part of a character
+  decodes to U+FFFD alone; its bytes come from the vocabulary);
+* :func:`document_start_id`: the token a text is scored after when it has no context;
+* :func:`left_padded`: a batch of texts tokenized and padded on the left, on the model's device;
+* :func:`position_ids`: position ids that count real tokens only, so left padding does not
+  shift them (pass them to a causal LM's forward to get the numbers a text gets alone).
+
+Built-in tasks a plugin's task may call on its own batch (each returns the result
+dataclasses of :mod:`bot.inference.protocol`): :func:`next_token`, :func:`generate`,
+:func:`seq2seq`, :func:`classify`, :func:`embed`, :func:`score`.
+
+Everything else here (names starting with ``_``, :data:`TASKS`, :func:`find_task`) is the
+worker's own and may change.
 """
 
 from __future__ import annotations
@@ -39,6 +59,19 @@ from bot.inference.protocol import (
 )
 from bot.worker.engines import engine_of
 
+__all__ = [
+    "classify",
+    "document_start_id",
+    "embed",
+    "generate",
+    "left_padded",
+    "next_token",
+    "position_ids",
+    "score",
+    "seq2seq",
+    "token_bytes",
+]
+
 LN2 = math.log(2)
 
 
@@ -47,13 +80,14 @@ def _accepts(model_type: Any, name: str) -> bool:
     return name in inspect.signature(model_type.forward).parameters
 
 
-def _left_padded(tokenizer: Any, texts: Sequence[str], device: torch.device) -> dict[str, torch.Tensor]:
+def left_padded(tokenizer: Any, texts: Sequence[str], device: torch.device) -> dict[str, torch.Tensor]:
+    """``input_ids`` and ``attention_mask`` for ``texts``, padded on the left, on ``device``."""
     enc = tokenizer(list(texts), return_tensors="pt", padding=True, padding_side="left")
     return {k: enc[k].to(device) for k in ("input_ids", "attention_mask")}
 
 
-def _position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
-    # Positions count real tokens only, so left padding does not shift them.
+def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Each token's position counting real tokens only, so left padding does not shift them."""
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
@@ -65,7 +99,7 @@ def _causal_forward(model: Any, enc: dict[str, torch.Tensor], keep: int | None) 
         return engine.logits(enc, keep)
     kwargs: dict[str, Any] = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
     if _accepts(model.__class__, "position_ids"):
-        kwargs["position_ids"] = _position_ids(enc["attention_mask"])
+        kwargs["position_ids"] = position_ids(enc["attention_mask"])
     if keep is not None and _accepts(model.__class__, "logits_to_keep"):
         # Skips the vocabulary projection for every position but the last ones.
         kwargs["logits_to_keep"] = keep
@@ -125,7 +159,7 @@ def _real_ids(enc: dict[str, torch.Tensor], row: int) -> list[int]:
 
 
 def next_token(model: Any, tokenizer: Any, batch: Sequence[NextToken]) -> list[NextTokenResult]:
-    enc = _left_padded(tokenizer, [r.text for r in batch], model.device)
+    enc = left_padded(tokenizer, [r.text for r in batch], model.device)
     last = _causal_forward(model, enc, keep=1)[:, -1, :]
     results = []
     for row, request in enumerate(batch):
@@ -182,7 +216,7 @@ def generate(model: Any, tokenizer: Any, batch: Sequence[Generate]) -> list[Gene
             tokenizer.apply_chat_template([{"role": "user", "content": t}], tokenize=False, add_generation_prompt=True)
             for t in texts
         ]
-    enc = _left_padded(tokenizer, texts, model.device)
+    enc = left_padded(tokenizer, texts, model.device)
     options: dict[str, Any] = {"max_new_tokens": first.max_new_tokens, "pad_token_id": tokenizer.pad_token_id}
     if first.temperature > 0:
         torch.manual_seed(first.seed)  # batch_key keeps a sampled request alone, so the seed is its own
