@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def timed(args: list[str], cwd: Path, env: dict[str, str]) -> float:
     started = time.perf_counter()
     done = subprocess.run(
-        [sys.executable, "-m", "bot.cli", "ask", *args], cwd=cwd, env=env, capture_output=True, text=True
+        [sys.executable, "-m", "bot.frontends.cli", "ask", *args], cwd=cwd, env=env, capture_output=True, text=True
     )
     elapsed = time.perf_counter() - started
     if done.returncode != 0:

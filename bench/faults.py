@@ -240,8 +240,8 @@ class OverDiscord(Direct):
         import discord
         import yarl
 
-        from bot.discord_frontend.client import LmbotClient
-        from bot.discord_frontend.runner import run_bot
+        from bot.frontends.discord.client import LmbotClient
+        from bot.frontends.discord.runner import run_bot
         from tests.fake_discord import FakeDiscord, LoopbackOnlyResolver
 
         self.fake = FakeDiscord()
@@ -302,7 +302,7 @@ class OverDiscord(Direct):
         return await self._answer(token, user)
 
     async def press(self, button: Button, user: str) -> Reply:
-        from bot.discord_frontend.render import button_id
+        from bot.frontends.discord.render import button_id
 
         token = await self.fake.interact("", {"custom_id": button_id(button)}, user_id=self.user_id(user), kind=3)
         return await self._answer(token, user)
@@ -729,7 +729,7 @@ async def slow_socket(run: Run) -> None:
     """Clients that hold the warm lmbot's socket with a partial line, while others ask through it."""
     import socket as socket_module
 
-    from bot import ask
+    from bot.frontends import ask
 
     with tempfile.TemporaryDirectory(prefix="lmbot-faults-run-") as runtime:
         before = os.environ.get("XDG_RUNTIME_DIR")

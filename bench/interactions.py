@@ -124,8 +124,8 @@ async def main(count: int, max_queue: int, block_s: float = 0.0, command: str = 
 
     from bot.app import App
     from bot.config import parse_config
-    from bot.discord_frontend.client import LmbotClient
-    from bot.discord_frontend.runner import run_bot
+    from bot.frontends.discord.client import LmbotClient
+    from bot.frontends.discord.runner import run_bot
     from tests.fake_discord import FakeDiscord, LoopbackOnlyResolver
 
     fake = FakeDiscord()

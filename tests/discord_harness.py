@@ -13,8 +13,8 @@ import pytest
 import yarl
 
 from bot.app import App
-from bot.discord_frontend.client import LmbotClient
-from bot.discord_frontend.runner import run_bot
+from bot.frontends.discord.client import LmbotClient
+from bot.frontends.discord.runner import run_bot
 from tests.conftest import make_config
 from tests.fake_discord import Call, FakeDiscord, LoopbackOnlyResolver
 

@@ -15,8 +15,8 @@ import aiohttp
 import discord
 import yarl
 
-from bot import cli
-from bot.discord_frontend.client import LmbotClient
+from bot.frontends import cli
+from bot.frontends.discord.client import LmbotClient
 from tests.fake_discord import LoopbackOnlyResolver
 
 

@@ -1,4 +1,4 @@
-"""`lmbot ask` and the warm lmbot it leaves behind (bot/ask.py), end to end in subprocesses.
+"""`lmbot ask` and the warm lmbot it leaves behind (bot/frontends/ask.py), end to end in subprocesses.
 
 Every test gives the warm lmbot a private runtime folder (XDG_RUNTIME_DIR) and stops it,
 and its workers, when the test ends.
@@ -23,8 +23,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from bot import Reply, ask
+from bot import Reply
 from bot.config import ConfigError, parse_config
+from bot.frontends import ask
 from tests.plugin_helpers import causal_reference
 
 PROMPT = "The capital of France is"
@@ -62,7 +63,7 @@ class Bench:
     def ask(self, *args: str, timeout: int = 180, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
             # -P as the `lmbot` script: the working folder is not on sys.path.
-            [sys.executable, "-P", "-m", "bot.cli", "ask", *args],
+            [sys.executable, "-P", "-m", "bot.frontends.cli", "ask", *args],
             cwd=cwd or self.dir,
             env=self.env(),
             capture_output=True,
@@ -72,7 +73,7 @@ class Bench:
 
     def popen(self, *args: str) -> subprocess.Popen[str]:
         return subprocess.Popen(
-            [sys.executable, "-P", "-m", "bot.cli", "ask", *args],
+            [sys.executable, "-P", "-m", "bot.frontends.cli", "ask", *args],
             cwd=self.dir,
             env=self.env(),
             stdout=subprocess.PIPE,
@@ -103,7 +104,7 @@ class Bench:
         mark = f"XDG_RUNTIME_DIR={self.run_dir}".encode()
         for proc in Path("/proc").iterdir():
             with contextlib.suppress(OSError):
-                ours = proc.name.isdigit() and b"bot.ask" in (proc / "cmdline").read_bytes()
+                ours = proc.name.isdigit() and b"bot.frontends.ask" in (proc / "cmdline").read_bytes()
                 if ours and mark in (proc / "environ").read_bytes().split(b"\0"):
                     os.killpg(int(proc.name), signal.SIGKILL)
 
@@ -342,7 +343,7 @@ def test_asks_from_two_folders_share_one_warm_lmbot(bench: Bench) -> None:
 
 def test_an_edited_topic_toml_is_shown_on_the_next_ask(bench: Bench) -> None:
     """Data files are part of the fingerprint: a lecturer's edit is the next ask's answer (issue 23)."""
-    topic = Path(ask.__file__).resolve().parent.parent / "plugins" / "data" / "topics" / "ngrams.toml"
+    topic = Path(ask.__file__).resolve().parents[2] / "plugins" / "data" / "topics" / "ngrams.toml"
     original, info = topic.read_bytes(), topic.stat()
     bench.ask(ASK)
     wait_for(bench.pids)

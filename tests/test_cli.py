@@ -23,7 +23,7 @@ def run(args: list[str], cwd: Path, stdin: str | None = None, extra_path: Path |
     if extra_path is not None:
         env["PYTHONPATH"] = os.pathsep.join([str(extra_path), env.get("PYTHONPATH", "")])
     return subprocess.run(
-        [sys.executable, "-m", "bot.cli", *args],
+        [sys.executable, "-m", "bot.frontends.cli", *args],
         cwd=cwd,
         env=env,
         input=stdin,
@@ -150,7 +150,7 @@ def test_a_metrics_port_in_use_is_one_line_for_run_and_no_matter_for_ask(workdir
             config.replace("[inference]\n", f"[inference]\nmetrics_port = {port}\n"), encoding="utf-8"
         )
         done = subprocess.run(
-            [sys.executable, "-m", "bot.cli", "run"],
+            [sys.executable, "-m", "bot.frontends.cli", "run"],
             cwd=workdir,
             env=dict(os.environ, LMBOT_DISCORD_TOKEN="x"),
             capture_output=True,
@@ -189,7 +189,7 @@ def test_a_reader_that_goes_away_gets_no_traceback(workdir: Path) -> None:
     os.close(read_end)  # the reader is gone before the answer is written
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONIOENCODING="utf-8")
     done = subprocess.run(
-        [sys.executable, "-m", "bot.cli", "ask", "/help"],
+        [sys.executable, "-m", "bot.frontends.cli", "ask", "/help"],
         cwd=workdir,
         env=env,
         stdout=write_end,
@@ -202,7 +202,7 @@ def test_a_reader_that_goes_away_gets_no_traceback(workdir: Path) -> None:
 
 
 def test_no_color_and_terminals_decide_colour(monkeypatch: pytest.MonkeyPatch) -> None:
-    from bot.cli import colour_wanted
+    from bot.frontends.cli import colour_wanted
 
     class Terminal:
         def isatty(self) -> bool:
@@ -225,7 +225,7 @@ def test_no_color_reaches_the_answer_on_a_terminal(workdir: Path) -> None:
         env = {k: v for k, v in os.environ.items() if k != "NO_COLOR"}
         env.update(HF_HUB_OFFLINE="1", PYTHONIOENCODING="utf-8", **extra)
         done = subprocess.run(
-            [sys.executable, "-m", "bot.cli", "ask", "/tokenize text:unbelievable"],
+            [sys.executable, "-m", "bot.frontends.cli", "ask", "/tokenize text:unbelievable"],
             cwd=workdir,
             env=env,
             stdout=child_fd,
@@ -247,7 +247,8 @@ def test_no_color_reaches_the_answer_on_a_terminal(workdir: Path) -> None:
 
 async def test_no_images_saves_no_files_and_images_land_in_the_askers_folder(tmp_path: Path) -> None:
     """--no-images; and an ask names its own folder, so one warm lmbot serves asks from several."""
-    from bot import Image, Reply, ask
+    from bot import Image, Reply
+    from bot.frontends import ask
 
     class OneChart:
         async def execute_line(self, line: str) -> Reply:
@@ -264,7 +265,7 @@ async def test_no_images_saves_no_files_and_images_land_in_the_askers_folder(tmp
 
 
 def test_every_subcommand_help_has_a_description_and_examples() -> None:
-    from bot.cli import HELP, build_parser
+    from bot.frontends.cli import HELP, build_parser
 
     parser = build_parser()
     subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
@@ -277,7 +278,7 @@ def test_every_subcommand_help_has_a_description_and_examples() -> None:
 
 def test_lmbot_models_fits_the_terminal(workdir: Path) -> None:
     wide = subprocess.run(
-        [sys.executable, "-m", "bot.cli", "models"],
+        [sys.executable, "-m", "bot.frontends.cli", "models"],
         cwd=workdir,
         capture_output=True,
         text=True,
@@ -285,7 +286,7 @@ def test_lmbot_models_fits_the_terminal(workdir: Path) -> None:
         env=dict(os.environ, HF_HUB_OFFLINE="1", COLUMNS="400"),
     )
     narrow = subprocess.run(
-        [sys.executable, "-m", "bot.cli", "models"],
+        [sys.executable, "-m", "bot.frontends.cli", "models"],
         cwd=workdir,
         capture_output=True,
         text=True,
@@ -307,7 +308,7 @@ def test_ctrl_c_during_a_cold_ask_is_one_line(workdir: Path, smollm_dir: Path) -
     main_fd, child_fd = pty.openpty()
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONIOENCODING="utf-8")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "bot.cli", "ask", "/nexttoken prompt:hello"],
+        [sys.executable, "-m", "bot.frontends.cli", "ask", "/nexttoken prompt:hello"],
         cwd=workdir,
         env=env,
         stdout=subprocess.PIPE,

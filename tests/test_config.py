@@ -151,7 +151,7 @@ def test_a_misspelt_name_in_plugins_disabled_is_refused_like_an_unknown_key(tmp_
 def test_an_unusable_folder_fails_lmbot_plugins_with_one_line(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], toml: str, message: str
 ) -> None:
-    from bot.cli import main
+    from bot.frontends.cli import main
 
     monkeypatch.chdir(tmp_path)
     if "[inference]" not in toml:

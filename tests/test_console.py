@@ -5,7 +5,7 @@ from __future__ import annotations
 from prompt_toolkit.completion import CompleteEvent
 from prompt_toolkit.document import Document
 
-from bot.console import CommandCompleter
+from bot.frontends.console import CommandCompleter
 
 
 def complete(app, text: str) -> list[str]:  # type: ignore[no-untyped-def]

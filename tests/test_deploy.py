@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from bot.config import DiscordSection
-from bot.discord_frontend.schema import commands_payload
+from bot.frontends.discord.schema import commands_payload
 from bot.testing import make_app
 
 

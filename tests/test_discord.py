@@ -17,9 +17,9 @@ import pytest
 from bot import Reply, Text, command, hookimpl
 from bot.app import App
 from bot.commands import Button, Field
-from bot.discord_frontend.client import LmbotClient
-from bot.discord_frontend.render import render_reply
-from bot.discord_frontend.runner import run_bot, sync_now
+from bot.frontends.discord.client import LmbotClient
+from bot.frontends.discord.render import render_reply
+from bot.frontends.discord.runner import run_bot, sync_now
 from tests.conftest import make_config
 from tests.discord_harness import Harness, harness_for
 from tests.fake_discord import APP_ID, GUILD_ID, OWNER_ID, LoopbackOnlyResolver
@@ -221,7 +221,8 @@ async def test_rejected_token_is_one_line_and_exit_2(harness: Harness, capsys) -
 def test_missing_token_is_one_line_and_exit_2(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if k != "LMBOT_DISCORD_TOKEN"}
     done = subprocess.run(
-        [sys.executable, "-m", "bot.cli", "run"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60
+        [sys.executable, "-m", "bot.frontends.cli", "run"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60
     )
     assert done.returncode == 2
     assert done.stderr.strip().startswith("lmbot: no Discord token: put the bot's token in the LMBOT_DISCORD_TOKEN")

@@ -24,8 +24,8 @@ from hypothesis import strategies as st
 
 from bot import Reply, Text, command, hookimpl
 from bot.commands import Button, Field, Image, Table
-from bot.discord_frontend.redact import REDACTED, RedactSecrets
-from bot.discord_frontend.render import escape, escape_mentions, fit, render_reply
+from bot.frontends.discord.redact import REDACTED, RedactSecrets
+from bot.frontends.discord.render import escape, escape_mentions, fit, render_reply
 from tests.conftest import examples
 from tests.discord_harness import Harness, harness_for
 from tests.fake_discord import OWNER_ID, Call
@@ -407,7 +407,7 @@ async def test_any_base_exception_is_contained_for_every_front_end(tmp_path: Pat
 def test_code_spans_are_found_as_discords_own_rule_finds_them(text: str) -> None:
     # Discord's inline-code rule, as a regex (it backtracks: quadratic on runs of backticks, so the
     # renderer finds spans another way in linear time); both must agree on every span.
-    from bot.discord_frontend.render import BACKTICKS, _Runs
+    from bot.frontends.discord.render import BACKTICKS, _Runs
 
     discord_rule = re.compile(r"(`+)([\s\S]*?[^`])\1(?!`)")
     runs = _Runs(text)

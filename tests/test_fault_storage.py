@@ -18,11 +18,11 @@ from typing import Any
 import pytest
 
 import bot.render
-from bot import ask
 from bot.app import App
 from bot.commands import Image, Reply, command
 from bot.config import parse_config
-from bot.console import Console
+from bot.frontends import ask
+from bot.frontends.console import Console
 from bot.hookspecs import hookimpl
 from bot.inference.metrics import ServiceMetrics
 from tests import study_fixtures

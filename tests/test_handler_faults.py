@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from bot import Reply, Text, command, hookimpl
-from bot.console import Console
+from bot.frontends.console import Console
 from bot.testing import IsolatedApp, make_app
 
 

@@ -31,7 +31,8 @@ def lmbot(args: list[str], cwd: Path, hub_url: str, offline: bool = False) -> su
     if offline:
         env["HF_HUB_OFFLINE"] = "1"
     return subprocess.run(
-        [sys.executable, "-m", "bot.cli", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=180
+        [sys.executable, "-m", "bot.frontends.cli", *args],
+        cwd=cwd, env=env, capture_output=True, text=True, timeout=180
     )
 
 

@@ -50,7 +50,7 @@ async def test_prometheus_endpoint_and_lmbot_stats(config_factory, tiny_gpt2: Pa
         assert "lmbot_batch_size_bucket" in text
         done = await asyncio.to_thread(
             subprocess.run,
-            [sys.executable, "-m", "bot.cli", "stats", "--port", str(port), "--json"],
+            [sys.executable, "-m", "bot.frontends.cli", "stats", "--port", str(port), "--json"],
             cwd=tmp_path,
             capture_output=True,
             text=True,
@@ -71,7 +71,8 @@ def test_lmbot_models_lists_roles_and_where_they_resolve(tmp_path: Path, cache_d
         f'[inference]\ncache_dir = "{cache_dir}"\noffline = "always"\n[models]\ncausal_lm = "{tiny_gpt2}"\n'
     )
     done = subprocess.run(
-        [sys.executable, "-m", "bot.cli", "models"], cwd=tmp_path, capture_output=True, text=True, timeout=60, env=WIDE
+        [sys.executable, "-m", "bot.frontends.cli", "models"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=60, env=WIDE
     )
     assert done.returncode == 0, done.stderr
     lines = {line.split()[0]: line for line in done.stdout.splitlines()[2:]}
@@ -84,7 +85,8 @@ def test_lmbot_models_lists_roles_and_where_they_resolve(tmp_path: Path, cache_d
         f'[inference]\ncache_dir = "{cache_dir}"\noffline = "always"\ndevice = "cpu"\ndtype = "bfloat16"\n'
     )
     done = subprocess.run(
-        [sys.executable, "-m", "bot.cli", "models"], cwd=tmp_path, capture_output=True, text=True, timeout=60, env=WIDE
+        [sys.executable, "-m", "bot.frontends.cli", "models"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=60, env=WIDE
     )
     assert done.returncode == 0, done.stderr
     lines = {line.split()[0]: line for line in done.stdout.splitlines()[2:]}
@@ -97,7 +99,7 @@ async def test_lmbot_health_reports_a_running_service(config_factory, tiny_gpt2:
 
     def health(port: int) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            [sys.executable, "-m", "bot.cli", "health", "--port", str(port)],
+            [sys.executable, "-m", "bot.frontends.cli", "health", "--port", str(port)],
             cwd=tmp_path,
             capture_output=True,
             text=True,

@@ -129,7 +129,8 @@ def test_lmbot_answers_with_an_installed_plugin_that_claims_help(tmp_path: Path,
     # `lmbot plugins` exits 1 when a plugin failed to load (usable in CI); the bot still answers.
     for args, code in ((["plugins"], 1), (["ask", "/help"], 0)):
         done = subprocess.run(
-            [sys.executable, "-m", "bot.cli", *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+            [sys.executable, "-m", "bot.frontends.cli", *args],
+            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
         )
         assert done.returncode == code, done.stderr[-2000:]
         outputs.append(done.stdout)

@@ -65,7 +65,8 @@ def run_cli(args: list[str], cwd: Path, extra_path: Path | None = None) -> subpr
     if extra_path is not None:
         env["PYTHONPATH"] = os.pathsep.join([str(extra_path), env.get("PYTHONPATH", "")])
     return subprocess.run(
-        [sys.executable, "-m", "bot.cli", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
+        [sys.executable, "-m", "bot.frontends.cli", *args],
+        cwd=cwd, env=env, capture_output=True, text=True, timeout=300
     )
 
 

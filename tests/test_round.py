@@ -12,7 +12,7 @@ import torch
 
 from bot.app import App
 from bot.commands import Context, User
-from bot.discord_frontend.render import render_reply
+from bot.frontends.discord.render import render_reply
 from plugins.round import BASE_BITS, RoundScore, continuation, round_scores
 from tests.conftest import make_config
 from tests.plugin_helpers import assert_fits_discord

@@ -22,8 +22,8 @@ import pytest
 import yarl
 
 from bot.app import App
-from bot.discord_frontend.client import INVITE_SCOPES, LmbotClient, invite_url
-from bot.discord_frontend.runner import EXIT_UNREACHABLE, run_bot, sync_now
+from bot.frontends.discord.client import INVITE_SCOPES, LmbotClient, invite_url
+from bot.frontends.discord.runner import EXIT_UNREACHABLE, run_bot, sync_now
 from tests.conftest import make_config
 from tests.fake_discord import APP_ID, LoopbackOnlyResolver
 

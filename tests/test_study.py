@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from bot import QuizQuestion, Reply
 from bot.app import App
 from bot.commands import Context, User, utf16_length
-from bot.discord_frontend.render import button_id, render_reply
+from bot.frontends.discord.render import button_id, render_reply
 from tests import study_fixtures
 from tests.conftest import examples, make_config
 from tests.plugin_helpers import assert_fits_discord

@@ -19,7 +19,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from bot import UserError
 from bot.app import App
-from bot.discord_frontend.render import render_reply
+from bot.frontends.discord.render import render_reply
 from bot.render import render_table
 from plugins.adapt import FEW_SHOT, ZERO_SHOT, LoraTrain, attention_targets, lora_train
 from plugins.complexity import (

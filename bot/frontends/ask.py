@@ -55,7 +55,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# The exit codes of every lmbot command (bot.cli imports them from here).
+# The exit codes of every lmbot command (bot.frontends.cli imports them from here).
 EXIT_OK, EXIT_ANSWERED_ERROR, EXIT_USAGE = 0, 1, 2
 KEEP_ALIVE_ENV = "LMBOT_ASK_KEEP_ALIVE_S"
 # Environment variables that change what a worker loads or how it runs: a warm lmbot
@@ -196,7 +196,7 @@ def _code_stamp() -> list[str]:
     Data counts as code: a lecturer who edits ``plugins/data/topics/ngrams.toml`` expects the
     next ask to show the new text.
     """
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]  # the folder holding bot/ and plugins/
     stamp = _files_stamp(root / "bot") + _files_stamp(root / "plugins")
     for ep in metadata.entry_points(group="lmbot"):
         dist = getattr(ep, "dist", None)
@@ -365,7 +365,7 @@ def start_warm(config: Config, stamp: str, roles: list[str], keep_alive: float, 
         with open(paths.log, "a", encoding="utf-8") as log_file:
             process = subprocess.Popen(
                 # -P: the asker's folder is not put on sys.path (a ./bot/ there must not shadow lmbot).
-                [sys.executable, "-P", "-m", "bot.ask"],
+                [sys.executable, "-P", "-m", "bot.frontends.ask"],
                 stdin=subprocess.PIPE,
                 stdout=subprocess.DEVNULL,
                 stderr=log_file,
@@ -505,7 +505,7 @@ def _say(line: str) -> None:
 
 
 def serve_main() -> int:
-    """Entry of the detached warm lmbot (``python -P -m bot.ask``): its setup comes on stdin."""
+    """Entry of the detached warm lmbot (``python -P -m bot.frontends.ask``): its setup comes on stdin."""
     setup = json.loads(sys.stdin.read())
     config = Config.model_validate(setup["config"])
     logging.basicConfig(

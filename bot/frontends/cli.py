@@ -27,11 +27,12 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from bot import __version__, ask
+from bot import __version__
 from bot.app import App
-from bot.ask import EXIT_ANSWERED_ERROR, EXIT_OK, EXIT_USAGE, usage_json
 from bot.commands import Reply, Table
 from bot.config import Config, ConfigError, load_config
+from bot.frontends import ask
+from bot.frontends.ask import EXIT_ANSWERED_ERROR, EXIT_OK, EXIT_USAGE, usage_json
 from bot.inference.metrics import read_running
 from bot.inference.registry import ModelSource
 from bot.plugins import PluginConflict
@@ -183,7 +184,7 @@ async def _ask_here(
 
 
 def cmd_console(args: argparse.Namespace) -> int:
-    from bot.console import run_console
+    from bot.frontends.console import run_console
 
     app = _load_app(args)
     return asyncio.run(run_console(app))
@@ -394,7 +395,7 @@ def _port_free(port: int) -> bool:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from bot.discord_frontend.runner import run_bot
+    from bot.frontends.discord.runner import run_bot
 
     config = _setup_logging(load_config(args.config), args.verbose, server=True)
     port = config.inference.metrics_port
@@ -446,7 +447,7 @@ def startup_summary(app: App) -> list[str]:
 
 
 def cmd_sync(args: argparse.Namespace) -> int:
-    from bot.discord_frontend.runner import sync_now
+    from bot.frontends.discord.runner import sync_now
 
     app = _load_app(args)
     token = _token(app.config)

@@ -30,9 +30,9 @@ import discord
 
 from bot.app import App
 from bot.commands import Context, Reply, User
-from bot.discord_frontend import redact
-from bot.discord_frontend.command_loop import CommandLoop
-from bot.discord_frontend.render import (
+from bot.frontends.discord import redact
+from bot.frontends.discord.command_loop import CommandLoop
+from bot.frontends.discord.render import (
     MalformedButton,
     asked_text_option,
     escape,
@@ -42,7 +42,7 @@ from bot.discord_frontend.render import (
     render_reply,
     text_form,
 )
-from bot.discord_frontend.schema import autocomplete, commands_payload, focused_option, option_values, payload_hash
+from bot.frontends.discord.schema import autocomplete, commands_payload, focused_option, option_values, payload_hash
 
 log = logging.getLogger(__name__)
 

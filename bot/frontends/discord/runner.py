@@ -25,7 +25,7 @@ import aiohttp
 import discord
 
 from bot.app import App
-from bot.discord_frontend.client import LmbotClient
+from bot.frontends.discord.client import LmbotClient
 
 log = logging.getLogger(__name__)
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 75
