@@ -5,25 +5,63 @@ from __future__ import annotations
 import asyncio
 import math
 import statistics
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 from bot import (
     Command,
     Context,
     Field,
     ModelRole,
-    NextSentence,
     NoModelForRole,
     Reply,
+    Request,
     Score,
     Table,
     Text,
     Topic,
     command,
     hookimpl,
+    task_name,
 )
 
 TOPIC = Topic.load("plugins", "nsp")  # plugins/data/topics/nsp.toml
+
+# The model role this plugin adds (``[models] nsp = "..."`` in config.toml).
+NSP_ROLE = ModelRole(
+    "nsp", "Model with a next-sentence-prediction head", "bert-base-uncased", "AutoModelForNextSentencePrediction"
+)
+
+
+# --------------------------------------------------------------------------- the worker task
+
+
+@dataclass(frozen=True)
+class NextSentenceResult:
+    model: str  # filled in by the worker with the served model's label
+    is_next: float
+
+
+def next_sentence(model: Any, tokenizer: Any, batch: Sequence[NextSentence]) -> list[NextSentenceResult]:
+    """Runs in a model worker: P(IsNext) for each pair, from the model's NSP head."""
+    enc = tokenizer([r.first for r in batch], [r.second for r in batch], return_tensors="pt", padding=True)
+    probs = model(**{k: v.to(model.device) for k, v in enc.items()}).logits.float().softmax(-1)
+    # Index 0 is IsNext in BERT's NSP head.
+    return [NextSentenceResult("", float(p[0])) for p in probs]
+
+
+@dataclass(frozen=True)
+class NextSentence(Request):
+    """P(IsNext) for the pair (first, second) from a model with an NSP head."""
+
+    first: str
+    second: str
+    task: ClassVar[str] = task_name(next_sentence)
+    role: ClassVar[str | None] = NSP_ROLE.name
+
+    def texts(self) -> list[str]:
+        return [self.first, self.second]
 
 
 @command(
@@ -157,7 +195,7 @@ def register_commands(register: Callable[[Command], None]) -> None:
 
 @hookimpl
 def register_models(register: Callable[[ModelRole | str], None]) -> None:
-    register("nsp")
+    register(NSP_ROLE)
     register("causal_lm")
 
 

@@ -18,12 +18,12 @@ from bot.inference.protocol import (
     Embed,
     FillMask,
     Generate,
-    NextSentence,
     NextToken,
     Score,
     Seq2Seq,
 )
 from bot.worker import tasks
+from plugins.nsp import NextSentence, next_sentence
 
 PROMPTS = ["The capital of France is", "Hi", "A much longer prompt, so that the others need padding: one two three"]
 TOL = 1e-5
@@ -134,7 +134,7 @@ def test_fill_mask_equals_pipeline(tiny_bert_mlm: Path) -> None:
 def test_next_sentence_equals_direct_softmax(tiny_bert_nsp: Path) -> None:
     model, tok = load(tiny_bert_nsp, transformers.AutoModelForNextSentencePrediction)
     pairs = [("The cat sat on the windowsill.", "It stretched in the sun."), ("Hi.", "Stocks fell sharply today.")]
-    together = tasks.next_sentence(model, tok, [NextSentence(a, b) for a, b in pairs])
+    together = next_sentence(model, tok, [NextSentence(a, b) for a, b in pairs])
     for (a, b), got in zip(pairs, together, strict=True):
         want = torch.softmax(model(**tok(a, b, return_tensors="pt")).logits, -1)[0, 0].item()
         assert abs(got.is_next - want) < TOL

@@ -103,19 +103,6 @@ class FillMask(Request):
 
 
 @dataclass(frozen=True)
-class NextSentence(Request):
-    """P(IsNext) for the pair (first, second) from a model with an NSP head."""
-
-    first: str
-    second: str
-    task: ClassVar[str] = "next_sentence"
-    role: ClassVar[str] = "nsp"
-
-    def texts(self) -> list[str]:
-        return [self.first, self.second]
-
-
-@dataclass(frozen=True)
 class Generate(Request):
     """A continuation of ``text``: greedy when ``temperature`` is 0, else seeded sampling."""
 
@@ -223,12 +210,6 @@ class FillMaskResult:
     mask_token: str
     tokens: list[str]
     masks: list[MaskFill]
-
-
-@dataclass(frozen=True)
-class NextSentenceResult:
-    model: str
-    is_next: float
 
 
 @dataclass(frozen=True)

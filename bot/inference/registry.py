@@ -23,9 +23,6 @@ from bot.topics import ModelRole
 BUILTIN_ROLES: tuple[ModelRole, ...] = (
     ModelRole("causal_lm", "Autoregressive (next-token) language model", "gpt2", "AutoModelForCausalLM"),
     ModelRole("masked_lm", "Masked language model (fill in the blank)", "bert-base-uncased", "AutoModelForMaskedLM"),
-    ModelRole(
-        "nsp", "Model with a next-sentence-prediction head", "bert-base-uncased", "AutoModelForNextSentencePrediction"
-    ),
     ModelRole("seq2seq", "Encoder-decoder text-to-text model", "google-t5/t5-small", "AutoModelForSeq2SeqLM"),
     ModelRole(
         "classifier",

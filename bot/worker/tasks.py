@@ -48,8 +48,6 @@ from bot.inference.protocol import (
     Generate,
     GenerateResult,
     MaskFill,
-    NextSentence,
-    NextSentenceResult,
     NextToken,
     NextTokenResult,
     Score,
@@ -194,13 +192,6 @@ def fill_mask(model: Any, tokenizer: Any, batch: Sequence[FillMask]) -> list[Fil
     return results
 
 
-def next_sentence(model: Any, tokenizer: Any, batch: Sequence[NextSentence]) -> list[NextSentenceResult]:
-    enc = tokenizer([r.first for r in batch], [r.second for r in batch], return_tensors="pt", padding=True)
-    probs = model(**{k: v.to(model.device) for k, v in enc.items()}).logits.float().softmax(-1)
-    # Index 0 is IsNext in BERT's NSP head.
-    return [NextSentenceResult("", float(p[0])) for p in probs]
-
-
 def _strip_padding(tokenizer: Any, ids: list[int]) -> list[int]:
     stop = {tokenizer.pad_token_id, tokenizer.eos_token_id} - {None}
     while ids and ids[-1] in stop:
@@ -303,7 +294,6 @@ def score(model: Any, tokenizer: Any, batch: Sequence[Score]) -> list[ScoreResul
 TASKS: dict[str, Callable[[Any, Any, Sequence[Any]], list[Any]]] = {
     "next_token": next_token,
     "fill_mask": fill_mask,
-    "next_sentence": next_sentence,
     "generate": generate,
     "seq2seq": seq2seq,
     "classify": classify,
