@@ -271,3 +271,24 @@ def test_the_lens_grid_writes_every_value_legibly_and_fits(size: str) -> None:
 def contrast(a: tuple[int, int, int], b: tuple[int, int, int]) -> float:
     la, lb = (charts.relative_luminance([v / 255 for v in c]) for c in (a, b))
     return (max(la, lb) + 0.05) / (min(la, lb) + 0.05)
+
+
+# ----------------------------------------------------------------------------- the study card's puzzle
+
+
+@torch.inference_mode()
+def test_smollm2s_layer_12_mlp_matters_more_than_any_other_middle_layers(smollm_dir: Path) -> None:
+    """The language-model card's puzzle and quiz: on the offline SmolLM2, switching off layer 12's MLP
+    (block 11 counting from 0) moves the next-token distribution further than switching off the MLP of
+    any other middle layer (4 to 28), by at least 2 bits, for several prompts; the KL divergences are
+    the ones /lens reports, which the knock-out test above checks against zeroed weights."""
+    model, tok = load(smollm_dir)
+    card = Path(__file__).parents[1] / "plugins" / "data" / "topics" / "language-model.toml"
+    assert "Layer 12's MLP moves it far more" in card.read_text(encoding="utf-8")
+    prompts = ["The capital of France is", "Once upon a time there was a", "Water boils at 100 degrees"]
+    middle = range(4, 29)
+    for prompt in prompts:
+        kl = {layer: logit_lens(model, tok, [Lens(prompt, knockout="mlp", layer=layer)])[0].kl_bits for layer in middle}
+        others = max(v for layer, v in kl.items() if layer != 12)
+        assert kl[12] is not None and others is not None
+        assert kl[12] > others and kl[12] >= 2.0, (prompt, kl)
