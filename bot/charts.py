@@ -1091,3 +1091,131 @@ def grouped_bars(
         _key(fig, [(name, colours[s % len(colours)]) for s, name in enumerate(names)], left + plot_width, under)
         ax.spines[["top", "right"]].set_visible(False)
         return Image(filename, _png(fig), one_line(title, 100))
+
+
+# --------------------------------------------------------------------------- a grid of probabilities (/lens)
+
+
+def cell_percent(p: float) -> str:
+    """A probability for a grid cell, short and never 0 when it is not: 77%, 4.2%, 0.42%, <0.01%."""
+    if p >= 0.1:
+        return f"{p:.0%}"
+    if p >= 0.01:
+        return f"{p:.1%}"
+    if p >= 1e-4:
+        return f"{p:.2%}"
+    return "0%" if p <= 0 else "<0.01%"
+
+
+# The luminance above which black text contrasts more than white (WCAG's ratios (L + 0.05) / 0.05
+# and 1.05 / (L + 0.05) are equal there), so every cell's number has a contrast ratio of at least 4.58.
+LUMINANCE_MIDDLE = math.sqrt(1.05 * 0.05) - 0.05
+
+
+def relative_luminance(rgb: Sequence[float]) -> float:
+    """WCAG's relative luminance of an sRGB colour with channels from 0 to 1."""
+    linear = [c / 12.92 if c <= 0.04045 else ((c + 0.055) / 1.055) ** 2.4 for c in (float(v) for v in rgb)]
+    return 0.2126 * linear[0] + 0.7152 * linear[1] + 0.0722 * linear[2]
+
+
+def probability_grid(
+    rows: Sequence[str],
+    columns: Sequence[str],
+    values: Sequence[Sequence[float]],
+    *,
+    title: str,
+    row_name: str,
+    column_name: str,
+    filename: str = "grid.png",
+) -> Image:
+    """A table of probabilities coloured by value: ``values[r][c]`` in the cell of row ``r``
+    (top to bottom) and column ``c``, every value written in its cell (black or white, whichever
+    reads on that colour), on one fixed scale from 0 to 1 (square-root spaced, so small ones show)
+    explained by a colour bar. Cells, bar and frames are drawn in pixels as :func:`heatmap`'s."""
+    import numpy as np
+    from matplotlib import colormaps
+    from matplotlib.collections import LineCollection, PolyCollection
+    from matplotlib.colors import PowerNorm
+    from matplotlib.figure import Figure
+    from matplotlib.transforms import IdentityTransform
+
+    size = 8.0
+    row_labels = [drawable(one_line(r, 14)) for r in rows]
+    column_labels = [drawable(one_line(c, 12)) for c in columns]
+    grid = np.asarray(values, dtype=float).reshape(len(rows), len(columns))
+    marks = [[cell_percent(float(v)) for v in row] for row in grid]
+    heading = drawable(one_line(title, 400))
+    x_name, y_name = drawable(one_line(column_name, 200)), drawable(one_line(row_name, 200))
+    scale_name = "probability (square-root scale)"
+    scale_marks = [(v, cell_percent(v)) for v in (0.0, 0.01, 0.1, 0.25, 0.5, 1.0)]
+    texts = [heading, x_name, y_name, scale_name, *row_labels, *column_labels, *(m for row in marks for m in row)]
+    with _style(texts):
+        cell_w = 8 + max([text_width(t, size) for t in [*column_labels, "<0.01%"]])
+        # Rows at least a line of text high, and together tall enough for the colour bar's marks.
+        cell_h = max(math.ceil(size * PX * LINE + 4), math.ceil(280 / max(len(rows), 1)))
+        row_w = max([text_width(t, LABEL_PT) for t in row_labels] + [0])
+        left = math.ceil(PAD + text_height(y_name, LABEL_PT) + 4 * PX + TICKS + row_w)
+        plot_w = cell_w * len(columns)
+        scale_w = 16 + 14 + TICKS + max(text_width(m, LABEL_PT) for _, m in scale_marks) + 4 * PX
+        scale_w += LABEL_PT * PX * LINE + PAD
+        width = math.ceil(max(WIDTH_PX, left + plot_w + scale_w))
+        heading = fit_lines(heading, width - 2 * PAD, TITLE_PT)
+        x_name = fit_lines(x_name, max(plot_w, 200.0), LABEL_PT)
+        plot_h = cell_h * len(rows)
+        y_name = fit_lines(y_name, max(plot_h, 100.0), LABEL_PT, max_lines=1)
+        bottom = math.ceil(PAD + text_height(x_name, LABEL_PT) + 4 * PX)
+        header = TICKS + size * PX * LINE  # the column labels above the grid
+        height = math.ceil(bottom + plot_h + header + 6 + text_height(heading, TITLE_PT) + PAD)
+        scale_name = fit_lines(scale_name, max(plot_h, 120.0), LABEL_PT, max_lines=1)
+        fig = Figure(figsize=(width / DPI, height / DPI), dpi=DPI)
+        pixels = IdentityTransform()
+
+        def text(x: float, y: float, s: str, **kwargs: Any) -> None:
+            fig.text(x, y, s, transform=pixels, **kwargs)
+
+        _title(fig, heading, PAD, height - PAD)
+        norm = PowerNorm(gamma=0.5, vmin=0.0, vmax=1.0)
+        cmap = colormaps["viridis"]
+        colours = cmap(norm(np.clip(grid, 0.0, 1.0)))
+        top = bottom + plot_h
+        boxes, faces = [], []
+        for r, label in enumerate(row_labels):
+            y = top - (r + 1) * cell_h
+            text(left - TICKS, y + cell_h / 2, label, ha="right", va="center", fontsize=LABEL_PT, gid="label")
+            for c in range(len(columns)):
+                x = left + c * cell_w
+                boxes.append([(x, y), (x + cell_w, y), (x + cell_w, y + cell_h), (x, y + cell_h)])
+                faces.append(colours[r, c])
+                light = relative_luminance(colours[r, c][:3]) > LUMINANCE_MIDDLE
+                text(
+                    x + cell_w / 2,
+                    y + cell_h / 2,
+                    marks[r][c],
+                    ha="center",
+                    va="center",
+                    fontsize=size,
+                    color="black" if light else "white",
+                    gid="value",
+                )
+        fig.add_artist(PolyCollection(boxes, facecolors=faces, edgecolors="white", linewidths=0.5, transform=pixels))
+        for c, label in enumerate(column_labels):
+            text(
+                left + (c + 0.5) * cell_w, top + TICKS / 2, label, ha="center", va="bottom", fontsize=size, gid="label"
+            )
+        text(left + plot_w / 2, bottom - 4 * PX, x_name, ha="center", va="top", fontsize=LABEL_PT, gid="xlabel")
+        text(PAD, bottom + plot_h / 2, y_name, rotation=90, ha="left", va="center", fontsize=LABEL_PT, gid="ylabel")
+        # The colour bar: 0 at the bottom to 1 at the top, spaced as the cells' colours.
+        x0 = math.ceil(left + plot_w + 16)
+        shades = cmap(np.linspace(1.0, 0.0, max(int(plot_h), 1)), bytes=True)[:, np.newaxis, :].repeat(14, axis=1)
+        fig.figimage(shades, xo=x0, yo=bottom, origin="upper")
+        ticks: list[tuple[tuple[float, float], tuple[float, float]]] = []
+        widest = 0.0
+        for value, mark in scale_marks:
+            at = bottom + float(norm(value)) * plot_h
+            ticks.append(((x0 + 14, at), (x0 + 14 + 3.5 * PX, at)))
+            widest = max(widest, text_width(mark, LABEL_PT))
+            text(x0 + 14 + TICKS, at, mark, ha="left", va="center", fontsize=LABEL_PT, gid="tick")
+        scale_at = (x0 + 14 + TICKS + widest + 4 * PX, bottom + plot_h / 2)
+        text(*scale_at, scale_name, rotation=90, ha="left", va="center", fontsize=LABEL_PT, gid="colorbar")
+        fig.add_artist(LineCollection(ticks, colors="black", linewidths=0.8, transform=pixels))
+        return Image(filename, _png(fig), one_line(title, 100))

@@ -103,7 +103,7 @@ def shown_answer(text: str) -> str:
 
 
 def prompts_block(zero_prompt: str, zero_answer: str, few_prompt: str, few_answer: str) -> CodeBlock:
-    """Both prompts as the model reads them, each followed by what it wrote (in green)."""
+    """Both prompts as the model reads them, each followed by what it wrote in «…» (green where colour shows)."""
     segments: list[Segment] = []
     for heading, prompt, answer in (
         ("zero-shot: the instruction alone", zero_prompt, zero_answer),
@@ -286,7 +286,7 @@ async def adapt(ctx: Context, text: str, train: bool) -> Reply:
             "instead: only its low-rank matrices train; everything else stays frozen. r is their rank: each "
             "adapted weight matrix (d_out × d_in) gets two thin ones beside it, d_out × r and r × d_in, so the "
             "trainable count grows in proportion to r. At the end: both prompts exactly as the model reads them, "
-            "with its greedy 3-token answer (the likeliest token at each step) in «…» (green)."
+            "with its greedy 3-token answer (the likeliest token at each step) in «…»."
             + (
                 f"\nNothing was trained: {untrained} No weights changed, so there is no after-LoRA answer to "
                 "compare; the table only counts what LoRA would train."

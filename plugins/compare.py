@@ -31,7 +31,7 @@ from bot import (
     command,
     hookimpl,
 )
-from bot.charts import bar_panels, render, token_label, token_text
+from bot.charts import bar_panels, cell_percent, render, token_label, token_text
 
 TOPIC = Topic.load("plugins", "ar-vs-masked")  # plugins/data/topics/ar-vs-masked.toml
 
@@ -199,6 +199,58 @@ def hidden_word(model: Any, tokenizer: Any, batch: Sequence[HiddenWord]) -> list
     return results
 
 
+@dataclass(frozen=True)
+class MaskedHiddenWord(Request):
+    """The hidden word's own probability at the one :data:`MASK` in ``text`` (masked LM): its first
+    token's probability and rank among every token (one mask holds one token, as the top-k shown)."""
+
+    text: str
+    word: str
+    task: ClassVar[str] = "plugins.compare:masked_hidden_word"
+    role: ClassVar[str] = "masked_lm"
+
+    def texts(self) -> list[str]:
+        return [self.text, self.word]
+
+
+@dataclass(frozen=True)
+class MaskedHiddenWordResult:
+    model: str
+    first_token: str  # the word's first token in the masked LM's own vocabulary
+    first_prob: float  # P(that token at the mask | both sides)
+    first_rank: int  # 1 = the model's top guess
+    tokens: int  # how many tokens the word takes in the masked LM's vocabulary
+    vocabulary: int
+
+
+def masked_hidden_word(model: Any, tokenizer: Any, batch: Sequence[MaskedHiddenWord]) -> list[MaskedHiddenWordResult]:
+    """Runs in the worker: one padded forward for the batch, as ``fill_mask``."""
+    import torch
+
+    texts = [r.text.replace(MASK, tokenizer.mask_token) for r in batch]
+    enc = tokenizer(texts, return_tensors="pt", padding=True)
+    logits = model(**{k: v.to(model.device) for k, v in enc.items()}).logits.float()
+    results = []
+    for row, request in enumerate(batch):
+        position = int((enc["input_ids"][row] == tokenizer.mask_token_id).nonzero()[0, 0])
+        logp = torch.log_softmax(logits[row, position], dim=-1)
+        pieces = list(tokenizer(request.word.strip(), add_special_tokens=False)["input_ids"]) or [
+            int(tokenizer.unk_token_id)
+        ]
+        first = pieces[0]
+        results.append(
+            MaskedHiddenWordResult(
+                "",
+                str(tokenizer.convert_ids_to_tokens(first)),
+                float(logp[first].exp()),
+                int((logp > logp[first]).sum()) + 1,
+                len(pieces),
+                int(logp.shape[-1]),
+            )
+        )
+    return results
+
+
 def short(model: str) -> str:
     """A model's name without the note in brackets, for chart titles."""
     return model.split(" (")[0][:40]
@@ -281,9 +333,10 @@ async def compare(ctx: Context, text: str, hide: str | None, k: int) -> Reply:
     fields.append(
         Field(
             f"the hidden word “{word[:40]}” itself, for the causal LM",
-            f"first token: probability {own.first_prob:.2%}, rank {own.first_rank:,} of {own.vocabulary:,} tokens"
+            f"first token: probability {cell_percent(own.first_prob)}, rank {own.first_rank:,} of "
+            f"{own.vocabulary:,} tokens"
             + (
-                f"; the whole word ({own.tokens} tokens): {own.word_prob:.2%}"
+                f"; the whole word ({own.tokens} tokens): {cell_percent(own.word_prob)}"
                 if own.tokens > 1
                 else " (the word is one token)"
             ),
@@ -319,18 +372,29 @@ async def compare(ctx: Context, text: str, hide: str | None, k: int) -> Reply:
         fields.append(Field("masked LM guesses", ", ".join(masked_labels) or "∅"))
         wanted = word.strip().casefold()
         place = next((n for n, t in enumerate(top, 1) if token_text(t.token, t.raw).strip().casefold() == wanted), None)
+        mine: MaskedHiddenWordResult = await ctx.inference.submit(MaskedHiddenWord(f"{left}{MASK}{right}", word))
         fields.append(
             Field(
                 f"the hidden word “{word[:40]}” itself, for the masked LM",
-                f"guess {place} of its top {k}, probability {top[place - 1].prob:.2%}"
-                if place is not None
-                else f"not among its top {k} guesses (a word of several tokens cannot be one guess)",
+                (
+                    f"probability {cell_percent(mine.first_prob)}, rank {mine.first_rank:,} of {mine.vocabulary:,} "
+                    "tokens (the word is one token here)"
+                    if mine.tokens == 1
+                    else f"it is {mine.tokens} tokens here and one mask holds one: its first token "
+                    f"“{mine.first_token}” has probability {cell_percent(mine.first_prob)}, rank "
+                    f"{mine.first_rank:,} of {mine.vocabulary:,} tokens"
+                )
+                + (f"; guess {place} of the top {k} above" if place is not None else ""),
                 inline=False,
             )
         )
         data["masked"] = {
             "model": masked.model,
             "top": [token_record(t) for t in top],
+            "hidden_first_token": mine.first_token,
+            "hidden_first_token_prob": mine.first_prob,
+            "hidden_first_token_rank": mine.first_rank,
+            "hidden_word_tokens": mine.tokens,
             "seconds": masked_s,
             "warm": True,
         }

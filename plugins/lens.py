@@ -30,10 +30,11 @@ from bot import (
     command,
     hookimpl,
 )
-from bot.charts import line_chart, render, show_bytes
+from bot.charts import line_chart, probability_grid, render, show_bytes
 
 MAX_TOKENS = 64  # one forward; the lens reads only the last position
 TOP = 3  # tokens per layer in the table
+CANDIDATES = 5  # the final answer's rivals in the layer × candidate chart
 KNOCKOUTS = ("none", "attention", "mlp", "head")
 MAX_ROWS = 13  # table rows a Discord reply shows; every layer is in the data
 LN2 = math.log(2)
@@ -88,6 +89,8 @@ class LensResult:
     rows: list[list[Guess]] = field(default_factory=list)  # rows[l]: top-k after layer l (0: embeddings)
     answer: Guess | None = None  # the model's real top next token (last layer)
     answer_probs: list[float] = field(default_factory=list)  # its probability at each layer
+    candidates: list[Guess] = field(default_factory=list)  # the model's final top CANDIDATES next tokens
+    candidate_probs: list[list[float]] = field(default_factory=list)  # [layer][c]: their probability through the lens
     knocked_rows: list[list[Guess]] = field(default_factory=list)  # the lens with the knock-out
     knocked_answer_probs: list[float] = field(default_factory=list)
     before: list[Guess] = field(default_factory=list)  # real next-token top-k
@@ -268,6 +271,7 @@ def logit_lens(model: Any, tokenizer: Any, batch: Sequence[Lens]) -> list[LensRe
     for b, i in enumerate(live):
         r = batch[i]
         answer = int(final[b].argmax())
+        candidates = _top(tokenizer, final[b], CANDIDATES)
         result = LensResult(
             model="",
             layers=layers,
@@ -276,6 +280,8 @@ def logit_lens(model: Any, tokenizer: Any, batch: Sequence[Lens]) -> list[LensRe
             rows=[_top(tokenizer, lens[layer, b], r.k) for layer in range(layers + 1)],
             answer=_top(tokenizer, final[b], 1)[0],
             answer_probs=lens[:, b, answer].exp().tolist(),
+            candidates=candidates,
+            candidate_probs=lens[:, b, [g.id for g in candidates]].exp().tolist(),
             before=_top(tokenizer, final[b], r.k),
         )
         if knocked_lens is not None and knocked_final is not None:
@@ -437,21 +443,39 @@ async def lens(ctx: Context, prompt: str, knockout: str, layer: int | None, head
                 ],
             }
         )
-    chart = await render(
-        line_chart,
-        series,
-        title=f"{short(result.model)}: the final answer “{answer[:20]}”, layer by layer",
-        xlabel="layer (0 = embeddings)",
-        ylabel="probability through the lens",
-        filename="lens.png",
-        log=False,
-    )
+    data["candidates"] = [{"id": g.id, "token": label(g), "prob": g.prob} for g in result.candidates]
+    data["candidate_probs"] = result.candidate_probs
+    images = [
+        await render(
+            probability_grid,
+            ["embeddings" if n == 0 else f"layer {n}" for n in range(count)],
+            [label(g) for g in result.candidates],
+            result.candidate_probs,
+            title=f"{short(result.model)}: the final top {len(result.candidates)} next tokens through the lens, "
+            "layer by layer",
+            row_name="after layer (top: embeddings; bottom: the model's real answer)",
+            column_name=f"the model's final top {len(result.candidates)} next tokens (first: its answer)",
+            filename="lens.png",
+        )
+    ]
+    if knockout != "none":
+        images.append(
+            await render(
+                line_chart,
+                series,
+                title=f"{short(result.model)}: the final answer “{answer[:20]}”, layer by layer",
+                xlabel="layer (0 = embeddings)",
+                ylabel="probability through the lens",
+                filename="lens-knockout.png",
+                log=False,
+            )
+        )
     return Reply(
         title=f"Logit lens: {short(result.model)} layer by layer",
         text="\n".join(lines),
         table=Table(["layer", f"top {TOP} next tokens through the lens", f"P({answer[:12]})"], rows, align="llr"),
         fields=fields,
-        images=[chart],
+        images=images,
         data=data,
     )
 

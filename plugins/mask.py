@@ -121,6 +121,11 @@ def _ordinary_vocab() -> list[str]:
     return sorted(t for t in wordpiece_tokens() if not (t.startswith("[") and t.endswith("]")))
 
 
+# How each rule's positions show in the sentence: (console colour, marks around the token). The marks
+# carry the meaning where no colour shows (a pipe, NO_COLOR, Discord on a phone).
+RECIPE_MARKS = {"mask": ("red", ("", "")), "random": ("yellow", ("~", "~")), "kept": ("green", ("=", "="))}
+
+
 @command(
     "maskrecipe",
     "Apply BERT's 15% / 80-10-10 masking recipe to a sentence",
@@ -137,11 +142,14 @@ async def maskrecipe(ctx: Context, sentence: str, seed: int) -> Reply:
     vocab = await asyncio.to_thread(_ordinary_vocab)
     changes = masking_recipe(tokens, vocab, seed)
     by_position = {c[0]: c for c in changes}
-    colour = {"mask": "red", "random": "yellow", "kept": "green"}
     segments = []
     for position, token in enumerate(tokens):
         change = by_position.get(position)
-        segments.append(Segment(change[2] if change else token, colour[change[3]] if change else None))
+        if change is None:
+            segments.append(Segment(token))
+        else:
+            colour, (opening, closing) = RECIPE_MARKS[change[3]]
+            segments.append(Segment(f"{opening}{change[2]}{closing}", colour))
         segments.append(Segment(" "))
     rows = [[str(p), old, new, rule] for p, old, new, rule in changes]
     return Reply(
@@ -150,7 +158,9 @@ async def maskrecipe(ctx: Context, sentence: str, seed: int) -> Reply:
             f"{len(tokens)} WordPiece token{'s' if len(tokens) != 1 else ''}; {len(changes)} chosen "
             f"({len(changes) / len(tokens):.0%} of them). The recipe aims at {SELECT:.0%} of the tokens, "
             "at least one, so a short sentence gets a larger share. "
-            "Red: [MASK] (80%), yellow: random token (10%), green: chosen but kept (10%). "
+            "Below, the sentence as the model sees it: [MASK] where a chosen token was masked (80% of the "
+            "chosen), ~word~ where it was swapped for a random token (10%), =word= where it was chosen but "
+            "kept (10%). "
             "The model must predict the original token at every chosen position."
         ),
         code=CodeBlock(segments),

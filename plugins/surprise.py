@@ -31,13 +31,15 @@ LN2 = math.log(2)
 MAX_TOKENS = 120  # one chart of shaded text, and a reply that fits Discord
 TOP = 5  # most surprising tokens listed
 NGRAM_ORDER, NGRAM_SMOOTHING = 2, 1.0  # /ngram's defaults: a bigram model, add-one smoothing
-# Console colours by surprisal (bits): (upper bound, colour, meaning).
-BANDS: tuple[tuple[float, str | None, str], ...] = (
-    (2.0, "green", "under 2 bits (expected)"),
-    (6.0, None, "2–6"),
-    (12.0, "yellow", "6–12"),
-    (math.inf, "red", "12 or more (rarer than 1 in 4,096)"),
+# Surprisal bands (bits): (upper bound, console colour, the marks around a token in the text, meaning).
+# The marks say the band where no colour shows (a pipe, NO_COLOR, Discord on a phone).
+BANDS: tuple[tuple[float, str | None, tuple[str, str], str], ...] = (
+    (2.0, "green", ("", ""), "under 2 bits (expected)"),
+    (6.0, None, ("", ""), "2–6"),
+    (12.0, "yellow", ("‹", "›"), "6–12"),
+    (math.inf, "red", ("«", "»"), "12 or more (rarer than 1 in 4,096)"),
 )
+MARKS_LINE = "In the text below, ‹…› marks a token of 6–12 bits and «…» one of 12 bits or more."
 
 
 @dataclass(frozen=True)
@@ -125,14 +127,24 @@ def as_text(raw: bytes) -> str:
 
 
 def band(bits: float) -> str | None:
-    return next(colour for bound, colour, _ in BANDS if bits < bound)
+    return next(colour for bound, colour, _, _ in BANDS if bits < bound)
+
+
+def marked(piece: str, bits: float) -> str:
+    """``piece`` inside its band's marks (a leading or trailing space stays outside them)."""
+    opening, closing = next(marks for bound, _, marks, _ in BANDS if bits < bound)
+    core = piece.strip(" ")
+    if not opening or not core:
+        return piece
+    start = piece.index(core[0])
+    return f"{piece[:start]}{opening}{core}{closing}{piece[start + len(core) :]}"
 
 
 def coloured(pieces: Sequence[str], bits: Sequence[float]) -> list[Segment]:
-    """Segments coloured by surprisal band; neighbours of one colour share a segment."""
+    """Segments coloured and marked by surprisal band; neighbours of one colour share a segment."""
     segments: list[Segment] = []
-    for piece, value in zip(pieces, bits, strict=True):
-        colour = band(value)
+    for raw_piece, value in zip(pieces, bits, strict=True):
+        colour, piece = band(value), marked(raw_piece, value)
         if segments and segments[-1].colour == colour:
             segments[-1] = Segment(segments[-1].text + piece, colour)
         else:
@@ -198,9 +210,10 @@ async def surprise(ctx: Context, text: str, ngram: bool) -> Reply:
         "scored from the ones before it.",
         f"Perplexity {perplexity:.1f} per token (2 to the average surprisal, {mean_bits:.2f} bits): on average "
         f"the model was as unsure as choosing among {perplexity:.0f} equally likely tokens. Lower is better.",
-        "Surprise bands (the chart's colour bar; the text below is coloured by them where colour shows): "
-        + ", ".join(meaning for _, _, meaning in BANDS)
-        + ".",
+        "Surprise bands (the chart's colour bar): "
+        + ", ".join(meaning for _, _, _, meaning in BANDS)
+        + ". "
+        + MARKS_LINE,
     ]
     fields = [Field("tokens", str(len(bits))), Field("perplexity", f"{perplexity:.1f} per token")]
     panels = [(f"{short(result.model)}: surprisal of each token (bits)", pieces, bits)]
@@ -260,7 +273,7 @@ async def surprise(ctx: Context, text: str, ngram: bool) -> Reply:
         panels,
         colorbar="surprisal (bits): −log₂ p",
         filename="surprise.png",
-        bounds=[bound for bound, _, _ in BANDS if math.isfinite(bound)],
+        bounds=[bound for bound, _, _, _ in BANDS if math.isfinite(bound)],
     )
     return Reply(
         title=f"Surprise: {short(result.model)} reads your text",

@@ -28,6 +28,7 @@ from bot.tokenizers import TIKTOKEN_ENCODINGS, tiktoken_encoding, wordpiece, wor
 TOPIC = Topic.load("plugins", "subwords")  # plugins/data/topics/subwords.toml
 
 COLOURS = ("blue", "yellow", "green", "pink", "cyan", "red")
+TOKEN_BAR = "│"  # after each token in the text block
 WORD = re.compile(r"\w+|[^\w\s]")
 MAX_ROWS = 30
 
@@ -89,13 +90,15 @@ async def tokenize(ctx: Context, text: str, encoding: str, compare: bool) -> Rep
     ids = await asyncio.to_thread(enc.encode, text, disallowed_special=())
     raw = [enc.decode_single_token_bytes(i) for i in ids]
     labels = [show_bytes(b) for b in raw]
-    segments = [Segment(label, COLOURS[n % len(COLOURS)]) for n, label in enumerate(labels)]
+    # Colours tell neighbouring tokens apart only where colour shows; the bar does everywhere.
+    segments = [Segment(f"{label}{TOKEN_BAR}", COLOURS[n % len(COLOURS)]) for n, label in enumerate(labels)]
     rows = [[str(n), label, str(i), str(len(b))] for n, (label, i, b) in enumerate(zip(labels, ids, raw, strict=True))]
     shown = rows[:MAX_ROWS]
     note = f" (first {MAX_ROWS} shown)" if len(rows) > MAX_ROWS else ""
     data = {"encoding": encoding, "ids": ids, "pieces": labels, "count": len(ids), "bytes": [b.hex() for b in raw]}
     text_line = (
-        f"{len(text)} characters became {len(ids)} tokens{note}. ⟨..⟩ marks bytes that are not text on their own."
+        f"{len(text)} characters became {len(ids)} tokens{note}. ⟨..⟩ marks bytes that are not text on their own; "
+        f"in the text below, {TOKEN_BAR} ends each token."
     )
     table = Table(["#", "piece", "id", "bytes"], shown, align="rlrr")
     images = []

@@ -4,6 +4,8 @@ without hooks); batched and alone."""
 
 from __future__ import annotations
 
+import io
+import itertools
 import math
 from pathlib import Path
 from typing import Any
@@ -12,8 +14,10 @@ import pytest
 import torch
 import transformers
 
-from plugins.lens import MAX_TOKENS, Lens, logit_lens
+from bot import charts
+from plugins.lens import CANDIDATES, MAX_TOKENS, Lens, logit_lens
 from tests.plugin_helpers import assert_fits_discord, causal_reference
+from tests.test_charts import drawn_texts
 
 TEXTS = ["The capital of France is", "Hi", "東京 is far 🙂, and the 🦜"]
 TOL = 2e-5
@@ -95,6 +99,10 @@ def test_every_layer_equals_the_hidden_states_through_norm_and_head(causal_path:
             answer = int(want[-1].argmax())
             assert result.answer is not None and result.answer.id == answer
             assert result.answer_probs == pytest.approx(want[:, answer].tolist(), abs=TOL)
+            # The chart's grid: the final top CANDIDATES tokens' probabilities at every layer.
+            final_top = torch.topk(want[-1], CANDIDATES).indices.tolist()
+            assert [g.id for g in result.candidates] == final_top
+            assert result.candidate_probs == [pytest.approx(row, abs=TOL) for row in want[:, final_top].tolist()]
         # The last layer is exactly /nexttoken's distribution.
         nexttoken = causal_reference(causal_path, request.text)
         assert got.answer is not None and got.answer.prob == pytest.approx(float(nexttoken.max()), abs=TOL)
@@ -163,6 +171,9 @@ async def test_lens_command_through_the_service(app_factory, tiny_llama: Path) -
     model, tok = load(tiny_llama)
     want = reference_lens(model, tok, prompt)
     answer = int(want[-1].argmax())
+    final_top = torch.topk(want[-1], CANDIDATES).indices.tolist()
+    assert [c["id"] for c in reply.data["candidates"]] == final_top
+    assert reply.data["candidate_probs"] == [pytest.approx(row, abs=TOL) for row in want[:, final_top].tolist()]
     assert reply.data["answer"]["id"] == answer
     assert reply.data["answer_probs"] == pytest.approx(want[:, answer].tolist(), abs=TOL)
     nexttoken = await app.execute_line(f"/nexttoken prompt:{prompt}")
@@ -191,3 +202,93 @@ async def test_lens_bad_input_gets_a_short_reply(app_factory, tiny_gpt2: Path, l
     reply = await app_factory({"causal_lm": tiny_gpt2}).execute_line(line)
     assert reply.error and message in reply.text, reply.text
     assert "Traceback" not in reply.text
+
+
+# ----------------------------------------------------------------------------- the chart
+
+GRID_ROWS = ["embeddings", *(f"layer {n}" for n in range(1, 31))]
+GRID_COLUMNS = ["␣Paris", "␣the", "🙂", "東京", "␣a-very-long-token-label-indeed"]
+
+
+def grid_values() -> list[list[float]]:
+    """SmolLM2-sized: 31 rows; values from 0 and 3e-7 to 1, some close together."""
+    ladder = [0.0, 3e-7, 2e-5, 0.00042, 0.0031, 0.012, 0.013, 0.094, 0.1, 0.26, 0.5, 0.77, 0.999, 1.0]
+    return [[ladder[(r * 5 + c) % len(ladder)] for c in range(len(GRID_COLUMNS))] for r in range(len(GRID_ROWS))]
+
+
+def draw_grid(rows: list[str], values: list[list[float]]) -> tuple[list[Any], bytes]:
+    with drawn_texts() as drawn:
+        image = charts.probability_grid(
+            rows,
+            GRID_COLUMNS[: len(values[0])],
+            values,
+            title="SmolLM2-135M: the final top 5 next tokens through the lens, layer by layer " * 3,
+            row_name="after layer (top: embeddings; bottom: the model's real answer)",
+            column_name="the model's final top 5 next tokens (first: its answer)",
+        )
+    return drawn, image.data
+
+
+@pytest.mark.parametrize("size", ["smollm", "tiny"])
+def test_the_lens_grid_writes_every_value_legibly_and_fits(size: str) -> None:
+    values = grid_values() if size == "smollm" else [[0.4, 0.0], [1e-6, 1.0], [0.5, 0.25]]
+    rows = GRID_ROWS[: len(values)]
+    drawn, png = draw_grid(rows, values)
+    assert png.startswith(b"\x89PNG")
+    # The same rules as every other chart (tests/test_charts.py): inside, no missing glyph, no overlap.
+    assert [d.text for d in drawn if not d.inside()] == []
+    assert [d.text for d in drawn if not all(charts.has_glyph(ch) for ch in d.text if ch != "\n")] == []
+    boxes = list({(d.text, round(d.x0), round(d.y0)): d for d in drawn}.values())
+    assert [
+        (a.text, b.text)
+        for a, b in itertools.combinations(boxes, 2)
+        if min(a.x1, b.x1) - max(a.x0, b.x0) > 1 and min(a.y1, b.y1) - max(a.y0, b.y0) > 1
+    ] == []
+    # Every value is written, in reading order, and a value that is not 0 never reads 0.
+    flat = [v for row in values for v in row]
+    written = sorted(
+        (d for d in drawn if d.text.endswith("%") and d.x1 < max(e.x0 for e in drawn if e.text == "100%")),
+        key=lambda d: (-round(d.y0), d.x0),
+    )
+    assert [d.text for d in written] == [charts.cell_percent(v) for v in flat]
+    for value, d in zip(flat, written, strict=True):
+        shown = d.text.lstrip("<").rstrip("%")
+        assert (float(shown) > 0) == (value > 0)
+        if not d.text.startswith("<"):
+            assert float(shown) / 100 == pytest.approx(value, rel=0.05, abs=5e-5)
+    # Each number contrasts with its cell's colour (WCAG ratio, read from the picture itself).
+    from PIL import Image as PILImage
+
+    picture = PILImage.open(io.BytesIO(png)).convert("RGB")
+    for d in written:
+        box = picture.crop((math.floor(d.x0), math.floor(d.height - d.y1), math.ceil(d.x1), math.ceil(d.height - d.y0)))
+        colours = sorted(box.getcolors(box.width * box.height) or [], reverse=True)
+        background = colours[0][1]
+        ink = max((c for _, c in colours), key=lambda c: contrast(c, background))
+        assert contrast(ink, background) >= 4.5, d.text
+
+
+def contrast(a: tuple[int, int, int], b: tuple[int, int, int]) -> float:
+    la, lb = (charts.relative_luminance([v / 255 for v in c]) for c in (a, b))
+    return (max(la, lb) + 0.05) / (min(la, lb) + 0.05)
+
+
+# ----------------------------------------------------------------------------- the study card's puzzle
+
+
+@torch.inference_mode()
+def test_smollm2s_layer_12_mlp_matters_more_than_any_other_middle_layers(smollm_dir: Path) -> None:
+    """The language-model card's puzzle and quiz: on the offline SmolLM2, switching off layer 12's MLP
+    (block 11 counting from 0) moves the next-token distribution further than switching off the MLP of
+    any other middle layer (4 to 28), by at least 2 bits, for several prompts; the KL divergences are
+    the ones /lens reports, which the knock-out test above checks against zeroed weights."""
+    model, tok = load(smollm_dir)
+    card = Path(__file__).parents[1] / "plugins" / "data" / "topics" / "language-model.toml"
+    assert "Layer 12's MLP moves it far more" in card.read_text(encoding="utf-8")
+    prompts = ["The capital of France is", "Once upon a time there was a", "Water boils at 100 degrees"]
+    middle = range(4, 29)
+    for prompt in prompts:
+        kl = {layer: logit_lens(model, tok, [Lens(prompt, knockout="mlp", layer=layer)])[0].kl_bits for layer in middle}
+        others = max(v for layer, v in kl.items() if layer != 12)
+        assert kl[12] is not None and others is not None
+        assert kl[12] > others and kl[12] >= 2.0, (prompt, kl)

@@ -17,7 +17,7 @@ from bot.charts import shaded_text
 from bot.render import render_code
 from bot.worker.tasks import document_start_id
 from plugins.ngram import builtin_corpus, sentences, words
-from plugins.surprise import MAX_TOKENS, Surprisal, band, surprisal
+from plugins.surprise import MAX_TOKENS, Surprisal, band, marked, surprisal
 from tests.conftest import make_config
 from tests.plugin_helpers import assert_fits_discord
 
@@ -114,14 +114,17 @@ async def test_surprise_command_with_the_ngram_model(app_factory, tiny_gpt2: Pat
     assert ngram["perplexity_per_word"] == pytest.approx(same.data["ngram_perplexity"], rel=1e-12)
     assert ngram["neural_perplexity_per_word"] == pytest.approx(math.exp(sum(nats) / len(words(text))), rel=1e-4)
 
-    # The console colours each token by its band; the plain text is the text itself.
+    # The console colours each token by its band; the plain text is the text itself, with the
+    # marks of the 6–12 and 12+ bit bands around those tokens.
     plain = reply.code.plain
+    for mark in "‹›«»":
+        plain = plain.replace(mark, "")
     assert plain.startswith(text)
     coloured = render_code(reply.code, colour=True)
     for bits, token in zip(reply.data["bits"], [tok.decode([i]) for i in ids], strict=True):
         colour = band(bits)
         if colour is not None:
-            assert token in "".join(s.text for s in reply.code.segments if s.colour == colour)
+            assert marked(token, bits) in "".join(s.text for s in reply.code.segments if s.colour == colour)
     assert "\x1b[" in coloured
     assert reply.images[0].filename == "surprise.png" and reply.images[0].data.startswith(b"\x89PNG")
 

@@ -571,3 +571,112 @@ async def test_compare_shows_the_hidden_words_own_probability_and_rank(app_facto
     assert causal["hidden_word_tokens"] == len(word_ids)
     shown = next(f.value for f in reply.fields if f.name.startswith("the hidden word"))
     assert f"rank {causal['hidden_first_token_rank']:,} of {len(first):,} tokens" in shown
+
+
+def masked_reference(path: Path, left: str, right: str, word: str) -> tuple[float, range, int, str]:
+    """The word's first WordPiece token at the one [MASK]: probability, rank among every token
+    (the ranks it may have where probabilities within 1e-4 of it tie), how many tokens the word is,
+    and that token, from transformers' own BertForMaskedLM."""
+    tok = transformers.AutoTokenizer.from_pretrained(path)
+    model = transformers.AutoModelForMaskedLM.from_pretrained(path).eval()
+    enc = tok(f"{left}{tok.mask_token}{right}", return_tensors="pt")
+    position = enc["input_ids"][0].tolist().index(tok.mask_token_id)
+    with torch.no_grad():
+        probs = model(**enc).logits[0, position].float().softmax(-1)
+    pieces = tok(word.strip(), add_special_tokens=False)["input_ids"]
+    first = pieces[0]
+    p = probs[first]
+    ranks = range(int((probs > p * (1 + 1e-4)).sum()) + 1, int((probs > p * (1 - 1e-4)).sum()) + 2)
+    return float(p), ranks, len(pieces), tok.convert_ids_to_tokens(first)
+
+
+@pytest.mark.parametrize(
+    "text", ["The capital of France is Paris.", "The cat sat on the mat", "Unbelievably, the zxqv won."]
+)
+async def test_compare_shows_the_hidden_words_own_probability_and_rank_on_the_masked_side(  # type: ignore[no-untyped-def]
+    app_factory, models, tiny_bert_mlm: Path, text: str
+) -> None:
+    reply = await app_factory(models).execute_line(f"/compare text:{text}")
+    assert not reply.error, reply.text
+    assert_fits_discord(reply)
+    left, word, right = reply.data["left"], reply.data["hidden"], reply.data["right"]
+    prob, rank, pieces, first = masked_reference(tiny_bert_mlm, left, right, word)
+    masked = reply.data["masked"]
+    assert masked["hidden_first_token_prob"] == pytest.approx(prob, rel=1e-4)
+    assert masked["hidden_first_token_rank"] in rank and masked["hidden_word_tokens"] == pieces
+    shown = next(f.value for f in reply.fields if f.name.endswith("for the masked LM"))
+    vocabulary = transformers.AutoConfig.from_pretrained(tiny_bert_mlm).vocab_size
+    assert f"rank {masked['hidden_first_token_rank']:,} of {vocabulary:,} tokens" in shown
+    assert (f"its first token “{first}”" in shown) == (pieces > 1)
+
+
+@torch.inference_mode()
+def test_the_masked_hidden_word_is_the_same_batched_and_alone(tiny_bert_mlm: Path) -> None:
+    from bot import MASK
+    from plugins.compare import MaskedHiddenWord, masked_hidden_word
+
+    tok = transformers.AutoTokenizer.from_pretrained(tiny_bert_mlm)
+    model = transformers.AutoModelForMaskedLM.from_pretrained(tiny_bert_mlm).eval()
+    cases = [("The capital of France is ", ".", "Paris"), ("A ", " sat on a long mat today", "cat"), ("", "", "zxqv")]
+    batch = [MaskedHiddenWord(f"{left}{MASK}{right}", word) for left, right, word in cases]
+    together = masked_hidden_word(model, tok, batch)
+    for (left, right, word), request, got in zip(cases, batch, together, strict=True):
+        alone = masked_hidden_word(model, tok, [request])[0]
+        prob, rank, pieces, first = masked_reference(tiny_bert_mlm, left, right, word)
+        for result in (got, alone):
+            assert result.first_prob == pytest.approx(prob, rel=1e-4, abs=1e-7)
+            assert result.first_rank in rank and (result.tokens, result.first_token) == (pieces, first)
+
+
+# ----------------------------------------------------------------------------- keys that read without colour
+
+COLOUR_WORDS = re.compile(r"\b(red|green|yellow|blue|grey|gray|orange|pink|cyan|purple)\b", re.IGNORECASE)
+
+
+async def test_text_keys_read_right_where_no_colour_shows(app_factory, tiny_gpt2: Path) -> None:  # type: ignore[no-untyped-def]
+    """A pipe, NO_COLOR and Discord on a phone show the text block without colour: the keys name
+    marks that are in the plain text, never a colour."""
+    from bot.render import render_text
+    from plugins.surprise import BANDS
+    from plugins.tokenize import TOKEN_BAR
+
+    app = app_factory({"causal_lm": tiny_gpt2})
+    sentence = "The quick brown fox jumps over the lazy dog near the quiet river bank today and tomorrow"
+    replies = {}
+    for line in (
+        f"/maskrecipe sentence:{sentence} seed:11",
+        "/adapt text:Great product",
+        "/surprise text:Zyx qwv plomb frax, the cat sat on the mat.",
+        "/tokenize text:Hello world, tokenizers!",
+    ):
+        reply = await app.execute_line(line)
+        assert not reply.error, reply.text
+        assert reply.code is not None
+        replies[line.split()[0]] = reply
+        plain = render_text(reply, [], colour=False)
+        assert COLOUR_WORDS.findall(reply.text) == [], (line, reply.text)
+        assert "\x1b[" not in plain
+    # /maskrecipe: each chosen position reads as its rule says, in the plain sentence.
+    recipe = replies["/maskrecipe"]
+    shown = recipe.code.plain.split()
+    for change in recipe.data["changes"]:
+        mark = {"mask": "{}", "random": "~{}~", "kept": "={}="}[change["rule"]]
+        assert shown[change["position"]] == mark.format(change["input"])
+        assert mark.format("word") in recipe.text or change["rule"] == "mask"
+    assert {c["rule"] for c in recipe.data["changes"]} >= {"mask"}
+    # /surprise: the plain text is the text with ‹…› and «…» around exactly the 6–12 and 12+ bit tokens.
+    surprise = replies["/surprise"]
+    plain_text = surprise.code.plain
+    opened = [(bound, marks) for bound, _, marks, _ in BANDS if marks[0]]
+    assert all(f"{o}…{c}" in surprise.text for _, (o, c) in opened)
+    assert sum(plain_text.count(o) for _, (o, _c) in opened) == sum(1 for b in surprise.data["bits"] if b >= 6)
+    stripped = plain_text
+    for _, (o, c) in opened:
+        stripped = stripped.replace(o, "").replace(c, "")
+    assert stripped == "Zyx qwv plomb frax, the cat sat on the mat."
+    # /tokenize: the bar ends each token, so the plain block splits into the table's pieces.
+    tokens = replies["/tokenize"]
+    assert tokens.code.plain.split(TOKEN_BAR)[:-1] == tokens.data["pieces"]
+    assert TOKEN_BAR in tokens.text
+    # /adapt: the answers are in «…», which the text names.
+    assert "in «…»" in replies["/adapt"].text and "«" in replies["/adapt"].code.plain
