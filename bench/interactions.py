@@ -3,8 +3,8 @@
 The real discord.py client runs against tests/fake_discord.py on 127.0.0.1 with
 the offline causal LM. N students send /nexttoken (or /sample, /attention) at the
 same moment. Prints the time from each INTERACTION_CREATE to its first answer
-(defer or immediate reply), whether every interaction was answered (with a result
-or "busy"), and any "heartbeat blocked" warning from discord.py.
+(defer or immediate reply), how each was answered (with a result, "busy", the
+deadline's "took too long", another failure, or not at all), and any "heartbeat blocked" warning from discord.py.
 
 In the same run, on the same warm service, the *model-only peer* submits the same N
 requests straight to the inference service (no Discord, no charts, no reply text):
@@ -71,6 +71,19 @@ def blocking_plugin(seconds: float) -> object:
 
 
 COMMANDS = ("nexttoken", "sample", "attention")
+# The words of the replies that are not a result (bot.errors): each is counted apart.
+BUSY_WORDS, DEADLINE_WORDS = "busy", "took too long"
+
+
+def outcome(content: str, files: list[tuple[str, bytes]]) -> str:
+    """What one final reply was: "busy", "deadline" (given up at the request's deadline), "result"
+    (the command's answer with its chart) or "failed" (any other error, or a reply without its chart)."""
+    text = (content or "").lower()
+    if BUSY_WORDS in text:
+        return "busy"
+    if DEADLINE_WORDS in text:
+        return "deadline"
+    return "result" if files else "failed"
 
 
 def student_options(command: str, student: int) -> dict[str, object]:
@@ -169,11 +182,11 @@ async def main(count: int, max_queue: int, block_s: float = 0.0, command: str = 
     def final(token: str) -> str | None:
         ours = [c for c in fake.calls if token in c.path]
         if any("callback" in c.path and c.body["type"] == 4 for c in ours):
-            return "busy" if "busy" in ours[0].body["data"]["content"] else "refused"
+            return outcome(ours[0].body["data"].get("content", ""), ours[0].files)
         posts = [c for c in ours if "webhooks" in c.path and c.method == "POST"]
         if posts:
             # Busy can also be found after the defer, when the request reaches the full queue.
-            return "busy" if "busy" in (posts[-1].body or {}).get("content", "") else "answered"
+            return outcome((posts[-1].body or {}).get("content", ""), posts[-1].files)
         return None
 
     await fake.wait_for(lambda calls: all(final(t) for t in tokens), timeout=600)
@@ -199,8 +212,10 @@ async def main(count: int, max_queue: int, block_s: float = 0.0, command: str = 
         "defer_p99_ms": 1000 * percentile([d for d in defer if d is not None], 0.99),
         "defer_max_ms": 1000 * max(d for d in defer if d is not None),
         "first_response_missing": sum(d is None for d in defer),
-        "answered_with_result": outcomes.count("answered"),
+        "answered_with_result": outcomes.count("result"),
         "answered_busy": outcomes.count("busy"),
+        "answered_deadline": outcomes.count("deadline"),
+        "answered_failed": outcomes.count("failed"),
         "unanswered": sum(o is None for o in outcomes),
         "heartbeat_warnings": len(blocked),
     }
@@ -219,6 +234,7 @@ def report(figures: dict, block_s: float) -> None:
     )
     print(
         f"answered: {figures['answered_with_result']} with a result, {figures['answered_busy']} busy, "
+        f"{figures['answered_deadline']} given up at the deadline, {figures['answered_failed']} failed, "
         f"{figures['unanswered']} unanswered; all answered after {figures['seconds_until_all_answered']:.1f} s"
     )
     print(

@@ -237,6 +237,41 @@ async def test_admission_is_sized_to_the_measured_throughput() -> None:
     await slow.close()
 
 
+async def test_a_batch_is_never_planned_past_its_earliest_deadline() -> None:
+    """Issue 20 (c): slow generation (2 s per request measured) that waited 80 s of a 100 s budget
+    goes in a batch of 10 (20 s of work), not 64: the batch ends by the deadline and the watchdog
+    never meets it; the ten that cannot fit are answered at their deadline, never computed."""
+    core, transport, clock = make_core(max_batch=64)
+
+    def finish(busy_s: float) -> None:
+        batch = transport.running.pop(0)
+        core.finished(batch, [(p.id, True, f"done {p.request.texts()[0]}") for p in batch], {"busy_s": busy_s})
+
+    warm = ask(core, "warm")
+    await settle()
+    finish(busy_s=2.0)
+    assert await warm == "done warm" and core.seconds_per_request["ask"] == 2.0
+    holding = ask(core, "holding")
+    await settle()
+    waiting = [ask(core, f"g{i}", user=f"student{i}", timeout=100.0) for i in range(20)]
+    await settle()
+    assert core.waiting == 20
+    clock.now += 80.0  # the holding batch ran long: 20 s of the queued requests' budget are left
+    finish(busy_s=2.0)
+    await settle()
+    assert await holding == "done holding"
+    assert transport.batches[-1] == [f"g{i}" for i in range(10)]  # 10 × 2 s = the 20 s left
+    clock.now += 20.0
+    finish(busy_s=20.0)
+    await settle()
+    assert await asyncio.gather(*waiting[:10]) == [f"done g{i}" for i in range(10)]
+    for late in waiting[10:]:
+        with pytest.raises(DeadlineExceeded):
+            await late
+    assert len(transport.batches) == 3 and not transport.running  # the late ten were never sent
+    await core.close()
+
+
 async def test_max_queue_is_still_a_hard_bound_with_a_hint() -> None:
     core, transport, _ = make_core(max_queue=2, max_batch=1)
     running = ask(core, "running")
