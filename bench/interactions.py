@@ -17,7 +17,7 @@ must not wait behind it. Last line: one JSON object with every figure (a list
 when several class sizes are given).
 
     python bench/interactions.py [--interactions 30 100 200] [--command nexttoken|sample|attention]
-                                 [--max-queue 50] [--block-s 0]
+                                 [--max-queue 50] [--block-s 0] [--charts-in-process]
 """
 
 from __future__ import annotations
@@ -130,11 +130,14 @@ async def model_only(app: object, command: str, count: int) -> tuple[float, int]
     return time.perf_counter() - started, answered.count(False)
 
 
-async def main(count: int, max_queue: int, block_s: float = 0.0, command: str = "nexttoken") -> dict:
+async def main(
+    count: int, max_queue: int, block_s: float = 0.0, command: str = "nexttoken", chart_processes: bool = True
+) -> dict:
     import aiohttp
     import discord
     import yarl
 
+    from bot import charts
     from bot.app import App
     from bot.config import parse_config
     from bot.discord_frontend.client import LmbotClient
@@ -159,6 +162,8 @@ async def main(count: int, max_queue: int, block_s: float = 0.0, command: str = 
         update={"inference": config.inference.model_copy(update={"cache_dir": str(Path.home() / ".cache/lmbot")})}
     )
     app = App(config, extra_plugins=[(blocking_plugin(block_s), "careless")] if block_s else ())
+    if chart_processes:
+        charts.start_process_pool()  # as `lmbot run` does
     client = LmbotClient(app, connector=aiohttp.TCPConnector(resolver=LoopbackOnlyResolver()), guild_ready_timeout=0.05)
     bot = asyncio.create_task(run_bot(app, "fake-token", client))
     await asyncio.wait_for(fake.ready.wait(), 60)
@@ -198,12 +203,14 @@ async def main(count: int, max_queue: int, block_s: float = 0.0, command: str = 
     await client.shutdown()
     await bot
     await fake.stop()
+    charts.stop_process_pool()
     blocked = [m for m in warnings.messages if "heartbeat blocked" in m.lower() or "can't keep up" in m.lower()]
     return {
         "interactions": count,
         "command": command,
         "max_queue": max_queue,
         "blocking_handler_s": block_s,
+        "chart_processes": chart_processes,
         "seconds_until_all_answered": elapsed,
         "model_only_s": peer_s,
         "model_only_busy": peer_busy,
@@ -261,11 +268,16 @@ if __name__ == "__main__":
     parser.add_argument("--command", choices=COMMANDS, default="nexttoken", help="what every student presses")
     parser.add_argument("--max-queue", type=int, default=50, help="the inference queue's length limit")
     parser.add_argument("--block-s", type=float, default=0.0, help="first send a command that blocks for this long")
+    parser.add_argument(
+        "--charts-in-process",
+        action="store_true",
+        help="draw charts in the bot's process (as before), not in drawing processes as `lmbot run` does",
+    )
     args = parser.parse_args()
     runs = []
     for count in args.interactions:
         with tempfile.TemporaryDirectory():
-            figures = asyncio.run(main(count, args.max_queue, args.block_s, args.command))
+            figures = asyncio.run(main(count, args.max_queue, args.block_s, args.command, not args.charts_in_process))
         report(figures, args.block_s)
         runs.append(figures)
     print(json.dumps(runs[0] if len(runs) == 1 else runs))

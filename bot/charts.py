@@ -769,15 +769,91 @@ class FairChartQueue:
 _CHARTS = FairChartQueue(threads=2)  # charts draw one at a time (_DRAWING); a second thread serves other draws
 
 
+# --------------------------------------------------------------------------- drawing in processes
+#
+# Drawn in the bot's process, every chart's ~30 ms of matplotlib and PNG encoding holds the GIL
+# that the event loop needs to answer Discord: in a burst of 200 charted replies the loop spent
+# seconds waiting. A long-running bot (``lmbot run``) therefore draws in processes of its own
+# (start_process_pool); the chart threads above still decide the order, one user's turn at a
+# time, and each hands its chart to a drawing process and waits without holding the GIL. One-shot
+# front ends (the console, ``lmbot ask``) and the tests draw in-process: a process would cost them
+# more to start (importing matplotlib) than it saves.
+
+_POOL: Any = None  # a concurrent.futures.ProcessPoolExecutor while drawing in processes
+_POOL_LOCK = threading.Lock()
+
+
+def _warm_drawing_process() -> None:
+    """Load matplotlib and the fonts once, when a drawing process starts, not in the first reply."""
+    bar_chart(["a"], [1.0], title="warm", xlabel="p")
+
+
+def start_process_pool(processes: int = 0) -> None:
+    """Draw charts in ``processes`` processes of their own (0: as many as the chart threads).
+
+    Idempotent. The processes start at once with ``spawn`` (the bot has threads; forking them is
+    unsafe) and load matplotlib in the background, while the bot logs in.
+    """
+    global _POOL
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with _POOL_LOCK:
+        if _POOL is not None:
+            return
+        count = processes or _CHARTS._threads
+        _POOL = ProcessPoolExecutor(
+            count, mp_context=multiprocessing.get_context("spawn"), initializer=_warm_drawing_process
+        )
+        # Start every process now (the executor starts them on demand): each warms up on its own.
+        for _ in range(count):
+            _POOL.submit(int)
+
+
+def stop_process_pool() -> None:
+    """Stop the drawing processes; charts draw in-process again."""
+    global _POOL
+    with _POOL_LOCK:
+        pool, _POOL = _POOL, None
+    if pool is not None:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _draw(draw: Callable[..., Image], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Image:
+    """Draw in a drawing process when there is one and the call can travel there, else here."""
+    global _POOL
+    import pickle
+    from concurrent.futures.process import BrokenProcessPool
+
+    pool = _POOL
+    if pool is not None:
+        try:
+            pickle.dumps((draw, args, kwargs), pickle.HIGHEST_PROTOCOL)  # a test's local function cannot
+        except (pickle.PicklingError, AttributeError, TypeError):
+            pool = None
+    if pool is None:
+        return draw(*args, **kwargs)
+    try:
+        return pool.submit(draw, *args, **kwargs).result()
+    except BrokenProcessPool:  # a drawing process was killed: draw here, and in fresh processes later
+        log.warning("a chart drawing process died; starting new ones")
+        with _POOL_LOCK:
+            if _POOL is pool:
+                _POOL = None
+        start_process_pool()
+        return draw(*args, **kwargs)
+
+
 async def render(draw: Callable[..., Image], *args: Any, **kwargs: Any) -> Image:
     """Draw a chart in the chart threads so the event loop and asyncio's shared pool stay free,
-    taking turns with other users' charts (:class:`FairChartQueue`).
+    taking turns with other users' charts (:class:`FairChartQueue`), in the drawing processes
+    when :func:`start_process_pool` started them.
 
     Never raises: a chart that cannot be drawn is logged and comes back with no data, which
     :class:`~bot.commands.Reply` leaves out, so the reply goes without that chart.
     """
     try:
-        call = functools.partial(contextvars.copy_context().run, functools.partial(draw, *args, **kwargs))
+        call = functools.partial(contextvars.copy_context().run, functools.partial(_draw, draw, args, kwargs))
         return await asyncio.wrap_future(_CHARTS.submit(_owner(), call))
     except Exception:
         filename = str(kwargs.get("filename", "chart.png"))
