@@ -3,8 +3,8 @@
 The real discord.py client runs against tests/fake_discord.py on 127.0.0.1 with
 the offline causal LM. N students send /nexttoken (or /sample, /attention) at the
 same moment. Prints the time from each INTERACTION_CREATE to its first answer
-(defer or immediate reply), whether every interaction was answered (with a result
-or "busy"), and any "heartbeat blocked" warning from discord.py.
+(defer or immediate reply), how each was answered (with a result, "busy", the
+deadline's "took too long", another failure, or not at all), and any "heartbeat blocked" warning from discord.py.
 
 In the same run, on the same warm service, the *model-only peer* submits the same N
 requests straight to the inference service (no Discord, no charts, no reply text):
@@ -17,7 +17,7 @@ must not wait behind it. Last line: one JSON object with every figure (a list
 when several class sizes are given).
 
     python bench/interactions.py [--interactions 30 100 200] [--command nexttoken|sample|attention]
-                                 [--max-queue 50] [--block-s 0]
+                                 [--max-queue 50] [--block-s 0] [--charts-in-process]
 """
 
 from __future__ import annotations
@@ -71,6 +71,19 @@ def blocking_plugin(seconds: float) -> object:
 
 
 COMMANDS = ("nexttoken", "sample", "attention")
+# The words of the replies that are not a result (bot.errors): each is counted apart.
+BUSY_WORDS, DEADLINE_WORDS = "busy", "took too long"
+
+
+def outcome(content: str, files: list[tuple[str, bytes]]) -> str:
+    """What one final reply was: "busy", "deadline" (given up at the request's deadline), "result"
+    (the command's answer with its chart) or "failed" (any other error, or a reply without its chart)."""
+    text = (content or "").lower()
+    if BUSY_WORDS in text:
+        return "busy"
+    if DEADLINE_WORDS in text:
+        return "deadline"
+    return "result" if files else "failed"
 
 
 def student_options(command: str, student: int) -> dict[str, object]:
@@ -83,22 +96,25 @@ def student_options(command: str, student: int) -> dict[str, object]:
     return {"prompt": f"Student {student} asks: the capital of France is"}
 
 
-async def model_only(app: object, command: str, count: int) -> tuple[float, int]:
+async def model_only(app: object, command: str, count: int) -> tuple[float, int, int]:
     """Seconds until the service has answered the model requests of ``count`` students' ``command``,
-    all submitted at once, as the command's handler submits them (same requests, same users), and
-    how many of those students the service told "busy" (as it tells the Discord burst)."""
+    all submitted at once, as the command's handler submits them (same requests, same users), how
+    many of those students the service told "busy" (as it tells the Discord burst), and how many
+    failed otherwise (a deadline)."""
     from bot import NoModelForRole
-    from bot.errors import Busy
+    from bot.errors import Busy, InferenceError
     from bot.inference.protocol import NextToken
     from plugins.attention import Attention, MaskedAttention
     from plugins.sample import Sample
 
-    async def one(student: int) -> bool:
+    async def one(student: int) -> str:
         try:
             await ask(student)
         except Busy:
-            return False
-        return True
+            return "busy"
+        except InferenceError:  # a deadline, a worker replaced: counted apart from the results
+            return "failed"
+        return "result"
 
     async def ask(student: int) -> None:
         service = app.inference_view(str(10_000 + student), None)  # type: ignore[attr-defined]
@@ -114,14 +130,17 @@ async def model_only(app: object, command: str, count: int) -> tuple[float, int]
 
     started = time.perf_counter()
     answered = await asyncio.gather(*(one(i) for i in range(count)))
-    return time.perf_counter() - started, answered.count(False)
+    return time.perf_counter() - started, answered.count("busy"), answered.count("failed")
 
 
-async def main(count: int, max_queue: int, block_s: float = 0.0, command: str = "nexttoken") -> dict:
+async def main(
+    count: int, max_queue: int, block_s: float = 0.0, command: str = "nexttoken", chart_processes: bool = True
+) -> dict:
     import aiohttp
     import discord
     import yarl
 
+    from bot import charts
     from bot.app import App
     from bot.config import parse_config
     from bot.frontends.discord.client import LmbotClient
@@ -146,6 +165,8 @@ async def main(count: int, max_queue: int, block_s: float = 0.0, command: str = 
         update={"inference": config.inference.model_copy(update={"cache_dir": str(Path.home() / ".cache/lmbot")})}
     )
     app = App(config, extra_plugins=[(blocking_plugin(block_s), "careless")] if block_s else ())
+    if chart_processes:
+        charts.start_process_pool()  # as `lmbot run` does
     client = LmbotClient(app, connector=aiohttp.TCPConnector(resolver=LoopbackOnlyResolver()), guild_ready_timeout=0.05)
     bot = asyncio.create_task(run_bot(app, "fake-token", client))
     await asyncio.wait_for(fake.ready.wait(), 60)
@@ -160,47 +181,69 @@ async def main(count: int, max_queue: int, block_s: float = 0.0, command: str = 
     started = time.perf_counter()
     tokens = [await fake.interact(command, student_options(command, i), user_id=10_000 + i) for i in range(count)]
 
+    # Each token's calls, filed as they arrive: checking every token against every call on each
+    # new call would cost the process the bot runs in seconds of CPU in a burst of 200.
+    by_token: dict[str, list] = {t: [] for t in tokens}
+    filed = 0
+    unfinished = set(tokens)
+
+    def all_final(calls: list) -> bool:
+        nonlocal filed
+        for call in calls[filed:]:
+            for part in call.path.split("/"):
+                if part in by_token:
+                    by_token[part].append(call)
+                    break
+        filed = len(calls)
+        unfinished.difference_update([t for t in unfinished if final(t)])
+        return not unfinished
+
     def first_answer(token: str) -> float | None:
-        for call in fake.calls:
-            if token in call.path and "callback" in call.path:
+        for call in by_token[token]:
+            if "callback" in call.path:
                 return call.at - fake.sent[token]
         return None
 
     def final(token: str) -> str | None:
-        ours = [c for c in fake.calls if token in c.path]
+        ours = by_token[token]
         if any("callback" in c.path and c.body["type"] == 4 for c in ours):
-            return "busy" if "busy" in ours[0].body["data"]["content"] else "refused"
+            return outcome(ours[0].body["data"].get("content", ""), ours[0].files)
         posts = [c for c in ours if "webhooks" in c.path and c.method == "POST"]
         if posts:
             # Busy can also be found after the defer, when the request reaches the full queue.
-            return "busy" if "busy" in (posts[-1].body or {}).get("content", "") else "answered"
+            return outcome((posts[-1].body or {}).get("content", ""), posts[-1].files)
         return None
 
-    await fake.wait_for(lambda calls: all(final(t) for t in tokens), timeout=600)
+    await fake.wait_for(all_final, timeout=600)
     elapsed = time.perf_counter() - started
     defer = [first_answer(t) for t in tokens]
     outcomes = [final(t) for t in tokens]
     # The model-only peer, on the same warm service right after the burst (where handlers submit).
-    peer_s, peer_busy = await client.command_loop.run(model_only(app, command, count))
+    peer_s, peer_busy, peer_failed = await client.command_loop.run(model_only(app, command, count))
     await client.shutdown()
     await bot
     await fake.stop()
+    charts.stop_process_pool()
     blocked = [m for m in warnings.messages if "heartbeat blocked" in m.lower() or "can't keep up" in m.lower()]
     return {
         "interactions": count,
         "command": command,
         "max_queue": max_queue,
         "blocking_handler_s": block_s,
+        "chart_processes": chart_processes,
         "seconds_until_all_answered": elapsed,
         "model_only_s": peer_s,
         "model_only_busy": peer_busy,
+        "model_only_failed": peer_failed,
         "ratio_to_model_only": elapsed / peer_s,
         "defer_p50_ms": 1000 * percentile([d for d in defer if d is not None], 0.5),
         "defer_p99_ms": 1000 * percentile([d for d in defer if d is not None], 0.99),
         "defer_max_ms": 1000 * max(d for d in defer if d is not None),
         "first_response_missing": sum(d is None for d in defer),
-        "answered_with_result": outcomes.count("answered"),
+        "answered_with_result": outcomes.count("result"),
         "answered_busy": outcomes.count("busy"),
+        "answered_deadline": outcomes.count("deadline"),
+        "answered_failed": outcomes.count("failed"),
         "unanswered": sum(o is None for o in outcomes),
         "heartbeat_warnings": len(blocked),
     }
@@ -219,11 +262,13 @@ def report(figures: dict, block_s: float) -> None:
     )
     print(
         f"answered: {figures['answered_with_result']} with a result, {figures['answered_busy']} busy, "
+        f"{figures['answered_deadline']} given up at the deadline, {figures['answered_failed']} failed, "
         f"{figures['unanswered']} unanswered; all answered after {figures['seconds_until_all_answered']:.1f} s"
     )
     print(
         f"model-only peer (same {figures['interactions']} requests straight to the service, no Discord, no charts): "
-        f"{figures['model_only_s']:.1f} s ({figures['model_only_busy']} told busy); "
+        f"{figures['model_only_s']:.1f} s ({figures['model_only_busy']} told busy, "
+        f"{figures['model_only_failed']} failed); "
         f"all answered after / model-only = {figures['ratio_to_model_only']:.1f}×"
     )
     print(f"heartbeat warnings from discord.py: {figures['heartbeat_warnings']}")
@@ -245,11 +290,16 @@ if __name__ == "__main__":
     parser.add_argument("--command", choices=COMMANDS, default="nexttoken", help="what every student presses")
     parser.add_argument("--max-queue", type=int, default=50, help="the inference queue's length limit")
     parser.add_argument("--block-s", type=float, default=0.0, help="first send a command that blocks for this long")
+    parser.add_argument(
+        "--charts-in-process",
+        action="store_true",
+        help="draw charts in the bot's process (as before), not in drawing processes as `lmbot run` does",
+    )
     args = parser.parse_args()
     runs = []
     for count in args.interactions:
         with tempfile.TemporaryDirectory():
-            figures = asyncio.run(main(count, args.max_queue, args.block_s, args.command))
+            figures = asyncio.run(main(count, args.max_queue, args.block_s, args.command, not args.charts_in_process))
         report(figures, args.block_s)
         runs.append(figures)
     print(json.dumps(runs[0] if len(runs) == 1 else runs))

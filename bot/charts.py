@@ -150,20 +150,61 @@ def _style(texts: Iterable[str] = ()) -> Iterator[None]:
         # drawable() names the characters no font has; a font whose table lists a glyph it
         # cannot draw still gets a box rather than a warning per chart.
         warnings.filterwarnings("ignore", message=HIDDEN_WARNING)
-        yield
+        with _shared_text_metrics():
+            yield
 
 
 _MEASURE = threading.local()
 
 
-def text_width(text: str, size: float) -> float:
-    """Width in pixels of ``text`` (its widest line) at ``size`` points, in the current chart fonts."""
+def _measuring_renderer() -> Any:
+    """This thread's renderer for measuring text (an Agg renderer at the charts' resolution)."""
     from matplotlib.backends.backend_agg import RendererAgg
-    from matplotlib.font_manager import FontProperties
 
     renderer = getattr(_MEASURE, "renderer", None)
     if renderer is None:
         renderer = _MEASURE.renderer = RendererAgg(1, 1, DPI)
+    return renderer
+
+
+@contextmanager
+def _shared_text_metrics() -> Iterator[None]:
+    """While a chart draws, matplotlib lays its texts out with the measuring renderer's cache.
+
+    matplotlib caches text metrics per renderer, and every figure has a renderer of its own, so
+    each chart measured every text afresh (and a heatmap's labels, drawn four times, four times).
+    An Agg renderer's metrics depend only on the text, its font properties (the families
+    included) and the resolution, so one renderer per thread at the charts' resolution answers
+    for all of them: labels that recur (tokens, ticks, axis names) are measured once. Patched
+    only under _DRAWING (one chart at a time), and put back after.
+    """
+    import matplotlib.text as mtext
+    from matplotlib.backends.backend_agg import RendererAgg
+
+    name = "_get_text_metrics_function"  # matplotlib 3.10+; with another, texts are measured as it does
+    own = getattr(mtext, name, None)
+    if own is None:
+        yield
+        return
+    shared = own(_measuring_renderer())
+
+    def metrics_function(renderer: Any) -> Any:
+        if type(renderer) is RendererAgg and renderer.dpi == DPI:
+            return shared
+        return own(renderer)
+
+    setattr(mtext, name, metrics_function)
+    try:
+        yield
+    finally:
+        setattr(mtext, name, own)
+
+
+def text_width(text: str, size: float) -> float:
+    """Width in pixels of ``text`` (its widest line) at ``size`` points, in the current chart fonts."""
+    from matplotlib.font_manager import FontProperties
+
+    renderer = _measuring_renderer()
     prop = FontProperties(size=size)
     return max(
         (float(renderer.get_text_width_height_descent(line, prop, ismath=False)[0]) for line in text.split("\n")),
@@ -314,14 +355,32 @@ def one_line(text: str, limit: int) -> str:
     return text if len(text) <= limit else text[: max(0, limit - 1)] + "…"
 
 
-def _png(fig: Any) -> bytes:
-    """``fig`` as a PNG with no alpha channel (the charts are opaque): a quarter less to compress."""
+# A picture put under a figure's drawing: RGBA pixels (rows from the top) and the pixel position
+# of its bottom-left corner, from the figure's bottom left.
+Underlay = tuple[Any, float, float]
+
+
+def _png(fig: Any, under: Sequence[Underlay] = ()) -> bytes:
+    """``fig`` as a PNG with no alpha channel (the charts are opaque): a quarter less to compress.
+
+    ``under``: pictures (a heatmap's cells) composed beneath the drawing, pixel for pixel, the
+    figure's background left transparent there. matplotlib's own images (figimage) resample
+    and colour-map on every draw: about a quarter of a two-panel heatmap's time.
+    """
     from PIL import Image as PILImage
 
     pixels = io.BytesIO()
-    fig.savefig(pixels, format="rgba")
+    if under:
+        fig.patch.set_alpha(0.0)
+    fig.savefig(pixels, format="rgba", facecolor=fig.get_facecolor())
     width, height = (int(v) for v in fig.bbox.size)  # as the Agg renderer sizes its buffer
-    picture = PILImage.frombuffer("RGBA", (width, height), pixels.getvalue(), "raw", "RGBA", 0, 1).convert("RGB")
+    picture = PILImage.frombuffer("RGBA", (width, height), pixels.getvalue(), "raw", "RGBA", 0, 1)
+    if under:
+        background = PILImage.new("RGBA", (width, height), "white")
+        for rgba, x, y in under:
+            background.paste(PILImage.fromarray(rgba, "RGBA"), (round(x), height - round(y) - rgba.shape[0]))
+        picture = PILImage.alpha_composite(background, picture)
+    picture = picture.convert("RGB")
     buffer = io.BytesIO()
     picture.save(buffer, format="png", **PNG_OPTIONS)
     return buffer.getvalue()
@@ -769,15 +828,91 @@ class FairChartQueue:
 _CHARTS = FairChartQueue(threads=2)  # charts draw one at a time (_DRAWING); a second thread serves other draws
 
 
+# --------------------------------------------------------------------------- drawing in processes
+#
+# Drawn in the bot's process, every chart's ~30 ms of matplotlib and PNG encoding holds the GIL
+# that the event loop needs to answer Discord: in a burst of 200 charted replies the loop spent
+# seconds waiting. A long-running bot (``lmbot run``) therefore draws in processes of its own
+# (start_process_pool); the chart threads above still decide the order, one user's turn at a
+# time, and each hands its chart to a drawing process and waits without holding the GIL. One-shot
+# front ends (the console, ``lmbot ask``) and the tests draw in-process: a process would cost them
+# more to start (importing matplotlib) than it saves.
+
+_POOL: Any = None  # a concurrent.futures.ProcessPoolExecutor while drawing in processes
+_POOL_LOCK = threading.Lock()
+
+
+def _warm_drawing_process() -> None:
+    """Load matplotlib and the fonts once, when a drawing process starts, not in the first reply."""
+    bar_chart(["a"], [1.0], title="warm", xlabel="p")
+
+
+def start_process_pool(processes: int = 0) -> None:
+    """Draw charts in ``processes`` processes of their own (0: as many as the chart threads).
+
+    Idempotent. The processes start at once with ``spawn`` (the bot has threads; forking them is
+    unsafe) and load matplotlib in the background, while the bot logs in.
+    """
+    global _POOL
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with _POOL_LOCK:
+        if _POOL is not None:
+            return
+        count = processes or _CHARTS._threads
+        _POOL = ProcessPoolExecutor(
+            count, mp_context=multiprocessing.get_context("spawn"), initializer=_warm_drawing_process
+        )
+        # Start every process now (the executor starts them on demand): each warms up on its own.
+        for _ in range(count):
+            _POOL.submit(int)
+
+
+def stop_process_pool() -> None:
+    """Stop the drawing processes; charts draw in-process again."""
+    global _POOL
+    with _POOL_LOCK:
+        pool, _POOL = _POOL, None
+    if pool is not None:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _draw(draw: Callable[..., Image], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Image:
+    """Draw in a drawing process when there is one and the call can travel there, else here."""
+    global _POOL
+    import pickle
+    from concurrent.futures.process import BrokenProcessPool
+
+    pool = _POOL
+    if pool is not None:
+        try:
+            pickle.dumps((draw, args, kwargs), pickle.HIGHEST_PROTOCOL)  # a test's local function cannot
+        except (pickle.PicklingError, AttributeError, TypeError):
+            pool = None
+    if pool is None:
+        return draw(*args, **kwargs)
+    try:
+        return pool.submit(draw, *args, **kwargs).result()
+    except BrokenProcessPool:  # a drawing process was killed: draw here, and in fresh processes later
+        log.warning("a chart drawing process died; starting new ones")
+        with _POOL_LOCK:
+            if _POOL is pool:
+                _POOL = None
+        start_process_pool()
+        return draw(*args, **kwargs)
+
+
 async def render(draw: Callable[..., Image], *args: Any, **kwargs: Any) -> Image:
     """Draw a chart in the chart threads so the event loop and asyncio's shared pool stay free,
-    taking turns with other users' charts (:class:`FairChartQueue`).
+    taking turns with other users' charts (:class:`FairChartQueue`), in the drawing processes
+    when :func:`start_process_pool` started them.
 
     Never raises: a chart that cannot be drawn is logged and comes back with no data, which
     :class:`~bot.commands.Reply` leaves out, so the reply goes without that chart.
     """
     try:
-        call = functools.partial(contextvars.copy_context().run, functools.partial(draw, *args, **kwargs))
+        call = functools.partial(contextvars.copy_context().run, functools.partial(_draw, draw, args, kwargs))
         return await asyncio.wrap_future(_CHARTS.submit(_owner(), call))
     except Exception:
         filename = str(kwargs.get("filename", "chart.png"))
@@ -798,8 +933,9 @@ HeatmapPanel = tuple[str, Sequence[str], Sequence[Sequence[float]], bool]
 def heatmap(panels: Sequence[HeatmapPanel], *, colorbar: str, filename: str = "heatmap.png") -> Image:
     """Heatmaps side by side, tokens on both axes, one colour scale (square-root, so small weights show).
 
-    The cells and the colour bar are pixels put straight on the figure (no Axes: building and
-    drawing three of them was most of this chart's time), with every label a plain text.
+    The cells and the colour bar are pixels put under the figure's drawing (no Axes: building and
+    drawing three of them was most of this chart's time; no figure images either, see _png), with
+    every label a plain text.
     """
     import numpy as np
     from matplotlib import colormaps
@@ -844,6 +980,7 @@ def heatmap(panels: Sequence[HeatmapPanel], *, colorbar: str, filename: str = "h
         norm = PowerNorm(gamma=0.5, vmin=0.0, vmax=scale_top)
         cmap = colormaps["viridis"].with_extremes(bad="#e6e6e6")
         ticks: list[tuple[tuple[float, float], tuple[float, float]]] = []
+        cells: list[Underlay] = []  # the panels' cells and the colour bar, put under the drawing
         for k, ((_, _, weights, hide_future), labels, heading) in enumerate(
             zip(panels, token_labels, headings, strict=True)
         ):
@@ -855,7 +992,7 @@ def heatmap(panels: Sequence[HeatmapPanel], *, colorbar: str, filename: str = "h
             if n:
                 colours = cmap(norm(np.ma.masked_array(grid, mask=hidden)), bytes=True)
                 cell = np.arange(side) * n // side  # the cell each pixel row/column shows
-                fig.figimage(colours[cell][:, cell], xo=x0 + left, yo=bottom, origin="upper")
+                cells.append((colours[cell][:, cell], x0 + left, bottom))
             frame(x0 + left, bottom, side, side)
             pitch = side / max(n, 1)
             for j, label in enumerate(labels):
@@ -891,7 +1028,7 @@ def heatmap(panels: Sequence[HeatmapPanel], *, colorbar: str, filename: str = "h
         # The colour bar: the scale from 0 (bottom) to the largest weight, square-root spaced as the cells.
         x0 = len(panels) * (left + side) + 16
         shades = cmap(np.linspace(1.0, 0.0, side), bytes=True)[:, np.newaxis, :].repeat(14, axis=1)
-        fig.figimage(shades, xo=x0, yo=bottom, origin="upper")
+        cells.append((np.ascontiguousarray(shades), x0, bottom))
         frame(x0, bottom, 14, side)
         widest = 0.0
         for value in MaxNLocator(nbins=6).tick_values(0.0, scale_top):
@@ -912,7 +1049,7 @@ def heatmap(panels: Sequence[HeatmapPanel], *, colorbar: str, filename: str = "h
             gid="colorbar",
         )
         fig.add_artist(LineCollection(ticks, colors="black", linewidths=0.8, transform=pixels))
-        return Image(filename, _png(fig), one_line(panels[0][0], 100))
+        return Image(filename, _png(fig, cells), one_line(panels[0][0], 100))
 
 
 # A shaded-text panel: (title, the text cut into pieces (a leading space starts a new word),

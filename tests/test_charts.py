@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import logging
+import os
 import shutil
 import threading
 import unicodedata
@@ -321,17 +323,21 @@ TOKENS = ["␣Paris", "␣the", "␣a", "␣very-long-token-label-that-goes-on",
 
 
 def chart_calls() -> dict[str, Callable[[], Image]]:
-    """Every chart type, with long titles and labels, emoji and CJK."""
+    """Every chart type, with long titles and labels, emoji and CJK (partials: they travel to a drawing process)."""
     flat = [0.0021, 0.0018, 0.0016, 0.0015, 0.0013, 0.0012]
     n = len(TOKENS)
     weights = [[1.0 / (i + 1) if j <= i else 0.0 for j in range(n)] for i in range(n)]
     return {
-        "bar_chart": lambda: charts.bar_chart(TOKENS, flat, title=LONG_TITLE, xlabel=f"probability ({MODEL})"),
-        "bar_panels": lambda: charts.bar_panels(
+        "bar_chart": functools.partial(
+            charts.bar_chart, TOKENS, flat, title=LONG_TITLE, xlabel=f"probability ({MODEL})"
+        ),
+        "bar_panels": functools.partial(
+            charts.bar_panels,
             [(LONG_TITLE, TOKENS, flat), ("BERT " + LONG_TITLE, TOKENS[:2], [0.9, 0.1])],
             xlabel=f"probability ({MODEL})",
         ),
-        "line_chart": lambda: charts.line_chart(
+        "line_chart": functools.partial(
+            charts.line_chart,
             [
                 ("GRU 6·n·d²", [8, 64, 4096], [3e3, 2e5, 1.6e7], "s-"),
                 ("attention " + "🙂" * 3, [8, 64, 4096], [4e3, 1e6, 1e9], "o-"),
@@ -340,21 +346,26 @@ def chart_calls() -> dict[str, Callable[[], Image]]:
             xlabel="sequence length (tokens) " * 6,
             ylabel="milliseconds per forward pass " * 3,
         ),
-        "split_bar_chart": lambda: charts.split_bar_chart(
+        "split_bar_chart": functools.partial(
+            charts.split_bar_chart,
             TOKENS[:4],
             [("known", [10, 2, 5, 7]), ("[UNK]: unknown, information lost", [0, 3, 0, 1])],
             title=LONG_TITLE,
             xlabel=MODEL,
         ),
-        "heatmap": lambda: charts.heatmap(
-            [(LONG_TITLE, TOKENS, weights, True), ("masked\n" + LONG_TITLE, TOKENS, weights, False)], colorbar=MODEL
+        "heatmap": functools.partial(
+            charts.heatmap,
+            [(LONG_TITLE, TOKENS, weights, True), ("masked\n" + LONG_TITLE, TOKENS, weights, False)],
+            colorbar=MODEL,
         ),
-        "shaded_text": lambda: charts.shaded_text(
+        "shaded_text": functools.partial(
+            charts.shaded_text,
             [(LONG_TITLE, [f" {t}" for t in TOKENS * 6], [float(i) for i in range(n * 6)])],
             colorbar=MODEL,
             bounds=(2, 6, 12),
         ),
-        "grouped_bars": lambda: charts.grouped_bars(
+        "grouped_bars": functools.partial(
+            charts.grouped_bars,
             TOKENS,
             [("model", flat), ("temperature 5", flat[::-1]), ("after top-k and top-p (drawn from)", flat)],
             title=LONG_TITLE,
@@ -512,3 +523,19 @@ def test_no_two_texts_of_a_chart_overlap(kind: str) -> None:
         if min(a.x1, b.x1) - max(a.x0, b.x0) > 1 and min(a.y1, b.y1) - max(a.y0, b.y0) > 1
     ]
     assert overlapping == []
+
+
+async def test_the_drawing_processes_draw_every_chart_as_the_bot_process_does() -> None:
+    """``lmbot run`` draws in processes of its own (off the event loop's GIL): the same PNG, so
+    every label and value the in-process tests check, comes back for every chart type."""
+    calls = chart_calls()
+    here = {kind: draw() for kind, draw in calls.items()}
+    charts.start_process_pool(1)
+    try:
+        assert await charts.render(os.getpid) != os.getpid()  # it really is another process
+        there = {kind: await charts.render(draw) for kind, draw in calls.items()}
+    finally:
+        charts.stop_process_pool()
+    assert {kind: image.data for kind, image in there.items()} == {kind: image.data for kind, image in here.items()}
+    assert all(image.data.startswith(b"\x89PNG") for image in there.values())
+    assert await charts.render(os.getpid) == os.getpid()  # stopped: drawn here again

@@ -16,7 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from bot.inference.metrics import ServiceMetrics, summarize
 from bot.inference.protocol import Busy, DeadlineExceeded, InferenceError, Request, WorkerDied
-from bot.inference.scheduler import CRASHED_ALONE, BatchingCore, Pending, Transport
+from bot.inference.scheduler import CRASHED_ALONE, FIRST_BATCH, PLAN_MARGIN, BatchingCore, Pending, Transport
 
 
 @dataclass(frozen=True)
@@ -235,6 +235,53 @@ async def test_admission_is_sized_to_the_measured_throughput() -> None:
     assert await asyncio.gather(holding, *admitted, patient) == want
     await core.close()
     await slow.close()
+
+
+async def test_a_batch_is_never_planned_past_its_earliest_deadline() -> None:
+    """Issue 20 (c): slow generation (2 s per request measured) that waited 80 s of a 100 s budget
+    goes in batches planned to end by the deadline (with PLAN_MARGIN), not in one of 64, so the
+    watchdog never meets them; those that cannot fit are answered at their deadline, never computed.
+    Before the task was measured, its first batch is small (FIRST_BATCH): it measures the speed."""
+    core, transport, clock = make_core(max_batch=64)
+
+    def finish(busy_s: float) -> None:
+        batch = transport.running.pop(0)
+        core.finished(batch, [(p.id, True, f"done {p.request.texts()[0]}") for p in batch], {"busy_s": busy_s})
+
+    first = [ask(core, f"w{i}", user=f"early{i}") for i in range(FIRST_BATCH + 2)]
+    await settle()
+    assert transport.batches == [[f"w{i}" for i in range(FIRST_BATCH)]]  # unmeasured: a small batch
+    finish(busy_s=2.0 * FIRST_BATCH)
+    await settle()
+    finish(busy_s=2.0 * 2)
+    assert await asyncio.gather(*first) == [f"done w{i}" for i in range(FIRST_BATCH + 2)]
+    assert core.seconds_per_request["ask"] == 2.0
+    holding = ask(core, "holding")
+    await settle()
+    waiting = [ask(core, f"g{i}", user=f"student{i}", timeout=100.0) for i in range(20)]
+    await settle()
+    assert core.waiting == 20
+    clock.now += 70.0  # the holding batch ran long: 30 s of the queued requests' budget are left
+    finish(busy_s=2.0)
+    await settle()
+    assert await holding == "done holding"
+    planned = int(30.0 / (2.0 * PLAN_MARGIN))  # 10 with the margin of 1.5
+    assert 1 <= planned < 15 and transport.batches[-1] == [f"g{i}" for i in range(planned)]
+    clock.now += 2.0 * planned  # it took as long as measured
+    finish(busy_s=2.0 * planned)
+    await settle()
+    second = int((30.0 - 2.0 * planned) / (2.0 * PLAN_MARGIN))  # 3 in the 10 s left
+    assert transport.batches[-1] == [f"g{i}" for i in range(planned, planned + second)]
+    clock.now += 30.0 - 2.0 * planned
+    finish(busy_s=2.0 * second)
+    await settle()
+    done = planned + second
+    assert await asyncio.gather(*waiting[:done]) == [f"done g{i}" for i in range(done)]
+    for late in waiting[done:]:
+        with pytest.raises(DeadlineExceeded):
+            await late
+    assert not transport.running and len(transport.batches) == 5  # the late ones were never sent
+    await core.close()
 
 
 async def test_max_queue_is_still_a_hard_bound_with_a_hint() -> None:

@@ -395,6 +395,7 @@ def _port_free(port: int) -> bool:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from bot import charts
     from bot.frontends.discord.runner import run_bot
 
     config = _setup_logging(load_config(args.config), args.verbose, server=True)
@@ -412,6 +413,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     for line in startup_summary(app):
         print(f"lmbot: {line}", file=sys.stderr, flush=True)
+    charts.start_process_pool()  # a long-running bot draws its charts off its event loop's GIL
     return asyncio.run(run_bot(app, token, attempts=args.attempts))
 
 

@@ -21,7 +21,10 @@ process, on its event loop:
   company is likely (a burst, or the askers of a batch just answered); a lone
   request goes at once.
 * **deadlines**: a queued request whose deadline passes is answered there and then
-  (with the transport's reason, e.g. "the model is still loading").
+  (with the transport's reason, e.g. "the model is still loading"), and a batch stops
+  growing where its expected time (the measured seconds per request × its size, with a
+  margin) would pass the earliest deadline in it, so a batch of slow generation never runs
+  into the watchdog; a task not yet measured goes in a small first batch that measures it.
 * **crash retries**: when a runner crashes on its own with several requests, each
   runs again alone, once, before anything else, so a poisonous request fails by itself.
 * **request metrics**: outcomes, latency, queue wait, batch sizes, queue depth.
@@ -39,7 +42,7 @@ import itertools
 import math
 import time
 from collections import Counter, OrderedDict, deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -55,6 +58,12 @@ CRASHED_ALONE = (
 SHUTTING_DOWN = "The bot is shutting down."
 # How much a new measurement of a task's seconds per request moves the estimate.
 SMOOTHING = 0.3
+# A task's first batch, before its speed is known: small, so that a slow task (generation, seconds
+# per request) is measured within seconds rather than in a batch that may outlast its deadline.
+FIRST_BATCH = 4
+# A batch is planned to take at most 1 / PLAN_MARGIN of the time left to its earliest deadline:
+# the measured speed is an average, and a busy machine runs slower than it.
+PLAN_MARGIN = 1.5
 
 
 @dataclass(eq=False)
@@ -105,11 +114,19 @@ class FairQueue:
         for queue in self.users.values():
             yield from queue
 
-    def take(self, n: int) -> list[Pending]:
-        """Up to ``n`` requests, one per user in turn; the next batch starts with the next user."""
+    def take(self, n: int, fits: Callable[[int, float], bool] | None = None) -> list[Pending]:
+        """Up to ``n`` requests, one per user in turn; the next batch starts with the next user.
+
+        ``fits(size, earliest deadline)`` may stop the batch early: a request joins only while the
+        batch with it still fits (the first always joins).
+        """
         batch: list[Pending] = []
+        earliest = math.inf
         while len(batch) < n and self.users:
             user, queue = next(iter(self.users.items()))
+            if batch and fits is not None and not fits(len(batch) + 1, min(earliest, queue[0].deadline)):
+                break
+            earliest = min(earliest, queue[0].deadline)
             batch.append(queue.popleft())
             if queue:
                 self.users.move_to_end(user)
@@ -394,13 +411,30 @@ class BatchingCore:
                 break
             key = best[1]
             queue = self._queues[key]
-            batch = queue.take(self.max_batch)
+            measured = key[1] in self.seconds_per_request
+            size = self.max_batch if measured else min(self.max_batch, FIRST_BATCH)
+            batch = queue.take(size, self._fits_deadline(key[1], now))
             if not queue.size:
                 del self._queues[key]
             self.waiting -= len(batch)
             self._send(batch, now)
         self.metrics.queue_depth.set(self.waiting)
         return next_due
+
+    def _fits_deadline(self, task: str, now: float) -> Callable[[int, float], bool] | None:
+        """Whether a batch of ``task`` of a size is expected to end before its earliest deadline.
+
+        A batch runs on one runner, its requests one after another or padded together; at the
+        measured seconds per request a batch of 64 slow ones (generation: seconds each) can
+        outlast the deadline of requests that waited, and the watchdog would kill its worker
+        mid-batch. So the batch stops growing where its expected time (with PLAN_MARGIN) would pass
+        its earliest deadline; the rest go in the next batch (or get their deadline's answer, never
+        computed). None until the task was measured (its first batch is FIRST_BATCH at most).
+        """
+        per_request = self.seconds_per_request.get(task)
+        if per_request is None:
+            return None
+        return lambda size, earliest: now + PLAN_MARGIN * size * per_request <= earliest
 
     def _priority(self, pending: Pending) -> tuple[Any, ...]:
         """Lower goes first: fewest running for the user, user then role served least recently, oldest."""
