@@ -230,7 +230,8 @@ async def test_a_lone_request_does_not_wait_for_company_a_burst_does(config_fact
 
         # Four at once wait for each other: nothing goes until max_wait has passed, then one batch.
         clock.now += max_wait + 0.1
-        batches, requests, waited = sample("batch_size_count"), sample("batch_size_sum"), sample("queue_wait_seconds_sum")
+        batches, requests = sample("batch_size_count"), sample("batch_size_sum")
+        waited = sample("queue_wait_seconds_sum")
         asks = [asyncio.create_task(client.submit(NextToken(p, k=3))) for p in PROMPTS[:4]]
         await asyncio.wait_for(until(lambda: client.core.waiting == 4), 60)
         assert not any(a.done() for a in asks) and sample("batch_size_count") == batches
