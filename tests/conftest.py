@@ -4,6 +4,8 @@ tiny models, the converted SmolLM2 and the apps are the ones plugin authors get.
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -49,6 +51,22 @@ FUZZ_FACTOR = 40 if os.environ.get("HYPOTHESIS_PROFILE") == "fuzz" else 1
 def examples(n: int) -> int:
     """``n`` property examples in CI, many more in the fuzz profile."""
     return n * FUZZ_FACTOR
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_configure(config: pytest.Config) -> None:
+    """An xdist worker's temporary folders under a short root of its own.
+
+    xdist puts each worker's under ``.../pytest-N/popen-gwN/``; the warm lmbot's socket in a
+    test's folder would then pass the 108 bytes a Unix socket's path may have."""
+    worker = getattr(config, "workerinput", None)
+    if worker is not None:
+        config.option.basetemp = tempfile.mkdtemp(prefix=f"lmbot-{worker['workerid']}-")
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    if getattr(config, "workerinput", None) is not None and config.option.basetemp:
+        shutil.rmtree(config.option.basetemp, ignore_errors=True)
 
 
 @pytest.fixture(autouse=True)
@@ -175,3 +193,17 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):  
         if mandatory_skip(str(where), str(reason)):
             report.outcome = "failed"
             report.longrepr = f"skipped, but CI makes the PostgreSQL and Ray tests mandatory: {reason}"
+
+
+# The fast tier is `pytest -m "not slow"` (docs/testing.md). These tests take over about 5 s
+# each alone on a 2-core machine (measured with --durations): nested pytest sessions, the
+# fault benchmark, workers crashed, stopped or restarted, subprocess CLIs, real Discord
+# clients. A file name marks all of its tests; a test's name (without parameters), that test.
+SLOW: frozenset[str] = frozenset()
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        path, _, name = item.nodeid.partition("::")
+        if path in SLOW or f"{path}::{name.split('[')[0]}" in SLOW:
+            item.add_marker(pytest.mark.slow)
