@@ -196,9 +196,10 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):  
 
 
 # The fast tier is `pytest -m "not slow"` (docs/testing.md). These tests took over about 4.5 s
-# each (setup included) in a two-worker run on a 2-core machine (`--durations=0`): nested pytest
-# sessions, the fault benchmark, workers crashed, stopped or restarted, CLI subprocesses, Discord
-# clients, SmolLM2 forward passes. Add a test here when it gets that slow.
+# each (setup included) in a two-worker run of the suite or of the fast tier on a 2-core machine
+# (`--durations=0`): nested pytest sessions, the fault benchmark, workers crashed, stopped or
+# restarted, CLI subprocesses, Discord clients, SmolLM2 forward passes. Add a test that gets
+# that slow; every parameter of a test named here is slow.
 SLOW = frozenset(
     f"tests/{test}"
     for test in (
@@ -223,19 +224,25 @@ SLOW = frozenset(
         "test_discord.py::test_busy_queue_answers_at_once",
         "test_discord.py::test_nexttoken_step_buttons_round_trip",
         "test_discord.py::test_shutdown_answers_in_flight_interactions_then_exits_zero",
+        "test_discord.py::test_slash_command_is_deferred_then_answered_with_embed_and_chart",
         "test_discord_safety.py::test_a_blocking_handler_cannot_delay_acknowledgements",
         "test_discord_safety.py::test_button_presses_count_against_the_cooldown",
         "test_discord_shards.py::test_auto_runs_every_shard_discord_recommends_in_one_process",
+        "test_docs.py::test_the_guides_plugins_load_and_answer",
         "test_docs.py::test_the_guides_tests_pass_with_the_kit",
         "test_engines.py::test_bf16_stays_within_its_bound_of_fp32_on_smollm",
         "test_engines.py::test_engine_next_token_equals_transformers_batched_and_alone",
+        "test_engines.py::test_engine_score_equals_transformers_batched_and_alone",
         "test_faults_bench.py::test_fault_benchmark_over_the_discord_client",
         "test_faults_bench.py::test_fault_benchmark_quick_mode_answers_every_request",
         "test_handler_faults.py::test_a_command_a_handler_runs_keeps_the_front_ends_loop_for_its_model_requests",
+        "test_headline_commands.py::test_compare_offline_without_masked_lm_still_answers",
         "test_headline_commands.py::test_compare_shows_both_models",
+        "test_headline_commands.py::test_mask_equals_fill_mask_pipeline",
         "test_headline_commands.py::test_nexttoken_buttons_step_through_generation",
         "test_headline_commands.py::test_nexttoken_equals_softmax_of_last_logits",
         "test_headline_commands.py::test_ngram_counts_and_probabilities_are_exact",
+        "test_headline_commands.py::test_ngram_counts_symbols_as_words_on_both_sides",
         "test_headline_commands.py::test_ngram_perplexities_equal_direct_computation",
         "test_hub.py::test_a_download_longer_than_the_deadline_is_explained",
         "test_hub.py::test_fetch_shows_progress_then_the_bot_runs_from_the_download_offline",
@@ -246,6 +253,7 @@ SLOW = frozenset(
         "test_lens.py::test_every_layer_equals_the_hidden_states_through_norm_and_head",
         "test_lens.py::test_lens_bad_input_gets_a_short_reply",
         "test_lens.py::test_lens_command_through_the_service",
+        "test_ngram_lesson.py::test_unsmoothed_bigram_is_the_course_count",
         "test_observability.py::test_prometheus_endpoint_and_lmbot_stats",
         "test_observability.py::test_stats_is_owner_only_and_counts_requests",
         "test_plugins.py::test_a_plugins_own_task_runs_in_the_worker",
@@ -254,6 +262,7 @@ SLOW = frozenset(
         "test_ray_backend.py::test_bot_processes_sharing_a_ray_cluster_in_a_loopback_only_namespace",
         "test_ray_backend.py::test_ray_backend_suite_in_a_loopback_only_namespace",
         "test_review.py::test_a_far_off_round_guess_becomes_a_card",
+        "test_round.py::test_a_round_left_open_by_a_restart_is_finished_by_its_next_press",
         "test_round.py::test_a_server_round_takes_one_hidden_guess_each_and_shows_everyone_at_the_end",
         "test_round.py::test_guess_probabilities_equal_transformers_batched_and_alone",
         "test_round.py::test_one_player_in_the_console_gets_results_at_once",
@@ -261,9 +270,12 @@ SLOW = frozenset(
         "test_sample.py::test_concurrent_commands_batch_and_each_draw_equals_generate_alone",
         "test_sample.py::test_draws_equal_generate_with_the_same_seed_batched_and_alone",
         "test_sample.py::test_reply_explains_each_stage_and_the_seed",
+        "test_sample.py::test_stages_follow_the_definitions",
         "test_scores.py::test_a_locked_database_slows_nothing_else",
         "test_scores.py::test_a_storage_fault_costs_one_clear_line_and_harms_nothing",
+        "test_service.py::test_a_deadline_while_workers_start_says_so",
         "test_service.py::test_a_lone_request_does_not_wait_for_company_a_burst_does",
+        "test_service.py::test_batched_results_equal_alone_and_reference",
         "test_service.py::test_cancelled_request_is_removed",
         "test_service.py::test_expired_request_is_dropped_without_computing",
         "test_service.py::test_input_limits_give_clear_errors",
@@ -280,7 +292,10 @@ SLOW = frozenset(
         "test_service_faults.py::test_one_user_cannot_hold_more_than_their_share",
         "test_study.py::test_a_card_offers_its_command_and_a_quiz",
         "test_study.py::test_the_masked_lm_card_offline_answers_the_student",
+        "test_surprise.py::test_bad_text_gets_a_clear_answer",
         "test_surprise.py::test_byte_pieces_show_as_hex_and_batching_changes_nothing",
+        "test_surprise.py::test_logprobs_equal_a_direct_forward_batched_and_alone",
+        "test_surprise.py::test_ngram_side_scores_symbols_and_emoji_as_words",
         "test_surprise.py::test_surprise_command_with_the_ngram_model",
         "test_surprise.py::test_surprise_says_when_the_two_perplexities_are_not_comparable",
         "test_tasks.py::test_next_token_equals_reference_batched_and_alone",
@@ -298,6 +313,7 @@ SLOW = frozenset(
         "test_teaching_replies.py::test_nsp_fallback_verdicts_on_the_offline_model",
         "test_teaching_replies.py::test_summarize_checks_what_it_claims_and_says_when_it_was_cut",
         "test_teaching_replies.py::test_summarize_counts_the_tokens_generate_wrote",
+        "test_teaching_replies.py::test_summarize_has_one_length_limit",
         "test_teaching_replies.py::test_summarize_says_it_may_be_wrong_and_flags_what_is_not_in_the_text",
         "test_teaching_replies.py::test_the_japanese_prompt_from_the_issue_shows_hex_rows",
         "test_teaching_replies.py::test_tokens_that_are_part_of_a_character_show_their_bytes",
