@@ -4,6 +4,8 @@ tiny models, the converted SmolLM2 and the apps are the ones plugin authors get.
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -49,6 +51,22 @@ FUZZ_FACTOR = 40 if os.environ.get("HYPOTHESIS_PROFILE") == "fuzz" else 1
 def examples(n: int) -> int:
     """``n`` property examples in CI, many more in the fuzz profile."""
     return n * FUZZ_FACTOR
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_configure(config: pytest.Config) -> None:
+    """An xdist worker's temporary folders under a short root of its own.
+
+    xdist puts each worker's under ``.../pytest-N/popen-gwN/``; the warm lmbot's socket in a
+    test's folder would then pass the 108 bytes a Unix socket's path may have."""
+    worker = getattr(config, "workerinput", None)
+    if worker is not None:
+        config.option.basetemp = tempfile.mkdtemp(prefix=f"lmbot-{worker['workerid']}-")
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    if getattr(config, "workerinput", None) is not None and config.option.basetemp:
+        shutil.rmtree(config.option.basetemp, ignore_errors=True)
 
 
 @pytest.fixture(autouse=True)
@@ -175,3 +193,170 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):  
         if mandatory_skip(str(where), str(reason)):
             report.outcome = "failed"
             report.longrepr = f"skipped, but CI makes the PostgreSQL and Ray tests mandatory: {reason}"
+
+
+# The fast tier is `pytest -m "not slow"` (docs/testing.md). These tests took over about 4.5 s
+# each (setup included) in a two-worker run of the suite or of the fast tier on a 2-core machine
+# (`--durations=0`): nested pytest sessions, the fault benchmark, workers crashed, stopped or
+# restarted, CLI subprocesses, Discord clients, SmolLM2 forward passes. Add a test that gets
+# that slow; every parameter of a test named here is slow.
+SLOW = frozenset(
+    f"tests/{test}"
+    for test in (
+        "test_ask_warm.py::test_a_changed_setting_replaces_the_warm_lmbot",
+        "test_ask_warm.py::test_a_dead_warm_lmbot_never_loses_an_ask",
+        "test_ask_warm.py::test_a_package_named_bot_in_the_working_folder_changes_nothing",
+        "test_ask_warm.py::test_an_edited_topic_toml_is_shown_on_the_next_ask",
+        "test_ask_warm.py::test_an_idle_warm_lmbot_stops_itself",
+        "test_ask_warm.py::test_asks_from_two_folders_share_one_warm_lmbot",
+        "test_ask_warm.py::test_asks_that_leave_no_warm_lmbot",
+        "test_ask_warm.py::test_the_ask_after_a_model_ask_is_answered_warm_with_the_same_numbers",
+        "test_attention.py::test_attention_command_through_the_service",
+        "test_attention.py::test_bad_requests_get_a_clear_answer",
+        "test_attention.py::test_causal_weights_equal_an_eager_forward_batched_and_alone",
+        "test_attention.py::test_concurrent_requests_batch_without_changing_a_weight",
+        "test_attention.py::test_without_a_masked_lm_one_line_says_so",
+        "test_bad_input.py::test_arbitrary_text_never_raises",
+        "test_bad_input.py::test_nasty_inputs_get_short_answers",
+        "test_cli.py::test_a_model_backed_answer_leaves_the_terminal_quiet",
+        "test_cli.py::test_ask_nexttoken_on_the_offline_model",
+        "test_cli.py::test_ctrl_c_during_a_cold_ask_is_one_line",
+        "test_discord.py::test_busy_queue_answers_at_once",
+        "test_discord.py::test_nexttoken_step_buttons_round_trip",
+        "test_discord.py::test_shutdown_answers_in_flight_interactions_then_exits_zero",
+        "test_discord.py::test_slash_command_is_deferred_then_answered_with_embed_and_chart",
+        "test_discord_safety.py::test_a_blocking_handler_cannot_delay_acknowledgements",
+        "test_discord_safety.py::test_button_presses_count_against_the_cooldown",
+        "test_discord_shards.py::test_auto_runs_every_shard_discord_recommends_in_one_process",
+        "test_docs.py::test_the_guides_plugins_load_and_answer",
+        "test_docs.py::test_the_guides_tests_pass_with_the_kit",
+        "test_engines.py::test_bf16_stays_within_its_bound_of_fp32_on_smollm",
+        "test_engines.py::test_engine_next_token_equals_transformers_batched_and_alone",
+        "test_engines.py::test_engine_score_equals_transformers_batched_and_alone",
+        "test_faults_bench.py::test_fault_benchmark_over_the_discord_client",
+        "test_faults_bench.py::test_fault_benchmark_quick_mode_answers_every_request",
+        "test_handler_faults.py::test_a_command_a_handler_runs_keeps_the_front_ends_loop_for_its_model_requests",
+        "test_headline_commands.py::test_compare_offline_without_masked_lm_still_answers",
+        "test_headline_commands.py::test_compare_shows_both_models",
+        "test_headline_commands.py::test_mask_equals_fill_mask_pipeline",
+        "test_headline_commands.py::test_nexttoken_buttons_step_through_generation",
+        "test_headline_commands.py::test_nexttoken_equals_softmax_of_last_logits",
+        "test_headline_commands.py::test_ngram_counts_and_probabilities_are_exact",
+        "test_headline_commands.py::test_ngram_counts_symbols_as_words_on_both_sides",
+        "test_headline_commands.py::test_ngram_perplexities_equal_direct_computation",
+        "test_hub.py::test_a_download_longer_than_the_deadline_is_explained",
+        "test_hub.py::test_fetch_shows_progress_then_the_bot_runs_from_the_download_offline",
+        "test_hub.py::test_first_use_downloads_in_the_worker",
+        "test_inside_views_front_ends.py::test_the_three_commands_in_the_console",
+        "test_inside_views_front_ends.py::test_the_three_commands_on_discord",
+        "test_lens.py::test_a_knockout_equals_a_model_with_those_weights_zeroed",
+        "test_lens.py::test_every_layer_equals_the_hidden_states_through_norm_and_head",
+        "test_lens.py::test_lens_bad_input_gets_a_short_reply",
+        "test_lens.py::test_lens_command_through_the_service",
+        "test_ngram_lesson.py::test_unsmoothed_bigram_is_the_course_count",
+        "test_observability.py::test_prometheus_endpoint_and_lmbot_stats",
+        "test_observability.py::test_stats_is_owner_only_and_counts_requests",
+        "test_plugins.py::test_a_plugins_own_task_runs_in_the_worker",
+        "test_plugins.py::test_the_bot_process_never_imports_torch",
+        "test_plugins.py::test_the_suite_passes_with_a_third_party_plugin_installed",
+        "test_ray_backend.py::test_bot_processes_sharing_a_ray_cluster_in_a_loopback_only_namespace",
+        "test_ray_backend.py::test_ray_backend_suite_in_a_loopback_only_namespace",
+        "test_review.py::test_a_far_off_round_guess_becomes_a_card",
+        "test_round.py::test_a_round_left_open_by_a_restart_is_finished_by_its_next_press",
+        "test_round.py::test_a_server_round_takes_one_hidden_guess_each_and_shows_everyone_at_the_end",
+        "test_round.py::test_guess_probabilities_equal_transformers_batched_and_alone",
+        "test_round.py::test_one_player_in_the_console_gets_results_at_once",
+        "test_round_discord.py::test_five_players_play_a_round_on_discord",
+        "test_sample.py::test_concurrent_commands_batch_and_each_draw_equals_generate_alone",
+        "test_sample.py::test_draws_equal_generate_with_the_same_seed_batched_and_alone",
+        "test_sample.py::test_reply_explains_each_stage_and_the_seed",
+        "test_sample.py::test_stages_follow_the_definitions",
+        "test_scores.py::test_a_locked_database_slows_nothing_else",
+        "test_scores.py::test_a_storage_fault_costs_one_clear_line_and_harms_nothing",
+        "test_service.py::test_a_deadline_while_workers_start_says_so",
+        "test_service.py::test_a_lone_request_does_not_wait_for_company_a_burst_does",
+        "test_service.py::test_batched_results_equal_alone_and_reference",
+        "test_service.py::test_cancelled_request_is_removed",
+        "test_service.py::test_expired_request_is_dropped_without_computing",
+        "test_service.py::test_input_limits_give_clear_errors",
+        "test_service.py::test_killed_worker_fails_in_flight_and_is_restarted",
+        "test_service.py::test_least_recently_used_model_is_unloaded_past_the_budget",
+        "test_service.py::test_models_load_lazily_once_and_share_the_budget",
+        "test_service.py::test_out_of_memory_batch_is_split_in_halves",
+        "test_service.py::test_queue_full_fails_at_once_with_retry_hint",
+        "test_service_faults.py::test_a_crash_is_pinned_on_the_request_that_caused_it",
+        "test_service_faults.py::test_a_stopped_only_worker_is_replaced",
+        "test_service_faults.py::test_a_stopped_worker_of_two_is_replaced_while_the_other_serves",
+        "test_service_faults.py::test_a_task_returning_a_tensor_never_brings_torch_into_the_bot_process",
+        "test_service_faults.py::test_a_worker_stopped_while_it_loads_is_replaced",
+        "test_service_faults.py::test_one_user_cannot_hold_more_than_their_share",
+        "test_study.py::test_a_card_offers_its_command_and_a_quiz",
+        "test_study.py::test_the_masked_lm_card_offline_answers_the_student",
+        "test_surprise.py::test_bad_text_gets_a_clear_answer",
+        "test_surprise.py::test_byte_pieces_show_as_hex_and_batching_changes_nothing",
+        "test_surprise.py::test_logprobs_equal_a_direct_forward_batched_and_alone",
+        "test_surprise.py::test_ngram_side_scores_symbols_and_emoji_as_words",
+        "test_surprise.py::test_surprise_command_with_the_ngram_model",
+        "test_surprise.py::test_surprise_says_when_the_two_perplexities_are_not_comparable",
+        "test_tasks.py::test_next_token_equals_reference_batched_and_alone",
+        "test_tasks.py::test_score_equals_reference",
+        "test_teaching_replies.py::test_a_chart_that_fails_to_draw_leaves_the_reply_without_it",
+        "test_teaching_replies.py::test_a_model_token_with_dollar_signs_still_gives_a_chart",
+        "test_teaching_replies.py::test_compare_continues_the_text_before_the_hidden_word",
+        "test_teaching_replies.py::test_compare_hides_a_named_span_that_is_not_a_word",
+        "test_teaching_replies.py::test_compare_picks_a_sensible_hidden_word",
+        "test_teaching_replies.py::test_compare_shows_the_hidden_words_own_probability_and_rank",
+        "test_teaching_replies.py::test_compare_times_warm_models_only",
+        "test_teaching_replies.py::test_dollar_signs_in_the_text_still_give_a_chart",
+        "test_teaching_replies.py::test_nexttoken_explains_entropy_with_a_number_a_student_can_check",
+        "test_teaching_replies.py::test_nsp_fallback_verdict_comes_from_numbers_equal_to_transformers",
+        "test_teaching_replies.py::test_nsp_fallback_verdicts_on_the_offline_model",
+        "test_teaching_replies.py::test_summarize_checks_what_it_claims_and_says_when_it_was_cut",
+        "test_teaching_replies.py::test_summarize_counts_the_tokens_generate_wrote",
+        "test_teaching_replies.py::test_summarize_has_one_length_limit",
+        "test_teaching_replies.py::test_summarize_says_it_may_be_wrong_and_flags_what_is_not_in_the_text",
+        "test_teaching_replies.py::test_the_japanese_prompt_from_the_issue_shows_hex_rows",
+        "test_teaching_replies.py::test_tokens_that_are_part_of_a_character_show_their_bytes",
+        "test_teaching_replies.py::test_without_a_masked_lm_students_get_a_plain_line_and_the_log_the_key",
+        "test_topic_commands.py::test_adapt_lora_closed_form_for_llama",
+        "test_topic_commands.py::test_adapt_lora_counts_equal_peft_on_the_model",
+        "test_topic_commands.py::test_adapt_says_nothing_was_trained_when_the_worker_refuses",
+        "test_topic_commands.py::test_adapt_shows_both_prompts_as_the_model_reads_them",
+        "test_topic_commands.py::test_adapt_train_by_default_only_on_gpu_workers",
+        "test_topic_commands.py::test_adapt_train_through_the_service",
+        "test_topic_commands.py::test_complexity_counts_and_timings",
+        "test_topic_commands.py::test_complexity_counts_the_course_lengths_and_times_what_fits",
+        "test_topic_commands.py::test_complexity_reference_lines_go_through_the_longest_timed_length",
+        "test_topic_commands.py::test_jargon_in_complexity_and_adapt_gets_a_plain_line",
+        "test_topic_commands.py::test_lora_run_trains_then_leaves_the_served_model_untouched",
+        "test_topic_commands.py::test_nsp_equals_the_nsp_head",
+        "test_topic_commands.py::test_nsp_without_a_head_falls_back_to_labelled_coherence",
+        "test_topic_commands.py::test_sentiment_offline_head_on_the_packaged_embedder",
+        "test_topic_commands.py::test_sentiment_says_forced_choice_and_calibrates_by_the_label_prior",
+        "test_topic_commands.py::test_sentiment_times_warm_inference_only",
+        "test_topic_commands.py::test_sentiment_with_a_classifier_and_a_prompted_lm",
+        "test_topic_commands.py::test_summarize_offline_uses_a_labelled_prompted_lm",
+        "test_topic_commands.py::test_summarize_with_t5_equals_generate",
+        "test_topic_commands.py::test_topic_try_beside_a_name_runs_that_card_or_says_why_not",
+        "test_topic_content.py::test_every_card_command_runs_as_written",
+    )
+)
+# Files with the longest tests go to the xdist workers first, so the run does not end waiting on one.
+LONGEST_FIRST = (
+    "tests/test_faults_bench.py",
+    "tests/test_ray_backend.py",
+    "tests/test_teaching_replies.py",
+    "tests/test_topic_commands.py",
+    "tests/test_lens.py",
+    "tests/test_service_faults.py",
+    "tests/test_ask_warm.py",
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        path, _, name = item.nodeid.partition("::")
+        if f"{path}::{name.split('[')[0]}" in SLOW:
+            item.add_marker(pytest.mark.slow)
+    first = {path: rank for rank, path in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: first.get(item.nodeid.partition("::")[0], len(first)))

@@ -6,7 +6,10 @@ The course's own cards and questions are being rewritten; these stay put. Load w
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import pytest
 
 from bot import (
     Command,
@@ -20,6 +23,8 @@ from bot import (
     command,
     hookimpl,
 )
+from bot.app import App
+from tests.conftest import make_config
 
 # The longest slug a topic may have (32 characters): its quiz buttons must still fit Discord's ids.
 LONG_SLUG = "quiz-fixture-" + "x" * 19
@@ -90,3 +95,13 @@ def register_commands(register: Callable[[Command], None]) -> None:
 def register_topics(register: Callable[[Topic], None]) -> None:
     for topic in TOPICS:
         register(topic)
+
+
+@pytest.fixture
+async def app(cache_dir: Path, tmp_path: Path, tiny_gpt2: Path) -> AsyncIterator[App]:
+    """An app with every built-in plugin on the tiny GPT-2, its quiz scores in the test's own folder
+    (the /review and /round tests import it)."""
+    options = {"study": {"quiz_db": str(tmp_path / "scores.sqlite3")}}
+    application = App(make_config(cache_dir, {"causal_lm": tiny_gpt2}, plugin_options=options))
+    yield application
+    await application.close()

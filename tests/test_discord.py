@@ -23,7 +23,7 @@ from bot.frontends.discord.runner import run_bot, sync_now
 from tests.conftest import make_config
 from tests.discord_harness import Harness, harness_for
 from tests.fake_discord import APP_ID, GUILD_ID, OWNER_ID, LoopbackOnlyResolver
-from tests.fake_tasks import Slow
+from tests.fake_tasks import Slow, logged, until
 
 EPHEMERAL = 64
 
@@ -160,13 +160,15 @@ async def test_bad_input_gets_an_ephemeral_answer(harness: Harness) -> None:
     assert "`prompt` is empty" in calls[1].body["content"]
 
 
-async def test_busy_queue_answers_at_once(harness: Harness) -> None:
+async def test_busy_queue_answers_at_once(harness: Harness, tmp_path: Path) -> None:
     client = await harness.start(inference={"max_queue": 1, "max_batch_size": 1})
+    log = str(tmp_path / "calls.log")
     # The inference client lives on the command loop: requests reach it there, as handlers' do.
-    running = [asyncio.create_task(client.command_loop.run(client.app.inference.submit(Slow("a", seconds=2.0))))]
-    await asyncio.sleep(0.5)
-    running.append(asyncio.create_task(client.command_loop.run(client.app.inference.submit(Slow("b", seconds=0.1)))))
-    await asyncio.sleep(0.05)
+    inference = client.app.inference
+    running = [asyncio.create_task(client.command_loop.run(inference.submit(Slow("a", seconds=2.0, log=log))))]
+    await until(logged(log, "start a"))  # in the worker
+    running.append(asyncio.create_task(client.command_loop.run(inference.submit(Slow("b", seconds=0.1)))))
+    await until(lambda: inference.core.waiting == 1)  # queued: the queue is full
     callback = (await harness.answer(await harness.fake.interact("nexttoken", {"prompt": "hi"})))[0]
     assert callback.body["type"] == 4 and callback.body["data"]["flags"] == EPHEMERAL
     assert "busy right now; try again in" in callback.body["data"]["content"]

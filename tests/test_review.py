@@ -4,24 +4,15 @@ answer hidden until "Show answer", and each rating schedules the card exactly as
 from __future__ import annotations
 
 import re
-from collections.abc import AsyncIterator
-from pathlib import Path
 
-import pytest
 from fsrs import Card, Rating, Scheduler
 
 from bot.app import App
 from bot.commands import Context, Reply, User
 from plugins.study import scores_for
-from tests.conftest import make_config
+from tests import study_fixtures
 
-
-@pytest.fixture
-async def app(cache_dir: Path, tmp_path: Path, tiny_gpt2: Path) -> AsyncIterator[App]:
-    options = {"study": {"quiz_db": str(tmp_path / "scores.sqlite3")}}
-    application = App(make_config(cache_dir, {"causal_lm": tiny_gpt2}, plugin_options=options))
-    yield application
-    await application.close()
+app = study_fixtures.app  # the fixture: an app on the tiny GPT-2, its scores in the test's folder
 
 
 def ctx_of(app: App, user: str, guild: str | None = "4242") -> Context:

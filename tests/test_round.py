@@ -4,7 +4,6 @@ included, batched and alone); one guess per player; the results screen; the lead
 from __future__ import annotations
 
 import math
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -14,6 +13,7 @@ from bot.app import App
 from bot.commands import Context, User
 from bot.frontends.discord.render import render_reply
 from plugins.round import BASE_BITS, RoundScore, continuation, round_scores
+from tests import study_fixtures
 from tests.conftest import make_config
 from tests.plugin_helpers import assert_fits_discord
 from tests.test_surprise import load  # the model and tokenizer, loaded as transformers' users do
@@ -22,6 +22,8 @@ PROMPTS = ["The capital of France is", "Once upon a", "東京 🙂 and"]
 # One-token and several-token guesses, punctuation, a word the model has never put together.
 GUESSES = ("Paris", "the", "Zzyzx-Quibble", ",", "a time", "🙂")
 LOGP_TOL = 1e-4
+
+app = study_fixtures.app  # the fixture: an app on the tiny GPT-2, its scores in the test's folder
 
 
 @torch.inference_mode()
@@ -68,14 +70,6 @@ def test_guess_probabilities_equal_transformers_batched_and_alone(causal) -> Non
 
 def guild_ctx(app: App, user: int, guild: str = "4242") -> Context:
     return Context(user=User(str(user), f"player{user}"), app=app, guild_id=guild, transport="discord")
-
-
-@pytest.fixture
-async def app(cache_dir: Path, tmp_path: Path, tiny_gpt2: Path) -> AsyncIterator[App]:
-    options = {"study": {"quiz_db": str(tmp_path / "scores.sqlite3")}}
-    application = App(make_config(cache_dir, {"causal_lm": tiny_gpt2}, plugin_options=options))
-    yield application
-    await application.close()
 
 
 async def test_one_player_in_the_console_gets_results_at_once(app: App, tiny_gpt2: Path) -> None:

@@ -195,26 +195,50 @@ async def test_a_deadline_while_workers_start_says_so(config_factory, tiny_gpt2:
         await client.close()
 
 
+class StillClock:
+    """The batching core's clock, moved only by the test: on it, time passes when the test says so.
+
+    A request answered while it stands still did not wait ``max_wait`` for company (a wait
+    that would never end), whatever the load on the machine."""
+
+    def __init__(self) -> None:
+        self.now = time.monotonic()
+
+    def __call__(self) -> float:
+        return self.now
+
+
 async def test_a_lone_request_does_not_wait_for_company_a_burst_does(config_factory, tiny_gpt2: Path) -> None:  # type: ignore[no-untyped-def]
     """max_wait is spent only when company is likely: a burst, or askers of a batch asking again."""
-    client = await started(config_factory({"causal_lm": tiny_gpt2}, max_wait_ms=500))
+    max_wait = 0.5
+    client = await started(config_factory({"causal_lm": tiny_gpt2}, max_wait_ms=int(max_wait * 1000)))
 
     def sample(name: str) -> float:
         return client.metrics.registry.get_sample_value(f"lmbot_{name}", {"task": "next_token"}) or 0.0
 
     try:
         await client.submit(NextToken("load the model first", k=1))
-        for _ in range(3):  # a quiet bot (asks more than max_wait apart): each goes at once
-            await asyncio.sleep(0.6)  # what makes the bot quiet (not a wait for an event)
-            before = sample("queue_wait_seconds_sum")
-            await client.submit(NextToken("The capital of France is", k=3))
-            assert sample("queue_wait_seconds_sum") - before < 0.5  # it did not wait max_wait for company
+        clock = StillClock()
+        client.core.clock = clock
+        for _ in range(3):  # a quiet bot: asks more than max_wait apart on the core's clock
+            clock.now += max_wait + 0.1
+            before = sample("queue_wait_seconds_sum"), sample("batch_size_count"), sample("batch_size_sum")
+            # Answered while the clock stands still: it went at once (waiting for company never ends).
+            await asyncio.wait_for(client.submit(NextToken("The capital of France is", k=3)), 120)
+            after = sample("queue_wait_seconds_sum"), sample("batch_size_count"), sample("batch_size_sum")
+            assert (after[0] - before[0], after[1] - before[1], after[2] - before[2]) == (0.0, 1, 1)
 
-        # Four at once wait (up to max_wait) for each other and go as one batch.
-        await asyncio.sleep(0.6)
+        # Four at once wait for each other: nothing goes until max_wait has passed, then one batch.
+        clock.now += max_wait + 0.1
         batches, requests = sample("batch_size_count"), sample("batch_size_sum")
-        await asyncio.gather(*(client.submit(NextToken(p, k=3)) for p in PROMPTS[:4]))
+        waited = sample("queue_wait_seconds_sum")
+        asks = [asyncio.create_task(client.submit(NextToken(p, k=3))) for p in PROMPTS[:4]]
+        await asyncio.wait_for(until(lambda: client.core.waiting == 4), 60)
+        assert not any(a.done() for a in asks) and sample("batch_size_count") == batches
+        clock.now += max_wait
+        await asyncio.wait_for(asyncio.gather(*asks), 120)
         assert (sample("batch_size_count") - batches, sample("batch_size_sum") - requests) == (1, 4)
+        assert sample("queue_wait_seconds_sum") - waited == pytest.approx(4 * max_wait)  # each waited max_wait
     finally:
         await client.close()
 
