@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 import tempfile
+import weakref
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -360,3 +362,33 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.slow)
     first = {path: rank for rank, path in enumerate(LONGEST_FIRST)}
     items.sort(key=lambda item: first.get(item.nodeid.partition("::")[0], len(first)))
+
+
+# Discord clients a test started: one left running logs in to the next test's fake Discord
+# (discord.py's base URL is patched per test) and prints into that test's output.
+_clients: weakref.WeakSet[Any] = weakref.WeakSet()
+
+
+@pytest.fixture(autouse=True)
+def _no_discord_client_left_running(request: pytest.FixtureRequest) -> Any:
+    """Fail the test that leaves a bot client open, naming it, instead of a later test at random."""
+    if "discord" not in sys.modules:
+        yield
+        return
+    from bot.frontends.discord.client import LmbotClient
+
+    original = LmbotClient.__init__
+
+    def recording(self: Any, *args: Any, **kwargs: Any) -> None:
+        original(self, *args, **kwargs)
+        _clients.add(self)
+
+    LmbotClient.__init__ = recording  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        LmbotClient.__init__ = original  # type: ignore[method-assign]
+    # Started = it logged in (or tried to); a client only built, never run, holds nothing.
+    left = [c for c in list(_clients) if c.http.token is not None and not c.is_closed()]
+    _clients.clear()
+    assert not left, f"{request.node.nodeid} left {len(left)} Discord client(s) open"
