@@ -1,8 +1,9 @@
 """A gateway dropped mid-run is one log line per reconnect, not discord.py's traceback.
 
 The real discord.py client runs against tests/fake_discord.py; the fake goes away mid-run (its
-server closes, as an outage does), so discord.py's reconnect fails and it logs (discord.client, or discord.shard for the sharded client) ``Attempting a
-reconnect in …`` with, left to itself, the whole traceback of the connection error at ERROR.
+server closes, as an outage does), so discord.py's reconnect fails and it logs ``Attempting a
+reconnect …`` (discord.client, or discord.shard for the sharded client) with, left to itself,
+the whole traceback of the connection error at ERROR.
 """
 
 from __future__ import annotations
@@ -56,7 +57,9 @@ async def test_a_gateway_dropped_mid_run_is_one_line_and_the_traceback_only_at_d
     finally:
         logging.getLogger("discord").removeHandler(seen)
     reconnect, *_ = [
-        r for r in caplog.records if r.levelno >= logging.WARNING and r.getMessage().startswith("Attempting a reconnect")
+        r
+        for r in caplog.records
+        if r.levelno >= logging.WARNING and r.getMessage().startswith("Attempting a reconnect")
     ]
     assert reconnect.exc_info is None
     assert "(ClientConnectorError" in reconnect.getMessage() and "\n" not in reconnect.getMessage()
@@ -70,5 +73,11 @@ def test_a_record_about_a_bug_keeps_its_traceback() -> None:
     try:
         raise KeyError("a bug in an event handler")
     except KeyError:
-        bug = logging.LogRecord("discord.client", logging.ERROR, __file__, 1, "Ignoring exception in %s", ("on_x",), sys.exc_info())
-    assert OneLineReconnects().filter(bug) and bug.exc_info is not None and bug.getMessage() == "Ignoring exception in on_x"
+        bug = logging.LogRecord(
+            "discord.client", logging.ERROR, __file__, 1, "Ignoring exception in %s", ("on_x",), sys.exc_info()
+        )
+    assert (
+        OneLineReconnects().filter(bug)
+        and bug.exc_info is not None
+        and bug.getMessage() == "Ignoring exception in on_x"
+    )
