@@ -381,11 +381,16 @@ class Reply:
     # loop, and posts the Reply it returns; it is cancelled when the bot stops. Front ends that
     # answer once (the console, ``lmbot ask``) never call it, so a command must not depend on it there.
     followup: Callable[[], Awaitable[Reply]] | None = None
+    # Seconds ``followup()`` waits by design before it answers (a round's length). Its deadline is this
+    # plus ``bot.command_timeout_s``: past it the later message says so and ``followup()`` is abandoned.
+    followup_in_s: float = 0.0
 
     def __post_init__(self) -> None:
         _must_be_text(self.text, "a Reply's text")
         if self.followup is not None and not callable(self.followup):
             raise TypeError("a Reply's followup must be an async function of no arguments")
+        if not 0 <= self.followup_in_s < float("inf"):
+            raise ValueError("a Reply's followup_in_s must be a number of seconds from 0")
         if self.title is not None:
             _must_be_text(self.title, "a Reply's title")
         for what, items, kind in (

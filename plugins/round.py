@@ -403,6 +403,7 @@ async def _start(ctx: Context, prompt: str | None, guess: str | None, seconds: i
         buttons=[guess_button, Button("End round", "round", "end", round_id)],
         data={"round": round_id, "prompt": prompt, "seconds": seconds},
         followup=_timed(ctx, round_id, time.time() + seconds, truth),
+        followup_in_s=seconds,
     )
 
 
@@ -428,6 +429,7 @@ async def _guess(ctx: Context, round_id: str, guess: str | None) -> Reply:
     )
     if round_id not in _live:  # the bot restarted since the round began: this press finishes it
         reply.followup = _timed(ctx, round_id, closes_at)
+        reply.followup_in_s = max(0.0, closes_at - time.time())
     return reply
 
 

@@ -163,3 +163,51 @@ def test_lmbot_run_and_sync_without_discord_say_so_in_one_line(tmp_path: Path, c
     done = cli(["sync", "--guild", "123", "--attempts", "1"], tmp_path, port)
     assert done.returncode == 75 and "Traceback" not in done.stderr, done.stderr[-3000:]
     assert [line for line in lines(done.stderr) if line.startswith("lmbot: ")] == [lines(done.stderr)[-1]]
+
+
+async def test_an_outage_at_start_up_that_ends_logs_in_and_answers(  # type: ignore[no-untyped-def]
+    app: App, api_at, monkeypatch, capsys
+) -> None:
+    """Discord unreachable (a closed port), then dropping connections, then up: the bot logs in and answers.
+
+    The tries move on when the bot asks for its next pause (``delays``), not by the clock; every
+    wait is bounded.
+    """
+    import discord.gateway
+
+    from tests.fake_discord import FakeDiscord
+
+    fake = FakeDiscord()
+    await fake.start()
+    monkeypatch.setattr(discord.gateway.DiscordWebSocket, "DEFAULT_GATEWAY", yarl.URL(fake.gateway_url))
+    async with Dropper(drops=10**6) as dropper:
+        api_at(closed_port())  # the first try: nothing listens
+        phases = iter([dropper.port, fake.port])  # then a server that drops connections, then Discord
+
+        def delays() -> Iterator[float]:
+            for port in phases:
+                api_at(port)
+                yield 0.0
+            raise AssertionError("a third failed try: Discord was up")
+
+        bot = asyncio.create_task(run_bot(app, "abc.def.ghi", delays=delays(), new_client=loopback_client))
+        ready = asyncio.create_task(fake.ready.wait())
+        try:
+            done, _ = await asyncio.wait({bot, ready}, timeout=120, return_when=asyncio.FIRST_COMPLETED)
+            assert ready in done, f"the bot never identified: {bot.result() if bot.done() else 'still trying'}"
+            token = await fake.interact("help")
+            await fake.wait_for(lambda calls: any(token in c.path and "webhooks" in c.path for c in calls), timeout=60)
+            answer = [c for c in fake.calls if token in c.path and "webhooks" in c.path][-1]
+            assert "/nexttoken" in str(answer.body)
+        finally:
+            ready.cancel()
+            bot.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.wait_for(bot, 60)
+            await fake.stop()
+    assert dropper.connections >= 1  # the second try really met the dropping server
+    err = lines(capsys.readouterr().err)
+    tries = [line for line in err if line.startswith("lmbot: cannot reach Discord")]
+    assert len(tries) == 2 and "Connect" in tries[0] and "trying again in 0 s" in tries[1], err
+    assert any(why in tries[1] for why in ("ServerDisconnectedError", "Connection reset by peer")), tries[1]
+    assert "Traceback" not in "\n".join(err)

@@ -360,9 +360,23 @@ def start_warm(config: Config, stamp: str, roles: list[str], keep_alive: float, 
     """
     setup = {"config": config.model_dump(mode="json"), "fingerprint": stamp, "roles": roles, "keep_alive_s": keep_alive}
     try:
-        # Appended to: a warm lmbot may still be writing to it. The one that takes the lock
-        # starts the file afresh.
-        with open(paths.log, "a", encoding="utf-8") as log_file:
+        with open(paths.lock, "a+", encoding="utf-8") as lock, open(paths.log, "a", encoding="utf-8") as log_file:
+            # Two asks racing to leave a warm lmbot: the first takes the lock here and hands it to its
+            # child (a flock belongs to the open file, which the child shares), so exactly one starts.
+            # The lock file names the settings it serves: a second ask with the same ones leaves it be;
+            # one with other settings starts its own, which waits for the stopping one to let go.
+            if _try_lock(lock, 0):
+                lock.truncate(0)
+                lock.write(stamp)
+                lock.flush()
+                setup["lock_fd"] = lock.fileno()
+            else:
+                lock.seek(0)
+                if lock.read() == stamp:
+                    log.info("a warm lmbot for these settings is running or starting already")
+                    return
+            # The log is appended to: a warm lmbot may still be writing to it. The one that takes the
+            # lock starts the file afresh.
             process = subprocess.Popen(
                 # -P: the asker's folder is not put on sys.path (a ./bot/ there must not shadow lmbot).
                 [sys.executable, "-P", "-m", "bot.frontends.ask"],
@@ -371,6 +385,7 @@ def start_warm(config: Config, stamp: str, roles: list[str], keep_alive: float, 
                 stderr=log_file,
                 start_new_session=True,  # not stopped by the terminal's Ctrl-C or hangup
                 close_fds=True,
+                pass_fds=(lock.fileno(),) if "lock_fd" in setup else (),
             )
         assert process.stdin is not None
         process.stdin.write(json.dumps(setup).encode())
@@ -514,11 +529,17 @@ def serve_main() -> int:
     paths = warm_paths(config)
     if paths is None:
         return EXIT_USAGE
-    with open(paths.lock, "a") as lock:
-        # Held for this process's life: one warm lmbot per socket. A predecessor that is
+    handed = setup.get("lock_fd")
+    with os.fdopen(handed, "a+") if isinstance(handed, int) else open(paths.lock, "a+") as lock:
+        # Held for this process's life: one warm lmbot per socket. The asker that started this one
+        # may have taken it already (handed over as ``lock_fd``); else a predecessor that is
         # stopping gets a moment to let go; a live one keeps it, and this one leaves.
-        if not _try_lock(lock, _LOCK_WAIT_S):
-            return EXIT_OK
+        if handed is None:
+            if not _try_lock(lock, _LOCK_WAIT_S):
+                return EXIT_OK
+            lock.truncate(0)
+            lock.write(setup["fingerprint"])
+            lock.flush()
         with contextlib.suppress(OSError):
             os.truncate(paths.log, 0)  # the log starts afresh with each warm lmbot (stderr appends)
         keep_alive = float(setup["keep_alive_s"])

@@ -385,10 +385,10 @@ def _token(config: Config) -> str | None:
     return token
 
 
-def _port_free(port: int) -> bool:
+def _port_free(port: int, addr: str) -> bool:
     with socket.socket() as probe:
         try:
-            probe.bind(("127.0.0.1", port))
+            probe.bind((addr, port))
         except OSError:
             return False
     return True
@@ -399,14 +399,17 @@ def cmd_run(args: argparse.Namespace) -> int:
     from bot.frontends.discord.runner import run_bot
 
     config = _setup_logging(load_config(args.config), args.verbose, server=True)
-    port = config.inference.metrics_port
-    if port and not _port_free(port):
+    port, addr = config.inference.metrics_port, os.environ.get("LMBOT_METRICS_ADDR", "127.0.0.1")
+    if port and not _port_free(port, addr):
+        # Metrics are an extra: a taken port (another lmbot, a leftover process) must not keep the
+        # class's bot down. One line says so; the bot runs on without /metrics.
         print(
-            f"lmbot: {config.path}: `inference.metrics_port`: port {port} on 127.0.0.1 is already in use "
-            "(another lmbot? pick a free port or 0 to turn metrics off)",
+            f"lmbot: warning: {config.path}: `inference.metrics_port`: port {port} on {addr} is already in use "
+            "(another lmbot?); running without /metrics (pick a free port, or 0 to turn metrics off)",
             file=sys.stderr,
+            flush=True,
         )
-        return EXIT_USAGE
+        config = config.model_copy(update={"inference": config.inference.model_copy(update={"metrics_port": 0})})
     app = App(config)
     token = _token(app.config)
     if token is None:

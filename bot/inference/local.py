@@ -34,6 +34,7 @@ import contextlib
 import io
 import logging
 import multiprocessing
+import os
 import pickle
 import signal
 import threading
@@ -92,6 +93,20 @@ class _Worker:
     loading: str | None = None  # the role it is loading (or downloading) right now
     loading_since: float = 0.0
     load_beat: float = 0.0  # its last "still loading" heartbeat
+
+
+SPAWNED_HOOK_ENV = "LMBOT_TEST_WORKER_SPAWNED"
+
+
+def _spawned_hook(pid: int | None) -> None:
+    """Tests only: write a started worker's pid to the FIFO ``$LMBOT_TEST_WORKER_SPAWNED`` names.
+
+    Lets a test interrupt ``lmbot ask`` exactly while a worker starts, by an event and not a sleep.
+    """
+    where = os.environ.get(SPAWNED_HOOK_ENV)
+    if where:
+        with contextlib.suppress(OSError), open(where, "w") as fifo:
+            fifo.write(f"{pid}\n")
 
 
 class LocalInferenceClient(BatchedClient):
@@ -184,8 +199,19 @@ class LocalInferenceClient(BatchedClient):
             name=f"lmbot-worker-{index}",
             daemon=True,
         )
-        process.start()
+        # Ctrl-C is the parent's to handle (it stops the workers). A terminal sends it to the whole
+        # process group, so a worker still starting (the interpreter importing lmbot and torch, before
+        # its own SIG_IGN) would die with a traceback: it starts with SIGINT ignored (kept through fork
+        # and exec). A Ctrl-C in the few milliseconds start() takes is lost; the next one is not.
+        on_main = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if on_main else None
+        try:
+            process.start()
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGINT, previous)
         child.close()  # so that the worker's death closes the pipe and the reader sees EOF at once
+        _spawned_hook(process.pid)
         worker = _Worker(index, process, parent)
         # Its start is watched like a load from now: its first heartbeat comes once the interpreter
         # has started and imported lmbot, which START_GRACE_S allows for on a busy machine.

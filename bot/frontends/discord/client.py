@@ -330,21 +330,42 @@ class LmbotClient(discord.AutoShardedClient):
             reply = Reply.failure("Something went wrong; please try again.")
         await self._send(interaction, reply, received, name=name)
         if reply.followup is not None:
-            await self._follow_up(interaction, name, reply.followup, received)
+            await self._follow_up(interaction, name, reply.followup, received, due_s=reply.followup_in_s)
 
-    async def _follow_up(self, interaction: discord.Interaction, name: str, later: Any, received: float) -> None:
+    async def _follow_up(
+        self, interaction: discord.Interaction, name: str, later: Any, received: float, *, due_s: float = 0.0
+    ) -> None:
         """Post a reply's later message (``Reply.followup``) in the same conversation.
 
         It is plugin code: it runs on its plugin's own loop (a block there costs only that plugin),
-        and whatever it raises becomes a short failure, as a handler's would.
+        and whatever it raises becomes a short failure, as a handler's would. Its deadline is
+        ``due_s`` (``Reply.followup_in_s``, the wait it announced) plus ``bot.command_timeout_s``:
+        past it the channel is told so and ``later()`` is abandoned, as a command's handler is.
         """
         cmd = self.app.registry.commands.get(name)
         plugin = cmd.plugin if cmd is not None else "core"
+        deadline = due_s + self.app.config.bot.command_timeout_s
         try:
             if plugin == "core":
-                reply = await self.command_loop.run(later())
+                work: asyncio.Future[Any] = asyncio.ensure_future(self.command_loop.run(later()))
             else:
-                reply = await asyncio.wrap_future(self.app.plugin_loops.submit(plugin, name, later()))
+                work = asyncio.wrap_future(self.app.plugin_loops.submit(plugin, name, later()))
+            try:
+                reply = await asyncio.wait_for(asyncio.shield(work), deadline)
+            except TimeoutError:
+                work.cancel()
+                log.warning(
+                    "the later message of /%s (plugin %s) passed its %.0f s deadline; abandoned", name, plugin, deadline
+                )
+                reply = Reply.failure(
+                    f"The rest of this /{name} took longer than {deadline:.0f} s, so it was stopped. "
+                    f"Sorry; please start a new /{name}.",
+                    ephemeral=False,
+                    error_kind="CommandTimeout",
+                )
+            except asyncio.CancelledError:
+                work.cancel()
+                raise
             if not isinstance(reply, Reply):
                 raise TypeError(f"the later message of /{name} is {type(reply).__name__}, not a Reply")
         except asyncio.CancelledError:

@@ -70,6 +70,40 @@ class _Retry:
         return not self.stop.is_set()
 
 
+# discord.py's loggers that report a dropped gateway (and its reconnect) with a traceback attached.
+RECONNECT_LOGGERS = ("discord.client", "discord.gateway", "discord.shard")
+_RECONNECT_ERRORS = (*NETWORK_ERRORS, discord.ConnectionClosed, discord.HTTPException)
+_tracebacks = logging.getLogger(__name__ + ".tracebacks")
+
+
+class OneLineReconnects(logging.Filter):
+    """Makes discord.py's reconnect records one line: its message and the reason, no traceback.
+
+    discord.py logs every dropped gateway at WARNING/ERROR with the whole traceback of a network
+    error (``Attempting a reconnect in 1.23s``); over a term of Wi-Fi blips that buries the log.
+    The traceback still goes out, at DEBUG (``bot.frontends.discord.runner.tracebacks``).
+    Records about anything other than a network error (a bug) keep their traceback.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if exc is None or record.levelno < logging.WARNING or not isinstance(exc, _RECONNECT_ERRORS):
+            return True
+        message = record.getMessage()
+        _tracebacks.debug("%s", message, exc_info=record.exc_info)
+        record.msg, record.args = f"{message} ({network_reason(exc)})", None
+        record.exc_info, record.exc_text = None, None
+        return True
+
+
+def one_line_reconnects() -> None:
+    """Install :class:`OneLineReconnects` on discord.py's loggers (once)."""
+    for name in RECONNECT_LOGGERS:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, OneLineReconnects) for f in logger.filters):
+            logger.addFilter(OneLineReconnects())
+
+
 def _say(line: str) -> None:
     print(f"lmbot: {line}", file=sys.stderr, flush=True)
 
@@ -90,6 +124,7 @@ async def run_bot(
     session is not reusable after a failed login) and the next uses ``new_client(app)``;
     once logged in, the same client connects again.
     """
+    one_line_reconnects()
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     logged_in: list[LmbotClient] = []
