@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from bot.frontends import ask
 from bot.config import Config
+from bot.frontends import ask
 from tests.conftest import make_config
 
 
