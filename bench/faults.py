@@ -709,7 +709,7 @@ class _WarmFront:
     """The bench's app as the warm lmbot serves it (closed by the scenario, not by the server)."""
 
     def __init__(self, app: App) -> None:
-        self.app, self.inference = app, object()
+        self.app, self.inference, self.registry = app, object(), app.registry
 
     async def execute_line(self, line: str) -> Reply:
         return await self.app.execute_line(line)

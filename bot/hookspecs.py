@@ -58,6 +58,16 @@ def register_topics(register: Callable[[Topic], None]) -> None:
 
 
 @hookspec
+def register_environment(register: Callable[[str], None]) -> None:
+    """Name the environment variables the plugin's replies depend on.
+
+    ``register("PGHOST")`` for one variable, ``register("PG*")`` for every variable with that
+    prefix (libpq's login, say). ``lmbot ask`` keeps a warm lmbot between asks; one started
+    under other values of these variables is replaced instead of answering.
+    """
+
+
+@hookspec
 def register_options(register: Callable[[Option], None]) -> None:
     """Declare the keys of the plugin's ``[plugins.options.<plugin>]`` section in config.toml.
 

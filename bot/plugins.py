@@ -36,6 +36,7 @@ import inspect
 import logging
 import os
 import pkgutil
+import re
 import sys
 import threading
 from collections.abc import Callable, Iterable, Mapping
@@ -115,6 +116,8 @@ class Registry:
     topics: dict[str, Topic] = field(default_factory=dict)
     # plugin -> option name -> what ``[plugins.options.<plugin>]`` may set
     options: dict[str, dict[str, Option]] = field(default_factory=dict)
+    # environment variables (``NAME``, or ``PREFIX*``) that replies depend on
+    environment: set[str] = field(default_factory=set)
 
 
 @dataclass
@@ -123,6 +126,10 @@ class _Contributions:
     roles: list[ModelRole] = field(default_factory=list)
     topics: list[Topic] = field(default_factory=list)
     options: list[Option] = field(default_factory=list)
+    environment: list[str] = field(default_factory=list)
+
+
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\*?")
 
 
 def _core_version() -> str:
@@ -590,6 +597,7 @@ class PluginHost:
                 registry.roles.setdefault(role.name, role)
             for topic in contributions.topics:
                 registry.topics[topic.slug] = topic
+            registry.environment.update(contributions.environment)
             if contributions.options:
                 registry.options[name] = {option.name: option for option in contributions.options}
             self.records[name].commands = [c.name for c in contributions.commands]
@@ -630,8 +638,16 @@ class PluginHost:
                 option.check(option.default)  # a default that its own checks refuse is the author's mistake
             got.options.append(option)
 
+        def add_environment(variable: str) -> None:
+            if not isinstance(variable, str) or not _ENV_NAME.fullmatch(variable):
+                raise ValueError(
+                    f"register_environment expects a variable name or a prefix ending in '*', got {variable!r}"
+                )
+            got.environment.append(variable)
+
         for hook_name, register in (
             ("register_commands", add_command),
+            ("register_environment", add_environment),
             ("register_models", add_role),
             ("register_topics", add_topic),
             ("register_options", add_option),

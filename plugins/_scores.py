@@ -485,6 +485,10 @@ def _check_tables(db: sqlite3.Connection) -> None:
 
 # --------------------------------------------------------------------------- PostgreSQL
 
+# libpq reads its login from these (PGHOST, PGPASSWORD, ...): the plugins that keep scores
+# declare them (register_environment), so a warm `lmbot ask` started under another login is replaced.
+STORE_ENVIRONMENT = "PG*"
+
 PG_SCHEMA = (
     """CREATE TABLE IF NOT EXISTS quiz_answers (
         scope TEXT NOT NULL,

@@ -23,7 +23,7 @@ from collections.abc import Callable
 from fsrs import Card, Rating, Scheduler
 
 from bot import Button, Command, Context, Field, Reply, Text, UserError, command, hookimpl
-from plugins._scores import ScoresUnavailable
+from plugins._scores import STORE_ENVIRONMENT, ScoresUnavailable
 from plugins.study import scores_for
 
 # No fuzzing: the next date is the one FSRS computes for the rating (fuzz spreads big decks'
@@ -147,3 +147,8 @@ async def review(ctx: Context, show: str | None, rate: str | None) -> Reply:
 @hookimpl
 def register_commands(register: Callable[[Command], None]) -> None:
     register(review)
+
+
+@hookimpl
+def register_environment(register: Callable[[str], None]) -> None:
+    register(STORE_ENVIRONMENT)  # the score store's PostgreSQL login

@@ -50,7 +50,7 @@ from bot import (
     command,
     hookimpl,
 )
-from plugins._scores import ScoresUnavailable, add_review_card
+from plugins._scores import STORE_ENVIRONMENT, ScoresUnavailable, add_review_card
 from plugins.study import scope_of, scores_for
 
 log = logging.getLogger(__name__)
@@ -488,3 +488,8 @@ async def round_command(
 @hookimpl
 def register_commands(register: Callable[[Command], None]) -> None:
     register(round_command)
+
+
+@hookimpl
+def register_environment(register: Callable[[str], None]) -> None:
+    register(STORE_ENVIRONMENT)  # the score store's PostgreSQL login

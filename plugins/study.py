@@ -44,7 +44,7 @@ from bot import (
     hookimpl,
     plugin_options,
 )
-from plugins._scores import DEFAULT_DB, ScoreStore, ScoresUnavailable, add_review_card, open_store
+from plugins._scores import DEFAULT_DB, STORE_ENVIRONMENT, ScoreStore, ScoresUnavailable, add_review_card, open_store
 
 log = logging.getLogger(__name__)
 
@@ -506,3 +506,8 @@ def register_commands(register: Callable[[Command], None]) -> None:
 def register_options(register: Callable[[Text], None]) -> None:
     # [plugins.options.study] quiz_db: where quiz scores are kept.
     register(Text("quiz_db", "Quiz scores: a SQLite file, or a postgresql:// URL", default=DEFAULT_DB, max_length=4096))
+
+
+@hookimpl
+def register_environment(register: Callable[[str], None]) -> None:
+    register(STORE_ENVIRONMENT)  # the score store's PostgreSQL login

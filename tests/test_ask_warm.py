@@ -43,6 +43,7 @@ class Bench:
         self.cache_dir = cache_dir
         self.model = model
         self.keep_alive = "120"
+        self.extra_env: dict[str, str] = {}
         self.write_config()
 
     def write_config(self, extra: str = "") -> None:
@@ -58,6 +59,7 @@ class Bench:
             LMBOT_ASK_KEEP_ALIVE_S=self.keep_alive,
             XDG_RUNTIME_DIR=str(self.run_dir),
             PYTHONIOENCODING="utf-8",
+            **self.extra_env,
         )
 
     def ask(self, *args: str, timeout: int = 180, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
@@ -202,6 +204,24 @@ def test_a_changed_setting_replaces_the_warm_lmbot(bench: Bench) -> None:
     assert top(again) == top(changed) and bench.answered() == 1
 
 
+def test_a_variable_a_plugin_declared_replaces_the_warm_lmbot(bench: Bench) -> None:
+    """The score store's plugins declare libpq's PG* login (register_environment): a warm lmbot
+    started under another login is replaced; a variable nobody declared changes nothing."""
+    bench.ask(ASK)
+    wait_for(bench.pids)
+    (old,) = bench.pids()
+    declared = json.loads((bench.sockets()[0].with_name(bench.sockets()[0].name + ".env")).read_text())
+    assert "PG*" in declared
+    bench.extra_env = {"SOME_TOOL_SETTING": "1"}
+    assert bench.ask("--json", ASK).returncode == 0
+    assert bench.pids() == [old] and bench.answered() == 1  # answered warm
+    bench.extra_env = {"PGHOST": "elsewhere.example"}
+    changed = bench.ask("--json", ASK)
+    assert changed.returncode == 0, changed.stderr[-2000:]
+    wait_for(lambda: not alive(old), 30)
+    wait_for(lambda: [p for p in bench.pids() if p != old])  # and the asker left one of its own
+
+
 def test_a_dead_warm_lmbot_never_loses_an_ask(bench: Bench) -> None:
     first = bench.ask("--json", ASK)
     wait_for(bench.pids)
@@ -239,6 +259,7 @@ async def test_a_stopping_warm_lmbot_finishes_the_asks_it_took_and_takes_no_more
 
     class SlowApp:
         inference = SimpleNamespace()  # no load_role: nothing to preload
+        registry = SimpleNamespace(environment=set())  # no plugin declares a variable
 
         async def execute_line(self, line: str) -> Reply:
             await release.wait()

@@ -568,6 +568,26 @@ def test_an_option_whose_default_its_own_check_refuses_is_a_load_error(cache_dir
     assert "`mode` must be one of: a, b" in record(app, "oops").error
 
 
+def test_environment_variables_plugins_declare_are_collected_and_checked(cache_dir: Path) -> None:
+    @hookimpl
+    def register_environment(register):  # type: ignore[no-untyped-def]
+        register("MY_SERVICE_URL")
+        register("MYSVC_*")
+
+    @hookimpl
+    def bad_environment(register):  # type: ignore[no-untyped-def]
+        register("NOT A NAME")
+
+    good = plugin_module("declares", register_environment=register_environment)
+    bad = plugin_module("misdeclares", register_environment=bad_environment)
+    app = make_app((good, "declares"), (bad, "misdeclares"), "plugins.study", cache_dir=cache_dir)
+    assert app.registry.environment == {"MY_SERVICE_URL", "MYSVC_*", "PG*"}  # PG*: the score store's login
+    assert record(app, "declares").status == "loaded"
+    assert record(app, "misdeclares").status == "failed"
+    assert "'NOT A NAME'" in record(app, "misdeclares").error
+    assert "NOT A NAME" not in app.registry.environment
+
+
 # --------------------------------------------------------------------------- isolation of the suite
 
 

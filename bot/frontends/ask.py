@@ -39,6 +39,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -71,10 +72,9 @@ _ENV_PREFIXES = (
     "CUDA_",
     "GOMP_",
     "PYTHON",
-    "PG",  # the quiz's PostgreSQL login (PGPASSWORD, PGHOST, ...)
 )
 _ENV_NAMES = ("TZ", "LANG", "LC_ALL", "HOME", "XDG_CACHE_HOME")
-_PROTOCOL = 2
+_PROTOCOL = 3
 _LINE_WAIT_S = 10.0  # how long the warm lmbot waits for an asker's request line
 _CONNECT_TIMEOUT_S = 2.0
 _LINE_LIMIT = 1 << 20  # one request line: a command line and a few flags
@@ -274,6 +274,31 @@ def fingerprint(config: Config) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
 
 
+def environment_stamp(names: Iterable[str]) -> str:
+    """The values of the environment variables plugins declared (``register_environment``).
+
+    The asker loads no plugins, so the warm lmbot writes the names it was given beside its
+    socket (:func:`declared_path`) and compares each ask's stamp of them with its own."""
+    names = list(names)
+    exact = {n for n in names if not n.endswith("*")}
+    prefixes = tuple(n[:-1] for n in names if n.endswith("*"))
+    pairs = sorted((k, v) for k, v in os.environ.items() if k in exact or (prefixes and k.startswith(prefixes)))
+    return hashlib.sha256(json.dumps(pairs).encode()).hexdigest()[:24]
+
+
+def declared_path(paths: WarmPaths) -> Path:
+    """Where a warm lmbot lists the environment variables its plugins' replies depend on."""
+    return paths.socket.with_name(paths.socket.name + ".env")
+
+
+def _declared_names(paths: WarmPaths) -> list[str]:
+    try:
+        names = json.loads(declared_path(paths).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return []
+    return [n for n in names if isinstance(n, str)] if isinstance(names, list) else []
+
+
 def _try_lock(handle: Any, timeout: float) -> bool:
     """Take an exclusive lock on an open file within ``timeout`` seconds (0: try once)."""
     deadline = time.monotonic() + timeout
@@ -326,7 +351,12 @@ def ask_warm(config: Config, request: AskRequest, paths: WarmPaths, stamp: str) 
     """The warm lmbot's answer to ``request``, or None (then answer in this process)."""
     if not paths.socket.exists():
         return None
-    message = {"op": "ask", "fingerprint": stamp, **dataclasses.asdict(request)}
+    message = {
+        "op": "ask",
+        "fingerprint": stamp,
+        "environment": environment_stamp(_declared_names(paths)),
+        **dataclasses.asdict(request),
+    }
     # A warm lmbot still loading its model keeps the ask waiting as a cold one would.
     answer = _exchange(paths.socket, message, timeout=config.inference.request_timeout_s + 60)
     if answer is None:
@@ -413,6 +443,7 @@ class WarmServer:
         self.stop = asyncio.Event()
         self.idle = asyncio.Event()  # set while no ask is being answered
         self.idle.set()
+        self.environment = ""  # the stamp of the variables the plugins declared, set by run()
 
     async def run(self, app: App, roles: list[str]) -> None:
         """Answer asks with ``app`` until stopped or idle for ``keep_alive`` s; then close it."""
@@ -421,6 +452,11 @@ class WarmServer:
             loop.add_signal_handler(signum, self.stop.set)
         with contextlib.suppress(FileNotFoundError):
             self.paths.socket.unlink()  # a dead one's; the lock says none is alive
+        names = sorted(app.registry.environment)
+        self.environment = environment_stamp(names)
+        declared = declared_path(self.paths)
+        declared.write_text(json.dumps(names), encoding="utf-8")  # before the socket: asks read it
+        os.chmod(declared, 0o600)
         server = await asyncio.start_unix_server(
             lambda r, w: self._serve(app, r, w), path=str(self.paths.socket), limit=_LINE_LIMIT
         )
@@ -490,7 +526,11 @@ class WarmServer:
             return {"op": "stopping", "pid": os.getpid()}
         if self.stopping:
             return {"op": "stopping", "pid": os.getpid()}
-        if message.get("op") != "ask" or message.get("fingerprint") != self.stamp:
+        if (
+            message.get("op") != "ask"
+            or message.get("fingerprint") != self.stamp
+            or message.get("environment") != self.environment
+        ):
             # Newer settings or code: the asker answers itself and leaves a warm lmbot of its own.
             _say("an ask came with other settings, code or folder: stopping")
             self.stop.set()
