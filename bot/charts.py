@@ -1071,11 +1071,14 @@ def shaded_text(
     ``bounds`` (e.g. 2, 6, 12) make the scale bands, one shade per band, with the bounds marked
     on the colour bar, so the chart's scale is the one a text key describes.
     """
+    import numpy as np
     from matplotlib import colormaps
-    from matplotlib.cm import ScalarMappable
-    from matplotlib.collections import PolyCollection
+    from matplotlib.collections import LineCollection, PolyCollection
     from matplotlib.colors import BoundaryNorm, Normalize
     from matplotlib.figure import Figure
+    from matplotlib.patches import Rectangle
+    from matplotlib.ticker import MaxNLocator
+    from matplotlib.transforms import IdentityTransform
 
     headings = [drawable(one_line(title, 400)) for title, _, _ in panels]
     pieces = [[drawable(piece) for piece in panel_pieces] for _, panel_pieces, _ in panels]
@@ -1092,56 +1095,62 @@ def shaded_text(
             for h, placed in zip(headings, layouts, strict=True)
         ]
         bar_h = 14 + TICKS + LABEL_PT * PX * LINE + 4 * PX + text_height(scale_name, LABEL_PT) + PAD
-        total = PAD + sum(heights) + bar_h
+        total = math.ceil(PAD + sum(heights) + bar_h)
         top_value = vmax if vmax is not None else max([v for _, _, values in panels for v in values] + [1e-9])
         cmap = colormaps["YlOrRd"]
         edges = sorted({0.0, *(b for b in bounds if 0 < b < top_value), float(top_value)})
         norm = BoundaryNorm(edges, cmap.N) if bounds else Normalize(0.0, top_value)
         fig = Figure(figsize=(WIDTH, total / DPI), dpi=DPI)
-        ax = fig.add_axes((0, 0, 1, 1))
-        ax.set_xlim(0, WIDTH_PX)
-        ax.set_ylim(total, 0)  # pixels from the top left
-        ax.axis("off")
+        # No Axes (building and drawing two was most of this chart's time): every position below
+        # is in pixels from the bottom left, the colour bar's strip is pixels put under the drawing.
+        pixels = IdentityTransform()
+
+        def text(x: float, y_top: float, s: str, **kwargs: Any) -> None:
+            """``s`` at ``x`` pixels from the left, ``y_top`` pixels down from the top."""
+            fig.text(x, total - y_top, s, transform=pixels, **kwargs)
+
         y = PAD
         boxes, shades = [], []
+        box_h = text_pt * PX * 1.3
         for heading, placed, values, panel_marks, height in zip(
             headings, layouts, (v for _, _, v in panels), marks, heights, strict=True
         ):
-            fig.text(PAD, y, heading, fontsize=10, va="top", ha="left", transform=ax.transData, gid="title")
+            text(PAD, y, heading, fontsize=10, va="top", ha="left", gid="title")
             first = y + text_height(heading, 10.0) + 6
             for (line, x, w, label), value, mark in zip(placed, values, panel_marks, strict=True):
                 shade = cmap(norm(min(value, top_value)))
                 dark = 0.299 * shade[0] + 0.587 * shade[1] + 0.114 * shade[2] < 0.5
                 x0, y0 = PAD + x, first + line * line_h
-                boxes.append([(x0, y0), (x0 + w, y0), (x0 + w, y0 + text_pt * PX * 1.3), (x0, y0 + text_pt * PX * 1.3)])
+                bottom = total - y0 - box_h
+                boxes.append([(x0, bottom), (x0 + w, bottom), (x0 + w, bottom + box_h), (x0, bottom + box_h)])
                 shades.append(shade)
-                fig.text(
-                    x0 + 2,
-                    y0 + 2,
-                    label,
-                    fontsize=text_pt,
-                    va="top",
-                    ha="left",
-                    color="white" if dark else "black",
-                    transform=ax.transData,
-                )
-                fig.text(
-                    x0 + 2,
-                    y0 + text_pt * PX * 1.3 + 2,
-                    mark,
-                    fontsize=7,
-                    va="top",
-                    ha="left",
-                    transform=ax.transData,
-                    color="#555555",
-                )
+                text(x0 + 2, y0 + 2, label, fontsize=text_pt, va="top", ha="left", color="white" if dark else "black")
+                text(x0 + 2, y0 + box_h + 2, mark, fontsize=7, va="top", ha="left", color="#555555")
             y += height
-        ax.add_collection(PolyCollection(boxes, facecolors=shades, edgecolors="none", zorder=0))
-        cax = fig.add_axes((0.1, (bar_h - 14) / total, 0.8, 14 / total))
-        bar = fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), cax=cax, orientation="horizontal", label=scale_name)
-        if bounds:
-            bar.set_ticks(edges)
-        return Image(filename, _png(fig), one_line(panels[0][0], 100))
+        fig.add_artist(PolyCollection(boxes, facecolors=shades, edgecolors="none", transform=pixels, zorder=0))
+        # The colour bar: 0 at the left to the largest value, banded where ``bounds`` band the shades.
+        bar_x, bar_w, bar_y = 0.1 * WIDTH_PX, round(0.8 * WIDTH_PX), bar_h - 14
+        strip = cmap(norm(np.linspace(0.0, top_value, bar_w)), bytes=True)[np.newaxis, :, :].repeat(14, axis=0)
+        fig.add_artist(Rectangle((bar_x, bar_y), bar_w, 14, fill=False, linewidth=0.8, transform=pixels))
+        values = edges if bounds else [v for v in MaxNLocator(nbins=6).tick_values(0.0, top_value) if v <= top_value]
+        ticks = []
+        for value in values:
+            x = bar_x + bar_w * value / top_value
+            ticks.append(((x, bar_y), (x, bar_y - 3.5 * PX)))
+            fig.text(x, bar_y - TICKS, f"{value:g}", ha="center", va="top", fontsize=LABEL_PT, gid="tick",
+                     transform=pixels)
+        fig.add_artist(LineCollection(ticks, colors="black", linewidths=0.8, transform=pixels))
+        fig.text(
+            bar_x + bar_w / 2,
+            bar_y - TICKS - LABEL_PT * PX * LINE - 4 * PX,
+            scale_name,
+            ha="center",
+            va="top",
+            fontsize=LABEL_PT,
+            gid="colorbar",
+            transform=pixels,
+        )
+        return Image(filename, _png(fig, [(np.ascontiguousarray(strip), bar_x, bar_y)]), one_line(panels[0][0], 100))
 
 
 def _shaded_layout(pieces: Sequence[str], width: float, size: float) -> list[tuple[int, float, float, str]]:
