@@ -488,8 +488,11 @@ async def lens(ctx: Context, prompt: str, knockout: str, layer: int | None, head
             ["embeddings" if n == 0 else f"layer {n}" for n in range(count)],
             [label(g) for g in result.candidates],
             result.candidate_probs,
-            title=f"{short(result.model)}: the final top {len(result.candidates)} next tokens through the lens, "
-            "layer by layer",
+            # This grid is always the model as it is; only the second chart shows the knock-out. Said
+            # early, so the picture's alt text (the title's first 100 characters) says it too.
+            title=f"{short(result.model)}{'' if knockout == 'none' else ', unchanged (no knock-out)'}: the final top "
+            f"{len(result.candidates)} next tokens through the lens, layer by layer"
+            + ("" if knockout == "none" else "; the knock-out is in the second chart"),
             row_name="after layer (top: embeddings; bottom: the model's real answer)",
             column_name=f"the model's final top {len(result.candidates)} next tokens (first: its answer)",
             filename="lens.png",

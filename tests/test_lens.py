@@ -182,6 +182,12 @@ async def test_lens_command_through_the_service(app_factory, tiny_llama: Path) -
     assert "Logit lens" in reply.text and "residual stream" in reply.text
     cut = await app.execute_line(f"/lens prompt:{prompt} knockout:head layer:1 head:2")
     assert not cut.error, cut.text
+    assert [image.filename for image in cut.images] == ["lens.png", "lens-knockout.png"]
+    # The grid shows the model as it is (the same numbers as without a knock-out), and its title
+    # (which is also the picture's alt text) says so; without a knock-out there is nothing to say.
+    assert cut.data["candidate_probs"] == reply.data["candidate_probs"]
+    assert "unchanged (no knock-out)" in cut.images[0].description
+    assert "unchanged" not in reply.images[0].description
     assert_fits_discord(cut)
     after = reference_lens(zeroed(tiny_llama, "head", 1, 2), tok, prompt)
     assert cut.data["answer_after"] == pytest.approx(float(after[-1, answer]), abs=TOL)
