@@ -9,8 +9,10 @@ attention head, or one layer's attention or MLP, and shows how the next-token di
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
@@ -134,7 +136,29 @@ def parts(model: Any) -> Parts | None:
 
 
 def _first(output: Any) -> Any:
+    """A layer's hidden states: Llama-style layers return them alone, GPT-2-style ones first in a tuple."""
     return output[0] if isinstance(output, tuple) else output
+
+
+def this_thread_only(hook: Callable[..., Any]) -> Callable[..., Any]:
+    """``hook``, acting only in the thread that wraps it (in any other it does nothing).
+
+    A module hook belongs to the shared model, not to one forward: while it is registered it
+    runs in every forward of that model, whichever thread runs it. The worker builds a role's
+    faster engine in a background thread (``bot.worker.engines``: an ONNX export and a
+    verification forward on the same model), so without this a lens hook recorded that forward
+    too (its batch of 3 probe texts in the middle of a batch of 1: "stack expects each tensor
+    to be equal size"), and a knock-out switched off part of the model for it as well.
+    """
+    owner = threading.get_ident()
+
+    @functools.wraps(hook)
+    def scoped(*args: Any, **kwargs: Any) -> Any:
+        if threading.get_ident() != owner:
+            return None
+        return hook(*args, **kwargs)
+
+    return scoped
 
 
 def _zero_output(_module: Any, _inputs: Any, output: Any) -> Any:
@@ -146,14 +170,15 @@ def _zero_output(_module: Any, _inputs: Any, output: Any) -> Any:
 
 @contextmanager
 def knocked_out(model: Any, found: Parts, request: Lens) -> Iterator[None]:
-    """The model with the request's part switched off, for the duration of the block."""
+    """The model with the request's part switched off, for the duration of the block and in this
+    thread only (another thread's forward of the same model meanwhile sees it whole)."""
     with ExitStack() as stack:
         if request.knockout != "none" and request.layer is not None:
             layer = found.layers[request.layer - 1]
             if request.knockout == "attention":
-                handle = found.attention(layer).register_forward_hook(_zero_output)
+                handle = found.attention(layer).register_forward_hook(this_thread_only(_zero_output))
             elif request.knockout == "mlp":
-                handle = found.mlp(layer).register_forward_hook(_zero_output)
+                handle = found.mlp(layer).register_forward_hook(this_thread_only(_zero_output))
             else:
                 assert request.head is not None
                 heads = int(model.config.num_attention_heads)
@@ -167,7 +192,7 @@ def knocked_out(model: Any, found: Parts, request: Lens) -> Iterator[None]:
                     mixed[..., first * size : (first + 1) * size] = 0
                     return (mixed, *inputs[1:])
 
-                handle = projection.register_forward_pre_hook(zero_head)
+                handle = projection.register_forward_pre_hook(this_thread_only(zero_head))
             stack.callback(handle.remove)
         yield
 
@@ -200,21 +225,33 @@ def _lens_forward(model: Any, found: Parts, kwargs: dict[str, Any]) -> tuple[Any
     × vocab), and the model's own final log-probabilities there (batch × vocab)."""
     import torch
 
-    captured: list[Any] = []
+    # captured[0]: what the first layer reads; captured[n]: layer n's output. Kept by index and
+    # each written once, so a stray call can never shift or mix the rows.
+    captured: list[Any] = [None] * (len(found.layers) + 1)
+
+    def keep(index: int, hidden: Any) -> None:
+        if captured[index] is not None:
+            raise RuntimeError(f"/lens: layer {index} ran twice in one forward; the lens reads each layer once")
+        captured[index] = hidden[:, -1]
 
     def stream_in(_module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         # What the first layer reads: the embeddings (with position embeddings, where the model adds them).
-        captured.append((args[0] if args else kwargs["hidden_states"])[:, -1])
+        keep(0, args[0] if args else kwargs["hidden_states"])
 
-    handles = [found.layers[0].register_forward_pre_hook(stream_in, with_kwargs=True)]
-    handles += [
-        layer.register_forward_hook(lambda _m, _i, out: captured.append(_first(out)[:, -1])) for layer in found.layers
-    ]
+    def layer_out(index: int) -> Callable[[Any, Any, Any], None]:
+        return lambda _module, _inputs, output: keep(index, _first(output))
+
+    handles = [found.layers[0].register_forward_pre_hook(this_thread_only(stream_in), with_kwargs=True)]
     try:
+        for n, layer in enumerate(found.layers, start=1):
+            handles.append(layer.register_forward_hook(this_thread_only(layer_out(n))))
         logits = model(**kwargs).logits[:, -1].float()
     finally:
         for handle in handles:
             handle.remove()
+    missing = [n for n, hidden in enumerate(captured) if hidden is None]
+    if missing:
+        raise RuntimeError(f"/lens: the forward never reached layer(s) {missing}")
     # The last layer's output through the norm and head is the model's own answer (checked below).
     stream = torch.stack(captured)  # (layers + 1) × batch × hidden
     lens = found.head(found.norm(stream)).float()
@@ -451,8 +488,11 @@ async def lens(ctx: Context, prompt: str, knockout: str, layer: int | None, head
             ["embeddings" if n == 0 else f"layer {n}" for n in range(count)],
             [label(g) for g in result.candidates],
             result.candidate_probs,
-            title=f"{short(result.model)}: the final top {len(result.candidates)} next tokens through the lens, "
-            "layer by layer",
+            # This grid is always the model as it is; only the second chart shows the knock-out. Said
+            # early, so the picture's alt text (the title's first 100 characters) says it too.
+            title=f"{short(result.model)}{'' if knockout == 'none' else ', unchanged (no knock-out)'}: the final top "
+            f"{len(result.candidates)} next tokens through the lens, layer by layer"
+            + ("" if knockout == "none" else "; the knock-out is in the second chart"),
             row_name="after layer (top: embeddings; bottom: the model's real answer)",
             column_name=f"the model's final top {len(result.candidates)} next tokens (first: its answer)",
             filename="lens.png",

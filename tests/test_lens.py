@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import itertools
 import math
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -181,6 +182,12 @@ async def test_lens_command_through_the_service(app_factory, tiny_llama: Path) -
     assert "Logit lens" in reply.text and "residual stream" in reply.text
     cut = await app.execute_line(f"/lens prompt:{prompt} knockout:head layer:1 head:2")
     assert not cut.error, cut.text
+    assert [image.filename for image in cut.images] == ["lens.png", "lens-knockout.png"]
+    # The grid shows the model as it is (the same numbers as without a knock-out), and its title
+    # (which is also the picture's alt text) says so; without a knock-out there is nothing to say.
+    assert cut.data["candidate_probs"] == reply.data["candidate_probs"]
+    assert "unchanged (no knock-out)" in cut.images[0].description
+    assert "unchanged" not in reply.images[0].description
     assert_fits_discord(cut)
     after = reference_lens(zeroed(tiny_llama, "head", 1, 2), tok, prompt)
     assert cut.data["answer_after"] == pytest.approx(float(after[-1, answer]), abs=TOL)
@@ -292,3 +299,98 @@ def test_smollm2s_layer_12_mlp_matters_more_than_any_other_middle_layers(smollm_
         others = max(v for layer, v in kl.items() if layer != 12)
         assert kl[12] is not None and others is not None
         assert kl[12] > others and kl[12] >= 2.0, (prompt, kl)
+
+
+# ----------------------------------------------------------------------------- a shared model
+
+# The texts bot.worker.engines verifies a new engine on (a batch of 3, like the flaky failure's).
+PROBES = ["The capital of France is", "Hello", "A short story about a robot who learns to paint, in three sentences:"]
+
+
+def hooks_on(model: Any) -> list[str]:
+    """Every module of ``model`` that still has a forward hook or pre-hook."""
+    return [
+        name or "(model)"
+        for name, module in model.named_modules()
+        if module._forward_hooks or module._forward_pre_hooks  # no public API lists them
+    ]
+
+
+def plain_next_token(path: Path, texts: list[str]) -> list[torch.Tensor]:
+    """transformers' own next-token probabilities for each text alone, on a fresh copy of the model."""
+    model, tok = load(path)
+    with torch.no_grad():
+        return [torch.softmax(model(**tok(t, return_tensors="pt")).logits[0, -1].float(), -1) for t in texts]
+
+
+@pytest.mark.parametrize(("knockout", "layer", "head"), [("none", None, None), ("mlp", 1, None), ("head", 2, 1)])
+def test_another_threads_forward_during_the_lens_is_neither_recorded_nor_knocked_out(
+    tiny_gpt2: Path, knockout: str, layer: int | None, head: int | None
+) -> None:
+    """The worker builds a faster engine in a background thread that runs the same model (an export
+    and a verification forward of 3 probe texts). Here such a forward runs, deterministically, in the
+    middle of every lens forward, the knocked-out one included: /lens gets its own numbers, and the
+    other thread's /nexttoken gets transformers' plain forward, never the knock-out."""
+    from bot.inference.protocol import NextToken
+    from bot.worker.tasks import next_token
+
+    model, tok = load(tiny_gpt2)
+    request = Lens(TEXTS[0], k=5, knockout=knockout, layer=layer, head=head)
+    with torch.inference_mode():
+        undisturbed = logit_lens(model, tok, [request])[0]
+    main = threading.get_ident()
+    answers: list[Any] = []
+
+    def other_thread_forward(_module: Any, _inputs: Any) -> None:
+        if threading.get_ident() != main:
+            return
+
+        def run() -> None:
+            with torch.inference_mode():
+                answers.append(next_token(model, tok, [NextToken(t, k=5) for t in PROBES]))
+
+        thread = threading.Thread(target=run)
+        thread.start()
+        thread.join()
+
+    # The last layer, so the lens's hooks on the earlier layers have already recorded this forward.
+    interloper = model.base_model.h[-1].register_forward_pre_hook(other_thread_forward)
+    try:
+        with torch.inference_mode():
+            got = logit_lens(model, tok, [request])[0]
+    finally:
+        interloper.remove()
+    assert len(answers) == (1 if knockout == "none" else 2)  # one per lens forward
+    assert got == undisturbed
+    assert hooks_on(model) == []
+    reference = plain_next_token(tiny_gpt2, PROBES)
+    for answer in answers:
+        for result, probs in zip(answer, reference, strict=True):
+            top = torch.topk(probs, 5)
+            assert [t.id for t in result.top] == top.indices.tolist()
+            assert [t.prob for t in result.top] == pytest.approx(top.values.tolist(), abs=TOL)
+
+
+@pytest.mark.parametrize("knockout", ["attention", "head"])
+def test_a_lens_that_fails_mid_forward_leaves_the_model_whole(tiny_gpt2: Path, knockout: str) -> None:
+    """A task cut in the middle of a knocked-out forward leaves no hook and no knock-out behind:
+    the next /nexttoken on the same model equals transformers' plain forward."""
+    from bot.inference.protocol import NextToken
+    from bot.worker.tasks import next_token
+
+    model, tok = load(tiny_gpt2)
+    calls = itertools.count()
+
+    def fail_in_the_knocked_forward(_module: Any, _inputs: Any) -> None:
+        if next(calls) == 1:  # the lens's second forward: the one with the knock-out
+            raise RuntimeError("cut")
+
+    interloper = model.base_model.h[-1].register_forward_pre_hook(fail_in_the_knocked_forward)
+    with pytest.raises(RuntimeError, match="cut"), torch.inference_mode():
+        logit_lens(model, tok, [Lens(TEXTS[0], knockout=knockout, layer=1, head=2 if knockout == "head" else None)])
+    interloper.remove()
+    assert hooks_on(model) == []
+    with torch.inference_mode():
+        after = next_token(model, tok, [NextToken(t, k=5) for t in PROBES])
+    for result, probs in zip(after, plain_next_token(tiny_gpt2, PROBES), strict=True):
+        assert [t.prob for t in result.top] == pytest.approx(torch.topk(probs, 5).values.tolist(), abs=TOL)
