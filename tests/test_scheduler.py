@@ -16,7 +16,15 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from bot.inference.metrics import ServiceMetrics, summarize
 from bot.inference.protocol import Busy, DeadlineExceeded, InferenceError, Request, WorkerDied
-from bot.inference.scheduler import CRASHED_ALONE, FIRST_BATCH, PLAN_MARGIN, BatchingCore, Pending, Transport
+from bot.inference.scheduler import (
+    CRASHED_ALONE,
+    FIRST_BATCH,
+    PLAN_MARGIN,
+    RAMP,
+    BatchingCore,
+    Pending,
+    Transport,
+)
 
 
 @dataclass(frozen=True)
@@ -256,7 +264,7 @@ async def test_admission_after_lone_requests_counts_a_full_batchs_cost_per_reque
         transport.finish(after=0.2 + 0.01 * len(transport.running[0]), clock=clock)
         await settle()
     assert await asyncio.gather(*klass) == [f"done s{i}" for i in range(200)]
-    assert [len(b) for b in transport.batches] == [1, 64, 64, 64, 8]
+    assert [len(b) for b in transport.batches] == [1, RAMP, 64, 64, 64]  # grows as it is measured
     cost = core.costs["ask"]
     assert cost.seconds(64) == pytest.approx(0.2 + 0.64, rel=0.05)  # the fit, not 64 × 0.5 s
     assert cost.seconds(1) < 0.5

@@ -29,7 +29,8 @@ process, on its event loop:
   (with the transport's reason, e.g. "the model is still loading"), and a batch stops
   growing where its expected time (the task's measured batch cost at that size, with a
   margin) would pass the earliest deadline in it, so a batch of slow generation never runs
-  into the watchdog; a task not yet measured goes in a small first batch that measures it.
+  into the watchdog; a task not yet measured goes in a small first batch that measures it,
+  and its batches then grow at most RAMP times the largest measured so far.
 * **crash retries**: when a runner crashes on its own with several requests, each
   runs again alone, once, before anything else, so a poisonous request fails by itself.
 * **request metrics**: outcomes, latency, queue wait, batch sizes, queue depth.
@@ -75,6 +76,10 @@ UNTIMED_GUESS_S = 0.5
 # A task's first batch, before its speed is known: small, so that a slow task (generation, seconds
 # per request) is measured within seconds rather than in a batch that may outlast its deadline.
 FIRST_BATCH = 4
+# A measured task's next batch is at most this many times the largest batch it was measured at:
+# a time measured on small batches says little about a batch ten times larger (generation on a
+# CPU grows nearly in proportion, a forward pass far less), so batches grow as the fit learns.
+RAMP = 8
 # A batch is planned to take at most 1 / PLAN_MARGIN of the time left to its earliest deadline:
 # the measured speed is an average, and a busy machine runs slower than it.
 PLAN_MARGIN = 1.5
@@ -95,8 +100,10 @@ class BatchCost:
         self._w = self._n = self._t = self._nn = self._nt = 0.0
         self.fixed = 0.0
         self.per_request = 0.0
+        self.largest = 0  # the largest batch measured
 
     def observe(self, size: int, seconds: float) -> None:
+        self.largest = max(self.largest, size)
         decay = 1 - SMOOTHING
         self._w = decay * self._w + 1
         self._n = decay * self._n + size
@@ -337,7 +344,8 @@ class BatchingCore:
 
         The queue is walked oldest first (a burst's requests come from different users, whom the
         fair queues take round-robin), each request joining its key's open batch until the batch is
-        full (FIRST_BATCH for a task not yet measured, then ``max_batch``); the batches go to the
+        full (:meth:`batch_limit` for the key's first batch, then ``max_batch``) or would outlast its
+        earliest deadline as the core plans it; the batches go to the
         transport's runners in the order they were opened, each to the runner free first, and take
         their task's :class:`BatchCost`. Batches running now are not counted (their runners are
         assumed free): the projection errs towards answering, never towards "busy".
@@ -355,7 +363,7 @@ class BatchingCore:
             current = open_batch.get(pending.key)
             if current is not None and not pending.alone:
                 size = len(current.members) + 1
-                limit = self.max_batch if measured or current.index else min(self.max_batch, FIRST_BATCH)
+                limit = self.max_batch if current.index else self.batch_limit(pending.task)
                 earliest = min(current.earliest, pending.deadline)
                 fits = not measured or now + current.start + PLAN_MARGIN * cost.seconds(size) <= earliest
                 if size <= limit and fits:
@@ -375,6 +383,11 @@ class BatchingCore:
             for batch in batches
             for p in batch.members
         ]
+
+    def batch_limit(self, task: str) -> int:
+        """The largest batch of ``task`` to send now: FIRST_BATCH until it was measured, then growing by RAMP."""
+        cost = self.costs.get(task)
+        return min(self.max_batch, FIRST_BATCH if cost is None else max(FIRST_BATCH, RAMP * cost.largest))
 
     def _cost(self, task: str) -> BatchCost:
         """The task's measured cost, or the cautious guess for a task never measured."""
@@ -536,9 +549,7 @@ class BatchingCore:
                 break
             key = best[1]
             queue = self._queues[key]
-            measured = key[1] in self.costs
-            size = self.max_batch if measured else min(self.max_batch, FIRST_BATCH)
-            batch = queue.take(size, self._fits_deadline(key[1], now))
+            batch = queue.take(self.batch_limit(key[1]), self._fits_deadline(key[1], now))
             if not queue.size:
                 del self._queues[key]
             self.waiting -= len(batch)
@@ -565,6 +576,7 @@ class BatchingCore:
         """Tell queued requests "busy" at once when the measured speed shows their deadline cannot be met.
 
         Only requests of a measured task are told (a guess never refuses anyone already queued),
+        not one slower by itself than its budget (waiting would not help it, as at admission),
         and only those that would be late even if the work ran SHED_MARGIN times faster than
         measured (a request that may well be answered is never sent away); the hint is how late
         each would have been at the measured speed, when the work ahead of a retry will have shrunk.
@@ -574,7 +586,10 @@ class BatchingCore:
         late = [
             (p, end)
             for p, end in self.projection()
-            if p.task in self.costs and not p.alone and now + end / SHED_MARGIN > p.deadline
+            if p.task in self.costs
+            and not p.alone
+            and now + end / SHED_MARGIN > p.deadline
+            and self.costs[p.task].seconds(1) < p.deadline - p.enqueued  # else a retry would not help
         ]
         for pending, end in late:
             self._forget(pending)
