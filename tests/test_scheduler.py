@@ -16,7 +16,15 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from bot.inference.metrics import ServiceMetrics, summarize
 from bot.inference.protocol import Busy, DeadlineExceeded, InferenceError, Request, WorkerDied
-from bot.inference.scheduler import CRASHED_ALONE, FIRST_BATCH, PLAN_MARGIN, BatchingCore, Pending, Transport
+from bot.inference.scheduler import (
+    CRASHED_ALONE,
+    FIRST_BATCH,
+    PLAN_MARGIN,
+    RAMP,
+    BatchingCore,
+    Pending,
+    Transport,
+)
 
 
 @dataclass(frozen=True)
@@ -207,9 +215,9 @@ async def test_admission_is_sized_to_the_measured_throughput() -> None:
         await settle()
     assert await asyncio.gather(runner, *klass) == ["done running"] + [f"done s{i}" for i in range(200)]
 
-    # Slow work: 2 s per request measured, a 10 s budget. Five queued ahead is 10 s: the sixth is
-    # admitted; with six ahead (12 s), the seventh could not be answered in time: refused at once,
-    # told when the work ahead will have shrunk enough.
+    # Slow work: 2 s per request measured, a 10 s budget. Four queued ahead and its own 2 s is 10 s:
+    # the fifth is admitted; with five ahead (12 s), the sixth could not be answered in time: refused
+    # at once, told when the work ahead will have shrunk enough.
     slow, transport2, clock2 = make_core(max_batch=1, timeout_s=10.0)
     first = ask(slow, "first")
     await settle()
@@ -217,24 +225,87 @@ async def test_admission_is_sized_to_the_measured_throughput() -> None:
     await first
     holding = ask(slow, "holding")  # runs (not queued)
     await settle()
-    admitted = [ask(slow, f"q{i}") for i in range(6)]
+    admitted = [ask(slow, f"q{i}") for i in range(5)]
     await settle()
-    assert slow.waiting == 6 and not any(t.done() for t in admitted)
+    assert slow.waiting == 5 and not any(t.done() for t in admitted)
     with pytest.raises(Busy) as busy:
         await slow.submit(Ask("one too many"), timeout=None, user=None)
-    assert busy.value.retry_after == 2  # 12 s of work ahead for a 10 s budget
+    assert busy.value.retry_after == 2  # answered 12 s from now for a 10 s budget
     assert "try again in 2 s" in str(busy.value)
     assert slow.retry_hint_if_full() == 2
     patient = ask(slow, "patient", timeout=30.0)  # a longer deadline: queued behind them, not refused
     await settle()
-    assert not patient.done() and slow.waiting == 7
+    assert not patient.done() and slow.waiting == 6
     while transport2.running:
         transport2.finish(after=1.5, clock=clock2)
         await settle()
-    want = ["done holding"] + [f"done q{i}" for i in range(6)] + ["done patient"]
+    want = ["done holding"] + [f"done q{i}" for i in range(5)] + ["done patient"]
     assert await asyncio.gather(holding, *admitted, patient) == want
     await core.close()
     await slow.close()
+
+
+async def test_admission_after_lone_requests_counts_a_full_batchs_cost_per_request() -> None:
+    """Issue 20 (item 1): a warm-up answered alone (0.5 s for a batch of one) must not make a class
+    look 0.5 s per request: most of a forward pass's time is the same for one request as for 64.
+    At 0.5 s per request, 200 would be 100 s of work for a 60 s budget (about 80 told busy); as
+    batches of 64 with a fixed cost they fit. Then the batches the class ran (64 and 8, each
+    0.2 s + 0.01 s per request) replace the guess by a fit, and batch plans use it."""
+    core, transport, clock = make_core(max_batch=64, timeout_s=60.0)
+    warm = ask(core, "warm")
+    await settle()
+    transport.finish(after=0.5, clock=clock)
+    assert await warm == "done warm"
+    klass = [ask(core, f"s{i}", user=f"student{i}") for i in range(200)]
+    await settle()
+    assert core.waiting + sum(len(b) for b in transport.running) == 200
+    assert not any(t.done() for t in klass)  # none busy
+    while transport.running:
+        transport.finish(after=0.2 + 0.01 * len(transport.running[0]), clock=clock)
+        await settle()
+    assert await asyncio.gather(*klass) == [f"done s{i}" for i in range(200)]
+    assert [len(b) for b in transport.batches] == [1, RAMP, 64, 64, 64]  # grows as it is measured
+    cost = core.costs["ask"]
+    assert cost.seconds(64) == pytest.approx(0.2 + 0.64, rel=0.05)  # the fit, not 64 × 0.5 s
+    assert cost.seconds(1) < 0.5
+    await core.close()
+
+
+async def test_a_slow_untimed_task_tells_the_unreachable_busy_early() -> None:
+    """Issue 20 (item 2): 200 of a task never measured, whose batches turn out slow (generation:
+    5 s + 1.25 s per request). Admission is cautious (a first batch plus what UNTIMED_GUESS_S
+    allows), and once the first batch has measured the task, every queued request that cannot be
+    answered before its deadline hears "busy, try again in N s" at once, not 60 s later."""
+    core, transport, clock = make_core(max_batch=64, timeout_s=60.0)
+    start = clock.now
+    klass = [ask(core, f"s{i}", user=f"student{i}") for i in range(200)]
+    await settle()
+    refused = [t for t in klass if t.done()]
+    assert FIRST_BATCH < 200 - len(refused) < 200 and refused  # cautious, not all, not only a batch
+    for task in refused:
+        with pytest.raises(Busy):
+            await task
+    assert transport.batches == [[f"s{i}" for i in range(FIRST_BATCH)]]  # small: it measures the task
+    transport.finish(after=5.0 + 1.25 * FIRST_BATCH, clock=clock)
+    await settle()
+    told = [t for t in klass if t.done() and t not in refused and t.exception() is not None]
+    assert told, "the unreachable were not told early"
+    for task in told:
+        assert isinstance(task.exception(), Busy) and task.exception().retry_after >= 1  # type: ignore[union-attr]
+    assert clock.now - start == pytest.approx(10.0)  # heard 10 s after the burst, not at 60 s
+    deadline = 0
+    while transport.running:
+        transport.finish(after=5.0 + 1.25 * len(transport.running[0]), clock=clock)
+        await settle()
+    for task in klass:
+        if task not in refused and task not in told:
+            try:
+                assert (await task).startswith("done")
+            except DeadlineExceeded:
+                deadline += 1
+    answered = 200 - len(refused) - len(told) - deadline
+    assert answered > FIRST_BATCH and deadline <= 2  # nearly everyone kept was answered in time
+    await core.close()
 
 
 async def test_a_batch_is_never_planned_past_its_earliest_deadline() -> None:
@@ -255,7 +326,7 @@ async def test_a_batch_is_never_planned_past_its_earliest_deadline() -> None:
     await settle()
     finish(busy_s=2.0 * 2)
     assert await asyncio.gather(*first) == [f"done w{i}" for i in range(FIRST_BATCH + 2)]
-    assert core.seconds_per_request["ask"] == 2.0
+    assert core.costs["ask"].seconds(1) == pytest.approx(2.0) and core.costs["ask"].fixed == pytest.approx(0.0)
     holding = ask(core, "holding")
     await settle()
     waiting = [ask(core, f"g{i}", user=f"student{i}", timeout=100.0) for i in range(20)]
@@ -272,12 +343,22 @@ async def test_a_batch_is_never_planned_past_its_earliest_deadline() -> None:
     await settle()
     second = int((30.0 - 2.0 * planned) / (2.0 * PLAN_MARGIN))  # 3 in the 10 s left
     assert transport.batches[-1] == [f"g{i}" for i in range(planned, planned + second)]
+    # Issue 20 (early busy): the 10 s left hold that batch (6 s), then at best g13 and g14 one by
+    # one (2 s each, ending 8 s and 10 s from now); g15.. would end 12 s or later even at
+    # SHED_MARGIN times the measured speed: they hear "busy" now, 10 s before their deadline.
+    done = planned + second
+    reachable = done + 2
+    for shed in waiting[reachable:]:
+        assert shed.done()
+        with pytest.raises(Busy) as busy:
+            await shed
+        assert busy.value.retry_after >= 1
+    assert not any(t.done() for t in waiting[done:reachable])
     clock.now += 30.0 - 2.0 * planned
     finish(busy_s=2.0 * second)
     await settle()
-    done = planned + second
     assert await asyncio.gather(*waiting[:done]) == [f"done g{i}" for i in range(done)]
-    for late in waiting[done:]:
+    for late in waiting[done:reachable]:  # never sent: the plan kept its margin, then time was up
         with pytest.raises(DeadlineExceeded):
             await late
     assert not transport.running and len(transport.batches) == 5  # the late ones were never sent

@@ -7,10 +7,15 @@ handed and report what became of it. Everything else lives here, in the bot
 process, on its event loop:
 
 * **admission by time**: a request is refused with "busy, try again in N s" only
-  when the work queued ahead of it could not be done before its deadline at the
-  speed the service is measuring now (seconds of compute per request, per task,
-  spread over the transport's parallel runners), or when ``max_queue`` (a
-  memory bound) is reached. A class of 200 quick requests is queued, not refused.
+  when it could not be answered before its deadline: the queued work with it, in
+  the batches the core will form, spread over the transport's parallel runners,
+  timed by each task's measured :class:`BatchCost` (a fixed cost per batch plus a
+  cost per request), or when ``max_queue`` (a memory bound) is reached. A class of
+  200 quick requests is queued, not refused. A task not yet measured is admitted
+  for its first batch plus what a cautious guess (:data:`UNTIMED_GUESS_S`) allows.
+* **early busy**: once the measured speed shows that a queued request cannot be
+  answered before its deadline, it is told "busy, try again in N s" at once, not
+  at its deadline.
 * **fair queues**: one queue per (role, task, request type, batch key), a FIFO per
   user inside each, taken round-robin; across queues the next batch goes to the
   queue whose head user has the fewest requests running, then the user served
@@ -22,9 +27,10 @@ process, on its event loop:
   request goes at once.
 * **deadlines**: a queued request whose deadline passes is answered there and then
   (with the transport's reason, e.g. "the model is still loading"), and a batch stops
-  growing where its expected time (the measured seconds per request × its size, with a
+  growing where its expected time (the task's measured batch cost at that size, with a
   margin) would pass the earliest deadline in it, so a batch of slow generation never runs
-  into the watchdog; a task not yet measured goes in a small first batch that measures it.
+  into the watchdog; a task not yet measured goes in a small first batch that measures it,
+  and its batches then grow at most RAMP times the largest measured so far.
 * **crash retries**: when a runner crashes on its own with several requests, each
   runs again alone, once, before anything else, so a poisonous request fails by itself.
 * **request metrics**: outcomes, latency, queue wait, batch sizes, queue depth.
@@ -56,14 +62,86 @@ CRASHED_ALONE = (
     "If it happens again, please tell the bot's owner."
 )
 SHUTTING_DOWN = "The bot is shutting down."
-# How much a new measurement of a task's seconds per request moves the estimate.
+# How much a new measurement of a task's batch time moves the estimate (the weight of older ones
+# decays by 1 - SMOOTHING per new batch).
 SMOOTHING = 0.3
+# With one batch size seen, how a batch's time splits is unknown: this share of it is assumed to
+# grow with the batch's size, the rest fixed (a forward pass or a generation step costs much the
+# same for one request as for several). The second size seen replaces the guess by a fit.
+PER_REQUEST_SHARE = 0.5
+# A task never measured: seconds per request assumed beyond its first batch when admitting (a
+# cautious bound for a forward pass on a slow CPU; generation that is slower is told "busy" early
+# once its first batch has measured it).
+UNTIMED_GUESS_S = 0.5
 # A task's first batch, before its speed is known: small, so that a slow task (generation, seconds
 # per request) is measured within seconds rather than in a batch that may outlast its deadline.
 FIRST_BATCH = 4
+# A measured task's next batch is at most this many times the largest batch it was measured at:
+# a time measured on small batches says little about a batch ten times larger (generation on a
+# CPU grows nearly in proportion, a forward pass far less), so batches grow as the fit learns.
+RAMP = 8
 # A batch is planned to take at most 1 / PLAN_MARGIN of the time left to its earliest deadline:
 # the measured speed is an average, and a busy machine runs slower than it.
 PLAN_MARGIN = 1.5
+# A queued request is told "busy" early only if it would be late even at this many times the
+# measured speed (an average, partly of batches run on a busier machine): never on a near miss.
+SHED_MARGIN = 1.1
+
+
+class BatchCost:
+    """A task's time for a batch of ``n``: ``fixed + per_request × n``, fit to the batches it ran.
+
+    An exponentially weighted least-squares line through the observed (size, seconds) pairs, so
+    that seconds per request measured on lone requests (or a small first batch) are not taken for
+    the cost of a request in a full batch, which is several times less for a batched forward pass.
+    """
+
+    def __init__(self) -> None:
+        self._w = self._n = self._t = self._nn = self._nt = 0.0
+        self.fixed = 0.0
+        self.per_request = 0.0
+        self.largest = 0  # the largest batch measured
+
+    def observe(self, size: int, seconds: float) -> None:
+        self.largest = max(self.largest, size)
+        decay = 1 - SMOOTHING
+        self._w = decay * self._w + 1
+        self._n = decay * self._n + size
+        self._t = decay * self._t + seconds
+        self._nn = decay * self._nn + size * size
+        self._nt = decay * self._nt + size * seconds
+        mean_n, mean_t = self._n / self._w, self._t / self._w
+        spread = self._nn / self._w - mean_n * mean_n
+        if spread > 1e-9 * max(1.0, mean_n * mean_n):
+            slope = (self._nt / self._w - mean_n * mean_t) / spread
+            if slope > 0 and mean_t - slope * mean_n >= 0:
+                self.per_request, self.fixed = slope, mean_t - slope * mean_n
+                return
+            if slope > 0:  # the line passes below zero for small batches: no fixed cost
+                self.per_request, self.fixed = self._nt / self._nn, 0.0
+                return
+        # One size seen (or a noisy fit): split the mean time by PER_REQUEST_SHARE.
+        self.per_request = PER_REQUEST_SHARE * mean_t / max(mean_n, 1.0)
+        self.fixed = (1 - PER_REQUEST_SHARE) * mean_t
+
+    def seconds(self, size: int) -> float:
+        """Expected seconds for a batch of ``size`` requests."""
+        return self.fixed + self.per_request * size
+
+
+@dataclass
+class _PlannedBatch:
+    """A batch in :meth:`BatchingCore.projection`: its requests, start (seconds from now) and runner."""
+
+    members: list[Pending]
+    start: float
+    runner: int
+    earliest: float  # the earliest deadline in it
+    index: int  # how many batches of its key were planned before it
+
+
+UNTIMED = BatchCost()
+UNTIMED.per_request = UNTIMED_GUESS_S
 
 
 @dataclass(eq=False)
@@ -222,8 +300,8 @@ class BatchingCore:
         self._ids = itertools.count(1)
         self._wake = asyncio.Event()
         self._loop_task: asyncio.Task[None] | None = None
-        # Measured compute seconds per request, per task (smoothed): what admission and the retry hint use.
-        self.seconds_per_request: dict[str, float] = {}
+        # Measured batch time per task: what admission, early busy, the retry hint and batch plans use.
+        self.costs: dict[str, BatchCost] = {}
         # The company heuristic's state (see _company_expected).
         self._last_arrival = -math.inf
         self._burst = False
@@ -261,30 +339,89 @@ class BatchingCore:
 
     # ------------------------------------------------------------------ admission
 
-    def backlog_s(self) -> float | None:
-        """Seconds the queued work needs at the measured speed (None until a task was measured)."""
-        if not self.seconds_per_request:
-            return None
-        known = self.seconds_per_request
-        fallback = max(known.values())  # an unmeasured task: assume the slowest measured one
-        total = sum(known.get(p.task, fallback) for p in self.queued())
-        return total / max(1, self.transport.parallelism)
+    def projection(self, extra: Pending | None = None) -> list[tuple[Pending, float]]:
+        """Each queued request (and ``extra``) with the seconds from now until it is expected answered.
 
-    def refusal(self, budget: float) -> float | None:
+        The queue is walked oldest first (a burst's requests come from different users, whom the
+        fair queues take round-robin), each request joining its key's open batch until the batch is
+        full (:meth:`batch_limit` for the key's first batch, then ``max_batch``) or would outlast its
+        earliest deadline as the core plans it; the batches go to the
+        transport's runners in the order they were opened, each to the runner free first, and take
+        their task's :class:`BatchCost`. Batches running now are not counted (their runners are
+        assumed free): the projection errs towards answering, never towards "busy".
+        """
+        now = self.clock()
+        waiting = sorted(self.queued(), key=lambda p: p.enqueued)
+        if extra is not None:
+            waiting.append(extra)
+        runners = [0.0] * max(1, self.transport.parallelism)
+        batches: list[_PlannedBatch] = []
+        open_batch: dict[tuple[Any, ...], _PlannedBatch] = {}
+        for pending in waiting:
+            cost = self._cost(pending.task)
+            measured = pending.task in self.costs
+            current = open_batch.get(pending.key)
+            if current is not None and not pending.alone:
+                size = len(current.members) + 1
+                limit = self.max_batch if current.index else self.batch_limit(pending.task)
+                earliest = min(current.earliest, pending.deadline)
+                fits = not measured or now + current.start + PLAN_MARGIN * cost.seconds(size) <= earliest
+                if size <= limit and fits:
+                    current.members.append(pending)
+                    current.earliest = earliest
+                    runners[current.runner] = max(runners[current.runner], current.start + cost.seconds(size))
+                    continue
+            runner = runners.index(min(runners))
+            index = current.index + 1 if current is not None else 0
+            planned = _PlannedBatch([pending], runners[runner], runner, pending.deadline, index)
+            runners[runner] = planned.start + cost.seconds(1)
+            batches.append(planned)
+            if not pending.alone:
+                open_batch[pending.key] = planned
+        return [
+            (p, batch.start + self._cost(p.task).seconds(len(batch.members)))
+            for batch in batches
+            for p in batch.members
+        ]
+
+    def batch_limit(self, task: str) -> int:
+        """The largest batch of ``task`` to send now: FIRST_BATCH until it was measured, then growing by RAMP."""
+        cost = self.costs.get(task)
+        return min(self.max_batch, FIRST_BATCH if cost is None else max(FIRST_BATCH, RAMP * cost.largest))
+
+    def _cost(self, task: str) -> BatchCost:
+        """The task's measured cost, or the cautious guess for a task never measured."""
+        return self.costs.get(task, UNTIMED)
+
+    def refusal(self, budget: float, extra: Pending | None = None) -> float | None:
         """The retry hint if a request with ``budget`` seconds must be refused as busy now, else None.
 
-        Busy means the work queued ahead of it would outlast its deadline: a request that is slow by
-        itself is not refused (waiting would not help it), and neither is a long queue of quick work.
+        Busy means that, behind the work queued ahead of it and batched as the core will batch it,
+        it could not be answered within ``budget``: a request that is slow by itself is not refused
+        (waiting would not help it), and neither is a long queue of quick work.
         """
-        backlog = self.backlog_s()
         if self.waiting >= self.max_queue:
-            return max(1.0, math.ceil(backlog if backlog is not None else self.waiting))
-        if backlog is not None and backlog > budget:
-            return max(1.0, math.ceil(backlog - budget))
+            finish = max((end for _, end in self.projection()), default=0.0)
+            return max(1.0, math.ceil(finish if finish else self.waiting))
+        if extra is None or not self.waiting:
+            return None
+        if extra.task not in self.costs and sum(1 for p in self.queued() if p.key == extra.key) < FIRST_BATCH:
+            return None  # an untimed task's first batch measures it
+        own = dict(self.projection(extra))[extra]
+        if own > budget and self._cost(extra.task).seconds(1) < budget:
+            return max(1.0, math.ceil(own - budget))
         return None
 
     def retry_hint_if_full(self) -> float | None:
-        return self.refusal(self.timeout)
+        """The retry hint for a request of the busiest queue's kind now (the front end's pre-check)."""
+        if self.waiting >= self.max_queue:
+            return self.refusal(self.timeout)
+        answered = self.projection()
+        if not answered:
+            return None
+        last, _ = max(answered, key=lambda item: item[1])
+        probe = Pending(0, last.request, last.key, None, last.future, self.clock(), math.inf)
+        return self.refusal(self.timeout, probe)
 
     # ------------------------------------------------------------------ submit
 
@@ -298,14 +435,7 @@ class BatchingCore:
         except InferenceError as exc:
             self.metrics.requests.labels(task, getattr(exc, "outcome", "error")).inc()
             raise
-        hint = self.refusal(budget)
-        if hint is not None:
-            self.metrics.requests.labels(task, "busy").inc()
-            raise Busy(hint)
         now = self.clock()
-        self._burst = now - self._last_arrival < self.max_wait
-        self._last_arrival = now
-        self._followers = max(0, self._followers - 1)
         pending = Pending(
             id=next(self._ids),
             request=request,
@@ -315,6 +445,13 @@ class BatchingCore:
             enqueued=now,
             deadline=now + budget,
         )
+        hint = self.refusal(budget, pending)
+        if hint is not None:
+            self.metrics.requests.labels(task, "busy").inc()
+            raise Busy(hint)
+        self._burst = now - self._last_arrival < self.max_wait
+        self._last_arrival = now
+        self._followers = max(0, self._followers - 1)
         self._queues.setdefault(pending.key, FairQueue()).push(pending)
         self.waiting += 1
         self.metrics.queue_depth.set(self.waiting)
@@ -388,6 +525,7 @@ class BatchingCore:
     def dispatch(self, now: float) -> float | None:
         """Hand every due batch to a free runner; return seconds until a partial batch is due."""
         self._expire(now)
+        self._shed(now)
         next_due: float | None = None
         while True:
             if self._alone and self.transport.free(self._alone[0].role) > 0:
@@ -411,9 +549,7 @@ class BatchingCore:
                 break
             key = best[1]
             queue = self._queues[key]
-            measured = key[1] in self.seconds_per_request
-            size = self.max_batch if measured else min(self.max_batch, FIRST_BATCH)
-            batch = queue.take(size, self._fits_deadline(key[1], now))
+            batch = queue.take(self.batch_limit(key[1]), self._fits_deadline(key[1], now))
             if not queue.size:
                 del self._queues[key]
             self.waiting -= len(batch)
@@ -431,10 +567,34 @@ class BatchingCore:
         its earliest deadline; the rest go in the next batch (or get their deadline's answer, never
         computed). None until the task was measured (its first batch is FIRST_BATCH at most).
         """
-        per_request = self.seconds_per_request.get(task)
-        if per_request is None:
+        cost = self.costs.get(task)
+        if cost is None:
             return None
-        return lambda size, earliest: now + PLAN_MARGIN * size * per_request <= earliest
+        return lambda size, earliest: now + PLAN_MARGIN * cost.seconds(size) <= earliest
+
+    def _shed(self, now: float) -> None:
+        """Tell queued requests "busy" at once when the measured speed shows their deadline cannot be met.
+
+        Only requests of a measured task are told (a guess never refuses anyone already queued),
+        not one slower by itself than its budget (waiting would not help it, as at admission),
+        and only those that would be late even if the work ran SHED_MARGIN times faster than
+        measured (a request that may well be answered is never sent away); the hint is how late
+        each would have been at the measured speed, when the work ahead of a retry will have shrunk.
+        """
+        if not self.costs or not self.waiting:
+            return
+        late = [
+            (p, end)
+            for p, end in self.projection()
+            if p.task in self.costs
+            and not p.alone
+            and now + end / SHED_MARGIN > p.deadline
+            and self.costs[p.task].seconds(1) < p.deadline - p.enqueued  # else a retry would not help
+        ]
+        for pending, end in late:
+            self._forget(pending)
+            if not pending.future.done():
+                pending.future.set_exception(Busy(max(1.0, math.ceil(now + end - pending.deadline))))
 
     def _priority(self, pending: Pending) -> tuple[Any, ...]:
         """Lower goes first: fewest running for the user, user then role served least recently, oldest."""
@@ -515,11 +675,7 @@ class BatchingCore:
             if busy is None:
                 busy = now - max(p.sent for p in batch) - float(timing.get("load_s") or 0.0)
             if answered and busy > 0:
-                per_request = busy / answered
-                before = self.seconds_per_request.get(task)
-                self.seconds_per_request[task] = (
-                    per_request if before is None else (1 - SMOOTHING) * before + SMOOTHING * per_request
-                )
+                self.costs.setdefault(task, BatchCost()).observe(answered, busy)
         self.metrics.last_progress.set_to_current_time()
         if len(batch) > 1:  # askers of a batch that ask again arrive together: worth waiting for
             self._followers = len(batch)
