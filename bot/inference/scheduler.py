@@ -101,6 +101,7 @@ class BatchCost:
         self.fixed = 0.0
         self.per_request = 0.0
         self.largest = 0  # the largest batch measured
+        self.fitted = False  # the line is fit to two sizes or more (else PER_REQUEST_SHARE's guess)
 
     def observe(self, size: int, seconds: float) -> None:
         self.largest = max(self.largest, size)
@@ -115,10 +116,10 @@ class BatchCost:
         if spread > 1e-9 * max(1.0, mean_n * mean_n):
             slope = (self._nt / self._w - mean_n * mean_t) / spread
             if slope > 0 and mean_t - slope * mean_n >= 0:
-                self.per_request, self.fixed = slope, mean_t - slope * mean_n
+                self.per_request, self.fixed, self.fitted = slope, mean_t - slope * mean_n, True
                 return
             if slope > 0:  # the line passes below zero for small batches: no fixed cost
-                self.per_request, self.fixed = self._nt / self._nn, 0.0
+                self.per_request, self.fixed, self.fitted = self._nt / self._nn, 0.0, True
                 return
         # One size seen (or a noisy fit): split the mean time by PER_REQUEST_SHARE.
         self.per_request = PER_REQUEST_SHARE * mean_t / max(mean_n, 1.0)
@@ -575,7 +576,8 @@ class BatchingCore:
     def _shed(self, now: float) -> None:
         """Tell queued requests "busy" at once when the measured speed shows their deadline cannot be met.
 
-        Only requests of a measured task are told (a guess never refuses anyone already queued),
+        Only requests of a task measured at two batch sizes or more are told (a guess never
+        refuses anyone already queued),
         not one slower by itself than its budget (waiting would not help it, as at admission),
         and only those that would be late even if the work ran SHED_MARGIN times faster than
         measured (a request that may well be answered is never sent away); the hint is how late
@@ -587,6 +589,7 @@ class BatchingCore:
             (p, end)
             for p, end in self.projection()
             if p.task in self.costs
+            and self.costs[p.task].fitted  # a split guessed from one batch size sends nobody away
             and not p.alone
             and now + end / SHED_MARGIN > p.deadline
             and self.costs[p.task].seconds(1) < p.deadline - p.enqueued  # else a retry would not help
