@@ -20,6 +20,7 @@ import transformers
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from matplotlib.figure import Figure
+from matplotlib.text import Text
 
 from bot import FillMask, NextToken, NextTokenResult, TokenProb
 from bot.app import App
@@ -680,3 +681,34 @@ async def test_text_keys_read_right_where_no_colour_shows(app_factory, tiny_gpt2
     assert TOKEN_BAR in tokens.text
     # /adapt: the answers are in «…», which the text names.
     assert "in «…»" in replies["/adapt"].text and "«" in replies["/adapt"].code.plain
+
+
+# ----------------------------------------------------------------------------- /nexttoken away from temperature 1
+
+
+@pytest.mark.parametrize("temperature", [5.0, 0.05])
+async def test_nexttoken_away_from_temperature_1_shows_the_models_own_probability_beside(  # type: ignore[no-untyped-def]
+    app_factory, models, tiny_gpt2: Path, figures: list[Figure], temperature: float
+) -> None:
+    """At temperature 5 the bars and the table are the flattened distribution; a student must not
+    read them as the model's own probabilities, so both are shown and the chart says which."""
+    app = app_factory(models)
+    prompt = "The capital of France is"
+    reply = await app.execute_line(f'/nexttoken prompt:"{prompt}" k:4 temperature:{temperature:g}')
+    assert not reply.error, reply.text
+    own, tempered = causal_reference(tiny_gpt2, prompt), causal_reference(tiny_gpt2, prompt, temperature)
+    assert reply.table is not None and reply.table.headers[-1] == "model's own (T=1)"
+    for token, row in zip(reply.data["top"], reply.table.rows, strict=True):
+        assert float(row[3]) == pytest.approx(tempered[token["id"]].item(), abs=1e-4)
+        assert float(row[4]) == pytest.approx(own[token["id"]].item(), abs=1e-4)
+    assert f"Temperature {temperature:g} divides the logits" in reply.text and "not the model's own" in reply.text
+    assert ("flattened" if temperature > 1 else "sharpened") in reply.text
+    drawn = " ".join(t.get_text() for t in figures[-1].findobj(Text))
+    assert f"probability at temperature {temperature:g}" in drawn
+
+
+async def test_nexttoken_at_temperature_1_has_one_probability_column(app_factory, models) -> None:  # type: ignore[no-untyped-def]
+    app = app_factory(models)
+    reply = await app.execute_line('/nexttoken prompt:"The capital of France is" k:3')
+    assert reply.table is not None and reply.table.headers[-1] == "probability"
+    assert "Temperature" not in reply.text
