@@ -712,3 +712,20 @@ async def test_nexttoken_at_temperature_1_has_one_probability_column(app_factory
     reply = await app.execute_line('/nexttoken prompt:"The capital of France is" k:3')
     assert reply.table is not None and reply.table.headers[-1] == "probability"
     assert "Temperature" not in reply.text
+
+
+# ----------------------------------------------------------------------------- /surprise: a memorised sentence
+
+
+async def test_a_memorised_sentence_is_not_called_low_perplexity_when_it_is_not(  # type: ignore[no-untyped-def]
+    app_factory, smollm_dir: Path
+) -> None:
+    """On the offline SmolLM2 the counted 2-gram scores the corpus sentence worse per word than the
+    neural model: the reply must not call the n-gram's perplexity low there."""
+    app = app_factory({"causal_lm": smollm_dir})
+    reply = await app.execute_line('/surprise text:"The cat sat on the mat." ngram:true')
+    assert not reply.error, reply.text
+    ngram = reply.data["ngram"]
+    assert ngram["perplexity_per_word"] > ngram["neural_perplexity_per_word"]  # the case in point
+    assert not ngram["comparable"] and "memorised" in reply.text
+    assert "low perplexity" not in reply.text and "recall" in reply.text
