@@ -729,3 +729,21 @@ async def test_a_memorised_sentence_is_not_called_low_perplexity_when_it_is_not(
     assert ngram["perplexity_per_word"] > ngram["neural_perplexity_per_word"]  # the case in point
     assert not ngram["comparable"] and "memorised" in reply.text
     assert "low perplexity" not in reply.text and "recall" in reply.text
+
+
+# ----------------------------------------------------------------------------- /tokencost: one scale
+
+
+@pytest.mark.parametrize("texts", [None, "Hello world|Bonjour le monde|नमस्ते दुनिया"])
+async def test_tokencost_panels_share_one_scale(app_factory, figures: list[Figure], texts: str | None) -> None:  # type: ignore[no-untyped-def]
+    """The text says o200k_base narrows the gap; the chart's three panels must draw their bars on
+    one scale, or a ×0.94 bar in one panel looks as long as a ×4.82 bar in another."""
+    app = app_factory()
+    reply = await app.execute_line("/tokencost" + (f" texts:{texts}" if texts else ""))
+    assert not reply.error, reply.text
+    axes = figures[-1].axes
+    assert len(axes) == 3
+    assert len({ax.get_xlim() for ax in axes}) == 1
+    longest = max(x for ax in axes for poly in ax.collections[0].get_paths() for x, _ in poly.vertices)
+    assert longest == pytest.approx(max(m for row in reply.data["rows"] for m in row["multiplier"].values()))
+    assert all(ax.get_xlim()[1] >= longest for ax in axes)
