@@ -747,3 +747,19 @@ async def test_tokencost_panels_share_one_scale(app_factory, figures: list[Figur
     longest = max(x for ax in axes for poly in ax.collections[0].get_paths() for x, _ in poly.vertices)
     assert longest == pytest.approx(max(m for row in reply.data["rows"] for m in row["multiplier"].values()))
     assert all(ax.get_xlim()[1] >= longest for ax in axes)
+
+
+# ----------------------------------------------------------------------------- /maskrecipe: the share explained
+
+
+@pytest.mark.parametrize("sentence", ["The quick brown fox jumps over the lazy dog", "Hi there", "a"])
+async def test_maskrecipe_explains_its_share_with_the_arithmetic(app_factory, cache_dir: Path, sentence: str) -> None:  # type: ignore[no-untyped-def]
+    """9 tokens get 1 chosen (11%, below 15%): the reply must not say a short sentence gets a larger
+    share; it shows 15% of the count and the whole number taken."""
+    app = app_factory()
+    reply = await app.execute("maskrecipe", {"sentence": sentence}, app.local_context())
+    assert not reply.error, reply.text
+    tokens = transformers.BertTokenizerFast.from_pretrained(bert_tokenizer_dir(cache_dir)).tokenize(sentence)
+    chosen = max(1, round(0.15 * len(tokens)))
+    assert f"15% of {len(tokens)} is {0.15 * len(tokens):.2f}, so {chosen}." in reply.text
+    assert "larger share" not in reply.text or chosen / len(tokens) > 0.15
