@@ -763,3 +763,29 @@ async def test_maskrecipe_explains_its_share_with_the_arithmetic(app_factory, ca
     chosen = max(1, round(0.15 * len(tokens)))
     assert f"15% of {len(tokens)} is {0.15 * len(tokens):.2f}, so {chosen}." in reply.text
     assert "larger share" not in reply.text or chosen / len(tokens) > 0.15
+
+
+# ----------------------------------------------------------------------------- axis labels read as their values
+
+
+@settings(max_examples=examples(60), deadline=None)
+@given(top=st.floats(1e-6, 1.0), share=st.lists(st.floats(0.01, 1.0), min_size=1, max_size=6))
+def test_every_percent_tick_label_reads_as_its_position(top: float, share: list[float]) -> None:
+    """/compare's chart read 0%, 2%, 3%, 4% under ticks at 0, 1.5, 3 and 4.5 %: a student reads the
+    bars against the wrong numbers. Each tick's label must equal its value."""
+    from bot.charts import bar_chart
+
+    figure: list[Figure] = []
+    savefig = Figure.savefig
+
+    def keep(self: Figure, *args: Any, **kwargs: Any) -> Any:
+        figure.append(self)
+        return savefig(self, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(Figure, "savefig", keep)
+        bar_chart([f"t{n}" for n in range(len(share))], [top * s for s in share], title="t", xlabel="p")
+    ticks = [t for t in figure[-1].findobj(Text) if t.get_gid() == "tick"]
+    assert ticks
+    for tick in ticks:
+        assert float(tick.get_text().rstrip("%")) / 100 == pytest.approx(tick.get_position()[0], rel=1e-6, abs=1e-12)
