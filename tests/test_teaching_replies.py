@@ -789,3 +789,35 @@ def test_every_percent_tick_label_reads_as_its_position(top: float, share: list[
     assert ticks
     for tick in ticks:
         assert float(tick.get_text().rstrip("%")) / 100 == pytest.approx(tick.get_position()[0], rel=1e-6, abs=1e-12)
+
+
+# ----------------------------------------------------------------------------- /tokenize: what uncased WordPiece drops
+
+
+@pytest.mark.parametrize(
+    ("text", "lost"),
+    [
+        ("Ünïcödé naïve café", "case and accents are"),
+        ("naïve café", "accents are"),
+        ("Hello World", "case is"),
+        ("hello world", ""),
+    ],
+)
+async def test_tokenize_compare_says_what_uncased_wordpiece_throws_away(  # type: ignore[no-untyped-def]
+    app_factory, cache_dir: Path, text: str, lost: str
+) -> None:
+    """“Ünïcödé naïve café” is 3 WordPiece tokens with no [UNK] because bert-base-uncased lower-cases
+    and strips accents first: the reply must say so, or fewer tokens reads as free."""
+    app = app_factory()
+    reply = await app.execute("tokenize", {"text": text, "compare": True}, app.local_context())
+    assert not reply.error, reply.text
+    normalizer = transformers.BertTokenizerFast.from_pretrained(
+        bert_tokenizer_dir(cache_dir)
+    ).backend_tokenizer.normalizer
+    first = next((w for w in text.split() if normalizer.normalize_str(w) != w), None)
+    if not lost:
+        assert first is None and "lower-cased" not in reply.text
+        return
+    assert first is not None
+    assert f"“{first}” is cut as “{normalizer.normalize_str(first)}”, so {lost} lost" in reply.text
+    assert ("drops accents" in reply.text) == ("accents" in lost)
