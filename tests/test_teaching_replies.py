@@ -821,3 +821,22 @@ async def test_tokenize_compare_says_what_uncased_wordpiece_throws_away(  # type
     assert first is not None
     assert f"“{first}” is cut as “{normalizer.normalize_str(first)}”, so {lost} lost" in reply.text
     assert ("drops accents" in reply.text) == ("accents" in lost)
+
+
+# ----------------------------------------------------------------------------- /complexity: the budget figure explained
+
+
+async def test_complexity_says_how_an_untimed_lengths_cost_adds_up(app_factory) -> None:  # type: ignore[no-untyped-def]
+    """1.38e11 beside a table whose largest count is 3.44e10 reads as a contradiction unless the reply
+    says it is 4 forwards (one warm-up, 3 timed) of both layers."""
+    app = app_factory()
+    reply = await app.execute_line("/complexity lengths:8,32768 width:16")
+    assert not reply.error, reply.text
+    n, d = 32768, 16
+    want = 4 * (6 * n * d * d + 4 * n * d * d + 2 * n * n * d)
+    shown = re.search(
+        r"would take up to ([\d.e+,]+) multiply-accumulates \(4 forwards of each layer, one warm-up and 3 timed",
+        reply.text,
+    )
+    assert shown is not None, reply.text
+    assert float(shown.group(1).replace(",", "")) == pytest.approx(want, rel=1e-2)
