@@ -840,3 +840,21 @@ async def test_complexity_says_how_an_untimed_lengths_cost_adds_up(app_factory) 
     )
     assert shown is not None, reply.text
     assert float(shown.group(1).replace(",", "")) == pytest.approx(want, rel=1e-2)
+
+
+# ----------------------------------------------------------------------------- /surprise: every token marked
+
+
+async def test_surprise_text_key_marks_a_surprising_space_token(app_factory, smollm_dir: Path) -> None:  # type: ignore[no-untyped-def]
+    """In “1 1 1 …” SmolLM2's most surprising token is a lone space (about 10 bits): the text key
+    must mark it as the table ranks it, not leave it bare."""
+    app = app_factory({"causal_lm": smollm_dir})
+    reply = await app.execute_line("/surprise text:1 1 1 1 1 1 1 1 1 1 1 1")
+    assert not reply.error, reply.text
+    bits, tokens = reply.data["bits"], reply.data["tokens"]
+    spaces = [b for b, t in zip(bits, tokens, strict=True) if t.strip(" ␣") == "" and b >= 6]
+    assert spaces  # the case in point, from the model
+    assert reply.code is not None
+    key = "".join(segment.text for segment in reply.code.segments)
+    assert key.count("‹") + key.count("«") == sum(b >= 6 for b in bits)
+    assert "‹␣›" in key or "«␣»" in key
