@@ -858,3 +858,20 @@ async def test_surprise_text_key_marks_a_surprising_space_token(app_factory, smo
     key = "".join(segment.text for segment in reply.code.segments)
     assert key.count("‹") + key.count("«") == sum(b >= 6 for b in bits)
     assert "‹␣›" in key or "«␣»" in key
+
+
+# ----------------------------------------------------------------------------- /compare: the continuation quoted
+
+
+async def test_compare_quotes_the_continuation_so_it_does_not_read_as_the_bots_text(  # type: ignore[no-untyped-def]
+    app_factory, smollm_dir: Path
+) -> None:
+    """SmolLM2 continues “The cat sat on the” with “… back.\\n\\nThe original sentence is”: printed
+    bare, its last line read as the bot's own unfinished sentence."""
+    app = app_factory({"causal_lm": smollm_dir})
+    reply = await app.execute_line("/compare text:The cat sat on the mat.")
+    assert not reply.error, reply.text
+    continued = reply.data["causal"]["continuation"]
+    assert "\n" in continued  # the case in point, from the model
+    field = next(f for f in reply.fields if f.name.startswith("causal LM continues"))
+    assert field.value == "“" + continued.replace("\n", "⏎") + "”"
