@@ -414,7 +414,9 @@ def _value_axis(ax: Any, fig: Any, top: float, percent: bool, label: str, bottom
     ticks = [float(t) for t in MaxNLocator(nbins=4).tick_values(0, top) if 0 <= t <= top * 1.0001]
     ax.vlines(ticks[1:], 0, 1, transform=ax.get_xaxis_transform(), colors="#dddddd", linewidth=0.8, zorder=0)
     below = offset_copy(ax.get_xaxis_transform(), fig=fig, x=0, y=-4 * PX, units="dots")
-    for tick, mark in zip(ticks, value_labels(ticks, "{:.0%}" if percent else "{:g}"), strict=True):
+    # Each tick's label must read as its value (1.25 % is not "1%"): as many decimals as that takes.
+    places = next((d for d in range(6) if all(abs(round(t * 100, d) - t * 100) < 1e-9 for t in ticks)), 6)
+    for tick, mark in zip(ticks, value_labels(ticks, f"{{:.{places}%}}" if percent else "{:g}"), strict=True):
         fig.text(tick, 0, mark, transform=below, ha="center", va="top", fontsize=LABEL_PT, gid="tick")
     if label:
         box = ax.get_position()

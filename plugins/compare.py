@@ -344,7 +344,12 @@ async def compare(ctx: Context, text: str, hide: str | None, k: int) -> Reply:
         )
     )
     fields.append(
-        Field("causal LM continues the text before the hidden word with", continued[:1000] or "∅", inline=False)
+        # Quoted, line breaks as ⏎: the model's words must not read as the bot's own lines.
+        Field(
+            "causal LM continues the text before the hidden word with",
+            f"“{continued[:1000].replace(chr(10), '⏎')}”" if continued else "∅",
+            inline=False,
+        )
     )
     data["causal"] = {
         "model": causal.model,

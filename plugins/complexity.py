@@ -315,7 +315,9 @@ async def complexity(ctx: Context, lengths: str, width: int) -> Reply:
         worst = max(r.cost() for r, over in zip(requests, over_budget, strict=True) if over)
         lines.append(
             f"Not timed: n = {listing(skipped)}. Timing {'it' if len(skipped) == 1 else 'them'} would take up to "
-            f"{short(worst)} multiply-accumulates, over this service's budget of {short(budget)} per request; "
+            f"{short(worst)} multiply-accumulates ({REPEATS + 1} forwards of each layer, one warm-up and {REPEATS} "
+            f"timed, each the table's GRU and attention counts added up), over this service's budget of "
+            f"{short(budget)} per request; "
             "the counts need no measurement."
         )
     big = [n for n, over, large in zip(ns, over_budget, too_big, strict=True) if large and not over]

@@ -157,7 +157,8 @@ async def maskrecipe(ctx: Context, sentence: str, seed: int) -> Reply:
         text=(
             f"{len(tokens)} WordPiece token{'s' if len(tokens) != 1 else ''}; {len(changes)} chosen "
             f"({len(changes) / len(tokens):.0%} of them). The recipe aims at {SELECT:.0%} of the tokens, "
-            "at least one, so a short sentence gets a larger share. "
+            f"a whole number, at least one: {SELECT:.0%} of {len(tokens)} is {SELECT * len(tokens):.2f}, "
+            f"so {len(changes)}. "
             "Below, the sentence as the model sees it: [MASK] where a chosen token was masked (80% of the "
             "chosen), ~word~ where it was swapped for a random token (10%), =word= where it was chosen but "
             "kept (10%). "

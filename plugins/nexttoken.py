@@ -79,6 +79,20 @@ def entropy_line(bits: float) -> str:
     )
 
 
+async def model_own_probs(ctx: Context, prompt: str, k: int, temperature: float) -> dict[int, float]:
+    """The model's own (temperature 1) probability of each of the top ``k`` tokens, by id; empty
+    at temperature 1, where the shown probabilities already are the model's own."""
+    if temperature == 1.0:
+        return {}
+    plain = await ctx.inference.submit(NextToken(prompt, k=k, temperature=1.0))
+    return {t.id: t.prob for t in plain.top}
+
+
+def own_cell(own: dict[int, float], token_id: int) -> str:
+    # A tie at the k-th place can swap one token between the two lists: then it has no own figure.
+    return f"{own[token_id]:.4f}" if token_id in own else "–"
+
+
 @command(
     "nexttoken",
     "Show the model's probabilities for the next token after a prompt",
@@ -92,8 +106,11 @@ def entropy_line(bits: float) -> str:
 async def nexttoken(ctx: Context, prompt: str, k: int, temperature: float) -> Reply:
     result = await ctx.inference.submit(NextToken(prompt, k=k, temperature=temperature))
     labels = [token_label(t.token, t.raw) for t in result.top]
+    # Away from temperature 1 the shown probabilities are not the model's own: show its own beside
+    # them (dividing logits by T keeps their order, so the same top-k tokens come back).
+    own = await model_own_probs(ctx, prompt, k, temperature)
     rows = [
-        [str(n), label, str(t.id), f"{t.prob:.4f}"]
+        [str(n), label, str(t.id), f"{t.prob:.4f}", *([own_cell(own, t.id)] if own else [])]
         for n, (label, t) in enumerate(zip(labels, result.top, strict=True), 1)
     ]
     shown_prompt = ("…" if len(prompt) > 50 else "") + prompt[-50:]
@@ -102,7 +119,7 @@ async def nexttoken(ctx: Context, prompt: str, k: int, temperature: float) -> Re
         labels,
         [t.prob for t in result.top],
         title=f"Next token after “{shown_prompt}”",
-        xlabel=f"probability ({result.model})",
+        xlabel=f"probability{f' at temperature {temperature:g}' if own else ''} ({result.model})",
         filename="nexttoken.png",
     )
     shown = sum(t.prob for t in result.top)
@@ -117,6 +134,14 @@ async def nexttoken(ctx: Context, prompt: str, k: int, temperature: float) -> Re
     if any(is_partial(t.raw) for t in result.top):
         text += " ⟨..⟩ marks a token that is only part of a character (its bytes in hex)"
         text += "; it gets no button, as appending it alone would not be text." if partial else "."
+    if own:
+        first = result.top[0]
+        text += (
+            f"\nTemperature {temperature:g} divides the logits by {temperature:g} before the softmax, so these are the "
+            f"{'flattened' if temperature > 1 else 'sharpened'} probabilities a sampler would draw from, not the "
+            f"model's own: at temperature 1, {labels[0]} has {own_cell(own, first.id)}, here {first.prob:.4f} "
+            "(both columns in the table)."
+        )
     text += "\n" + entropy_line(result.entropy_bits)
     prompt_raw = result.prompt_raw or [b""] * len(result.prompt_tokens)
     return Reply(
@@ -125,10 +150,14 @@ async def nexttoken(ctx: Context, prompt: str, k: int, temperature: float) -> Re
         buttons=steps,
         fields=[
             Field("prompt tokens", str(len(result.prompt_ids))),
-            Field("entropy", f"{result.entropy_bits:.2f} bits"),
+            Field("entropy", f"{result.entropy_bits:.2f} bits" + (f" (at temperature {temperature:g})" if own else "")),
             Field("temperature", f"{temperature:g}"),
         ],
-        table=Table(["#", "token", "id", "probability"], rows, align="rlrr"),
+        table=Table(
+            ["#", "token", "id", *([f"p at T={temperature:g}", "model's own (T=1)"] if own else ["probability"])],
+            rows,
+            align="rlrrr" if own else "rlrr",
+        ),
         images=[chart],
         data={
             "model": result.model,
@@ -138,6 +167,7 @@ async def nexttoken(ctx: Context, prompt: str, k: int, temperature: float) -> Re
             "top": [token_data(t) for t in result.top],
             "entropy_bits": result.entropy_bits,
             "temperature": temperature,
+            "own_prob": {str(i): p for i, p in own.items()},
         },
     )
 

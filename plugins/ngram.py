@@ -167,7 +167,7 @@ class NgramModel:
 def comparability_warnings(model: NgramModel, held: list[list[str]], corpus: list[list[str]]) -> list[str]:
     """Why the n-gram model's perplexity on ``held`` cannot be set beside a neural model's (empty
     when it can): words it never counted (all lumped into one cheap <unk> outcome), and held-out
-    sentences it counted itself (a memorised sentence scores well without any generalisation).
+    sentences it counted itself (a memorised sentence is scored by recall, not generalisation).
     Every reply that shows the two perplexities side by side says this."""
     flat = [w for sentence in held for w in sentence]
     unseen = [w for w in flat if w not in model.word_types]
@@ -190,7 +190,9 @@ def comparability_warnings(model: NgramModel, held: list[list[str]], corpus: lis
         )
         warnings.append(
             f"{which} itself in the counted text, so the n-gram model has memorised {'it' if one else 'them'}: "
-            "its low perplexity there is recall, not generalisation, so the two are not comparable."
+            # Not "low": with smoothing, a memorised sentence can still score worse than the neural model.
+            "its perplexity there measures recall of text it counted, not prediction of new text, "
+            "so the two are not comparable."
         )
     return warnings
 

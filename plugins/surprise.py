@@ -39,7 +39,7 @@ BANDS: tuple[tuple[float, str | None, tuple[str, str], str], ...] = (
     (12.0, "yellow", ("‹", "›"), "6–12"),
     (math.inf, "red", ("«", "»"), "12 or more (rarer than 1 in 4,096)"),
 )
-MARKS_LINE = "In the text below, ‹…› marks a token of 6–12 bits and «…» one of 12 bits or more."
+MARKS_LINE = "In the text below, ‹…› marks a token of 6–12 bits and «…» one of 12 bits or more (a space token as ␣)."
 
 
 @dataclass(frozen=True)
@@ -131,11 +131,14 @@ def band(bits: float) -> str | None:
 
 
 def marked(piece: str, bits: float) -> str:
-    """``piece`` inside its band's marks (a leading or trailing space stays outside them)."""
+    """``piece`` inside its band's marks (a leading or trailing space stays outside them; a token
+    of spaces only is written as ␣, or a 10-bit space would go unmarked)."""
     opening, closing = next(marks for bound, _, marks, _ in BANDS if bits < bound)
     core = piece.strip(" ")
-    if not opening or not core:
+    if not opening or not piece:
         return piece
+    if not core:  # a token of spaces only: shown as ␣ so its marks have something to hold
+        return f"{opening}{'␣' * len(piece)}{closing}"
     start = piece.index(core[0])
     return f"{piece[:start]}{opening}{core}{closing}{piece[start + len(core) :]}"
 

@@ -135,6 +135,9 @@ async def tokencost(ctx: Context, texts: str | None) -> Reply:
         ],
         xlabel=f"tokens for the same meaning, as a multiple of {base.language[:20]}'s",
         value_format="×{:.2f}",
+        # One scale for every panel, so a bar's length compares across encodings as the text does
+        # (room past the longest bar for its value label).
+        xmax=1.25 * max(m for name in ENCODINGS for m in multipliers[name]),
         filename="tokencost.png",
     )
     return Reply(

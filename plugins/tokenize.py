@@ -75,6 +75,30 @@ def unknown_line(table: Table) -> str:
     )
 
 
+def normalising_line(text: str) -> str:
+    """What the uncased vocabularies drop before cutting (case; WordPiece also accents), with the
+    first word it changes: fewer tokens there is partly information thrown away, with no [UNK]
+    to show it. Empty when nothing changes."""
+    normalizer = wordpiece().normalizer
+    assert normalizer is not None  # BertWordPieceTokenizer always has its BertNormalizer
+
+    def read(word: str) -> str:
+        return "".join(normalizer.normalize_str(word).split())  # CJK characters get spaces around
+
+    changed = [(w, read(w)) for w in text.split() if read(w) != w]
+    if not changed:
+        return ""
+    accents = any(new != old.lower() for old, new in changed)
+    case = any(old != old.lower() for old, _ in changed)
+    lost = "case and accents are" if accents and case else "accents are" if accents else "case is"
+    old, new = changed[0]
+    return (
+        f"The word list and WordPiece (bert-base-uncased) read the text lower-cased"
+        f"{', and WordPiece also drops accents' if accents else ''}: “{old}” is cut as “{new}”, so {lost} "
+        "lost before any piece is cut, with no [UNK] to show it."
+    )
+
+
 @command(
     "tokenize",
     "Show how a BPE tokenizer cuts text into tokens",
@@ -106,6 +130,8 @@ async def tokenize(ctx: Context, text: str, encoding: str, compare: bool) -> Rep
         table, counts = await asyncio.to_thread(_compare, text, enc, ids)
         data["compare"] = counts
         text_line += "\n" + unknown_line(table)
+        if normalised := normalising_line(text):
+            text_line += "\n" + normalised
         unknown = [int(row[2]) for row in table.rows]
         images.append(
             await render(

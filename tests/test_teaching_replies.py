@@ -20,6 +20,7 @@ import transformers
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from matplotlib.figure import Figure
+from matplotlib.text import Text
 
 from bot import FillMask, NextToken, NextTokenResult, TokenProb
 from bot.app import App
@@ -680,3 +681,197 @@ async def test_text_keys_read_right_where_no_colour_shows(app_factory, tiny_gpt2
     assert TOKEN_BAR in tokens.text
     # /adapt: the answers are in «…», which the text names.
     assert "in «…»" in replies["/adapt"].text and "«" in replies["/adapt"].code.plain
+
+
+# ----------------------------------------------------------------------------- /nexttoken away from temperature 1
+
+
+@pytest.mark.parametrize("temperature", [5.0, 0.05])
+async def test_nexttoken_away_from_temperature_1_shows_the_models_own_probability_beside(  # type: ignore[no-untyped-def]
+    app_factory, models, tiny_gpt2: Path, figures: list[Figure], temperature: float
+) -> None:
+    """At temperature 5 the bars and the table are the flattened distribution; a student must not
+    read them as the model's own probabilities, so both are shown and the chart says which."""
+    app = app_factory(models)
+    prompt = "The capital of France is"
+    reply = await app.execute_line(f'/nexttoken prompt:"{prompt}" k:4 temperature:{temperature:g}')
+    assert not reply.error, reply.text
+    own, tempered = causal_reference(tiny_gpt2, prompt), causal_reference(tiny_gpt2, prompt, temperature)
+    assert reply.table is not None and reply.table.headers[-1] == "model's own (T=1)"
+    for token, row in zip(reply.data["top"], reply.table.rows, strict=True):
+        assert float(row[3]) == pytest.approx(tempered[token["id"]].item(), abs=1e-4)
+        assert float(row[4]) == pytest.approx(own[token["id"]].item(), abs=1e-4)
+    assert f"Temperature {temperature:g} divides the logits" in reply.text and "not the model's own" in reply.text
+    assert ("flattened" if temperature > 1 else "sharpened") in reply.text
+    drawn = " ".join(t.get_text() for t in figures[-1].findobj(Text))
+    assert f"probability at temperature {temperature:g}" in drawn
+
+
+async def test_nexttoken_at_temperature_1_has_one_probability_column(app_factory, models) -> None:  # type: ignore[no-untyped-def]
+    app = app_factory(models)
+    reply = await app.execute_line('/nexttoken prompt:"The capital of France is" k:3')
+    assert reply.table is not None and reply.table.headers[-1] == "probability"
+    assert "Temperature" not in reply.text
+
+
+# ----------------------------------------------------------------------------- /surprise: a memorised sentence
+
+
+async def test_a_memorised_sentence_is_not_called_low_perplexity_when_it_is_not(  # type: ignore[no-untyped-def]
+    app_factory, smollm_dir: Path
+) -> None:
+    """On the offline SmolLM2 the counted 2-gram scores the corpus sentence worse per word than the
+    neural model: the reply must not call the n-gram's perplexity low there."""
+    app = app_factory({"causal_lm": smollm_dir})
+    reply = await app.execute_line('/surprise text:"The cat sat on the mat." ngram:true')
+    assert not reply.error, reply.text
+    ngram = reply.data["ngram"]
+    assert ngram["perplexity_per_word"] > ngram["neural_perplexity_per_word"]  # the case in point
+    assert not ngram["comparable"] and "memorised" in reply.text
+    assert "low perplexity" not in reply.text and "recall" in reply.text
+
+
+# ----------------------------------------------------------------------------- /tokencost: one scale
+
+
+@pytest.mark.parametrize("texts", [None, "Hello world|Bonjour le monde|नमस्ते दुनिया"])
+async def test_tokencost_panels_share_one_scale(app_factory, figures: list[Figure], texts: str | None) -> None:  # type: ignore[no-untyped-def]
+    """The text says o200k_base narrows the gap; the chart's three panels must draw their bars on
+    one scale, or a ×0.94 bar in one panel looks as long as a ×4.82 bar in another."""
+    app = app_factory()
+    reply = await app.execute_line("/tokencost" + (f" texts:{texts}" if texts else ""))
+    assert not reply.error, reply.text
+    axes = figures[-1].axes
+    assert len(axes) == 3
+    assert len({ax.get_xlim() for ax in axes}) == 1
+    longest = max(x for ax in axes for poly in ax.collections[0].get_paths() for x, _ in poly.vertices)
+    assert longest == pytest.approx(max(m for row in reply.data["rows"] for m in row["multiplier"].values()))
+    assert all(ax.get_xlim()[1] >= longest for ax in axes)
+
+
+# ----------------------------------------------------------------------------- /maskrecipe: the share explained
+
+
+@pytest.mark.parametrize("sentence", ["The quick brown fox jumps over the lazy dog", "Hi there", "a"])
+async def test_maskrecipe_explains_its_share_with_the_arithmetic(app_factory, cache_dir: Path, sentence: str) -> None:  # type: ignore[no-untyped-def]
+    """9 tokens get 1 chosen (11%, below 15%): the reply must not say a short sentence gets a larger
+    share; it shows 15% of the count and the whole number taken."""
+    app = app_factory()
+    reply = await app.execute("maskrecipe", {"sentence": sentence}, app.local_context())
+    assert not reply.error, reply.text
+    tokens = transformers.BertTokenizerFast.from_pretrained(bert_tokenizer_dir(cache_dir)).tokenize(sentence)
+    chosen = max(1, round(0.15 * len(tokens)))
+    assert f"15% of {len(tokens)} is {0.15 * len(tokens):.2f}, so {chosen}." in reply.text
+    assert "larger share" not in reply.text or chosen / len(tokens) > 0.15
+
+
+# ----------------------------------------------------------------------------- axis labels read as their values
+
+
+@settings(max_examples=examples(60), deadline=None)
+@given(top=st.floats(1e-6, 1.0), share=st.lists(st.floats(0.01, 1.0), min_size=1, max_size=6))
+def test_every_percent_tick_label_reads_as_its_position(top: float, share: list[float]) -> None:
+    """/compare's chart read 0%, 2%, 3%, 4% under ticks at 0, 1.5, 3 and 4.5 %: a student reads the
+    bars against the wrong numbers. Each tick's label must equal its value."""
+    from bot.charts import bar_chart
+
+    figure: list[Figure] = []
+    savefig = Figure.savefig
+
+    def keep(self: Figure, *args: Any, **kwargs: Any) -> Any:
+        figure.append(self)
+        return savefig(self, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(Figure, "savefig", keep)
+        bar_chart([f"t{n}" for n in range(len(share))], [top * s for s in share], title="t", xlabel="p")
+    ticks = [t for t in figure[-1].findobj(Text) if t.get_gid() == "tick"]
+    assert ticks
+    for tick in ticks:
+        assert float(tick.get_text().rstrip("%")) / 100 == pytest.approx(tick.get_position()[0], rel=1e-6, abs=1e-12)
+
+
+# ----------------------------------------------------------------------------- /tokenize: what uncased WordPiece drops
+
+
+@pytest.mark.parametrize(
+    ("text", "lost"),
+    [
+        ("Ünïcödé naïve café", "case and accents are"),
+        ("naïve café", "accents are"),
+        ("Hello World", "case is"),
+        ("hello world", ""),
+    ],
+)
+async def test_tokenize_compare_says_what_uncased_wordpiece_throws_away(  # type: ignore[no-untyped-def]
+    app_factory, cache_dir: Path, text: str, lost: str
+) -> None:
+    """“Ünïcödé naïve café” is 3 WordPiece tokens with no [UNK] because bert-base-uncased lower-cases
+    and strips accents first: the reply must say so, or fewer tokens reads as free."""
+    app = app_factory()
+    reply = await app.execute("tokenize", {"text": text, "compare": True}, app.local_context())
+    assert not reply.error, reply.text
+    normalizer = transformers.BertTokenizerFast.from_pretrained(
+        bert_tokenizer_dir(cache_dir)
+    ).backend_tokenizer.normalizer
+    first = next((w for w in text.split() if normalizer.normalize_str(w) != w), None)
+    if not lost:
+        assert first is None and "lower-cased" not in reply.text
+        return
+    assert first is not None
+    assert f"“{first}” is cut as “{normalizer.normalize_str(first)}”, so {lost} lost" in reply.text
+    assert ("drops accents" in reply.text) == ("accents" in lost)
+
+
+# ----------------------------------------------------------------------------- /complexity: the budget figure explained
+
+
+async def test_complexity_says_how_an_untimed_lengths_cost_adds_up(app_factory) -> None:  # type: ignore[no-untyped-def]
+    """1.38e11 beside a table whose largest count is 3.44e10 reads as a contradiction unless the reply
+    says it is 4 forwards (one warm-up, 3 timed) of both layers."""
+    app = app_factory()
+    reply = await app.execute_line("/complexity lengths:8,32768 width:16")
+    assert not reply.error, reply.text
+    n, d = 32768, 16
+    want = 4 * (6 * n * d * d + 4 * n * d * d + 2 * n * n * d)
+    shown = re.search(
+        r"would take up to ([\d.e+,]+) multiply-accumulates \(4 forwards of each layer, one warm-up and 3 timed",
+        reply.text,
+    )
+    assert shown is not None, reply.text
+    assert float(shown.group(1).replace(",", "")) == pytest.approx(want, rel=1e-2)
+
+
+# ----------------------------------------------------------------------------- /surprise: every token marked
+
+
+async def test_surprise_text_key_marks_a_surprising_space_token(app_factory, smollm_dir: Path) -> None:  # type: ignore[no-untyped-def]
+    """In “1 1 1 …” SmolLM2's most surprising token is a lone space (about 10 bits): the text key
+    must mark it as the table ranks it, not leave it bare."""
+    app = app_factory({"causal_lm": smollm_dir})
+    reply = await app.execute_line("/surprise text:1 1 1 1 1 1 1 1 1 1 1 1")
+    assert not reply.error, reply.text
+    bits, tokens = reply.data["bits"], reply.data["tokens"]
+    spaces = [b for b, t in zip(bits, tokens, strict=True) if t.strip(" ␣") == "" and b >= 6]
+    assert spaces  # the case in point, from the model
+    assert reply.code is not None
+    key = "".join(segment.text for segment in reply.code.segments)
+    assert key.count("‹") + key.count("«") == sum(b >= 6 for b in bits)
+    assert "‹␣›" in key or "«␣»" in key
+
+
+# ----------------------------------------------------------------------------- /compare: the continuation quoted
+
+
+async def test_compare_quotes_the_continuation_so_it_does_not_read_as_the_bots_text(  # type: ignore[no-untyped-def]
+    app_factory, smollm_dir: Path
+) -> None:
+    """SmolLM2 continues “The cat sat on the” with “… back.\\n\\nThe original sentence is”: printed
+    bare, its last line read as the bot's own unfinished sentence."""
+    app = app_factory({"causal_lm": smollm_dir})
+    reply = await app.execute_line("/compare text:The cat sat on the mat.")
+    assert not reply.error, reply.text
+    continued = reply.data["causal"]["continuation"]
+    assert "\n" in continued  # the case in point, from the model
+    field = next(f for f in reply.fields if f.name.startswith("causal LM continues"))
+    assert field.value == "“" + continued.replace("\n", "⏎") + "”"
