@@ -126,7 +126,14 @@ async def stats_command(ctx: Context) -> Reply:
     summary = {**summary, "stalls": {p: dataclasses.asdict(s) for p, s in stalls.items()}}
     return Reply(
         title="Inference stats",
-        text="" if rows else "No model requests yet.",
+        text=(
+            "Per task: batch = mean requests per batch; queued = mean wait before its batch ran; "
+            "compute = mean time of a batch in the worker; p50/p95 = a request's whole time from "
+            "submit to answer (queue, loading a model the first time, compute), half / 95 in 100 "
+            "of requests within it."
+            if rows
+            else "No model requests yet."
+        ),
         fields=fields,
         table=Table(["task", "ok", "errors", "batch", "queued", "compute", "p50", "p95"], rows) if rows else None,
         data=summary,

@@ -33,6 +33,10 @@ async def test_stats_is_owner_only_and_counts_requests(app_factory, tiny_gpt2: P
     assert row["ok"] == 5
     assert row["batch_size_mean"] >= 1
     assert reply.table is not None and reply.table.rows[0][0] == "next_token"
+    # Each column is said in words: p50/p95 are a request's whole time, compute is a batch's.
+    for column in reply.table.headers[3:]:
+        assert f"{column} = " in reply.text or f"{column}/" in reply.text
+    assert "loading a model" in reply.text
 
 
 async def test_prometheus_endpoint_and_lmbot_stats(config_factory, tiny_gpt2: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]

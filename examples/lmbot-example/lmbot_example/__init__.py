@@ -92,7 +92,9 @@ async def induction(ctx: Context, length: int, seed: int) -> Reply:
     result: RepeatResult = await ctx.inference.submit(RepeatedTokens(length, seed))
     first = per_token(result.first_nats, unit)
     second = per_token(result.second_nats, unit)
-    first_mean, second_mean = fmean(first), fmean(second)
+    # Both means over the same positions, 2..length: the first copy's first token has no context,
+    # and the second copy's first token cannot be copied yet (what follows it comes later).
+    first_mean, second_mean = fmean(first), fmean(second[1:] or second)
     # A model that spread its probability evenly over the vocabulary would pay this on every token.
     uniform = math.log(result.vocabulary) / (LN2 if unit == "bits" else 1.0)
     rows = [
@@ -116,7 +118,8 @@ async def induction(ctx: Context, length: int, seed: int) -> Reply:
         text=(
             f"The model read {length} random tokens, then the same {length} again. "
             f"Surprise is −log₂ P(token) in bits (−ln in nats): how unexpected each token was. "
-            f"First copy: {first_mean:.2f} {unit} per token; second copy: {second_mean:.2f}. "
+            f"First copy: {first_mean:.2f} {unit} per token; second copy: {second_mean:.2f} "
+            "(both over positions 2 on: a copy's first token has nothing yet to be copied from). "
             "The first copy cannot be predicted; the second can be copied from what the model just read. "
             f"Guessing evenly among its {result.vocabulary:,} tokens would cost {uniform:.2f} {unit} on each."
         ),

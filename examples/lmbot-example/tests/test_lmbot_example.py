@@ -50,6 +50,8 @@ async def test_surprise_equals_transformers_on_the_same_tokens(lmbot_app, lmbot_
     got = reply.data["first"] + reply.data["second"]
     assert got == pytest.approx(expected, abs=1e-4)
     assert reply.data["first_mean"] == pytest.approx(sum(expected[:11]) / 11, abs=1e-4)
+    # The same positions (2..12) in both copies: like with like.
+    assert reply.data["second_mean"] == pytest.approx(sum(expected[12:]) / 11, abs=1e-4)
     assert reply.data["model"]  # the worker put the model's label in the result
     tokenizer = transformers.AutoTokenizer.from_pretrained(lmbot_models.tiny_gpt2)
     assert reply.data["vocabulary"] == len(tokenizer)
