@@ -206,6 +206,16 @@ SLOW = frozenset(
     f"tests/{test}"
     for test in (
         "test_ask_warm.py::test_a_changed_setting_replaces_the_warm_lmbot",
+        "test_ask_warm.py::test_a_variable_a_plugin_declared_replaces_the_warm_lmbot",
+        "test_ask_race.py::test_two_asks_racing_start_exactly_one_warm_lmbot_and_both_are_answered",
+        "test_ask_interrupt.py::test_ctrl_c_while_the_worker_starts_is_one_line_and_exit_130",
+        "test_cli.py::test_a_metrics_port_in_use_is_one_line_and_the_bot_runs_on_without_metrics",
+        "test_discord_reconnect_log.py::test_a_gateway_dropped_mid_run_is_one_line_and_the_traceback_only_at_debug",
+        "test_followup_deadline.py::test_a_later_message_that_never_comes_is_answered_at_its_deadline",
+        "test_lens.py::test_smollm2s_layer_12_mlp_matters_more_than_any_other_middle_layers",
+        "test_lens.py::test_another_threads_forward_during_the_lens_is_neither_recorded_nor_knocked_out",
+        "test_lens.py::test_a_lens_that_fails_mid_forward_leaves_the_model_whole",
+        "test_startup_network.py::test_an_outage_at_start_up_that_ends_logs_in_and_answers",
         "test_ask_warm.py::test_a_dead_warm_lmbot_never_loses_an_ask",
         "test_ask_warm.py::test_a_package_named_bot_in_the_working_folder_changes_nothing",
         "test_ask_warm.py::test_an_edited_topic_toml_is_shown_on_the_next_ask",

@@ -45,6 +45,7 @@ class EchoApp:
     """An app that answers every line at once (what the warm lmbot serves is not the point here)."""
 
     inference = type("NoPreload", (), {})()
+    registry = type("NoPlugins", (), {"environment": set()})()  # no plugin declares a variable
 
     async def execute_line(self, line: str) -> Reply:
         return Reply(text=f"answered {line}")
