@@ -151,7 +151,8 @@ class LmbotClient(discord.AutoShardedClient):
 
     async def on_ready(self) -> None:
         """Say once who the bot is, where it is, and how to invite it (every shard is ready)."""
-        if self._said_ready or self.user is None:
+        # A client closed before its delayed ready came (a shutdown during login) says nothing.
+        if self._said_ready or self.user is None or self.is_closed():
             return
         self._said_ready = True
         print(f"lmbot: {ready_line(self.user, len(self.guilds), self.application_id)}", file=sys.stderr, flush=True)
