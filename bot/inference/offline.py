@@ -79,14 +79,12 @@ def bert_tokenizer_dir(cache_dir: Path) -> Path:
     return target
 
 
-def _gpt2_ranks() -> list[bytes]:
-    """GPT-2's tokens as bytes, by rank (the r50k_base table)."""
-    encoder_path, _ = gpt2_bpe_files()
-    encoder = json.loads(encoder_path.read_text(encoding="utf-8"))
-    # GPT-2 maps bytes to printable characters; invert that mapping.
-    printable = (
-        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    )
+@functools.cache
+def byte_level_alphabet() -> dict[str, int]:
+    """GPT-2's byte-level BPE writes each byte as a printable character; this inverts that.
+
+    The one copy: the bot reads tiktoken's table with it, worker tasks read tokens' bytes."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     chars = printable[:]
     extra = 0
     for b in range(256):
@@ -94,7 +92,14 @@ def _gpt2_ranks() -> list[bytes]:
             printable.append(b)
             chars.append(256 + extra)
             extra += 1
-    byte_of = {chr(c): b for b, c in zip(printable, chars, strict=True)}
+    return {chr(c): b for b, c in zip(printable, chars, strict=True)}
+
+
+def _gpt2_ranks() -> list[bytes]:
+    """GPT-2's tokens as bytes, by rank (the r50k_base table)."""
+    encoder_path, _ = gpt2_bpe_files()
+    encoder = json.loads(encoder_path.read_text(encoding="utf-8"))
+    byte_of = byte_level_alphabet()
     by_rank = sorted((rank, token) for token, rank in encoder.items() if token != "<|endoftext|>")
     return [bytes(byte_of[ch] for ch in token) for _, token in by_rank]
 

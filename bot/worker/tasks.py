@@ -37,6 +37,7 @@ from typing import Any
 
 import torch
 
+from bot.inference.offline import byte_level_alphabet
 from bot.inference.protocol import (
     MASK,
     Classify,
@@ -105,20 +106,6 @@ def _causal_forward(model: Any, enc: dict[str, torch.Tensor], keep: int | None) 
     return (logits if keep is None else logits[:, -keep:, :]).float()
 
 
-@functools.cache
-def _byte_level_alphabet() -> dict[str, int]:
-    """GPT-2's byte-level BPE writes each byte as a printable character; this inverts that."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    chars = printable[:]
-    extra = 0
-    for b in range(256):
-        if b not in printable:
-            printable.append(b)
-            chars.append(256 + extra)
-            extra += 1
-    return {chr(c): b for b, c in zip(printable, chars, strict=True)}
-
-
 def token_bytes(tokenizer: Any, ids: Sequence[int]) -> list[bytes]:
     """Each token's own bytes.
 
@@ -126,7 +113,7 @@ def token_bytes(tokenizer: Any, ids: Sequence[int]) -> list[bytes]:
     BPE splits 東 into several tokens); its bytes then come from the vocabulary entry itself:
     GPT-2-style byte characters, or SentencePiece's ``<0xE6>`` byte tokens.
     """
-    alphabet = _byte_level_alphabet()
+    alphabet = byte_level_alphabet()
     out = []
     for token_id in ids:
         text = tokenizer.decode([int(token_id)])

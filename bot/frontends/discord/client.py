@@ -77,6 +77,14 @@ def ready_line(user: discord.abc.User, servers: int, application_id: int | None)
     return f"logged in as {user.name} (id {user.id}) in {where}{invite}"
 
 
+def _parsed_id(data: dict[str, Any]) -> tuple[str, dict[str, str]] | None:
+    """A button's or a form's (command, values) from its custom id; None for one this version cannot read."""
+    try:
+        return parse_button_id(str(data.get("custom_id", "")))
+    except MalformedButton:
+        return None
+
+
 class LmbotClient(discord.AutoShardedClient):
     def __init__(self, app: App, *, serve: bool = True, **options: Any) -> None:
         """``serve=False`` logs in without starting the inference service or syncing (``lmbot sync``)."""
@@ -209,10 +217,7 @@ class LmbotClient(discord.AutoShardedClient):
         elif interaction.type is discord.InteractionType.component:
             # Discord sends a component interaction only to the app whose message holds the component:
             # every press is ours to answer, even one whose id this version cannot read.
-            try:
-                pressed = parse_button_id(str(data.get("custom_id", "")))
-            except MalformedButton:
-                pressed = None
+            pressed = _parsed_id(data)
             if pressed is None:
                 await self._answer_now(interaction, ANSWER_UNKNOWN_BUTTON)
                 return
@@ -224,10 +229,7 @@ class LmbotClient(discord.AutoShardedClient):
         elif interaction.type is discord.InteractionType.modal_submit:
             # A text-asking button's form: its id is the button's command and option, its text box
             # fills the option the button named (Button.text_option).
-            try:
-                submitted = parse_button_id(str(data.get("custom_id", "")))
-            except MalformedButton:
-                submitted = None
+            submitted = _parsed_id(data)
             if submitted is None:
                 await self._answer_now(interaction, "That form is not one this bot knows; run the command again.")
                 return
