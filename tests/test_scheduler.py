@@ -271,6 +271,43 @@ async def test_admission_after_lone_requests_counts_a_full_batchs_cost_per_reque
     await core.close()
 
 
+@pytest.mark.parametrize(
+    ("fixed_s", "per_request_s", "all_answered"),
+    [(2.5, 0.1, True), (5.0, 1.25, False)],
+    ids=["generation-that-batches-well", "generation-that-batches-badly"],
+)
+async def test_a_task_measured_at_one_size_is_admitted_on_what_was_measured(
+    fixed_s: float, per_request_s: float, all_answered: bool
+) -> None:
+    """Issue 20 (the /sample burst): one request measured alone (3 s of generation) says nothing
+    of how a batch of 64 grows. Refusing a class on a guessed split told dozens "busy" that the
+    service then answered; now every one is admitted, and once a second batch size has measured
+    the task, whoever cannot make the 60 s deadline hears "busy" at once (never at the deadline),
+    and the rest are answered."""
+    core, transport, clock = make_core(max_batch=64, timeout_s=60.0)
+    warm = ask(core, "warm")
+    await settle()
+    transport.finish(after=3.0, clock=clock)
+    assert await warm == "done warm"
+    start = clock.now
+    klass = [ask(core, f"s{i}", user=f"student{i}") for i in range(200)]
+    await settle()
+    assert not any(t.done() for t in klass)  # none refused on a guess
+    while transport.running:
+        transport.finish(after=fixed_s + per_request_s * len(transport.running[0]), clock=clock)
+        await settle()
+    answered = [t for t in klass if t.exception() is None]
+    told_busy = [t for t in klass if isinstance(t.exception(), Busy)]
+    assert len(answered) + len(told_busy) == 200  # nobody waited for the deadline's answer
+    assert clock.now - start <= 60  # every answer (busy included) came by the 60 s deadline
+    if all_answered:
+        assert len(answered) == 200
+    else:
+        # Each batch as large as still fits its deadline: the most this speed allows, not a guess's.
+        assert FIRST_BATCH < len(answered) < 200 and told_busy
+    await core.close()
+
+
 async def test_a_slow_untimed_task_tells_the_unreachable_busy_early() -> None:
     """Issue 20 (item 2): 200 of a task never measured, whose batches turn out slow (generation:
     5 s + 1.25 s per request). Admission is cautious (a first batch plus what UNTIMED_GUESS_S

@@ -340,7 +340,7 @@ class BatchingCore:
 
     # ------------------------------------------------------------------ admission
 
-    def projection(self, extra: Pending | None = None) -> list[tuple[Pending, float]]:
+    def projection(self, extra: Pending | None = None, *, admitting: bool = False) -> list[tuple[Pending, float]]:
         """Each queued request (and ``extra``) with the seconds from now until it is expected answered.
 
         The queue is walked oldest first (a burst's requests come from different users, whom the
@@ -350,6 +350,9 @@ class BatchingCore:
         transport's runners in the order they were opened, each to the runner free first, and take
         their task's :class:`BatchCost`. Batches running now are not counted (their runners are
         assumed free): the projection errs towards answering, never towards "busy".
+
+        ``admitting``: for admission, a task measured at one batch size only is assumed to take
+        no longer for a larger batch than for the largest it was measured at (:meth:`_admission_cost`).
         """
         now = self.clock()
         waiting = sorted(self.queued(), key=lambda p: p.enqueued)
@@ -358,8 +361,9 @@ class BatchingCore:
         runners = [0.0] * max(1, self.transport.parallelism)
         batches: list[_PlannedBatch] = []
         open_batch: dict[tuple[Any, ...], _PlannedBatch] = {}
+        cost_of = self._admission_cost if admitting else self._cost
         for pending in waiting:
-            cost = self._cost(pending.task)
+            cost = cost_of(pending.task)
             measured = pending.task in self.costs
             current = open_batch.get(pending.key)
             if current is not None and not pending.alone:
@@ -380,7 +384,7 @@ class BatchingCore:
             if not pending.alone:
                 open_batch[pending.key] = planned
         return [
-            (p, batch.start + self._cost(p.task).seconds(len(batch.members)))
+            (p, batch.start + cost_of(p.task).seconds(len(batch.members)))
             for batch in batches
             for p in batch.members
         ]
@@ -393,6 +397,25 @@ class BatchingCore:
     def _cost(self, task: str) -> BatchCost:
         """The task's measured cost, or the cautious guess for a task never measured."""
         return self.costs.get(task, UNTIMED)
+
+    def _admission_cost(self, task: str) -> BatchCost:
+        """The cost admission counts on: the measured fit, or for a task measured at one batch size
+        only, a batch of any size as quick as the largest measured.
+
+        How such a task's time grows with the batch is a guess (PER_REQUEST_SHARE) until a second
+        size is measured, and generation batches far better than that guess: refusing on it told a
+        class's /sample "busy" by the dozen while the service could answer them (issue 20). The
+        guess still sizes the batches (caution against the watchdog); a request admitted on the
+        optimistic side hears "busy" early (:meth:`_shed`) as soon as the fit shows it cannot make
+        its deadline, a batch or two later.
+        """
+        cost = self.costs.get(task)
+        if cost is None or cost.fitted:
+            return self._cost(task)
+        optimistic = BatchCost()
+        optimistic.fixed = cost.seconds(cost.largest)
+        optimistic.largest = cost.largest
+        return optimistic
 
     def refusal(self, budget: float, extra: Pending | None = None) -> float | None:
         """The retry hint if a request with ``budget`` seconds must be refused as busy now, else None.
@@ -408,7 +431,7 @@ class BatchingCore:
             return None
         if extra.task not in self.costs and sum(1 for p in self.queued() if p.key == extra.key) < FIRST_BATCH:
             return None  # an untimed task's first batch measures it
-        own = dict(self.projection(extra))[extra]
+        own = dict(self.projection(extra, admitting=True))[extra]
         if own > budget and self._cost(extra.task).seconds(1) < budget:
             return max(1.0, math.ceil(own - budget))
         return None
