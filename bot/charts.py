@@ -844,8 +844,20 @@ _POOL: Any = None  # a concurrent.futures.ProcessPoolExecutor while drawing in p
 _POOL_LOCK = threading.Lock()
 
 
+# How much lower a drawing process's CPU priority is than the bot's (a Unix nice increment). The
+# bot's event loop (acknowledgements, heartbeats) and the model workers go first: in a class's burst,
+# charts drawn at equal priority took the CPU the model's generation needed, so the service measured
+# itself slower and told more students "busy" than it could have answered. A chart waits instead.
+DRAWING_NICENESS = 10
+
+
 def _warm_drawing_process() -> None:
-    """Load matplotlib and the fonts once, when a drawing process starts, not in the first reply."""
+    """Lower this drawing process's priority, and load matplotlib and the fonts once, when it starts,
+    not in the first reply."""
+    import os
+
+    if hasattr(os, "nice"):  # Unix only
+        os.nice(DRAWING_NICENESS)
     bar_chart(["a"], [1.0], title="warm", xlabel="p")
 
 

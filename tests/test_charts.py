@@ -535,6 +535,8 @@ async def test_the_drawing_processes_draw_every_chart_as_the_bot_process_does() 
     charts.start_process_pool(1)
     try:
         assert await charts.render(os.getpid) != os.getpid()  # it really is another process
+        # at a lower CPU priority than the bot's: the event loop and the model workers go first
+        assert await charts.render(os.nice, 0) == min(19, os.nice(0) + charts.DRAWING_NICENESS)
         there = {kind: await charts.render(draw) for kind, draw in calls.items()}
     finally:
         charts.stop_process_pool()
