@@ -4,7 +4,14 @@ The real discord.py client runs against tests/fake_discord.py on 127.0.0.1 with
 the offline causal LM. N students send /nexttoken (or /sample, /attention) at the
 same moment. Prints the time from each INTERACTION_CREATE to its first answer
 (defer or immediate reply), how each was answered (with a result, "busy", the
-deadline's "took too long", another failure, or not at all), and any "heartbeat blocked" warning from discord.py.
+deadline's "took too long", another failure, or not at all), and any "heartbeat blocked" warning from discord.py
+(with the stack of the loop it caught). The fake Discord runs in the bot's own process and event loop
+(real Discord is not on the bot's host): its CPU is part of the bot's main thread's figure.
+
+Before the burst, the workers finish building their faster engine (ONNX Runtime, built in the
+background after start-up) and one student's command warms the command up: start-up costs, paid once a
+term. The burst's CPU seconds are printed by part (the bot's threads, its drawing processes, its model
+workers) beside the peer's, with the forward passes the burst took and their mean batch size.
 
 In the same run, on the same warm service, the *model-only peer* submits the same N
 requests straight to the inference service (no Discord, no charts, no reply text):
@@ -133,6 +140,73 @@ async def model_only(app: object, command: str, count: int) -> tuple[float, int,
     return time.perf_counter() - started, answered.count("busy"), answered.count("failed")
 
 
+async def engine_built(app: object, timeout: float = 900) -> None:
+    """Until every worker answers on its built engine: a preloaded role's faster engine (ONNX
+    Runtime) builds in the background after start-up, tens of seconds of the workers' CPU, while
+    torch answers. A start-up cost, paid once a term: neither the burst nor the peer may pay it."""
+    from bot.inference.protocol import NextToken
+
+    deadline = time.monotonic() + timeout
+    while True:
+        status = await app.inference.status()  # type: ignore[attr-defined]
+        models = [w.get("models") for w in status.get("workers", [])]
+        if all(isinstance(m, dict) and not any(r.get("engine_pending") for r in m.values()) for m in models):
+            return
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the workers never finished building their engine: {models}")
+        # The engine switches between batches: a request lets a worker take up a finished build.
+        await app.inference.submit(NextToken("warming up", k=1))  # type: ignore[attr-defined]
+        await asyncio.sleep(1.0)
+
+
+class CpuSeconds:
+    """CPU seconds spent by part of the machine's work between two readings: the bot process (its
+    threads by name), its drawing processes and its model workers."""
+
+    def __init__(self) -> None:
+        import psutil
+
+        self.me = psutil.Process()
+        self.start = self.read()
+
+    def read(self) -> dict[str, float]:
+        import threading
+
+        from bot import charts
+
+        # Threads of one kind (lmbot-chart-1, lmbot-chart-2) are counted together. The main thread
+        # runs the discord.py client and, in this benchmark only, the fake Discord too.
+        names = {t.native_id: t.name.rstrip("0123456789_-") for t in threading.enumerate()}
+        seen: dict[str, float] = {}
+        for thread in self.me.threads():
+            name = "bot thread " + names.get(thread.id, "other")
+            seen[name] = seen.get(name, 0.0) + thread.user_time + thread.system_time
+        drawing = set(getattr(charts._POOL, "_processes", None) or ())
+        for child in self.me.children(recursive=True):
+            with contextlib.suppress(Exception):
+                times = child.cpu_times()
+                part = "drawing processes" if child.pid in drawing else "model workers (and helpers)"
+                seen[part] = seen.get(part, 0.0) + times.user + times.system
+        return seen
+
+    def since_start(self) -> dict[str, float]:
+        now = self.read()
+        spent = {part: seconds - self.start.get(part, 0.0) for part, seconds in sorted(now.items())}
+        return {part: round(seconds, 2) for part, seconds in spent.items() if seconds > 0.005}
+
+
+def forward_passes(app: object) -> tuple[float, float]:
+    """(forward passes, requests in them) the service has run so far, from its batch-size metric."""
+    passes = requests = 0.0
+    for family in app.inference.metrics.batch_size.collect():  # type: ignore[attr-defined]
+        for sample in family.samples:
+            if sample.name.endswith("_count"):
+                passes += sample.value
+            elif sample.name.endswith("_sum"):
+                requests += sample.value
+    return passes, requests
+
+
 async def main(
     count: int, max_queue: int, block_s: float = 0.0, command: str = "nexttoken", chart_processes: bool = True
 ) -> dict:
@@ -173,6 +247,7 @@ async def main(
     # The model is preloaded: measure serving, not loading. The inference client lives on the
     # command loop (where handlers run), so it is asked there.
     await client.command_loop.run(app.inference.wait_ready(300))
+    await client.command_loop.run(engine_built(app))
 
     if block_s:
         blocker = await fake.interact("block", user_id=9_999)
@@ -184,6 +259,8 @@ async def main(
     warm = await fake.interact(command, student_options(command, count), user_id=9_998)
     await fake.wait_for(lambda calls: any(warm in c.path and "webhooks" in c.path for c in calls), timeout=300)
     fake.calls.clear()
+    cpu = CpuSeconds()
+    passes_before = forward_passes(app)
     started = time.perf_counter()
     tokens = [await fake.interact(command, student_options(command, i), user_id=10_000 + i) for i in range(count)]
 
@@ -222,15 +299,21 @@ async def main(
 
     await fake.wait_for(all_final, timeout=600)
     elapsed = time.perf_counter() - started
+    burst_cpu = cpu.since_start()
+    passes, in_passes = (after - before for after, before in zip(forward_passes(app), passes_before, strict=True))
     defer = [first_answer(t) for t in tokens]
     outcomes = [final(t) for t in tokens]
     # The model-only peer, on the same warm service right after the burst (where handlers submit).
+    cpu = CpuSeconds()
     peer_s, peer_busy, peer_failed = await client.command_loop.run(model_only(app, command, count))
+    peer_cpu = cpu.since_start()
     await client.shutdown()
     await bot
     await fake.stop()
     charts.stop_process_pool()
     blocked = [m for m in warnings.messages if "heartbeat blocked" in m.lower() or "can't keep up" in m.lower()]
+    for message in blocked:  # discord.py adds the loop thread's stack: where the loop was stuck
+        print("discord.py warned:", message[-1500:], file=sys.stderr)
     return {
         "interactions": count,
         "command": command,
@@ -252,6 +335,10 @@ async def main(
         "answered_failed": outcomes.count("failed"),
         "unanswered": sum(o is None for o in outcomes),
         "heartbeat_warnings": len(blocked),
+        "burst_forward_passes": passes,
+        "burst_mean_batch": in_passes / passes if passes else 0.0,
+        "burst_cpu_s": burst_cpu,
+        "model_only_cpu_s": peer_cpu,
     }
 
 
@@ -278,6 +365,13 @@ def report(figures: dict, block_s: float) -> None:
         f"all answered after / model-only = {figures['ratio_to_model_only']:.1f}×"
     )
     print(f"heartbeat warnings from discord.py: {figures['heartbeat_warnings']}")
+    print(
+        f"forward passes in the burst: {figures['burst_forward_passes']:.0f}, "
+        f"{figures['burst_mean_batch']:.1f} requests each on average"
+    )
+    for label, key in (("burst", "burst_cpu_s"), ("model-only peer", "model_only_cpu_s")):
+        parts = ", ".join(f"{name} {seconds:.1f}" for name, seconds in figures[key].items())
+        print(f"CPU seconds during the {label}: {sum(figures[key].values()):.1f} ({parts})")
     ok = figures["defer_p99_ms"] <= 250 and figures["unanswered"] == 0 and figures["heartbeat_warnings"] == 0
     print(f"target p99 defer <= 250 ms, every interaction answered, no heartbeat warning: {'met' if ok else 'NOT met'}")
     figures["targets_met"] = ok
