@@ -384,9 +384,7 @@ class BatchingCore:
             if not pending.alone:
                 open_batch[pending.key] = planned
         return [
-            (p, batch.start + cost_of(p.task).seconds(len(batch.members)))
-            for batch in batches
-            for p in batch.members
+            (p, batch.start + cost_of(p.task).seconds(len(batch.members))) for batch in batches for p in batch.members
         ]
 
     def batch_limit(self, task: str) -> int:
