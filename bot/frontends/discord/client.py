@@ -85,10 +85,35 @@ def _parsed_id(data: dict[str, Any]) -> tuple[str, dict[str, str]] | None:
         return None
 
 
+def time_heartbeats_from_their_payload() -> None:
+    """Make discord.py time a heartbeat's acknowledgement from when the heartbeat was made (idempotent).
+
+    discord.py's keep-alive thread notes a heartbeat as sent only once it gets the GIL back after
+    the event loop sent it. In a burst, with the loop and other threads busy, the acknowledgement
+    was read first: its latency came out as the time since the *previous* heartbeat (about 41 s),
+    and discord.py logged "Can't keep up, websocket is 41.3s behind" for a gateway that was never
+    behind. Noting the time when the heartbeat is made (just before it is sent) keeps the
+    measure true either way; a loop truly blocked still shows its delay and its warnings.
+    """
+    handler = discord.gateway.KeepAliveHandler
+    if getattr(handler, "_lmbot_timed_from_payload", False):
+        return
+    made = handler.get_payload
+
+    def get_payload(self: discord.gateway.KeepAliveHandler) -> dict[str, Any]:
+        payload = made(self)
+        self._last_send = time.perf_counter()
+        return payload
+
+    handler.get_payload = get_payload  # type: ignore[method-assign]
+    handler._lmbot_timed_from_payload = True  # type: ignore[attr-defined]
+
+
 class LmbotClient(discord.AutoShardedClient):
     def __init__(self, app: App, *, serve: bool = True, **options: Any) -> None:
         """``serve=False`` logs in without starting the inference service or syncing (``lmbot sync``)."""
         redact.install()  # before anything can log a token
+        time_heartbeats_from_their_payload()
         # Slash commands need no privileged intents and no message content; guilds keeps the guild cache.
         intents = discord.Intents.none()
         intents.guilds = True
