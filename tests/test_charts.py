@@ -51,14 +51,11 @@ class Drawn:
 @contextmanager
 def drawn_texts() -> Iterator[list[Drawn]]:
     """Every text the charts draw while inside, with its extent as the renderer measures it."""
-    from matplotlib.backends.backend_agg import RendererAgg
-
+    renderer = charts.renderer_class()  # the Agg renderer every chart draws with
     drawn: list[Drawn] = []
-    draw_text = RendererAgg.draw_text
+    draw_text = renderer.draw_text
 
-    def record(
-        self: RendererAgg, gc: Any, x: float, y: float, s: str, prop: Any, angle: float, *args: Any, **kw: Any
-    ) -> Any:
+    def record(self: Any, gc: Any, x: float, y: float, s: str, prop: Any, angle: float, *args: Any, **kw: Any) -> Any:
         mtext = kw.get("mtext") or (args[1] if len(args) > 1 else None)
         if mtext is not None and s.strip():
             box = mtext.get_window_extent(self)
@@ -67,11 +64,11 @@ def drawn_texts() -> Iterator[list[Drawn]]:
             )
         return draw_text(self, gc, x, y, s, prop, angle, *args, **kw)
 
-    RendererAgg.draw_text = record  # type: ignore[method-assign]
+    renderer.draw_text = record
     try:
         yield drawn
     finally:
-        RendererAgg.draw_text = draw_text  # type: ignore[method-assign]
+        renderer.draw_text = draw_text
 
 
 def test_font_families_start_with_matplotlibs_own_and_hold_only_installed_fonts() -> None:
