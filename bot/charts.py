@@ -157,12 +157,10 @@ _MEASURE = threading.local()
 
 
 def _measuring_renderer() -> Any:
-    """This thread's renderer for measuring text (an Agg renderer at the charts' resolution)."""
-    from matplotlib.backends.backend_agg import RendererAgg
-
+    """This thread's renderer for measuring text (the charts' renderer at the charts' resolution)."""
     renderer = getattr(_MEASURE, "renderer", None)
     if renderer is None:
-        renderer = _MEASURE.renderer = RendererAgg(1, 1, DPI)
+        renderer = _MEASURE.renderer = renderer_class()(1, 1, DPI)
     return renderer
 
 
@@ -376,33 +374,67 @@ def _canvas_class() -> type:
     return ChartCanvas
 
 
+# Each text as FreeType lays it out and renders it: (width, height, descent, bitmap left, bitmap
+# top, bitmap) in pixels, by (text, font properties, resolution, antialiasing, hinting). Laying a
+# string out costs about 0.1 ms however short; a chart measures and draws each text, and labels
+# recur (a heatmap's tokens four times, tick values and axis names in every chart).
+_TEXTS: dict[tuple[Any, ...], tuple[Any, ...]] = {}
+TEXTS_KEPT = 4096  # about a hundred charts' texts, a few MB of small bitmaps
+
+
+def clear_text_cache() -> None:
+    """Forget every laid-out text (bench/charts.py measures a chart whose texts are all new)."""
+    _TEXTS.clear()
+    _MEASURE.__dict__.pop("renderer", None)
+
+
 @functools.cache
 def renderer_class() -> type:
-    """The Agg renderer the charts draw with: matplotlib's, drawing a text as matplotlib 3.10 did.
+    """The Agg renderer the charts draw with: matplotlib's, with each text laid out once.
 
     matplotlib 3.11 lays a text out glyph by glyph in Python and draws each glyph apart (a few
-    Python calls and a small matrix product per glyph): the texts were about a third of a chart's
-    drawing time. Here FreeType lays the whole string out and renders it into one bitmap, which
-    Agg puts down (rotated where the text is) in one call. The glyphs are the same, from the same
-    fonts and fallbacks, placed as :meth:`get_text_width_height_descent` measures them.
+    Python calls and a small matrix product per glyph), and lays it out again to measure it:
+    the texts were about a third of a chart's drawing time. Here FreeType lays the whole string
+    out and renders it into one bitmap (matplotlib 3.10's way: the same glyphs from the same
+    fonts and fallbacks), kept in ``_TEXTS``; measuring and drawing it again reuse that, and Agg
+    puts the bitmap down (rotated where the text is) in one call.
     """
+    import matplotlib
     from matplotlib.backends.backend_agg import RendererAgg, get_hinting_flag
 
     class ChartRenderer(RendererAgg):
+        def _laid_out(self, s: str, prop: Any, antialiased: bool) -> tuple[Any, ...]:
+            rc = matplotlib.rcParams
+            key = (s, prop, self.dpi, antialiased, rc["text.hinting"], rc["text.hinting_factor"])
+            found = _TEXTS.get(key)
+            if found is None:
+                font = self._prepare_font(prop)
+                font.set_text(s, 0, flags=get_hinting_flag())  # unrotated: Agg rotates the bitmap
+                font.draw_glyphs_to_bitmap(antialiased=antialiased)
+                width, height = font.get_width_height()
+                left, top = font.get_bitmap_offset()
+                found = (width / 64, height / 64, font.get_descent() / 64, left / 64, top / 64, font.get_image())
+                if len(_TEXTS) >= TEXTS_KEPT:
+                    _TEXTS.clear()
+                _TEXTS[(s, prop.copy(), *key[2:])] = found
+            return found
+
+        def get_text_width_height_descent(self, s: str, prop: Any, ismath: Any) -> tuple[float, float, float]:
+            if ismath:  # never, with text.parse_math off; matplotlib's own way if it were
+                return super().get_text_width_height_descent(s, prop, ismath)
+            width, height, descent, _, _, _ = self._laid_out(s, prop, True)
+            return width, height, descent
+
         def draw_text(
             self, gc: Any, x: float, y: float, s: str, prop: Any, angle: float, ismath: Any = False, mtext: Any = None
         ) -> None:
-            if ismath:  # never, with text.parse_math off; matplotlib's own way if it were
+            if ismath:
                 return super().draw_text(gc, x, y, s, prop, angle, ismath, mtext)
-            font = self._prepare_font(prop)
-            font.set_text(s, 0, flags=get_hinting_flag())  # unrotated: Agg rotates the bitmap
-            font.draw_glyphs_to_bitmap(antialiased=gc.get_antialiased())
-            descent = font.get_descent() / 64.0
-            x_offset, y_offset = (v / 64.0 for v in font.get_bitmap_offset())
+            _, _, descent, left, top, bitmap = self._laid_out(s, prop, bool(gc.get_antialiased()))
             turn = math.radians(angle)
-            x = round(x + x_offset + descent * math.sin(turn))
-            y = round(y + y_offset + descent * math.cos(turn))
-            self._renderer.draw_text_image(font.get_image(), x, y + 1, angle, gc)
+            x = round(x + left + descent * math.sin(turn))
+            y = round(y + top + descent * math.cos(turn))
+            self._renderer.draw_text_image(bitmap, x, y + 1, angle, gc)
 
     return ChartRenderer
 
