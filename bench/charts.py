@@ -8,7 +8,7 @@ inputs (a /nexttoken reply, /compare's two panels, a 12-token /attention, /lens 
 layers, ...), alternately, in this one process; CPU time (time.process_time) is robust to other
 work on a shared machine.
 
-    python bench/charts.py [--repeat 15] [--baseline COMMIT] [--cold]
+    python bench/charts.py [--repeat 15] [--baseline COMMIT] [--cold] [--only NAME]
 
 Last line: one JSON object with every figure.
 """
@@ -224,7 +224,7 @@ def cpu_ms(draw: Callable[[], Any], module: types.ModuleType, cold: bool) -> flo
     return (time.process_time() - start) * 1000
 
 
-def main(repeat: int, baseline: str, cold: bool = False) -> dict[str, Any]:
+def main(repeat: int, baseline: str, cold: bool = False, only: str = "") -> dict[str, Any]:
     from bot import charts
 
     figures: dict[str, Any] = {"baseline": baseline, "repeat": repeat, "cold": cold, "charts": {}}
@@ -233,6 +233,8 @@ def main(repeat: int, baseline: str, cold: bool = False) -> dict[str, Any]:
     print("texts laid out afresh for every chart (--cold)" if cold else "the same chart drawn again (warm)")
     print(f"{'chart':32} {'before ms':>10} {'now ms':>8} {'ratio':>6} {'PNG before':>11} {'PNG now':>8}  before at")
     for name, (function, args, kwargs) in cases().items():
+        if only not in name:
+            continue
         commit, before = baseline_for(function, baseline)
         old = functools.partial(getattr(before, function), *args, **kwargs)
         new = functools.partial(getattr(charts, function), *args, **kwargs)
@@ -264,5 +266,6 @@ if __name__ == "__main__":
     parser.add_argument("--repeat", type=int, default=15)
     parser.add_argument("--baseline", default=BASELINE)
     parser.add_argument("--cold", action="store_true", help="lay every text out afresh for every chart")
+    parser.add_argument("--only", default="", help="only the chart types whose name has this in it")
     options = parser.parse_args()
-    print(json.dumps(main(options.repeat, options.baseline, options.cold)))
+    print(json.dumps(main(options.repeat, options.baseline, options.cold, options.only)))

@@ -401,6 +401,7 @@ def renderer_class() -> type:
     """
     import matplotlib
     from matplotlib.backends.backend_agg import RendererAgg, get_hinting_flag
+    from matplotlib.font_manager import fontManager, get_font
 
     class ChartRenderer(RendererAgg):
         def _laid_out(self, s: str, prop: Any, antialiased: bool) -> tuple[Any, ...]:
@@ -417,6 +418,28 @@ def renderer_class() -> type:
                 if len(_TEXTS) >= TEXTS_KEPT:
                     _TEXTS.clear()
                 _TEXTS[(s, prop.copy(), *key[2:])] = found
+            return found
+
+        def _get_font_height_metrics(self, prop: Any) -> tuple[float | None, float | None, float | None]:
+            """A font's line ascent, descent and gap in pixels, as matplotlib 3.11's Text reads
+            them from the font's tables for every text it lays out (a hook it asks first): kept
+            by font properties, where matplotlib looked the font and two tables up per text."""
+            key = (prop, self.dpi, "height")
+            found: Any = _TEXTS.get(key)
+            if found is None:
+                found = (None, None, None)
+                font: Any = get_font(fontManager._find_fonts_by_props(prop))
+                # As matplotlib scales them (the same floating-point operations, the same pixels).
+                scale = 1 / font.get_sfnt_table("head")["unitsPerEm"] * prop.get_size_in_points() * self.dpi / 72
+                for table_name, gap, ascent, descent in (
+                    ("OS/2", "sTypoLineGap", "sTypoAscender", "sTypoDescender"),
+                    ("hhea", "lineGap", "ascent", "descent"),
+                ):
+                    table = font.get_sfnt_table(table_name)
+                    if table is not None:
+                        found = (table[ascent] * scale, -table[descent] * scale, table[gap] * scale)
+                        break
+                _TEXTS[(prop.copy(), self.dpi, "height")] = found
             return found
 
         def get_text_width_height_descent(self, s: str, prop: Any, ismath: Any) -> tuple[float, float, float]:
