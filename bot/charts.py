@@ -379,12 +379,21 @@ def _canvas_class() -> type:
 # string out costs about 0.1 ms however short; a chart measures and draws each text, and labels
 # recur (a heatmap's tokens four times, tick values and axis names in every chart).
 _TEXTS: dict[tuple[Any, ...], tuple[Any, ...]] = {}
-TEXTS_KEPT = 4096  # about a hundred charts' texts, a few MB of small bitmaps
+TEXTS_KEPT = 4096  # texts: a few dozen charts' worth
+TEXT_BYTES_KEPT = 16 * 2**20  # and at most this much bitmap (a long title's is ~15 kB)
+_text_bytes = 0
+
+
+def _forget_texts() -> None:
+    global _text_bytes
+    _TEXTS.clear()
+    _text_bytes = 0
 
 
 def clear_text_cache() -> None:
-    """Forget every laid-out text (bench/charts.py measures a chart whose texts are all new)."""
-    _TEXTS.clear()
+    """Forget every laid-out text and this thread's measured ones, between charts (bench/charts.py
+    measures a chart whose texts are all new)."""
+    _forget_texts()
     _MEASURE.__dict__.pop("renderer", None)
 
 
@@ -414,10 +423,13 @@ def renderer_class() -> type:
                 font.draw_glyphs_to_bitmap(antialiased=antialiased)
                 width, height = font.get_width_height()
                 left, top = font.get_bitmap_offset()
-                found = (width / 64, height / 64, font.get_descent() / 64, left / 64, top / 64, font.get_image())
-                if len(_TEXTS) >= TEXTS_KEPT:
-                    _TEXTS.clear()
+                bitmap = font.get_image()
+                found = (width / 64, height / 64, font.get_descent() / 64, left / 64, top / 64, bitmap)
+                global _text_bytes
+                if len(_TEXTS) >= TEXTS_KEPT or _text_bytes + bitmap.nbytes > TEXT_BYTES_KEPT:
+                    _forget_texts()  # a chart holds what it looked up: it is only drawn again
                 _TEXTS[(s, prop.copy(), *key[2:])] = found
+                _text_bytes += bitmap.nbytes
             return found
 
         def _get_font_height_metrics(self, prop: Any) -> tuple[float | None, float | None, float | None]:

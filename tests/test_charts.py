@@ -370,6 +370,15 @@ def chart_calls() -> dict[str, Callable[[], Image]]:
             xlabel=f"probability ({MODEL})",
             notes=["cut by top-k"] * n,
         ),
+        "probability_grid": functools.partial(
+            charts.probability_grid,
+            ["embeddings", *(f"layer {k}" for k in range(1, 8))],
+            TOKENS[:5],
+            [[min(1.0, (k + 1) * (c + 1) / 40) for c in range(5)] for k in range(8)],
+            title=LONG_TITLE,
+            row_name="after layer " * 20,
+            column_name=MODEL,
+        ),
     }
 
 
@@ -538,3 +547,41 @@ async def test_the_drawing_processes_draw_every_chart_as_the_bot_process_does() 
     assert {kind: image.data for kind, image in there.items()} == {kind: image.data for kind, image in here.items()}
     assert all(image.data.startswith(b"\x89PNG") for image in there.values())
     assert await charts.render(os.getpid) == os.getpid()  # stopped: drawn here again
+
+
+def test_a_chart_is_the_same_picture_with_its_texts_laid_out_before_or_afresh(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The charts keep each laid-out text (charts.renderer_class) to draw it again: reusing one, or
+    forgetting them all in the middle of a chart, draws the very same pixels."""
+    calls = chart_calls()
+    charts.clear_text_cache()
+    afresh = {kind: draw().data for kind, draw in calls.items()}
+    again = {kind: draw().data for kind, draw in calls.items()}
+    charts.clear_text_cache()
+    monkeypatch.setattr(charts, "TEXTS_KEPT", 5)  # forgotten every few texts, mid-chart
+    forgetting = {kind: draw().data for kind, draw in calls.items()}
+    assert afresh == again == forgetting
+    assert len(charts._TEXTS) <= 5
+
+
+@settings(max_examples=examples(40), deadline=None)
+@given(
+    height=st.integers(1, 40),
+    width=st.integers(1, 40),
+    seed=st.integers(0, 2**32 - 1),
+    flat=st.booleans(),
+)
+def test_the_png_encoder_keeps_every_pixel(height: int, width: int, seed: int, flat: bool) -> None:
+    """charts.encode_png (PNG's Up filter, zlib): Pillow reads back exactly the RGB pixels given."""
+    import io
+
+    import numpy as np
+    from PIL import Image as PILImage
+
+    rng = np.random.default_rng(seed)
+    rgba = rng.integers(0, 256, (height, width, 4), dtype=np.uint8)
+    if flat:  # a chart's flat areas and rows like the one above
+        rgba[:, : width // 2] = rgba[0, 0]
+    png = charts.encode_png(rgba)
+    decoded = PILImage.open(io.BytesIO(png))
+    assert decoded.mode == "RGB" and decoded.size == (width, height)
+    assert np.array_equal(np.asarray(decoded), rgba[:, :, :3])
