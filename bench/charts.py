@@ -1,12 +1,14 @@
 """Benchmark: CPU time to draw each chart type, today's way beside the way before.
 
-"Before" is bot/charts.py as it was at BASELINE (constrained layout, PNG at zlib level 6),
-loaded from git into its own module, so the comparison runs the old code itself rather
-than a copy kept in the tree. Both draw the same realistic inputs (a /nexttoken reply,
-/compare's two panels, a 12-token /attention, ...), alternately, in this one process;
-CPU time (time.process_time) is robust to other work on a shared machine.
+"Before" is bot/charts.py as it was at BASELINE (constrained layout, PNG at zlib level 6; for
+a chart type added later, the first commit that has it), loaded from git into its own module,
+so the comparison runs the old code itself rather than a copy kept in the tree (``--baseline
+COMMIT`` compares with another commit, e.g. main before a change). Both draw the same realistic
+inputs (a /nexttoken reply, /compare's two panels, a 12-token /attention, /lens on SmolLM2's 30
+layers, ...), alternately, in this one process; CPU time (time.process_time) is robust to other
+work on a shared machine.
 
-    python bench/charts.py [--repeat 15] [--baseline COMMIT]
+    python bench/charts.py [--repeat 15] [--baseline COMMIT] [--cold] [--only NAME]
 
 Last line: one JSON object with every figure.
 """
@@ -32,6 +34,7 @@ sys.path.insert(0, str(ROOT))
 BASELINE = "7693ef4"  # the last commit before fixed-margin layout
 
 
+@functools.cache
 def load_baseline(commit: str) -> types.ModuleType:
     """bot/charts.py as of ``commit``, imported as a module of its own."""
     source = subprocess.run(
@@ -71,6 +74,11 @@ def cases() -> dict[str, tuple[str, tuple[Any, ...], dict[str, Any]]]:
     n = 12
     attention = [[(1.0 / (i + 1) if j <= i else 0.0) for j in range(n)] for i in range(n)]
     both = [[1.0 / n] * n for _ in range(n)]
+    short = 8  # up to 10 tokens, every weight is written in its cell
+    short_attention = [[(1.0 / (i + 1) if j <= i else 0.0) for j in range(short)] for i in range(short)]
+    # /lens on SmolLM2-135M: the embeddings and 30 layers, the final top 5 tokens' probability at each.
+    layers = ["embeddings", *(f"layer {k}" for k in range(1, 31))]
+    lens = [[min(1.0, probs[c] * (k / 30) ** 2 + 1e-4 * (c + 1)) for c in range(5)] for k in range(31)]
     return {
         "nexttoken bar_chart": (
             "bar_chart",
@@ -130,6 +138,16 @@ def cases() -> dict[str, tuple[str, tuple[Any, ...], dict[str, Any]]]:
             ),
             {"colorbar": "attention weight (square-root colour scale)"},
         ),
+        "attention heatmap (8 tokens)": (
+            "heatmap",
+            (
+                [
+                    ("causal: layer 1, head 1", tokens[:short], short_attention, True),
+                    ("masked", tokens[:short], [[1.0 / short] * short for _ in range(short)], False),
+                ],
+            ),
+            {"colorbar": "attention weight (square-root colour scale)"},
+        ),
         "surprise shaded_text": (
             "shaded_text",
             (
@@ -164,32 +182,71 @@ def cases() -> dict[str, tuple[str, tuple[Any, ...], dict[str, Any]]]:
                 "notes": [""] * 6 + ["cut by top-k"] * 4,
             },
         ),
+        "lens probability_grid": (
+            "probability_grid",
+            (layers, tokens[:5], lens),
+            {
+                "title": "SmolLM2-135M-Instruct: the final top 5 next tokens through the lens, layer by layer",
+                "row_name": "after layer (top: embeddings; bottom: the model's real answer)",
+                "column_name": "the model's final top 5 next tokens (first: its answer)",
+            },
+        ),
     }
 
 
-def cpu_ms(draw: Callable[[], Any]) -> float:
+def baseline_for(function: str, commit: str) -> tuple[str, types.ModuleType]:
+    """``commit``'s bot/charts.py, or for a chart type it does not have yet (/lens's grid came later)
+    the first commit that has it."""
+    if hasattr(load_baseline(commit), function):
+        return commit, load_baseline(commit)
+    added = subprocess.run(
+        ["git", "-C", str(ROOT), "log", "--format=%h", "--reverse", "-S", f"def {function}(", "--", "bot/charts.py"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.split()
+    return added[0], load_baseline(added[0])
+
+
+def forget_texts(module: types.ModuleType) -> None:
+    """Drop what ``module`` kept of the texts it laid out before (the next chart's texts are new)."""
+    if hasattr(module, "clear_text_cache"):
+        module.clear_text_cache()
+    elif hasattr(module, "_MEASURE"):  # main before the text cache: a measuring renderer per thread
+        module._MEASURE.__dict__.pop("renderer", None)
+
+
+def cpu_ms(draw: Callable[[], Any], module: types.ModuleType, cold: bool) -> float:
+    if cold:
+        forget_texts(module)
     start = time.process_time()
     draw()
     return (time.process_time() - start) * 1000
 
 
-def main(repeat: int, baseline: str) -> dict[str, Any]:
+def main(repeat: int, baseline: str, cold: bool = False, only: str = "") -> dict[str, Any]:
     from bot import charts
 
-    before = load_baseline(baseline)
-    figures: dict[str, Any] = {"baseline": baseline, "repeat": repeat, "charts": {}}
-    print(f"{'chart':32} {'before ms':>10} {'now ms':>8} {'ratio':>6} {'PNG before':>11} {'PNG now':>8}")
+    figures: dict[str, Any] = {"baseline": baseline, "repeat": repeat, "cold": cold, "charts": {}}
+    # Warm (the default): each chart drawn again as it was, as when a class sends the same prompt;
+    # its texts were laid out before. Cold: every text laid out afresh, as for a new prompt.
+    print("texts laid out afresh for every chart (--cold)" if cold else "the same chart drawn again (warm)")
+    print(f"{'chart':32} {'before ms':>10} {'now ms':>8} {'ratio':>6} {'PNG before':>11} {'PNG now':>8}  before at")
     for name, (function, args, kwargs) in cases().items():
+        if only not in name:
+            continue
+        commit, before = baseline_for(function, baseline)
         old = functools.partial(getattr(before, function), *args, **kwargs)
         new = functools.partial(getattr(charts, function), *args, **kwargs)
         old_png, new_png = old().data, new().data  # warm: fonts, caches
         old_ms, new_ms = [], []
         for _ in range(repeat):  # alternately, so both see the same machine
-            old_ms.append(cpu_ms(old))
-            new_ms.append(cpu_ms(new))
+            old_ms.append(cpu_ms(old, before, cold))
+            new_ms.append(cpu_ms(new, charts, cold))
         row = {
             "before_ms": statistics.median(old_ms),
             "now_ms": statistics.median(new_ms),
+            "before_commit": commit,
             "before_png_bytes": len(old_png),
             "now_png_bytes": len(new_png),
         }
@@ -197,7 +254,7 @@ def main(repeat: int, baseline: str) -> dict[str, Any]:
         figures["charts"][name] = row
         print(
             f"{name:32} {row['before_ms']:10.1f} {row['now_ms']:8.1f} {row['ratio']:5.1f}× "
-            f"{len(old_png) / 1024:9.0f} k {len(new_png) / 1024:6.0f} k"
+            f"{len(old_png) / 1024:9.0f} k {len(new_png) / 1024:6.0f} k  {commit}"
         )
     figures["max_now_ms"] = max(row["now_ms"] for row in figures["charts"].values())
     print(f"slowest chart now: {figures['max_now_ms']:.1f} ms of CPU (median of {repeat})")
@@ -208,5 +265,7 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeat", type=int, default=15)
     parser.add_argument("--baseline", default=BASELINE)
+    parser.add_argument("--cold", action="store_true", help="lay every text out afresh for every chart")
+    parser.add_argument("--only", default="", help="only the chart types whose name has this in it")
     options = parser.parse_args()
-    print(json.dumps(main(options.repeat, options.baseline)))
+    print(json.dumps(main(options.repeat, options.baseline, options.cold, options.only)))

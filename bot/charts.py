@@ -15,14 +15,15 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import functools
-import io
 import itertools
 import logging
 import math
 import re
+import struct
 import threading
 import unicodedata
 import warnings
+import zlib
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future
@@ -42,8 +43,6 @@ PAD = 10.0  # pixels between the figure's edge and anything drawn
 TICKS = 7 * PX  # a tick (3.5 pt) and the gap to its label (3.5 pt)
 LINE = 1.25  # line height as a multiple of the font size
 TITLE_PT, LABEL_PT, VALUE_PT = 11.0, 10.0, 9.0
-# PNG encoding at zlib level 1: about a third of level 6's time for files ~10 % larger.
-PNG_OPTIONS = {"compress_level": 1}
 
 # Tokens come in any script. matplotlib falls back glyph by glyph along this list,
 # so a host with these fonts (the Docker image installs them) draws 東京 or عربي
@@ -158,12 +157,10 @@ _MEASURE = threading.local()
 
 
 def _measuring_renderer() -> Any:
-    """This thread's renderer for measuring text (an Agg renderer at the charts' resolution)."""
-    from matplotlib.backends.backend_agg import RendererAgg
-
+    """This thread's renderer for measuring text (the charts' renderer at the charts' resolution)."""
     renderer = getattr(_MEASURE, "renderer", None)
     if renderer is None:
-        renderer = _MEASURE.renderer = RendererAgg(1, 1, DPI)
+        renderer = _MEASURE.renderer = renderer_class()(1, 1, DPI)
     return renderer
 
 
@@ -189,7 +186,7 @@ def _shared_text_metrics() -> Iterator[None]:
     shared = own(_measuring_renderer())
 
     def metrics_function(renderer: Any) -> Any:
-        if type(renderer) is RendererAgg and renderer.dpi == DPI:
+        if type(renderer) in (RendererAgg, renderer_class()) and renderer.dpi == DPI:
             return shared
         return own(renderer)
 
@@ -360,36 +357,226 @@ def one_line(text: str, limit: int) -> str:
 Underlay = tuple[Any, float, float]
 
 
-def _png(fig: Any, under: Sequence[Underlay] = ()) -> bytes:
-    """``fig`` as a PNG with no alpha channel (the charts are opaque): a quarter less to compress.
+@functools.cache
+def _canvas_class() -> type:
+    """A FigureCanvasAgg whose renderer draws each text as one bitmap (see ChartRenderer)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
 
-    ``under``: pictures (a heatmap's cells) composed beneath the drawing, pixel for pixel, the
-    figure's background left transparent there. matplotlib's own images (figimage) resample
-    and colour-map on every draw: about a quarter of a two-panel heatmap's time.
+    class ChartCanvas(FigureCanvasAgg):
+        def get_renderer(self) -> Any:
+            w, h = self.get_width_height(physical=True)
+            key = w, h, self.figure.dpi
+            if getattr(self, "_chart_key", None) != key:
+                self.renderer = renderer_class()(w, h, self.figure.dpi)
+                self._chart_key = key
+            return self.renderer
+
+    return ChartCanvas
+
+
+# Each text as FreeType lays it out and renders it: (width, height, descent, bitmap left, bitmap
+# top, bitmap) in pixels, by (text, font properties, resolution, antialiasing, hinting). Laying a
+# string out costs about 0.1 ms however short; a chart measures and draws each text, and labels
+# recur (a heatmap's tokens four times, tick values and axis names in every chart).
+_TEXTS: dict[tuple[Any, ...], tuple[Any, ...]] = {}
+TEXTS_KEPT = 4096  # texts: a few dozen charts' worth
+TEXT_BYTES_KEPT = 16 * 2**20  # and at most this much bitmap (a long title's is ~15 kB)
+_text_bytes = 0
+
+
+def _forget_texts() -> None:
+    global _text_bytes
+    _TEXTS.clear()
+    _text_bytes = 0
+
+
+def clear_text_cache() -> None:
+    """Forget every laid-out text and this thread's measured ones, between charts (bench/charts.py
+    measures a chart whose texts are all new)."""
+    _forget_texts()
+    _MEASURE.__dict__.pop("renderer", None)
+
+
+@functools.cache
+def renderer_class() -> type:
+    """The Agg renderer the charts draw with: matplotlib's, with each text laid out once.
+
+    matplotlib 3.11 lays a text out glyph by glyph in Python and draws each glyph apart (a few
+    Python calls and a small matrix product per glyph), and lays it out again to measure it:
+    the texts were about a third of a chart's drawing time. Here FreeType lays the whole string
+    out and renders it into one bitmap (matplotlib 3.10's way: the same glyphs from the same
+    fonts and fallbacks), kept in ``_TEXTS``; measuring and drawing it again reuse that, and Agg
+    puts the bitmap down (rotated where the text is) in one call.
     """
-    from PIL import Image as PILImage
+    import matplotlib
+    from matplotlib.backends.backend_agg import RendererAgg, get_hinting_flag
+    from matplotlib.font_manager import fontManager, get_font
 
-    pixels = io.BytesIO()
-    if under:
-        fig.patch.set_alpha(0.0)
-    fig.savefig(pixels, format="rgba", facecolor=fig.get_facecolor())
-    width, height = (int(v) for v in fig.bbox.size)  # as the Agg renderer sizes its buffer
-    picture = PILImage.frombuffer("RGBA", (width, height), pixels.getvalue(), "raw", "RGBA", 0, 1)
-    if under:
-        background = PILImage.new("RGBA", (width, height), "white")
-        for rgba, x, y in under:
-            background.paste(PILImage.fromarray(rgba, "RGBA"), (round(x), height - round(y) - rgba.shape[0]))
-        picture = PILImage.alpha_composite(background, picture)
-    picture = picture.convert("RGB")
-    buffer = io.BytesIO()
-    picture.save(buffer, format="png", **PNG_OPTIONS)
-    return buffer.getvalue()
+    class ChartRenderer(RendererAgg):
+        def _laid_out(self, s: str, prop: Any, antialiased: bool) -> tuple[Any, ...]:
+            rc = matplotlib.rcParams
+            key = (s, prop, self.dpi, antialiased, rc["text.hinting"], rc["text.hinting_factor"])
+            found = _TEXTS.get(key)
+            if found is None:
+                font = self._prepare_font(prop)
+                font.set_text(s, 0, flags=get_hinting_flag())  # unrotated: Agg rotates the bitmap
+                font.draw_glyphs_to_bitmap(antialiased=antialiased)
+                width, height = font.get_width_height()
+                left, top = font.get_bitmap_offset()
+                bitmap = font.get_image()
+                found = (width / 64, height / 64, font.get_descent() / 64, left / 64, top / 64, bitmap)
+                global _text_bytes
+                if len(_TEXTS) >= TEXTS_KEPT or _text_bytes + bitmap.nbytes > TEXT_BYTES_KEPT:
+                    _forget_texts()  # a chart holds what it looked up: it is only drawn again
+                _TEXTS[(s, prop.copy(), *key[2:])] = found
+                _text_bytes += bitmap.nbytes
+            return found
+
+        def _get_font_height_metrics(self, prop: Any) -> tuple[float | None, float | None, float | None]:
+            """A font's line ascent, descent and gap in pixels, as matplotlib 3.11's Text reads
+            them from the font's tables for every text it lays out (a hook it asks first): kept
+            by font properties, where matplotlib looked the font and two tables up per text."""
+            key = (prop, self.dpi, "height")
+            found: Any = _TEXTS.get(key)
+            if found is None:
+                found = (None, None, None)
+                font: Any = get_font(fontManager._find_fonts_by_props(prop))
+                # As matplotlib scales them (the same floating-point operations, the same pixels).
+                scale = 1 / font.get_sfnt_table("head")["unitsPerEm"] * prop.get_size_in_points() * self.dpi / 72
+                for table_name, gap, ascent, descent in (
+                    ("OS/2", "sTypoLineGap", "sTypoAscender", "sTypoDescender"),
+                    ("hhea", "lineGap", "ascent", "descent"),
+                ):
+                    table = font.get_sfnt_table(table_name)
+                    if table is not None:
+                        found = (table[ascent] * scale, -table[descent] * scale, table[gap] * scale)
+                        break
+                _TEXTS[(prop.copy(), self.dpi, "height")] = found
+            return found
+
+        def get_text_width_height_descent(self, s: str, prop: Any, ismath: Any) -> tuple[float, float, float]:
+            if ismath:  # never, with text.parse_math off; matplotlib's own way if it were
+                return super().get_text_width_height_descent(s, prop, ismath)
+            width, height, descent, _, _, _ = self._laid_out(s, prop, True)
+            return width, height, descent
+
+        def draw_text(
+            self, gc: Any, x: float, y: float, s: str, prop: Any, angle: float, ismath: Any = False, mtext: Any = None
+        ) -> None:
+            if ismath:
+                return super().draw_text(gc, x, y, s, prop, angle, ismath, mtext)
+            _, _, descent, left, top, bitmap = self._laid_out(s, prop, bool(gc.get_antialiased()))
+            turn = math.radians(angle)
+            x = round(x + left + descent * math.sin(turn))
+            y = round(y + top + descent * math.cos(turn))
+            self._renderer.draw_text_image(bitmap, x, y + 1, angle, gc)
+
+    return ChartRenderer
+
+
+def _underlay_artist(rgba: Any, x: float, y: float) -> Any:
+    """An artist that puts ``rgba``'s pixels on the figure as they are, bottom left at (x, y)
+    pixels, before anything else is drawn over them. matplotlib's own images (figimage) resample
+    and colour-map on every draw (about a quarter of a two-panel heatmap's time)."""
+    from matplotlib.artist import Artist
+
+    class Pixels(Artist):
+        def draw(self, renderer: Any) -> None:
+            gc = renderer.new_gc()
+            renderer.draw_image(gc, round(x), round(y), rgba)
+            gc.restore()
+
+    pixels = Pixels()
+    pixels.set_zorder(-1)
+    return pixels
+
+
+class _Keep:
+    """A file that keeps what is written to it (Agg's pixel buffer, not a copy of it)."""
+
+    data: Any = b""
+
+    def write(self, data: Any) -> None:
+        self.data = data
+
+    def seek(self, offset: int, whence: int = 0) -> int:  # matplotlib takes what has one for a file
+        return 0
+
+
+def _png(fig: Any, under: Sequence[Underlay] = ()) -> bytes:
+    """``fig`` drawn by :func:`renderer_class`'s renderer, as a PNG (see :func:`encode_png`).
+
+    ``under``: pictures (a heatmap's cells) put on the figure pixel for pixel, under the rest.
+    """
+    import numpy as np
+
+    for rgba, x, y in under:  # Agg takes an image's rows from the bottom
+        fig.add_artist(_underlay_artist(np.ascontiguousarray(rgba[::-1]), x, y))
+    canvas = _canvas_class()(fig)
+    kept = _Keep()
+    fig.savefig(kept, format="rgba")
+    width, height = canvas.get_width_height(physical=True)
+    return encode_png(np.frombuffer(kept.data, dtype=np.uint8).reshape(height, width, 4))
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def encode_png(rgba: Any) -> bytes:
+    """An opaque picture's (h, w, 4) RGBA pixels as an RGB PNG (the alpha channel left out).
+
+    Every row with PNG's "Up" filter (the difference from the row above: a chart's flat areas,
+    bars and cell colours become runs of zeros) and zlib level 1. Pillow chooses a filter per row
+    by trying all five, most of its time; this is about half of Pillow's time at level 1, for files
+    the same size. Byte for byte the same for the same pixels.
+    """
+    import numpy as np
+
+    height, width = rgba.shape[0], rgba.shape[1]
+    # The alpha channel dropped first: subtracting contiguous rows is about twice as fast.
+    rgb = np.ascontiguousarray(rgba[:, :, :3]).reshape(height, 3 * width)
+    rows = np.empty((height, 1 + 3 * width), dtype=np.uint8)
+    rows[:, 0] = 2  # filter type Up (the first row's "row above" is zeros)
+    rows[0, 1:] = rgb[0]
+    np.subtract(rgb[1:], rgb[:-1], out=rows[1:, 1:])
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8 bits per channel, RGB
+    return b"".join(
+        (
+            b"\x89PNG\r\n\x1a\n",
+            _png_chunk(b"IHDR", header),
+            _png_chunk(b"IDAT", zlib.compress(rows.data, 1)),
+            _png_chunk(b"IEND", b""),
+        )
+    )
 
 
 def _title(fig: Any, text: str, x: float, y: float, size: float = TITLE_PT) -> None:
     """A title whose first line's top is at (x, y) pixels from the figure's bottom left."""
     width, height = fig.bbox.width, fig.bbox.height
     fig.text(x / width, y / height, text, fontsize=size, ha="left", va="top", gid="title")
+
+
+def _texts_alike(fig: Any, placed: Sequence[tuple[float, float, str, str]], **style: Any) -> None:
+    """Texts that differ only in position, string and colour: (x, y, text, colour) each, in the
+    coordinates of ``style``'s transform. All but the first are copies of the first: a text made
+    from scratch reads a dozen settings and checks every property (a third of a grid of 155 values'
+    time), a copy shares its font properties and style."""
+    import copy
+
+    if not placed:
+        return
+    x, y, s, colour = placed[0]
+    first = fig.text(x, y, s, color=colour, **style)
+    for x, y, s, colour in placed[1:]:
+        text = copy.copy(first)
+        text.set_text(s)
+        text.set_x(x)
+        text.set_y(y)
+        text.set_color(colour)
+        text.stale_callback = first.stale_callback  # as Figure.text sets them up
+        text._remove_method = first._remove_method
+        fig.texts.append(text)
 
 
 def _row_labels(ax: Any, fig: Any, positions: Sequence[float], labels: Sequence[str], size: float = LABEL_PT) -> None:
@@ -1009,12 +1196,15 @@ def heatmap(panels: Sequence[HeatmapPanel], *, colorbar: str, filename: str = "h
                 cells.append((colours[cell][:, cell], x0 + left, bottom))
             frame(x0 + left, bottom, side, side)
             pitch = side / max(n, 1)
+            under, beside = [], []
             for j, label in enumerate(labels):
                 x = x0 + left + (j + 0.5) * pitch
                 y = bottom + side - (j + 0.5) * pitch
                 ticks += [((x, bottom), (x, bottom - 3.5 * PX)), ((x0 + left, y), (x0 + left - 3.5 * PX, y))]
-                text(x, bottom - TICKS, label, ha="center", va="top", rotation=90, fontsize=font, gid="label")
-                text(x0 + left - TICKS, y, label, ha="right", va="center", fontsize=font, gid="label")
+                under.append((x, bottom - TICKS, label, "black"))
+                beside.append((x0 + left - TICKS, y, label, "black"))
+            _texts_alike(fig, under, ha="center", va="top", rotation=90, fontsize=font, gid="label", transform=pixels)
+            _texts_alike(fig, beside, ha="right", va="center", fontsize=font, gid="label", transform=pixels)
             # The axis names beyond the token labels.
             text(
                 x0 + left + side / 2,
@@ -1026,19 +1216,18 @@ def heatmap(panels: Sequence[HeatmapPanel], *, colorbar: str, filename: str = "h
             )
             text(x0 + PAD, bottom + side / 2, axis_names[1], rotation=90, ha="left", va="center", gid="ylabel")
             if n <= 10:  # few cells: write the weights in them
-                for i in range(n):
-                    for j in range(n):
-                        if not hidden[i, j]:
-                            colour = "black" if norm(grid[i, j]) > 0.6 else "white"
-                            text(
-                                x0 + left + (j + 0.5) * pitch,
-                                bottom + side - (i + 0.5) * pitch,
-                                f"{grid[i, j]:.2f}",
-                                ha="center",
-                                va="center",
-                                fontsize=7,
-                                color=colour,
-                            )
+                weights_written = [
+                    (
+                        x0 + left + (j + 0.5) * pitch,
+                        bottom + side - (i + 0.5) * pitch,
+                        f"{grid[i, j]:.2f}",
+                        "black" if norm(grid[i, j]) > 0.6 else "white",
+                    )
+                    for i in range(n)
+                    for j in range(n)
+                    if not hidden[i, j]
+                ]
+                _texts_alike(fig, weights_written, ha="center", va="center", fontsize=7, transform=pixels)
         # The colour bar: the scale from 0 (bottom) to the largest weight, square-root spaced as the cells.
         x0 = len(panels) * (left + side) + 16
         shades = cmap(np.linspace(1.0, 0.0, side), bytes=True)[:, np.newaxis, :].repeat(14, axis=1)
@@ -1151,8 +1340,9 @@ def shaded_text(
         for value in values:
             x = bar_x + bar_w * value / top_value
             ticks.append(((x, bar_y), (x, bar_y - 3.5 * PX)))
-            fig.text(x, bar_y - TICKS, f"{value:g}", ha="center", va="top", fontsize=LABEL_PT, gid="tick",
-                     transform=pixels)
+            fig.text(
+                x, bar_y - TICKS, f"{value:g}", ha="center", va="top", fontsize=LABEL_PT, gid="tick", transform=pixels
+            )
         fig.add_artist(LineCollection(ticks, colors="black", linewidths=0.8, transform=pixels))
         fig.text(
             bar_x + bar_w / 2,
@@ -1339,24 +1529,18 @@ def probability_grid(
         colours = cmap(norm(np.clip(grid, 0.0, 1.0)))
         top = bottom + plot_h
         boxes, faces = [], []
+        labels_placed, values_placed = [], []
         for r, label in enumerate(row_labels):
             y = top - (r + 1) * cell_h
-            text(left - TICKS, y + cell_h / 2, label, ha="right", va="center", fontsize=LABEL_PT, gid="label")
+            labels_placed.append((left - TICKS, y + cell_h / 2, label, "black"))
             for c in range(len(columns)):
                 x = left + c * cell_w
                 boxes.append([(x, y), (x + cell_w, y), (x + cell_w, y + cell_h), (x, y + cell_h)])
                 faces.append(colours[r, c])
                 light = relative_luminance(colours[r, c][:3]) > LUMINANCE_MIDDLE
-                text(
-                    x + cell_w / 2,
-                    y + cell_h / 2,
-                    marks[r][c],
-                    ha="center",
-                    va="center",
-                    fontsize=size,
-                    color="black" if light else "white",
-                    gid="value",
-                )
+                values_placed.append((x + cell_w / 2, y + cell_h / 2, marks[r][c], "black" if light else "white"))
+        _texts_alike(fig, labels_placed, ha="right", va="center", fontsize=LABEL_PT, gid="label", transform=pixels)
+        _texts_alike(fig, values_placed, ha="center", va="center", fontsize=size, gid="value", transform=pixels)
         fig.add_artist(PolyCollection(boxes, facecolors=faces, edgecolors="white", linewidths=0.5, transform=pixels))
         for c, label in enumerate(column_labels):
             text(
@@ -1367,7 +1551,7 @@ def probability_grid(
         # The colour bar: 0 at the bottom to 1 at the top, spaced as the cells' colours.
         x0 = math.ceil(left + plot_w + 16)
         shades = cmap(np.linspace(1.0, 0.0, max(int(plot_h), 1)), bytes=True)[:, np.newaxis, :].repeat(14, axis=1)
-        fig.figimage(shades, xo=x0, yo=bottom, origin="upper")
+        under = [(shades, x0, bottom)]
         ticks: list[tuple[tuple[float, float], tuple[float, float]]] = []
         widest = 0.0
         for value, mark in scale_marks:
@@ -1378,4 +1562,4 @@ def probability_grid(
         scale_at = (x0 + 14 + TICKS + widest + 4 * PX, bottom + plot_h / 2)
         text(*scale_at, scale_name, rotation=90, ha="left", va="center", fontsize=LABEL_PT, gid="colorbar")
         fig.add_artist(LineCollection(ticks, colors="black", linewidths=0.8, transform=pixels))
-        return Image(filename, _png(fig), one_line(title, 100))
+        return Image(filename, _png(fig, under), one_line(title, 100))

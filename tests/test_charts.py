@@ -51,14 +51,11 @@ class Drawn:
 @contextmanager
 def drawn_texts() -> Iterator[list[Drawn]]:
     """Every text the charts draw while inside, with its extent as the renderer measures it."""
-    from matplotlib.backends.backend_agg import RendererAgg
-
+    renderer = charts.renderer_class()  # the Agg renderer every chart draws with
     drawn: list[Drawn] = []
-    draw_text = RendererAgg.draw_text
+    draw_text = renderer.draw_text
 
-    def record(
-        self: RendererAgg, gc: Any, x: float, y: float, s: str, prop: Any, angle: float, *args: Any, **kw: Any
-    ) -> Any:
+    def record(self: Any, gc: Any, x: float, y: float, s: str, prop: Any, angle: float, *args: Any, **kw: Any) -> Any:
         mtext = kw.get("mtext") or (args[1] if len(args) > 1 else None)
         if mtext is not None and s.strip():
             box = mtext.get_window_extent(self)
@@ -67,11 +64,11 @@ def drawn_texts() -> Iterator[list[Drawn]]:
             )
         return draw_text(self, gc, x, y, s, prop, angle, *args, **kw)
 
-    RendererAgg.draw_text = record  # type: ignore[method-assign]
+    renderer.draw_text = record
     try:
         yield drawn
     finally:
-        RendererAgg.draw_text = draw_text  # type: ignore[method-assign]
+        renderer.draw_text = draw_text
 
 
 def test_font_families_start_with_matplotlibs_own_and_hold_only_installed_fonts() -> None:
@@ -373,6 +370,15 @@ def chart_calls() -> dict[str, Callable[[], Image]]:
             xlabel=f"probability ({MODEL})",
             notes=["cut by top-k"] * n,
         ),
+        "probability_grid": functools.partial(
+            charts.probability_grid,
+            ["embeddings", *(f"layer {k}" for k in range(1, 8))],
+            TOKENS[:5],
+            [[min(1.0, (k + 1) * (c + 1) / 40) for c in range(5)] for k in range(8)],
+            title=LONG_TITLE,
+            row_name="after layer " * 20,
+            column_name=MODEL,
+        ),
     }
 
 
@@ -543,3 +549,41 @@ async def test_the_drawing_processes_draw_every_chart_as_the_bot_process_does() 
     assert {kind: image.data for kind, image in there.items()} == {kind: image.data for kind, image in here.items()}
     assert all(image.data.startswith(b"\x89PNG") for image in there.values())
     assert await charts.render(os.getpid) == os.getpid()  # stopped: drawn here again
+
+
+def test_a_chart_is_the_same_picture_with_its_texts_laid_out_before_or_afresh(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The charts keep each laid-out text (charts.renderer_class) to draw it again: reusing one, or
+    forgetting them all in the middle of a chart, draws the very same pixels."""
+    calls = chart_calls()
+    charts.clear_text_cache()
+    afresh = {kind: draw().data for kind, draw in calls.items()}
+    again = {kind: draw().data for kind, draw in calls.items()}
+    charts.clear_text_cache()
+    monkeypatch.setattr(charts, "TEXTS_KEPT", 5)  # forgotten every few texts, mid-chart
+    forgetting = {kind: draw().data for kind, draw in calls.items()}
+    assert afresh == again == forgetting
+    assert len(charts._TEXTS) <= 5
+
+
+@settings(max_examples=examples(40), deadline=None)
+@given(
+    height=st.integers(1, 40),
+    width=st.integers(1, 40),
+    seed=st.integers(0, 2**32 - 1),
+    flat=st.booleans(),
+)
+def test_the_png_encoder_keeps_every_pixel(height: int, width: int, seed: int, flat: bool) -> None:
+    """charts.encode_png (PNG's Up filter, zlib): Pillow reads back exactly the RGB pixels given."""
+    import io
+
+    import numpy as np
+    from PIL import Image as PILImage
+
+    rng = np.random.default_rng(seed)
+    rgba = rng.integers(0, 256, (height, width, 4), dtype=np.uint8)
+    if flat:  # a chart's flat areas and rows like the one above
+        rgba[:, : width // 2] = rgba[0, 0]
+    png = charts.encode_png(rgba)
+    decoded = PILImage.open(io.BytesIO(png))
+    assert decoded.mode == "RGB" and decoded.size == (width, height)
+    assert np.array_equal(np.asarray(decoded), rgba[:, :, :3])
