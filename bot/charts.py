@@ -397,6 +397,18 @@ def clear_text_cache() -> None:
     _MEASURE.__dict__.pop("renderer", None)
 
 
+def _has_text_internals(renderer: type, font: type, manager: Any) -> bool:
+    """Whether matplotlib still has what :func:`renderer_class`'s renderer uses."""
+    return (
+        all(hasattr(renderer, name) for name in ("_prepare_font", "draw_text", "get_text_width_height_descent"))
+        and all(
+            hasattr(font, name)
+            for name in ("set_text", "draw_glyphs_to_bitmap", "get_width_height", "get_bitmap_offset", "get_image")
+        )
+        and hasattr(manager, "_find_fonts_by_props")
+    )
+
+
 @functools.cache
 def renderer_class() -> type:
     """The Agg renderer the charts draw with: matplotlib's, with each text laid out once.
@@ -411,6 +423,12 @@ def renderer_class() -> type:
     import matplotlib
     from matplotlib.backends.backend_agg import RendererAgg, get_hinting_flag
     from matplotlib.font_manager import fontManager, get_font
+    from matplotlib.ft2font import FT2Font
+
+    # It leans on a few of matplotlib's inner parts (present from 3.6 to 3.11); a matplotlib
+    # without them draws with its own renderer: the same charts, only slower.
+    if not _has_text_internals(RendererAgg, FT2Font, fontManager):
+        return RendererAgg
 
     class ChartRenderer(RendererAgg):
         def _laid_out(self, s: str, prop: Any, antialiased: bool) -> tuple[Any, ...]:

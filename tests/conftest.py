@@ -353,6 +353,8 @@ SLOW = frozenset(
         "test_topic_content.py::test_every_card_command_runs_as_written",
     )
 )
+SLOW_TIMEOUT_S = 1200
+
 # Files with the longest tests go to the xdist workers first, so the run does not end waiting on one.
 LONGEST_FIRST = (
     "tests/test_faults_bench.py",
@@ -370,6 +372,10 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         path, _, name = item.nodeid.partition("::")
         if f"{path}::{name.split('[')[0]}" in SLOW:
             item.add_marker(pytest.mark.slow)
+            if item.get_closest_marker("timeout") is None:
+                # pyproject's timeout is a hang guard; a test that takes two minutes on a quiet
+                # machine takes over five while a second copy of the suite loads it.
+                item.add_marker(pytest.mark.timeout(SLOW_TIMEOUT_S))
     first = {path: rank for rank, path in enumerate(LONGEST_FIRST)}
     items.sort(key=lambda item: first.get(item.nodeid.partition("::")[0], len(first)))
 

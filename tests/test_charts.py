@@ -565,6 +565,31 @@ def test_a_chart_is_the_same_picture_with_its_texts_laid_out_before_or_afresh(mo
     assert len(charts._TEXTS) <= 5
 
 
+def test_a_matplotlib_without_the_inner_parts_draws_the_same_texts_its_own_way(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """charts.renderer_class leans on a few of matplotlib's inner parts; where they are gone (a
+    later matplotlib) every chart is drawn by matplotlib's own renderer, with the same texts."""
+    from matplotlib.backends.backend_agg import RendererAgg
+
+    calls = chart_calls()
+    with drawn_texts() as ours:
+        for draw in calls.values():
+            draw()
+    monkeypatch.setattr(charts, "_has_text_internals", lambda *parts: False)
+    plain = charts.renderer_class.__wrapped__()
+    assert plain is RendererAgg
+    monkeypatch.setattr(charts, "renderer_class", lambda: plain)
+    charts.clear_text_cache()
+    try:
+        with drawn_texts() as theirs:
+            pictures = {kind: draw() for kind, draw in calls.items()}
+    finally:
+        charts.clear_text_cache()
+    assert all(picture.data.startswith(b"\x89PNG") for picture in pictures.values())
+    assert ours and sorted(text.text for text in theirs) == sorted(text.text for text in ours)
+
+
 @settings(max_examples=examples(40), deadline=None)
 @given(
     height=st.integers(1, 40),

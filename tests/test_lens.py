@@ -294,8 +294,12 @@ def test_smollm2s_layer_12_mlp_matters_more_than_any_other_middle_layers(smollm_
     assert "Layer 12's MLP moves it far more" in card.read_text(encoding="utf-8")
     prompts = ["The capital of France is", "Once upon a time there was a", "Water boils at 100 degrees"]
     middle = range(4, 29)
-    for prompt in prompts:
-        kl = {layer: logit_lens(model, tok, [Lens(prompt, knockout="mlp", layer=layer)])[0].kl_bits for layer in middle}
+    # One batch of the three prompts per knock-out (/lens batches requests with the same knock-out).
+    by_layer = {
+        layer: logit_lens(model, tok, [Lens(p, knockout="mlp", layer=layer) for p in prompts]) for layer in middle
+    }
+    for index, prompt in enumerate(prompts):
+        kl = {layer: results[index].kl_bits for layer, results in by_layer.items()}
         others = max(v for layer, v in kl.items() if layer != 12)
         assert kl[12] is not None and others is not None
         assert kl[12] > others and kl[12] >= 2.0, (prompt, kl)
