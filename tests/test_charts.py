@@ -29,6 +29,7 @@ from bot import charts
 from bot.commands import Image, Reply
 from bot.render import save_images
 from tests.conftest import examples
+from tests.fake_tasks import until
 
 
 @dataclass
@@ -239,15 +240,21 @@ async def test_render_logs_a_failed_chart_and_returns_an_empty_image(
 
 
 async def test_render_does_not_swallow_cancellation() -> None:
+    drawing, release = threading.Event(), threading.Event()
+
     def slow() -> Image:
-        threading.Event().wait(0.5)
+        drawing.set()
+        release.wait(60)
         return Image("x.png", b"\x89PNG")
 
     task = asyncio.ensure_future(charts.render(slow))
-    await asyncio.sleep(0.05)
-    task.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await task
+    try:
+        await asyncio.wait_for(until(drawing.is_set), 60)  # cancelled while the chart is being drawn
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    finally:
+        release.set()
 
 
 def test_a_reply_keeps_images_with_data_only() -> None:
@@ -298,18 +305,23 @@ def test_an_image_without_data_is_not_saved(tmp_path: Path) -> None:
 
 async def test_charts_being_drawn_never_hold_up_other_thread_work() -> None:
     """A burst of slow charts waits in the chart threads, not in asyncio's shared pool."""
-    release = threading.Event()
+    release, counting = threading.Event(), threading.Lock()
+    threads = charts._CHARTS._threads
+    started = [0]
 
     def slow_chart() -> Image:
-        release.wait(30)
+        with counting:
+            started[0] += 1
+        release.wait(60)
         return Image("slow.png", b"\x89PNG", "slow")
 
     # More draws than asyncio's default pool has threads (min(32, cores + 4)).
     drawing = [asyncio.create_task(charts.render(slow_chart)) for _ in range(40)]
-    await asyncio.sleep(0.1)
     try:
-        # Other replies' thread work (a tokenizer, the quiz database) still runs at once.
-        assert await asyncio.wait_for(asyncio.to_thread(lambda: "done"), timeout=10) == "done"
+        # Every chart thread is drawing (and waits on the test); the other charts queue behind them.
+        await asyncio.wait_for(until(lambda: started[0] == threads and charts._CHARTS.waiting() == 40 - threads), 60)
+        # Other replies' thread work (a tokenizer, the quiz database) still runs; in a full pool it never would.
+        assert await asyncio.wait_for(asyncio.to_thread(lambda: "done"), timeout=60) == "done"
     finally:
         release.set()
     images = await asyncio.gather(*drawing)
