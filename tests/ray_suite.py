@@ -206,13 +206,16 @@ async def test_another_config_is_refused_naming_the_difference(  # type: ignore[
     assert len((await ray_app.inference.submit(NextToken("Still the same", k=2))).top) == 2
 
 
-async def test_batches_from_two_clients_merge_at_a_busy_replica(apps, cache_dir: Path, all_models) -> None:  # type: ignore[no-untyped-def]
+async def test_batches_from_two_clients_merge_at_a_busy_replica(
+    apps, cache_dir: Path, all_models, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
     ray_app, _ = apps
     other = App(make_config(cache_dir, all_models, backend="ray", ray_num_cpus=0.1))
+    log = str(tmp_path / "calls.log")
     try:
         await other.inference.submit(NextToken("warm", k=2))
-        busy = asyncio.create_task(ray_app.inference.submit(Slow("hold the replica", seconds=2.0)))
-        await asyncio.sleep(0.5)
+        busy = asyncio.create_task(ray_app.inference.submit(Slow("hold the replica", seconds=5.0, log=log)))
+        await asyncio.wait_for(until(logged(log, "start hold the replica")), 120)  # the replica computes now
         # One request from each client arrives while the replica computes: its next run takes both.
         mine, theirs = await asyncio.gather(
             ray_app.inference.submit(NextToken(PROMPTS[1], k=3)), other.inference.submit(NextToken(PROMPTS[1], k=3))
