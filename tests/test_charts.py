@@ -305,23 +305,18 @@ def test_an_image_without_data_is_not_saved(tmp_path: Path) -> None:
 
 async def test_charts_being_drawn_never_hold_up_other_thread_work() -> None:
     """A burst of slow charts waits in the chart threads, not in asyncio's shared pool."""
-    release, counting = threading.Event(), threading.Lock()
-    threads = charts._CHARTS._threads
-    started = [0]
+    release = threading.Event()
 
     def slow_chart() -> Image:
-        with counting:
-            started[0] += 1
-        release.wait(60)
+        release.wait(30)
         return Image("slow.png", b"\x89PNG", "slow")
 
     # More draws than asyncio's default pool has threads (min(32, cores + 4)).
     drawing = [asyncio.create_task(charts.render(slow_chart)) for _ in range(40)]
+    await asyncio.sleep(0.1)
     try:
-        # Every chart thread is drawing (and waits on the test); the other charts queue behind them.
-        await asyncio.wait_for(until(lambda: started[0] == threads and charts._CHARTS.waiting() == 40 - threads), 60)
-        # Other replies' thread work (a tokenizer, the quiz database) still runs; in a full pool it never would.
-        assert await asyncio.wait_for(asyncio.to_thread(lambda: "done"), timeout=60) == "done"
+        # Other replies' thread work (a tokenizer, the quiz database) still runs at once.
+        assert await asyncio.wait_for(asyncio.to_thread(lambda: "done"), timeout=10) == "done"
     finally:
         release.set()
     images = await asyncio.gather(*drawing)
