@@ -3,6 +3,7 @@ tiny models, the converted SmolLM2 and the apps are the ones plugin authors get.
 
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
 import sys
@@ -38,6 +39,20 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # `lmbot ask` run by a test answers in its own process and leaves no warm lmbot behind
 # (tests/test_ask_warm.py turns it on where it is the subject).
 os.environ["LMBOT_ASK_KEEP_ALIVE_S"] = "0"
+
+# No test touches the user's own data: HOME and XDG's data, config and state folders point
+# into a folder of this session's (inherited by every process a test starts), so a default
+# such as ~/.local/share/lmbot/quiz.sqlite3 lands there. The cache stays the user's, through
+# a link: converted models and ONNX exports are shared between runs (with file locks).
+USER_CACHE = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").resolve()
+SESSION_HOME = Path(tempfile.mkdtemp(prefix="lmbot-home-"))
+(SESSION_HOME / ".cache").symlink_to(USER_CACHE, target_is_directory=True)
+os.environ["HOME"] = str(SESSION_HOME)
+os.environ["XDG_CACHE_HOME"] = str(USER_CACHE)
+os.environ["XDG_DATA_HOME"] = str(SESSION_HOME / ".local" / "share")
+os.environ["XDG_CONFIG_HOME"] = str(SESSION_HOME / ".config")
+os.environ["XDG_STATE_HOME"] = str(SESSION_HOME / ".local" / "state")
+atexit.register(shutil.rmtree, SESSION_HOME, ignore_errors=True)  # unlinks the link; the cache stays
 
 ROLES = {r.name: r for r in BUILTIN_ROLES}
 

@@ -23,7 +23,7 @@ from bot.app import App
 from bot.inference.protocol import Busy, FillMask, NextToken, Score, WorkerDied
 from bot.inference.ray_backend import ClusterConfigConflict, RayInferenceClient
 from tests.conftest import make_config
-from tests.fake_tasks import Slow, SlowNoModel
+from tests.fake_tasks import Slow, SlowNoModel, logged, until
 from tests.scheduling_cases import CASES
 
 PROMPTS = [f"Prompt {i} " + "word " * (i % 5) for i in range(12)]
@@ -115,17 +115,19 @@ async def test_complexity_runs_on_a_replica(apps) -> None:  # type: ignore[no-un
     assert not reply.error and reply.data["lengths"] == [16, 64] and all(t > 0 for t in reply.data["attention_ms"])
 
 
-async def test_killed_replica_is_a_clear_error_then_recovers(apps) -> None:  # type: ignore[no-untyped-def]
+async def test_killed_replica_is_a_clear_error_then_recovers(apps, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     ray_app, _ = apps
     client: RayInferenceClient = ray_app.inference
     (pid,) = await client.replica_pids("causal_lm")
-    in_flight = asyncio.create_task(client.submit(Slow("x", seconds=30)))
-    await asyncio.sleep(1.0)
+    log = str(tmp_path / "calls.log")
+    in_flight = asyncio.create_task(client.submit(Slow("x", seconds=30, log=log)))
+    await asyncio.wait_for(until(logged(log, "start x")), 120)  # the replica is running it
     os.kill(pid, signal.SIGKILL)
-    started = time.monotonic()
+    killed_at = time.monotonic()
     with pytest.raises(WorkerDied, match="replacing it"):
         await in_flight
-    assert time.monotonic() - started < 5
+    # Noticed, not waited out: sooner than the 30 s the task would have run (how soon is a figure for bench/).
+    assert time.monotonic() - killed_at < 30
     result = await client.submit(NextToken("After the crash", k=2), timeout=120)
     assert len(result.top) == 2
     assert (await client.replica_pids("causal_lm")) != [pid]
@@ -204,13 +206,16 @@ async def test_another_config_is_refused_naming_the_difference(  # type: ignore[
     assert len((await ray_app.inference.submit(NextToken("Still the same", k=2))).top) == 2
 
 
-async def test_batches_from_two_clients_merge_at_a_busy_replica(apps, cache_dir: Path, all_models) -> None:  # type: ignore[no-untyped-def]
+async def test_batches_from_two_clients_merge_at_a_busy_replica(
+    apps, cache_dir: Path, all_models, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
     ray_app, _ = apps
     other = App(make_config(cache_dir, all_models, backend="ray", ray_num_cpus=0.1))
+    log = str(tmp_path / "calls.log")
     try:
         await other.inference.submit(NextToken("warm", k=2))
-        busy = asyncio.create_task(ray_app.inference.submit(Slow("hold the replica", seconds=2.0)))
-        await asyncio.sleep(0.5)
+        busy = asyncio.create_task(ray_app.inference.submit(Slow("hold the replica", seconds=5.0, log=log)))
+        await asyncio.wait_for(until(logged(log, "start hold the replica")), 120)  # the replica computes now
         # One request from each client arrives while the replica computes: its next run takes both.
         mine, theirs = await asyncio.gather(
             ray_app.inference.submit(NextToken(PROMPTS[1], k=3)), other.inference.submit(NextToken(PROMPTS[1], k=3))

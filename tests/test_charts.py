@@ -29,6 +29,7 @@ from bot import charts
 from bot.commands import Image, Reply
 from bot.render import save_images
 from tests.conftest import examples
+from tests.fake_tasks import until
 
 
 @dataclass
@@ -236,15 +237,21 @@ async def test_render_logs_a_failed_chart_and_returns_an_empty_image(
 
 
 async def test_render_does_not_swallow_cancellation() -> None:
+    drawing, release = threading.Event(), threading.Event()
+
     def slow() -> Image:
-        threading.Event().wait(0.5)
+        drawing.set()
+        release.wait(60)
         return Image("x.png", b"\x89PNG")
 
     task = asyncio.ensure_future(charts.render(slow))
-    await asyncio.sleep(0.05)
-    task.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await task
+    try:
+        await asyncio.wait_for(until(drawing.is_set), 60)  # cancelled while the chart is being drawn
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    finally:
+        release.set()
 
 
 def test_a_reply_keeps_images_with_data_only() -> None:

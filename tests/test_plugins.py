@@ -19,6 +19,7 @@ import pytest
 import transformers
 
 import bot.plugins
+import bot.plugins._containment
 from bot import Integer, Reply, Text, builtin_tasks, command, hookimpl, plugin_options, task_name
 from bot.app import App
 from bot.config import ConfigError
@@ -392,7 +393,7 @@ async def test_a_plugin_that_breaks_a_rule_is_skipped_and_the_bot_starts(lmbot_a
 
 @pytest.mark.parametrize("module", ["tests.plugins.hangs_on_import", "tests.plugins.hangs_in_hook"])
 async def test_a_plugin_that_hangs_is_skipped_after_the_time_limit(lmbot_app, monkeypatch, module) -> None:  # type: ignore[no-untyped-def]
-    monkeypatch.setattr(bot.plugins, "LOAD_TIME_LIMIT_S", 1.0)
+    monkeypatch.setattr(bot.plugins._containment, "LOAD_TIME_LIMIT_S", 1.0)
     app = lmbot_app(module, "tests.plugins.good_task")
     failed = record(app, module.rpartition(".")[2])
     assert failed.status == "failed"

@@ -34,6 +34,7 @@ from types import ModuleType
 from typing import Any
 
 import bot.plugins
+import bot.plugins._host
 from bot.app import App
 from bot.commands import Button, Context, Reply, User
 from bot.config import Config, parse_config
@@ -194,19 +195,21 @@ def ignoring_plugins_installed_before(snapshot: set[tuple[str, str]]) -> Iterato
     """Apps made inside skip the entry points in ``snapshot`` (name, value): plugins
     installed in the environment; ones a test installs itself are still found. So do the
     ``lmbot`` processes a test starts (through :data:`bot.plugins.IGNORE_ENV`)."""
-    real = bot.plugins.entry_points
+    # Replaced where PluginHost looks it up (the host's own module), not on the package.
+    host_module = bot.plugins._host
+    real = host_module.entry_points
 
     def filtered() -> list[importlib.metadata.EntryPoint]:
         return [ep for ep in real() if (ep.name, ep.value) not in snapshot]
 
     env = bot.plugins.IGNORE_ENV
     before = os.environ.get(env)
-    bot.plugins.entry_points = filtered
+    host_module.entry_points = filtered
     os.environ[env] = "\n".join(sorted(f"{name}={value}" for name, value in snapshot))
     try:
         yield
     finally:
-        bot.plugins.entry_points = real
+        host_module.entry_points = real
         if before is None:
             os.environ.pop(env, None)
         else:

@@ -1,44 +1,23 @@
-"""Loading plugins: the built-ins in ``plugins/`` and the ``lmbot`` entry-point group.
+"""The plugin host: finds and loads plugins, builds the registry, checks their options.
 
-A plugin that breaks a rule is recorded with one clear error and skipped; every
-other plugin keeps working (``/plugins`` and ``lmbot plugins`` show the error).
-What is checked when a plugin loads, so that mistakes show up at start-up and
-not on a student's first use:
-
-* its import and its hooks are contained: any exception, ``sys.exit()`` and
-  ``KeyboardInterrupt`` included, and a time limit per plugin
-  (:data:`LOAD_TIME_LIMIT_S`), so one plugin cannot stop the bot from starting;
-* it does not pull torch (or another heavy ML library, :data:`HEAVY_MODULES`)
-  into the bot process: models run in worker processes only;
-* every hook it implements exists (a misspelt hook name would never be called);
-* every :class:`~bot.inference.protocol.Request` type it defines names a task
-  that exists (found without importing it), defines ``texts()`` and uses a
-  registered model role;
-* every command's handler takes exactly its options (checked by
-  :class:`~bot.commands.Command` itself).
-
-A plugin that claims a name already taken (a command name, or the plugin's own
-name) is skipped with a load error naming the plugin that holds it: the plugins
-loaded first keep theirs (the core, then the built-ins, then installed plugins
-in order of their names), and one plugin cannot stop the bot from starting. The plugin options in
-``[plugins.options.<plugin>]`` are checked against what each plugin declares
-with ``register_options`` (:func:`check_plugin_config`).
+:class:`PluginHost` owns the pluggy manager; it loads the built-ins and the ``lmbot``
+entry-point group under the guards of :mod:`bot.plugins._containment`, then
+:meth:`PluginHost.build_registry` collects each plugin's contributions apart, settles
+claims on names (the plugin loaded first keeps a command or study card) and merges what
+passed the checks of :mod:`bot.plugins._checks` into one :class:`Registry`.
+:func:`check_plugin_config` checks ``[plugins]`` against what the plugins declare.
 """
 
 from __future__ import annotations
 
-import ast
 import functools
 import importlib
 import importlib.metadata
-import importlib.util
-import inspect
 import logging
 import os
 import pkgutil
 import re
 import sys
-import threading
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from types import ModuleType
@@ -50,48 +29,19 @@ from bot import hookspecs
 from bot.commands import Command, Context, Option
 from bot.config import Config, ConfigError, shown_key, value_shown
 from bot.errors import OptionError
-from bot.inference import protocol
-from bot.inference.protocol import Request
+from bot.plugins import _containment
+from bot.plugins._checks import request_problem, request_types
+from bot.plugins._containment import BUILTIN_PACKAGE, PluginLoadError, _short_error, heavy_import_problem, run_limited
 from bot.topics import ModelRole, Topic
 
-log = logging.getLogger(__name__)
+# The name operators and log filters have always known this logger by.
+log = logging.getLogger("bot.plugins")
 
 ENTRY_POINT_GROUP = "lmbot"
-BUILTIN_PACKAGE = "plugins"
-# A plugin's import, and then its registration hooks, must each finish within this many
-# seconds; past it the plugin is skipped and the bot starts without it.
-LOAD_TIME_LIMIT_S = 30.0
-# Libraries that only model workers may import: each costs the bot process hundreds of
-# MB and seconds of start-up, and a model run in the bot process would block every user.
-HEAVY_MODULES = frozenset(
-    {
-        "torch",
-        "transformers",
-        "tensorflow",
-        "jax",
-        "flax",
-        "keras",
-        "peft",
-        "sentence_transformers",
-        "accelerate",
-        "sklearn",
-        "onnxruntime",
-        "torchvision",
-        "torchaudio",
-        "datasets",
-        "diffusers",
-        "vllm",
-        "llama_cpp",
-    }
-)
 
 
 class PluginConflict(Exception):
     """Two plugins claim one name (kept for callers that catch it; the host now skips the later plugin)."""
-
-
-class PluginLoadError(Exception):
-    """A plugin broke a rule of the plugin API; the message says which."""
 
 
 @dataclass
@@ -138,17 +88,6 @@ def _core_version() -> str:
     return __version__
 
 
-def _short_error(exc: BaseException) -> str:
-    if isinstance(exc, PluginLoadError):
-        return str(exc)
-    if isinstance(exc, SystemExit):
-        return f"SystemExit({exc.code!r}): the plugin tried to exit the bot"
-    if isinstance(exc, KeyboardInterrupt):
-        return "KeyboardInterrupt raised by the plugin"
-    text = str(exc)
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-
-
 # Installed plugins this process skips, one ``name=value`` per line. The testing kit sets it so
 # that an ``lmbot`` process a test starts sees the plugins the test's own apps see.
 IGNORE_ENV = "LMBOT_IGNORE_ENTRY_POINTS"
@@ -159,250 +98,6 @@ def entry_points() -> list[importlib.metadata.EntryPoint]:
     ignored = set(os.environ.get(IGNORE_ENV, "").splitlines())
     found = importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)
     return [ep for ep in found if f"{ep.name}={ep.value}" not in ignored]
-
-
-def run_limited(fn: Callable[[], Any], what: str, limit_s: float) -> Any:
-    """Run plugin code in a thread, so that neither an exit nor a hang reaches the caller.
-
-    Any exception comes back as it was; ``SystemExit``, ``KeyboardInterrupt`` and other
-    ``BaseException``s come back as :class:`PluginLoadError`; a call still running after
-    ``limit_s`` is abandoned (the daemon thread cannot keep the process alive).
-    """
-    outcome: dict[str, Any] = {}
-
-    def target() -> None:
-        try:
-            outcome["value"] = fn()
-        except BaseException as exc:  # contained here: plugin code must not end the bot
-            outcome["error"] = exc
-
-    thread = threading.Thread(target=target, name=f"lmbot-plugin {what}", daemon=True)
-    thread.start()
-    thread.join(limit_s)
-    if thread.is_alive():
-        raise PluginLoadError(f"took longer than {limit_s:g} s to load ({what}); skipped so the bot could start")
-    error = outcome.get("error")
-    if error is None:
-        return outcome.get("value")
-    if isinstance(error, Exception):
-        raise error
-    raise PluginLoadError(_short_error(error)) from error
-
-
-# --------------------------------------------------------------------------- heavy imports
-
-
-def _heavy_name(value: Any) -> str | None:
-    """The heavy library a module-level value comes from, if any."""
-    if isinstance(value, ModuleType):
-        name: Any = value.__name__
-    else:
-        try:
-            name = getattr(value, "__module__", None)
-        except Exception:  # odd objects may raise on attribute access
-            return None
-    if not isinstance(name, str):
-        return None
-    top = name.partition(".")[0]
-    return top if top in HEAVY_MODULES else None
-
-
-def _own_modules(plugin: Any, new_modules: Iterable[str]) -> list[Any]:
-    """The plugin's module and the modules of its own package that its import loaded."""
-    modules: list[Any] = [plugin]
-    name = getattr(plugin, "__name__", "")
-    if isinstance(plugin, ModuleType) and name:
-        top = name.partition(".")[0]
-        # Built-ins share the "plugins" package: there, only the module itself is the plugin's.
-        prefix = f"{name}." if top == BUILTIN_PACKAGE else f"{top}."
-        modules += [sys.modules[m] for m in sorted(new_modules) if m.startswith(prefix) and m in sys.modules]
-    return modules
-
-
-def heavy_import_problem(plugin: Any, modules_before: set[str], when: str = "importing it") -> str | None:
-    """Why loading ``plugin`` breaks the no-torch-in-the-bot-process rule, or None.
-
-    ``when`` says what ran since ``modules_before`` was taken (its import, or its hooks).
-    """
-    new_modules = set(sys.modules) - modules_before
-    pulled = sorted({m.partition(".")[0] for m in new_modules} & HEAVY_MODULES)
-    if pulled:
-        return (
-            f"{when} loaded {', '.join(pulled)} into the bot process; "
-            "import heavy libraries inside the worker task function instead"
-        )
-    # The library may already be loaded (a test process, another plugin): look at what the
-    # plugin's own modules hold at module level.
-    for module in _own_modules(plugin, new_modules):
-        for value in list(getattr(module, "__dict__", {}).values()):
-            heavy = _heavy_name(value)
-            if heavy:
-                where = getattr(module, "__name__", "the plugin")
-                return (
-                    f"{where} imports {heavy} at module level, which loads it into the bot process; "
-                    "import it inside the worker task function instead"
-                )
-    return None
-
-
-# --------------------------------------------------------------------------- worker tasks
-
-
-@functools.cache
-def builtin_tasks() -> tuple[str, ...]:
-    """Names of the tasks the service itself provides (found without importing torch)."""
-    names = {
-        value.task
-        for value in vars(protocol).values()
-        if isinstance(value, type) and issubclass(value, Request) and "task" in value.__dict__
-    }
-    return tuple(sorted(names))
-
-
-def task_name(function: Callable[..., Any]) -> str:
-    """The ``"package.module:function"`` name of a module-level worker task function.
-
-    Use it as a request's ``task``: ``task: ClassVar[str] = task_name(count_letters)``.
-    The function's module must import torch (and any model library) inside the function,
-    since the bot process imports the module to read this name.
-    """
-    module, qualname = getattr(function, "__module__", None), getattr(function, "__qualname__", "")
-    if not module or not callable(function) or "." in qualname or "<" in qualname:
-        raise ValueError(f"a worker task must be a function defined at module level, not {function!r}")
-    if module == "__main__":
-        raise ValueError("a worker task cannot live in __main__: worker processes import it by module name")
-    return f"{module}:{qualname}"
-
-
-def _positional_count(args: ast.arguments) -> tuple[int, bool]:
-    return len(args.posonlyargs) + len(args.args), args.vararg is not None
-
-
-def _signature_problem(task: str, positional: int, has_varargs: bool) -> str | None:
-    if positional < 3 and not has_varargs:
-        return f"names the task {task!r}, whose function must take (model, tokenizer, batch)"
-    return None
-
-
-def _top_level_definition(tree: ast.Module, name: str) -> ast.AST | None:
-    for node in tree.body:
-        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef) and node.name == name:
-            return node
-        targets: list[ast.expr] = []
-        if isinstance(node, ast.Assign):
-            targets = node.targets
-        elif isinstance(node, ast.AnnAssign):
-            targets = [node.target]
-        if any(isinstance(t, ast.Name) and t.id == name for t in targets):
-            return node
-        if isinstance(node, ast.Import | ast.ImportFrom) and any(
-            (alias.asname or alias.name.partition(".")[0]) == name for alias in node.names
-        ):
-            return node
-    return None
-
-
-def task_problem(task: Any) -> str | None:
-    """Why ``task`` names no worker task, or None when it does.
-
-    A built-in task, or ``"package.module:function"``: a module that is already
-    imported is looked into; any other is found and its source read without
-    running it, so that checking a task never imports torch into the bot process.
-    """
-    if not isinstance(task, str) or not task:
-        return 'names no task: set `task: ClassVar[str] = "package.module:function"` (or a built-in task)'
-    if task in builtin_tasks():
-        return None
-    module_name, sep, attr = task.partition(":")
-    if not sep:
-        return (
-            f"names the unknown task {task!r}: a built-in task is one of {', '.join(builtin_tasks())}; "
-            'a task of your own is "package.module:function"'
-        )
-    if not module_name or not attr.isidentifier() or not all(p.isidentifier() for p in module_name.split(".")):
-        return f'names the task {task!r}, which is not of the form "package.module:function"'
-    module = sys.modules.get(module_name)
-    if module is not None:
-        function = getattr(module, attr, None)
-        if function is None:
-            return f"names the task {task!r}, but {module_name} has no {attr}"
-        if not callable(function):
-            return f"names the task {task!r}, but {module_name}.{attr} is not a function"
-        if inspect.iscoroutinefunction(function):
-            return f"names the task {task!r}, which is async; a worker task is a plain function"
-        try:
-            params = list(inspect.signature(function).parameters.values())
-        except (TypeError, ValueError):
-            return None
-        positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-        varargs = any(p.kind is p.VAR_POSITIONAL for p in params)
-        return _signature_problem(task, len(positional), varargs)
-    try:
-        spec = importlib.util.find_spec(module_name)
-    except (ImportError, ValueError) as exc:
-        return f"names the task {task!r}, but its module cannot be found ({_short_error(exc)})"
-    if spec is None:
-        return f"names the task {task!r}, but there is no module named {module_name}"
-    loader = spec.loader
-    get_source = getattr(loader, "get_source", None)
-    try:
-        source = get_source(module_name) if get_source is not None else None
-    except (ImportError, OSError):
-        source = None
-    if source is None:
-        return None  # a compiled module: it cannot be looked into without running it
-    try:
-        tree = ast.parse(source)
-    except SyntaxError as exc:
-        return f"names the task {task!r}, but {module_name} has a syntax error (line {exc.lineno})"
-    node = _top_level_definition(tree, attr)
-    if node is None:
-        return f"names the task {task!r}, but {module_name} defines no {attr}"
-    if isinstance(node, ast.AsyncFunctionDef):
-        return f"names the task {task!r}, which is async; a worker task is a plain function"
-    if isinstance(node, ast.FunctionDef):
-        return _signature_problem(task, *_positional_count(node.args))
-    return None
-
-
-def request_types(plugin: Any) -> list[type[Request]]:
-    """The request types a plugin defines (not the built-in ones it imports from ``bot``)."""
-    modules: list[Any] = [plugin]
-    name = getattr(plugin, "__name__", "")
-    if isinstance(plugin, ModuleType) and hasattr(plugin, "__path__"):
-        modules += [m for key, m in list(sys.modules.items()) if key.startswith(f"{name}.")]
-    found: dict[str, type[Request]] = {}
-    for module in modules:
-        for value in list(getattr(module, "__dict__", {}).values()):
-            if (
-                isinstance(value, type)
-                and issubclass(value, Request)
-                and value is not Request
-                and not value.__module__.startswith("bot.")
-            ):
-                found[f"{value.__module__}.{value.__qualname__}"] = value
-    # A base class that the plugin's other requests build on need not name a task itself.
-    bases = {base for cls in found.values() for base in cls.__mro__[1:]}
-    return [cls for key, cls in sorted(found.items()) if cls not in bases]
-
-
-def request_problem(cls: type[Request], roles: Mapping[str, ModelRole]) -> str | None:
-    """Why a request type cannot be served, or None."""
-    problem = task_problem(getattr(cls, "task", None))
-    if problem:
-        return f"request {cls.__name__} {problem}"
-    if getattr(cls, "texts", None) is Request.texts:
-        return (
-            f"request {cls.__name__} must define texts(): the strings its task tokenizes (return [] when it reads none)"
-        )
-    role = getattr(cls, "role", None)
-    if role is not None and role not in roles:
-        known = ", ".join(sorted(roles))
-        return (
-            f"request {cls.__name__} uses the model role {role!r}, which no plugin registers "
-            f"(known roles: {known}; add one with register_models)"
-        )
-    return None
 
 
 # --------------------------------------------------------------------------- the host
@@ -427,7 +122,7 @@ class PluginHost:
 
     @property
     def time_limit_s(self) -> float:
-        return LOAD_TIME_LIMIT_S if self._time_limit_s is None else self._time_limit_s
+        return _containment.LOAD_TIME_LIMIT_S if self._time_limit_s is None else self._time_limit_s
 
     # ------------------------------------------------------------------ loading
 
