@@ -982,6 +982,7 @@ class FairChartQueue:
         self._threads = threads
         self._started = 0
         self._idle = 0
+        self._count = 0  # charts waiting for a thread
         self._lock = threading.Lock()
         self._ready = threading.Condition(self._lock)
         self._waiting: dict[str, deque[_Job]] = {}
@@ -995,7 +996,10 @@ class FairChartQueue:
                 self._waiting[owner] = deque()
                 self._turns.append(owner)
             self._waiting[owner].append((future, draw))
-            if self._idle == 0 and self._started < self._threads:
+            self._count += 1
+            # More charts waiting than threads free to take them (an idle thread counts as free
+            # until it wakes: a quick second submit must not leave its chart behind the first).
+            if self._count > self._idle and self._started < self._threads:
                 self._started += 1
                 threading.Thread(target=self._work, name=f"lmbot-chart-{self._started}", daemon=True).start()
             self._ready.notify()
@@ -1004,7 +1008,7 @@ class FairChartQueue:
     def waiting(self) -> int:
         """How many charts wait for a thread."""
         with self._lock:
-            return sum(len(jobs) for jobs in self._waiting.values())
+            return self._count
 
     def _next(self) -> _Job:
         with self._lock:
@@ -1012,6 +1016,7 @@ class FairChartQueue:
             while not self._turns:
                 self._ready.wait()
             self._idle -= 1
+            self._count -= 1
             owner = self._turns.popleft()
             jobs = self._waiting[owner]
             job = jobs.popleft()

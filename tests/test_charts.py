@@ -489,6 +489,30 @@ async def test_another_users_chart_is_drawn_before_a_floods_remainder(monkeypatc
     assert order.index("student") <= 2, order  # the held chart, at most one more, then the student's
 
 
+def test_a_chart_queued_while_the_idle_thread_wakes_gets_the_second_thread() -> None:
+    """Two charts queued back to back while the one drawing thread sleeps idle: the first wakes
+    it, the second starts the other thread, so a chart that blocks does not hold up the next."""
+    queue = charts.FairChartQueue(threads=2)
+    queue.submit("a", lambda: Image("warm.png", b"", "warm")).result(60)  # one thread, now idle
+    gate, second_drawn = threading.Event(), threading.Event()
+
+    def blocked() -> Image:
+        gate.wait(60)
+        return Image("blocked.png", b"", "blocked")
+
+    def quick() -> Image:
+        second_drawn.set()
+        return Image("quick.png", b"", "quick")
+
+    try:
+        first = queue.submit("a", blocked)
+        queue.submit("b", quick)
+        assert second_drawn.wait(60), "the second chart waited behind the blocked one"
+    finally:
+        gate.set()
+    assert first.result(60).description == "blocked"
+
+
 def test_charts_are_drawn_for_the_user_whose_command_runs() -> None:
     """Command.invoke names the user for the chart queue (and forgets them after)."""
     from bot.commands import Command, Context, Reply, User, current_user
