@@ -157,7 +157,7 @@ def next_token(model: Any, tokenizer: Any, batch: Sequence[NextToken]) -> list[N
                 model="",
                 prompt_ids=ids,
                 prompt_tokens=[tokenizer.decode([i]) for i in ids],
-                top=_top(tokenizer, probs, request.k),
+                top=_top(tokenizer, logp.double().exp(), request.k),  # float64: no tiny one rounds to 0
                 entropy_bits=entropy,
                 prompt_raw=token_bytes(tokenizer, ids),
             )
