@@ -141,10 +141,13 @@ async def test_every_command_says_1_thing_not_1_things(  # type: ignore[no-untyp
     "line",
     [
         "/nexttoken prompt:The k:5 temperature:0.05",
+        "/nexttoken prompt:The k:5 temperature:5",
         "/sample prompt:The n:1 temperature:0.05 top_k:5 top_p:1 seed:0",
         "/lens prompt:The capital of France is",
         "/surprise text:Zyx qwv plomb frax.",
         "/compare text:The cat sat on the mat k:3",
+        # A hidden word of many rare tokens: the product of their probabilities is below float32's range.
+        "/compare text:The password is Zxqvjklwpfmgbtzxqvjklwpfmgbtzxqvjkl k:3",
         "/attention text:The quick brown fox jumps over the lazy dog and runs far away from it",
     ],
 )
@@ -155,8 +158,10 @@ async def test_no_probability_above_0_reads_as_0_percent(  # type: ignore[no-unt
     float32 to 0: each is above 0, so none may read "0%", "0.0%", "0.0000" (impossible) or "100.0%"
     (certain)."""
     # SmolLM2's logits spread far enough for float32 to round its small probabilities to 0 (a random tiny
-    # model's are all alike); the one-layer model's attention spreads thin over a long text.
-    causal = one_layer_gpt2 if line.startswith("/attention") else smollm_dir
+    # model's are all alike); the one-layer model's attention spreads thin over a long text, and at
+    # temperature 5 its 50,257 tokens all get about 0.00002 (four decimals read 0.0000).
+    thin = line.startswith("/attention") or "temperature:5" in line
+    causal = one_layer_gpt2 if thin else smollm_dir
     app = app_factory({"causal_lm": causal, "masked_lm": tiny_bert_mlm})
     reply = await app.execute_line(line)
     assert not reply.error, reply.text
