@@ -246,7 +246,7 @@ def _lens_forward(model: Any, found: Parts, kwargs: dict[str, Any]) -> tuple[Any
     try:
         for n, layer in enumerate(found.layers, start=1):
             handles.append(layer.register_forward_hook(this_thread_only(layer_out(n))))
-        logits = model(**kwargs).logits[:, -1].float()
+        logits = model(**kwargs).logits[:, -1].double()
     finally:
         for handle in handles:
             handle.remove()
@@ -255,7 +255,9 @@ def _lens_forward(model: Any, found: Parts, kwargs: dict[str, Any]) -> tuple[Any
         raise RuntimeError(f"/lens: the forward never reached layer(s) {missing}")
     # The last layer's output through the norm and head is the model's own answer (checked below).
     stream = torch.stack(captured)  # (layers + 1) × batch × hidden
-    lens = found.head(found.norm(stream)).float()
+    # Softmax in float64: in float32 a top token with 1e-15 left for the rest reads exactly 1 (100%,
+    # certain) beside rivals at 1 in 10^15, and tiny ones round to 0.
+    lens = found.head(found.norm(stream)).double()
     return torch.log_softmax(lens, dim=-1), torch.log_softmax(logits, dim=-1)
 
 

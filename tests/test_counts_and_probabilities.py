@@ -169,5 +169,9 @@ async def test_no_probability_above_0_reads_as_0_percent(  # type: ignore[no-unt
     text = shown(reply).replace("(the causal model: 0%)", "")
     assert ZERO_PERCENT.findall(text) == [], text
     assert HUNDRED_PERCENT.findall(text) == [], text
+    # A row (or list) with a rival above 0 cannot have a token at 100%.
+    for row in reply.table.rows if reply.table else []:
+        cell = " ".join(row)
+        assert not (re.search(r"(?<![\d.>])(?:100%|1\.0+\b)", cell) and "1 in" in cell), cell
     cells = [cell for row in (reply.table.rows if reply.table else []) for cell in row]
     assert [c for c in cells if re.fullmatch(r"0(?:\.0+)?%?", c)] == [], cells
