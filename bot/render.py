@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import re
 import time
 import unicodedata
@@ -20,6 +21,35 @@ from bot.parsing import quote
 
 ANSI = {"gray": 90, "red": 31, "green": 32, "yellow": 33, "blue": 34, "pink": 35, "cyan": 36, "white": 37}
 _SLUG = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+def plural(count: int, noun: str, nouns: str | None = None) -> str:
+    """A count with its noun in the right number: "1 token", "0 tokens", "2,048 tokens"
+    (``nouns``: the plural where it is not the noun plus "s", e.g. "1 query", "2 queries")."""
+    return f"{count:,} {noun if count == 1 else (nouns or noun + 's')}"
+
+
+def probability(p: float) -> str:
+    """A probability as people read it, never 0 or 100% when it is not: "77.3%", ">99.9%",
+    "1 in 6,225", or "1 in 10^12" when tiny (a percentage with 12 zeros reads as 0)."""
+    if p >= 1:
+        return "100%"
+    if p >= 0.001:
+        shown = f"{100 * p:.1f}%"
+        return ">99.9%" if shown == "100.0%" else shown
+    if p >= 1e-6:
+        return f"1 in {round(1 / p):,}"
+    return f"1 in 10^{round(-math.log10(p))}" if p > 0 else "0"
+
+
+def decimal_probability(p: float, decimals: int = 4) -> str:
+    """A probability as a decimal ("0.4512") where that shows it; one too small for ``decimals``
+    places reads as :func:`probability` says ("1 in 35,000", "1 in 10^9"), never as 0.0000, and
+    one just below 1 as ">0.9999", never as 1.0000 (certain)."""
+    shown = f"{p:.{decimals}f}"
+    if 0 < p < 1 and float(shown) == 1:
+        return f">0.{'9' * decimals}"
+    return shown if p <= 0 or shown.strip("0.") else probability(p)
 
 
 def display_width(text: str) -> int:

@@ -26,6 +26,7 @@ from bot import (
     hookimpl,
 )
 from bot.charts import line_chart, render
+from bot.render import plural
 from plugins.sentiment import training_set
 
 TOPIC = Topic.load("plugins", "foundation")  # plugins/data/topics/foundation.toml
@@ -243,7 +244,9 @@ async def adapt(ctx: Context, text: str, train: bool) -> Reply:
         Field("few-shot answer", first_line(few.text)),
         Field(
             "prompting time (warm)",
-            " · ".join(f"{name} {value:.0f} ms" for name, value in prompt_ms.items()),
+            " · ".join(f"{name} {value:.0f} ms" for name, value in prompt_ms.items())
+            + f" (the same model writing 3 tokens; the few-shot prompt is {plural(len(few_prompt), 'character')} "
+            f"against {len(zero_prompt):,}: reading the longer prompt is what the extra time pays for)",
         ),
     ]
     images = []
@@ -263,7 +266,9 @@ async def adapt(ctx: Context, text: str, train: bool) -> Reply:
         else:
             fields += [
                 Field("zero-shot after LoRA", first_line(run.after)),
-                Field("LoRA run", f"{len(run.losses)} steps, loss {run.losses[0]:.2f} → {run.losses[-1]:.2f}"),
+                Field(
+                    "LoRA run", f"{plural(len(run.losses), 'step')}, loss {run.losses[0]:.2f} → {run.losses[-1]:.2f}"
+                ),
                 Field("training time", f"{run.seconds:.1f} s on {run.device}"),
             ]
             steps = list(range(1, len(run.losses) + 1))

@@ -30,6 +30,7 @@ from bot import (
     hookimpl,
 )
 from bot.charts import heatmap, render, show_bytes
+from bot.render import plural, probability
 
 # Attention compares every token with every token: 40 tokens are 1,600 weights per head,
 # about what a heatmap can still label legibly.
@@ -182,8 +183,8 @@ def what_is_shown(result: AttentionWeights, layer: int | None, head: int | None)
     if layer is not None and head is not None:
         return f"layer {layer} of {result.layers}, head {head} of {result.heads}"
     if layer is not None:
-        return f"layer {layer} of {result.layers}, average of its {result.heads} heads"
-    return f"average of all {result.layers} layers × {result.heads} heads"
+        return f"layer {layer} of {result.layers}, average of its {plural(result.heads, 'head')}"
+    return f"average of all {plural(result.layers, 'layer')} × {plural(result.heads, 'head')}"
 
 
 def looks_ahead(weights: list[list[float]]) -> float:
@@ -242,7 +243,7 @@ async def attention(ctx: Context, text: str, layer: int | None, head: int | None
         "Each row is one token; its colours show how it spreads its attention (each row sums to 1). "
         "The causal model's grey triangle is the future: a token never sees what comes after it.",
         f"The last token “{causal_labels[-1]}” attends most to "
-        + ", ".join(f"“{causal_labels[j]}” ({last[j]:.0%})" for j in ranked[:3])
+        + ", ".join(f"“{causal_labels[j]}” ({probability(last[j])})" for j in ranked[:3])
         + ".",
     ]
     if n > 2 and ranked[0] == 0:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import re
 import time
 import unicodedata
@@ -31,7 +32,8 @@ from bot import (
     command,
     hookimpl,
 )
-from bot.charts import bar_panels, cell_percent, render, token_label, token_text
+from bot.charts import bar_panels, render, token_label, token_text
+from bot.render import probability
 
 TOPIC = Topic.load("plugins", "ar-vs-masked")  # plugins/data/topics/ar-vs-masked.toml
 
@@ -191,10 +193,12 @@ def hidden_word(model: Any, tokenizer: Any, batch: Sequence[HiddenWord]) -> list
         logp = torch.log_softmax(model(input_ids=ids).logits[0].float(), dim=-1)
         steps = [logp[start - 1 + n, token] for n, token in enumerate(word)]
         first = logp[start - 1]
-        first_prob = float(steps[0].exp())
+        first_prob = math.exp(float(steps[0]))  # float64: a float32 exp rounds tiny ones to 0
         rank = int((first > steps[0]).sum()) + 1
         results.append(
-            HiddenWordResult("", first_prob, rank, float(torch.stack(steps).sum().exp()), len(word), first.shape[-1])
+            HiddenWordResult(
+                "", first_prob, rank, math.exp(float(torch.stack(steps).sum())), len(word), first.shape[-1]
+            )
         )
     return results
 
@@ -242,7 +246,7 @@ def masked_hidden_word(model: Any, tokenizer: Any, batch: Sequence[MaskedHiddenW
             MaskedHiddenWordResult(
                 "",
                 str(tokenizer.convert_ids_to_tokens(first)),
-                float(logp[first].exp()),
+                math.exp(float(logp[first])),
                 int((logp > logp[first]).sum()) + 1,
                 len(pieces),
                 int(logp.shape[-1]),
@@ -333,10 +337,10 @@ async def compare(ctx: Context, text: str, hide: str | None, k: int) -> Reply:
     fields.append(
         Field(
             f"the hidden word “{word[:40]}” itself, for the causal LM",
-            f"first token: probability {cell_percent(own.first_prob)}, rank {own.first_rank:,} of "
+            f"first token: probability {probability(own.first_prob)}, rank {own.first_rank:,} of "
             f"{own.vocabulary:,} tokens"
             + (
-                f"; the whole word ({own.tokens} tokens): {cell_percent(own.word_prob)}"
+                f"; the whole word ({own.tokens} tokens): {probability(own.word_prob)}"
                 if own.tokens > 1
                 else " (the word is one token)"
             ),
@@ -382,11 +386,11 @@ async def compare(ctx: Context, text: str, hide: str | None, k: int) -> Reply:
             Field(
                 f"the hidden word “{word[:40]}” itself, for the masked LM",
                 (
-                    f"probability {cell_percent(mine.first_prob)}, rank {mine.first_rank:,} of {mine.vocabulary:,} "
+                    f"probability {probability(mine.first_prob)}, rank {mine.first_rank:,} of {mine.vocabulary:,} "
                     "tokens (the word is one token here)"
                     if mine.tokens == 1
                     else f"it is {mine.tokens} tokens here and one mask holds one: its first token "
-                    f"“{mine.first_token}” has probability {cell_percent(mine.first_prob)}, rank "
+                    f"“{mine.first_token}” has probability {probability(mine.first_prob)}, rank "
                     f"{mine.first_rank:,} of {mine.vocabulary:,} tokens"
                 )
                 + (f"; guess {place} of the top {k} above" if place is not None else ""),
@@ -405,7 +409,15 @@ async def compare(ctx: Context, text: str, hide: str | None, k: int) -> Reply:
         }
     timing = f"causal {causal_s * 1000:.0f} ms" + (f", masked {masked_s * 1000:.0f} ms" if masked_s else "")
     passes = "one forward pass each" if masked_s else "one forward pass"
-    fields.append(Field("time (warm)", f"{timing}: {passes}, models already loaded", inline=False))
+    # Two different models on two different inputs: the times are what each costs here, not a race
+    # between the two ways of reading.
+    caveat = (
+        "; two different models (their own sizes) on different inputs (the text before the word; the whole "
+        "text with one mask), so these say what each costs here, not which way of reading is faster"
+        if masked_s
+        else ""
+    )
+    fields.append(Field("time (warm)", f"{timing}: {passes}, models already loaded{caveat}", inline=False))
     chart = await render(
         bar_panels, panels, xlabel="probability of the hidden word's first token", filename="compare.png"
     )

@@ -33,6 +33,7 @@ from bot import (
     hookimpl,
 )
 from bot.charts import line_chart, probability_grid, render, show_bytes
+from bot.render import plural, probability
 
 MAX_TOKENS = 64  # one forward; the lens reads only the last position
 TOP = 3  # tokens per layer in the table
@@ -245,7 +246,7 @@ def _lens_forward(model: Any, found: Parts, kwargs: dict[str, Any]) -> tuple[Any
     try:
         for n, layer in enumerate(found.layers, start=1):
             handles.append(layer.register_forward_hook(this_thread_only(layer_out(n))))
-        logits = model(**kwargs).logits[:, -1].float()
+        logits = model(**kwargs).logits[:, -1].double()
     finally:
         for handle in handles:
             handle.remove()
@@ -254,7 +255,9 @@ def _lens_forward(model: Any, found: Parts, kwargs: dict[str, Any]) -> tuple[Any
         raise RuntimeError(f"/lens: the forward never reached layer(s) {missing}")
     # The last layer's output through the norm and head is the model's own answer (checked below).
     stream = torch.stack(captured)  # (layers + 1) × batch × hidden
-    lens = found.head(found.norm(stream)).float()
+    # Softmax in float64: in float32 a top token with 1e-15 left for the rest reads exactly 1 (100%,
+    # certain) beside rivals at 1 in 10^15, and tiny ones round to 0.
+    lens = found.head(found.norm(stream)).double()
     return torch.log_softmax(lens, dim=-1), torch.log_softmax(logits, dim=-1)
 
 
@@ -269,6 +272,12 @@ def _top(tokenizer: Any, logp: Any, k: int) -> list[Guess]:
         Guess(i, raw, math.exp(v))
         for i, raw, v in zip(id_list, token_bytes(tokenizer, id_list), values.tolist(), strict=True)
     ]
+
+
+def probabilities(logprobs: Any) -> list[float]:
+    """exp of float32 log-probabilities, in float64: far down the lens (the embeddings, early layers)
+    a float32 exp rounds a probability like 1e-50 to 0, which would read as "impossible"."""
+    return [math.exp(v) for v in logprobs.tolist()]
 
 
 def logit_lens(model: Any, tokenizer: Any, batch: Sequence[Lens]) -> list[LensResult]:
@@ -316,9 +325,9 @@ def logit_lens(model: Any, tokenizer: Any, batch: Sequence[Lens]) -> list[LensRe
             prompt_raw=token_bytes(tokenizer, ids[i]),
             rows=[_top(tokenizer, lens[layer, b], r.k) for layer in range(layers + 1)],
             answer=_top(tokenizer, final[b], 1)[0],
-            answer_probs=lens[:, b, answer].exp().tolist(),
+            answer_probs=probabilities(lens[:, b, answer]),
             candidates=candidates,
-            candidate_probs=lens[:, b, [g.id for g in candidates]].exp().tolist(),
+            candidate_probs=[probabilities(row) for row in lens[:, b, [g.id for g in candidates]]],
             before=_top(tokenizer, final[b], r.k),
         )
         if knocked_lens is not None and knocked_final is not None:
@@ -328,7 +337,7 @@ def logit_lens(model: Any, tokenizer: Any, batch: Sequence[Lens]) -> list[LensRe
                 **{
                     **result.__dict__,
                     "knocked_rows": [_top(tokenizer, knocked_lens[layer, b], r.k) for layer in range(layers + 1)],
-                    "knocked_answer_probs": knocked_lens[:, b, answer].exp().tolist(),
+                    "knocked_answer_probs": probabilities(knocked_lens[:, b, answer]),
                     "after": _top(tokenizer, q, r.k),
                     "answer_after": math.exp(float(q[answer])),
                     "kl_bits": max(0.0, kl),
@@ -339,15 +348,6 @@ def logit_lens(model: Any, tokenizer: Any, batch: Sequence[Lens]) -> list[LensRe
 
 
 # --------------------------------------------------------------------------- the command
-
-
-def percent(p: float) -> str:
-    """A probability as a percentage that never reads 0 when it is not: 77.3%, 0.42%, 0.0031%, <0.001%."""
-    if p >= 0.1:
-        return f"{p:.0%}"
-    if p >= 1e-5:
-        return f"{float(f'{p * 100:.2g}'):g}%"
-    return "0%" if p == 0 else "<0.001%"
 
 
 def label(guess: Guess) -> str:
@@ -382,7 +382,7 @@ def what_was_cut(knockout: str, layer: int | None, head: int | None) -> str:
 
 
 def guesses(items: Sequence[Guess]) -> str:
-    return ", ".join(f"“{label(g)}” {percent(g.prob)}" for g in items)
+    return ", ".join(f"“{label(g)}” {probability(g.prob)}" for g in items)
 
 
 def short(model: str) -> str:
@@ -421,14 +421,15 @@ async def lens(ctx: Context, prompt: str, knockout: str, layer: int | None, head
     rows = [
         [
             "embeddings" if n == 0 else str(n),
-            " · ".join(f"{label(g)[:14]} {percent(g.prob)}" for g in result.rows[n]),
-            percent(result.answer_probs[n]),
+            " · ".join(f"{label(g)[:14]} {probability(g.prob)}" for g in result.rows[n]),
+            probability(result.answer_probs[n]),
         ]
         for n in shown_layers(count, settled)
     ]
     lines = [
         LENS_LINE,
-        f"The model's answer after the last layer: “{answer}” ({result.answer.prob:.1%}). Through the lens it is "
+        f"The model's answer after the last layer: “{answer}” ({probability(result.answer.prob)}). "
+        "Through the lens it is "
         + (
             "the top guess only at the last layer."
             if settled == count - 1
@@ -439,7 +440,11 @@ async def lens(ctx: Context, prompt: str, knockout: str, layer: int | None, head
     ]
     if count > MAX_ROWS:
         lines.append(f"The table shows {len(rows)} of the {count} rows (all are in the data).")
-    fields = [Field("model", f"{result.model}: {result.layers} layers × {result.heads} heads", inline=False)]
+    fields = [
+        Field(
+            "model", f"{result.model}: {plural(result.layers, 'layer')} × {plural(result.heads, 'head')}", inline=False
+        )
+    ]
     series = [(f"P(“{answer[:20]}”) through the lens", list(range(count)), result.answer_probs, "o-")]
     data: dict[str, Any] = {
         "model": result.model,
@@ -456,8 +461,8 @@ async def lens(ctx: Context, prompt: str, knockout: str, layer: int | None, head
     if knockout != "none" and result.kl_bits is not None and result.answer_after is not None:
         cut = what_was_cut(knockout, layer, head)
         lines += [
-            f"Switched off: {cut}. The answer “{answer}” went from {percent(result.answer.prob)} to "
-            f"{percent(result.answer_after)}; the distribution moved by {result.kl_bits:.3f} bits (KL divergence).",
+            f"Switched off: {cut}. The answer “{answer}” went from {probability(result.answer.prob)} to "
+            f"{probability(result.answer_after)}; the distribution moved by {result.kl_bits:.3f} bits (KL divergence).",
             KL_LINE,
         ]
         fields += [

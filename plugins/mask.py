@@ -29,6 +29,7 @@ from bot import (
     hookimpl,
 )
 from bot.charts import bar_panels, render, token_label, token_text
+from bot.render import plural
 from bot.tokenizers import wordpiece, wordpiece_tokens
 
 TOPIC = Topic.load("plugins", "masked-lm")  # plugins/data/topics/masked-lm.toml
@@ -155,7 +156,7 @@ async def maskrecipe(ctx: Context, sentence: str, seed: int) -> Reply:
     return Reply(
         title="What BERT would train on",
         text=(
-            f"{len(tokens)} WordPiece token{'s' if len(tokens) != 1 else ''}; {len(changes)} chosen "
+            f"{plural(len(tokens), 'WordPiece token')}; {len(changes)} chosen "
             f"({len(changes) / len(tokens):.0%} of them). The recipe aims at {SELECT:.0%} of the tokens, "
             f"a whole number, at least one: {SELECT:.0%} of {len(tokens)} is {SELECT * len(tokens):.2f}, "
             f"so {len(changes)}. "

@@ -23,6 +23,7 @@ from bot import (
     hookimpl,
 )
 from bot.charts import bar_chart, is_partial, render, token_label, token_text
+from bot.render import decimal_probability, plural, probability
 
 STEPS = 3  # buttons that append one of the likeliest tokens
 
@@ -90,7 +91,7 @@ async def model_own_probs(ctx: Context, prompt: str, k: int, temperature: float)
 
 def own_cell(own: dict[int, float], token_id: int) -> str:
     # A tie at the k-th place can swap one token between the two lists: then it has no own figure.
-    return f"{own[token_id]:.4f}" if token_id in own else "–"
+    return decimal_probability(own[token_id]) if token_id in own else "–"
 
 
 @command(
@@ -110,7 +111,7 @@ async def nexttoken(ctx: Context, prompt: str, k: int, temperature: float) -> Re
     # them (dividing logits by T keeps their order, so the same top-k tokens come back).
     own = await model_own_probs(ctx, prompt, k, temperature)
     rows = [
-        [str(n), label, str(t.id), f"{t.prob:.4f}", *([own_cell(own, t.id)] if own else [])]
+        [str(n), label, str(t.id), decimal_probability(t.prob), *([own_cell(own, t.id)] if own else [])]
         for n, (label, t) in enumerate(zip(labels, result.top, strict=True), 1)
     ]
     shown_prompt = ("…" if len(prompt) > 50 else "") + prompt[-50:]
@@ -126,7 +127,7 @@ async def nexttoken(ctx: Context, prompt: str, k: int, temperature: float) -> Re
     # One step of generation by hand: each button appends a token and asks again.
     steps, partial = step_buttons(prompt, result.top)
     text = (
-        f"The top {len(result.top)} tokens cover {shown:.1%} of the probability; "
+        f"The top {plural(len(result.top), 'token')} cover {probability(shown)} of the probability; "
         "the rest is spread over the other tokens of the vocabulary."
     )
     if steps:
@@ -139,7 +140,8 @@ async def nexttoken(ctx: Context, prompt: str, k: int, temperature: float) -> Re
         text += (
             f"\nTemperature {temperature:g} divides the logits by {temperature:g} before the softmax, so these are the "
             f"{'flattened' if temperature > 1 else 'sharpened'} probabilities a sampler would draw from, not the "
-            f"model's own: at temperature 1, {labels[0]} has {own_cell(own, first.id)}, here {first.prob:.4f} "
+            f"model's own: at temperature 1, {labels[0]} has {own_cell(own, first.id)}, "
+            f"here {decimal_probability(first.prob)} "
             "(both columns in the table)."
         )
     text += "\n" + entropy_line(result.entropy_bits)

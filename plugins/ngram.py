@@ -28,6 +28,7 @@ from bot import (
     hookimpl,
 )
 from bot.charts import bar_chart, render
+from bot.render import plural
 
 TOPIC = Topic.load("plugins", "ngrams")  # plugins/data/topics/ngrams.toml
 
@@ -64,10 +65,6 @@ def words(text: str) -> list[str]:
 
 def sentences(text: str) -> list[list[str]]:
     return [w for s in SENTENCE_END.split(text.strip()) if (w := words(s))]
-
-
-def plural(count: int, noun: str, nouns: str | None = None) -> str:
-    return f"{count:,} {noun if count == 1 else (nouns or noun + 's')}"
 
 
 def amount(value: float) -> str:
@@ -217,7 +214,7 @@ def zero_reason(step: Step) -> str:
             "(0/0), and the model takes it as 0"
         )
     if step.scored_as == UNKNOWN:
-        return f"“{step.word}” never occurs in the counted text (0 of the {step.total:,} words after {after})"
+        return f"“{step.word}” never occurs in the counted text (0 of the {plural(step.total, 'word')} after {after})"
     return f"“{step.word}” never follows {after} in the counted text (0/{step.total:,})"
 
 
@@ -274,7 +271,9 @@ async def ngram(ctx: Context, context: str, n: int, text: str | None, sentence: 
     model = NgramModel.fit(corpus, n, smoothing)
     context_words = words(context)
     if len(context_words) < n - 1:
-        raise UserError(f"A {n}-gram model needs at least {n - 1} context words; `context` has {len(context_words)}.")
+        raise UserError(
+            f"A {n}-gram model needs at least {plural(n - 1, 'context word')}; `context` has {len(context_words)}."
+        )
     key = tuple(context_words[-(n - 1) :])
     top = model.next_words(key, TOP)
     held_sentences = sentences(sentence)

@@ -23,6 +23,7 @@ from collections.abc import Callable
 from fsrs import Card, Rating, Scheduler
 
 from bot import Button, Command, Context, Field, Reply, Text, UserError, command, hookimpl
+from bot.render import plural
 from plugins._scores import STORE_ENVIRONMENT, ScoresUnavailable
 from plugins.study import scores_for
 
@@ -50,11 +51,11 @@ def when(due: datetime.datetime, now: datetime.datetime) -> str:
     seconds = (due - now).total_seconds()
     if seconds < 3600:
         minutes = max(1, round(seconds / 60))
-        return f"in {minutes} minute{'s' if minutes > 1 else ''}"
+        return f"in {plural(minutes, 'minute')}"
     if seconds < 2 * 86400:
         hours = round(seconds / 3600)
-        return f"in {hours} hour{'s' if hours > 1 else ''}"
-    return f"in {round(seconds / 86400)} days ({due:%Y-%m-%d})"
+        return f"in {plural(hours, 'hour')}"
+    return f"in {plural(round(seconds / 86400), 'day')} ({due:%Y-%m-%d})"
 
 
 async def _next_card(ctx: Context, before: list[Field] | None = None, note: str = "") -> Reply:

@@ -50,6 +50,7 @@ from bot import (
     command,
     hookimpl,
 )
+from bot.render import plural, probability
 from plugins._scores import STORE_ENVIRONMENT, ScoresUnavailable, add_review_card
 from plugins.study import scope_of, scores_for
 
@@ -179,15 +180,6 @@ def points_of(logprob: float) -> float:
     return round(max(0.0, BASE_BITS - bits_of(logprob)), 1)
 
 
-def percent(p: float) -> str:
-    """A probability as people read it: a percentage, "1 in 6,225", or "1 in 10^12" when tiny."""
-    if p >= 0.001:
-        return f"{100 * p:.1f}%"
-    if p >= 1e-6:
-        return f"1 in {round(1 / p):,}"
-    return f"1 in 10^{round(-math.log10(p))}" if p > 0 else "0"
-
-
 def cell(text: str, width: int = CELL) -> str:
     text = " ".join(text.split())
     return text if len(text) <= width else text[: width - 1] + "…"
@@ -269,18 +261,17 @@ async def reveal(ctx: Context, round_id: str, truth: str = "") -> Reply:
 
 
 async def _review_card(ctx: Context, round_id: str, prompt: str, p: Played, top: list[TokenProb]) -> None:
-    best = ", ".join(f"{shown_token(t.token)} {percent(t.prob)}" for t in top[:3])
+    best = ", ".join(f"{shown_token(t.token)} {probability(t.prob)}" for t in top[:3])
     front = f"What did the model expect after “{cell(prompt, 200)}”? (You guessed “{p.guess}”.)"
-    back = (
-        f"Its top choices: {best}. Your guess had p = {percent(math.exp(p.logprob))} ({bits_of(p.logprob):.1f} bits)."
-    )
+    guessed = probability(math.exp(p.logprob))
+    back = f"Its top choices: {best}. Your guess had p = {guessed} ({bits_of(p.logprob):.1f} bits)."
     with contextlib.suppress(ScoresUnavailable):
         await add_review_card(scores_for(ctx), p.user, f"round.{round_id}", front, back)
 
 
 def results_reply(round_id: str, prompt: str, played: list[Played], top: list[TokenProb], truth: str) -> Reply:
     """The results screen: who won, the model's top choices, every guess scored, how points work."""
-    model_line = " · ".join(f"{shown_token(t.token)} {percent(t.prob)}" for t in top)
+    model_line = " · ".join(f"{shown_token(t.token)} {probability(t.prob)}" for t in top)
     fields = [Field(f"the model's top {len(top)}", model_line, inline=False)]
     data: dict[str, Any] = {
         "round": round_id,
@@ -325,7 +316,7 @@ def results_reply(round_id: str, prompt: str, played: list[Played], top: list[To
                 place,
                 cell(p.name),
                 cell(p.guess),
-                percent(math.exp(p.logprob)),
+                probability(math.exp(p.logprob)),
                 str(p.rank) if p.rank < 100_000 else f"{p.rank:.0e}",
                 f"{bits_of(p.logprob):.1f}",
                 f"{p.points:.1f}",
@@ -333,7 +324,7 @@ def results_reply(round_id: str, prompt: str, played: list[Played], top: list[To
             ]
         )
     more = len(played) - SHOWN_PLAYERS
-    tail = f"\n… and {more} more players (see /leaderboard)." if more > 0 else ""
+    tail = f"\n… and {plural(more, 'more player')} (see /leaderboard)." if more > 0 else ""
     fields.append(Field("how points work", POINTS_LINE, inline=False))
     fields.append(Field("the columns", COLUMNS_LINE, inline=False))
     return Reply(

@@ -29,7 +29,8 @@ from bot import (
     command,
     hookimpl,
 )
-from bot.charts import grouped_bars, render, show_bytes, value_labels
+from bot.charts import grouped_bars, render, show_bytes
+from bot.render import decimal_probability, plural, probability
 
 NEW_TOKENS = 12  # tokens per continuation
 SHOWN = 12  # tokens of the first distribution shown (the model's likeliest)
@@ -124,7 +125,8 @@ def sample(model: Any, tokenizer: Any, batch: Sequence[Sample]) -> list[SampleRe
         tempered = TemperatureLogitsWarper(request.temperature)(ids, logits.clone())
         after_k = TopKLogitsWarper(request.top_k)(ids, tempered.clone()) if request.top_k else tempered
         after_p = TopPLogitsWarper(request.top_p)(ids, after_k.clone()) if request.top_p < 1.0 else after_k
-        stages = [torch.softmax(s, dim=-1)[0] for s in (logits, tempered, after_k, after_p)]
+        # In float64: a float32 softmax at a low temperature gives 0 to tokens that keep a (tiny) probability.
+        stages = [torch.log_softmax(s, dim=-1)[0].double().exp() for s in (logits, tempered, after_k, after_p)]
         top = torch.topk(stages[0], min(request.shown, stages[0].shape[-1])).indices.tolist()
         shown = [
             StagedToken(int(t), raw, *(float(stage[t]) for stage in stages))
@@ -140,8 +142,12 @@ def sample(model: Any, tokenizer: Any, batch: Sequence[Sample]) -> list[SampleRe
                 if token in stop:
                     break
             steps = range(len(drawn_ids))
-            drawn = [float(torch.softmax(out.scores[s][row].float(), -1)[drawn_ids[s]]) for s in steps]
-            plain = [float(torch.softmax(out.logits[s][row].float(), -1)[drawn_ids[s]]) for s in steps]
+            drawn = [
+                float(torch.log_softmax(out.scores[s][row].float(), -1)[drawn_ids[s]].double().exp()) for s in steps
+            ]
+            plain = [
+                float(torch.log_softmax(out.logits[s][row].float(), -1)[drawn_ids[s]].double().exp()) for s in steps
+            ]
             ended = bool(drawn_ids) and drawn_ids[-1] in stop
             continuations.append(Continuation(drawn_ids, token_bytes(tokenizer, drawn_ids), drawn, plain, ended))
         results.append(
@@ -231,9 +237,9 @@ async def sample_command(
     rows = [
         [
             label,
-            f"{t.model:.3f}",
-            f"{t.temperature:.3f}",
-            f"{t.final:.3f}" if t.final else "-",
+            decimal_probability(t.model, 3),
+            decimal_probability(t.temperature, 3),
+            decimal_probability(t.final, 3) if t.final else "-",
             cut_by(t),
         ]
         for label, t in zip(labels, result.shown, strict=True)
@@ -251,15 +257,15 @@ async def sample_command(
     ]
     if top_k:
         steps.append(
-            f"3. Top-k {top_k} keeps the {result.kept_top_k:,} likeliest tokens, {result.mass_top_k:.1%} of the "
-            "probability, and cuts the rest."
+            f"3. Top-k {top_k} keeps the {plural(result.kept_top_k, 'likeliest token')}, "
+            f"{probability(result.mass_top_k)} of the probability, and cuts the rest."
         )
     else:
         steps.append("3. Top-k is off: no token is cut by rank.")
     if top_p < 1:
         steps.append(
             f"4. Top-p {top_p:g} then keeps the fewest likeliest tokens whose probability reaches {top_p:.0%}: "
-            f"{result.kept_top_p:,} tokens, {result.mass_top_p:.1%} of what was left."
+            f"{plural(result.kept_top_p, 'token')}, {probability(result.mass_top_p)} of what was left."
         )
     else:
         steps.append("4. Top-p is off: nothing more is cut.")
@@ -273,7 +279,7 @@ async def sample_command(
         Field("seed", f"{seed} (the same prompt, settings and seed draw the same samples again)", inline=False),
     ]
     for number, c in enumerate(result.continuations, 1):
-        shares = value_labels(c.drawn, "{:.0%}")  # never "0%" for a token that was drawn
+        shares = [probability(p) for p in c.drawn]  # never "0%" for a token that was drawn, nor 100% short of 1
         tokens = " · ".join(f"{show_bytes(raw)} {p}" for raw, p in zip(c.raw, shares, strict=True))
         fields.append(Field(f"sample {number}", f"“{continuation_text(c)}”\n{tokens}"[:1000], inline=False))
     chart = await render(

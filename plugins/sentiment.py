@@ -31,6 +31,7 @@ from bot import (
     command,
     hookimpl,
 )
+from bot.render import decimal_probability
 
 TOPIC = Topic.load("plugins", "gen-vs-disc")  # plugins/data/topics/gen-vs-disc.toml
 
@@ -227,9 +228,9 @@ async def sentiment(ctx: Context, text: str) -> Reply:
     generative_model = scores[0].model
 
     rows = [
-        ["discriminative (classifier)", disc_label, f"{disc_probs[disc_label]:.3f}", ms(disc_s)],
-        ["generative (prompted LM)", gen_label, f"{gen_probs[gen_label]:.3f}", ms(gen_s)],
-        ["generative, calibrated", fixed_label, f"{fixed[fixed_label]:.3f}", "same pass"],
+        ["discriminative (classifier)", disc_label, decimal_probability(disc_probs[disc_label], 3), ms(disc_s)],
+        ["generative (prompted LM)", gen_label, decimal_probability(gen_probs[gen_label], 3), ms(gen_s)],
+        ["generative, calibrated", fixed_label, decimal_probability(fixed[fixed_label], 3), "same pass"],
     ]
     ranked = sorted(
         ((f, p) for (f, p), keep in zip(form_probs.items(), counted, strict=True) if keep), key=lambda fp: -fp[1]
@@ -258,7 +259,7 @@ async def sentiment(ctx: Context, text: str) -> Reply:
             Field("label words' share", f"{covered:.3f} of the LM's probability for what comes next"),
             Field(
                 "probability by label",
-                " · ".join(f"{label} {mass[label]:.3f}" for label in LABELS),
+                " · ".join(f"{label} {decimal_probability(mass[label], 3)}" for label in LABELS),
             ),
             Field("each form", forms_line, inline=False),
             Field(

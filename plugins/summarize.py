@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import time
+import unicodedata
 from collections.abc import Callable, Sequence
 
 from bot import (
@@ -44,6 +45,29 @@ and or but nor so yet if then than because while when where which who whom whose
 not no all any both each every few more most other some such only own same too very just also again once
 up down out off one ones s t"""
 FUNCTION_WORDS = frozenset(_FUNCTION.split()) | SENTENCE_STARTERS
+CHECK_COVERS = (
+    "What the check covers: it compares words only. Every number, name and content word of the summary "
+    "must appear in your text. It does not check meaning (a negation, who did what to whom, a wrong link "
+    "between two true facts), nor whether the summary leaves out what matters."
+)
+# The commonest words of languages a T5-style model writes (T5 was also trained to translate English
+# into German, French and Romanian, and may do so when asked to summarize).
+COMMON_WORDS = {
+    "English": "the a an and is are was were of to in that it for on with as be this by not from at have has which",
+    "German": "der die das und ist nicht ein eine zu den mit von sich auf für im dem des auch es wird werden sind "
+    "als wurde bei oder aus nach hat wie",
+    "French": "le la les et est un une des du de en que qui dans pour pas sur au avec il elle ce sont par plus ne "
+    "se été aux",
+    "Spanish": "el la los las y es un una de del que en por con para no se su al lo como más fue son está",
+    "Italian": "il lo la gli le e è un una di del della che in per non con si sono al alla come più anche",
+    "Portuguese": "o a os as e é um uma de do da que em para não com se por no na são mais como foi",
+    "Dutch": "de het een en is van in dat niet op te met voor zijn er aan ook als bij door",
+    "Romanian": "și şi este un o de la în că cu pe din care nu se a fost mai sunt pentru",
+}
+_HOLDERS: dict[str, int] = {}
+for _words in COMMON_WORDS.values():
+    for _word in set(_words.split()):
+        _HOLDERS[_word] = _HOLDERS.get(_word, 0) + 1
 
 
 def text_limit(ctx: Context) -> int:
@@ -103,6 +127,43 @@ def unsupported_words(summary: str, text: str, skip: Sequence[str] = ()) -> list
     return found
 
 
+def language_of(text: str) -> str | None:
+    """A rough guess at the language of ``text``: its script where that is not Latin ("Cyrillic script"),
+    else the language whose commonest words it uses most (a word several languages share counts for
+    each a share). None when the text is too short or too mixed to tell."""
+    scripts: dict[str, int] = {}
+    for ch in text:
+        if ch.isalpha():
+            script = unicodedata.name(ch, "UNKNOWN").split()[0]
+            script = "Chinese/Japanese characters" if script in ("CJK", "HIRAGANA", "KATAKANA") else script
+            scripts[script] = scripts.get(script, 0) + 1
+    if not scripts:
+        return None
+    script = max(scripts, key=lambda s: scripts[s])
+    if script != "LATIN":
+        return script if "/" in script else f"{script.title()} script"
+    scores = dict.fromkeys(COMMON_WORDS, 0.0)
+    for word in WORD.findall(text.casefold()):
+        for language, words in COMMON_WORDS.items():
+            if word in words.split():
+                scores[language] += 1 / _HOLDERS[word]
+    ranked = sorted(scores.items(), key=lambda item: -item[1])
+    (best, top), (_, second) = ranked[0], ranked[1]
+    return best if top >= 1.5 and top >= 1.5 * second else None
+
+
+def language_line(text: str, summary: str) -> str:
+    """A warning when the summary seems to be in another language than the text, else ""."""
+    source, written = language_of(text), language_of(summary)
+    if source is None or written is None or source == written:
+        return ""
+    return (
+        f"The summary looks like {written}, your text like {source} (a rough guess from their commonest "
+        "words): the model may have translated instead of summarizing, so this is not a summary of your text "
+        "in its own language."
+    )
+
+
 def generated_tokens(kind: str, token_ids: Sequence[int]) -> int:
     """Tokens the model wrote (an encoder-decoder's output starts with its decoder-start token,
     which it did not write; the end-of-text token is already stripped)."""
@@ -147,6 +208,7 @@ async def summarize(ctx: Context, text: str, max_length: int) -> Reply:
             "also appears in your text. That is all this check looks at: it cannot tell whether they are "
             "put together truthfully."
         )
+    language = language_line(text, summary)
     length = f"{written} of at most {max_length} tokens (`max_length` counts the model's tokens, not words)" + (
         ": cut off at the limit, so the summary is unfinished" if cut else ""
     )
@@ -154,9 +216,11 @@ async def summarize(ctx: Context, text: str, max_length: int) -> Reply:
         title=f"Summary ({result.model})",
         text=(summary or "(the model produced no text)")
         + ("\n\n(Cut off: the model reached `max_length` tokens before it finished.)" if cut else "")
+        + (f"\n\n{language}" if language else "")
         + "\n\nThis summary was generated by a model and may be wrong: check it against your text.",
         fields=[
             Field("check", check[:1024], inline=False),
+            Field("what the check covers", CHECK_COVERS, inline=False),
             Field("length", length, inline=False),
             Field("how", note[:1024], inline=False),
             Field("time", f"{seconds * 1000:.0f} ms"),
@@ -170,6 +234,7 @@ async def summarize(ctx: Context, text: str, max_length: int) -> Reply:
             "tokens_written": written,
             "max_length_tokens": max_length,
             "cut_at_max_length": cut,
+            "language": {"text": language_of(text), "summary": language_of(summary)},
         },
     )
 

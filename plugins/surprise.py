@@ -25,6 +25,7 @@ from bot import (
     hookimpl,
 )
 from bot.charts import render, shaded_text, show_bytes
+from bot.render import probability
 from plugins.ngram import UNKNOWN, NgramModel, amount, builtin_corpus, comparability_warnings, sentences
 
 LN2 = math.log(2)
@@ -110,7 +111,7 @@ def surprisal(model: Any, tokenizer: Any, batch: Sequence[Surprisal]) -> list[Su
                 raw=token_bytes(tokenizer, ids),
                 logprobs=chosen.tolist(),
                 expected=token_bytes(tokenizer, best),
-                expected_probs=best_logp.exp().tolist(),
+                expected_probs=[math.exp(v) for v in best_logp.tolist()],
             )
     return [r for r in results if r is not None]
 
@@ -203,7 +204,7 @@ async def surprise(ctx: Context, text: str, ngram: bool) -> Reply:
             show_bytes(result.raw[i]),
             f"{bits[i]:.1f}",
             f"{math.exp(result.logprobs[i]):.2g}",
-            f"{show_bytes(result.expected[i])} ({result.expected_probs[i]:.0%})",
+            f"{show_bytes(result.expected[i])} ({probability(result.expected_probs[i])})",
         ]
         for i in ranked
     ]
@@ -212,7 +213,7 @@ async def surprise(ctx: Context, text: str, ngram: bool) -> Reply:
         "coin flip (p = ½); 10 bits is a 1-in-1,024 event. The model reads left to right, so each token is "
         "scored from the ones before it.",
         f"Perplexity {perplexity:.1f} per token (2 to the average surprisal, {mean_bits:.2f} bits): on average "
-        f"the model was as unsure as choosing among {perplexity:.0f} equally likely tokens. Lower is better.",
+        f"the model was as unsure as choosing among {perplexity:,.1f} equally likely tokens. Lower is better.",
         "Surprise bands (the chart's colour bar): "
         + ", ".join(meaning for _, _, _, meaning in BANDS)
         + ". "

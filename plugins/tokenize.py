@@ -23,6 +23,7 @@ from bot import (
     hookimpl,
 )
 from bot.charts import render, show_bytes, show_token, split_bar_chart
+from bot.render import plural
 from bot.tokenizers import TIKTOKEN_ENCODINGS, tiktoken_encoding, wordpiece, wordpiece_tokens
 
 TOPIC = Topic.load("plugins", "subwords")  # plugins/data/topics/subwords.toml
@@ -121,7 +122,8 @@ async def tokenize(ctx: Context, text: str, encoding: str, compare: bool) -> Rep
     note = f" (first {MAX_ROWS} shown)" if len(rows) > MAX_ROWS else ""
     data = {"encoding": encoding, "ids": ids, "pieces": labels, "count": len(ids), "bytes": [b.hex() for b in raw]}
     text_line = (
-        f"{len(text)} characters became {len(ids)} tokens{note}. ⟨..⟩ marks bytes that are not text on their own; "
+        f"{plural(len(text), 'character')} became {plural(len(ids), 'token')}{note}. "
+        "⟨..⟩ marks bytes that are not text on their own; "
         f"in the text below, {TOKEN_BAR} ends each token."
     )
     table = Table(["#", "piece", "id", "bytes"], shown, align="rlrr")
@@ -147,7 +149,7 @@ async def tokenize(ctx: Context, text: str, encoding: str, compare: bool) -> Rep
             )
         )
     return Reply(
-        title=f"{len(ids)} tokens ({encoding})",
+        title=f"{plural(len(ids), 'token')} ({encoding})",
         text=text_line,
         code=CodeBlock(segments),
         table=table,

@@ -184,7 +184,7 @@ def test_continuations_read_as_the_next_word() -> None:
 
 
 def test_probabilities_read_as_people_read_them() -> None:
-    from plugins.round import percent
+    from bot.render import probability
 
-    shown = [percent(p) for p in (0.773, 0.0005, 1 / 121_996, 9.2e-13)]
+    shown = [probability(p) for p in (0.773, 0.0005, 1 / 121_996, 9.2e-13)]
     assert shown == ["77.3%", "1 in 2,000", "1 in 121,996", "1 in 10^12"]

@@ -13,6 +13,7 @@ import transformers
 
 from bot.app import App
 from bot.charts import grouped_bars
+from bot.render import probability
 from plugins.sample import Sample, sample
 from tests.conftest import make_config
 from tests.plugin_helpers import assert_fits_discord
@@ -194,7 +195,9 @@ async def test_reply_explains_each_stage_and_the_seed(app_factory, tiny_gpt2: Pa
     seed = reply.data["seed"]
     assert 0 <= seed < 2**31 and any(f.name == "seed" and f.value.startswith(str(seed)) for f in reply.fields)
     assert "Temperature 0.7 divides the logits" in reply.text and "below 1 sharpens" in reply.text
-    assert f"Top-k 5 keeps the 5 likeliest tokens, {reply.data['mass_top_k']:.1%} of the probability" in reply.text
+    # The 5 tokens of a random model's 50,257 hold about 0.01%: shown as such, never as "0.0%".
+    mass = probability(reply.data["mass_top_k"])
+    assert f"Top-k 5 keeps the 5 likeliest tokens, {mass} of the probability" in reply.text and mass != "0.0%"
     assert reply.data["kept_top_p"] == 5  # top-p 0.9 of five near-equal tokens keeps all five
     final = [t["final"] for t in reply.data["shown"]]
     assert sum(final) == pytest.approx(1.0, abs=1e-5) and sum(f > 0 for f in final) == 5

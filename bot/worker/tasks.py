@@ -148,7 +148,8 @@ def next_token(model: Any, tokenizer: Any, batch: Sequence[NextToken]) -> list[N
     last = _causal_forward(model, enc, keep=1)[:, -1, :]
     results = []
     for row, request in enumerate(batch):
-        logp = torch.log_softmax(last[row] / request.temperature, dim=-1)
+        # float64: float32 rounds a tiny probability to 0 and a top one short of 1 to 1 (at low temperatures).
+        logp = torch.log_softmax(last[row].double() / request.temperature, dim=-1)
         probs = logp.exp()
         entropy = float(torch.special.entr(probs).sum()) / LN2
         ids = _real_ids(enc, row)
@@ -157,7 +158,7 @@ def next_token(model: Any, tokenizer: Any, batch: Sequence[NextToken]) -> list[N
                 model="",
                 prompt_ids=ids,
                 prompt_tokens=[tokenizer.decode([i]) for i in ids],
-                top=_top(tokenizer, probs, request.k),
+                top=_top(tokenizer, logp.exp(), request.k),
                 entropy_bits=entropy,
                 prompt_raw=token_bytes(tokenizer, ids),
             )
