@@ -8,6 +8,7 @@ from collections.abc import Callable
 
 from bot.commands import Command, Context, Field, Option, Reply, Table, Text, command
 from bot.hookspecs import hookimpl
+from bot.render import plural
 
 GENERAL = "General"
 
@@ -82,7 +83,7 @@ async def plugins_command(ctx: Context) -> Reply:
         for r in ctx.app.plugin_records
     ]
     failed = sum(1 for r in ctx.app.plugin_records if r.status == "failed")
-    text = f"{len(rows)} plugins" + (f", {failed} failed to load" if failed else "")
+    text = plural(len(rows), "plugin") + (f", {failed} failed to load" if failed else "")
     return Reply(
         title="Plugins",
         text=text,
@@ -163,7 +164,8 @@ async def sync_command(ctx: Context) -> Reply:
     if ctx.app.publish_commands is None:
         return Reply.failure("Commands are published by the Discord front end; this one has nothing to sync.")
     published = await ctx.app.publish_commands()
-    return Reply(f"Published {len(ctx.app.registry.commands)} commands to {', '.join(published) or 'nowhere'}.")
+    commands = plural(len(ctx.app.registry.commands), "command")
+    return Reply(f"Published {commands} to {', '.join(published) or 'nowhere'}.")
 
 
 @hookimpl

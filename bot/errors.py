@@ -108,7 +108,8 @@ class TooManyRequests(InferenceError):
 
     def __init__(self, waiting: int) -> None:
         self.waiting = waiting
-        super().__init__(f"You have {waiting} requests waiting; try again when they finish.")
+        requests = "1 request" if waiting == 1 else f"{waiting} requests"
+        super().__init__(f"You have {requests} waiting; try again when they finish.")
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (TooManyRequests, (self.waiting,))

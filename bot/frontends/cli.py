@@ -36,7 +36,7 @@ from bot.frontends.ask import EXIT_ANSWERED_ERROR, EXIT_OK, EXIT_USAGE, usage_js
 from bot.inference.metrics import read_running
 from bot.inference.registry import ModelSource
 from bot.plugins import PluginConflict
-from bot.render import display_width, render_table, render_text
+from bot.render import display_width, plural, render_table, render_text
 
 # Terminal commands print warnings only; -v shows what the bot logs, -vv everything.
 VERBOSITY = ("WARNING", "INFO", "DEBUG")
@@ -349,7 +349,7 @@ def cmd_health(args: argparse.Namespace) -> int:
         print("unhealthy: no inference worker is alive")
         return EXIT_ANSWERED_ERROR
     if queued > 0 and idle_for > config.inference.request_timeout_s:
-        print(f"unhealthy: {queued:.0f} requests waiting and nothing finished for {idle_for:.0f} s")
+        print(f"unhealthy: {plural(round(queued), 'request')} waiting and nothing finished for {idle_for:.0f} s")
         return EXIT_ANSWERED_ERROR
     print(f"healthy: config valid, {alive:.0f} worker(s) alive, {queued:.0f} queued")
     return EXIT_OK
@@ -438,7 +438,7 @@ def startup_summary(app: App) -> list[str]:
     records = app.plugin_records
     failed = [r.name for r in records if r.status == "failed"]
     loaded = sum(r.status == "loaded" for r in records)
-    plugins = f"{loaded} plugins loaded" + (f", {len(failed)} failed: {', '.join(failed)}" if failed else "")
+    plugins = f"{plural(loaded, 'plugin')} loaded" + (f", {len(failed)} failed: {', '.join(failed)}" if failed else "")
     workers = (
         f"{inference.workers} worker{'s' if inference.workers > 1 else ''}" if inference.backend == "local" else "ray"
     )
