@@ -171,11 +171,15 @@ class HiddenWordResult:
     word_prob: float  # P(every token of the word, in turn | context)
     tokens: int  # how many tokens the word takes here
     vocabulary: int
+    first_id: int = -1  # the word's first token, to mark its bar among the top guesses
+    first_raw: bytes = b""  # and its bytes, to label that bar when it is not among them
 
 
 def hidden_word(model: Any, tokenizer: Any, batch: Sequence[HiddenWord]) -> list[HiddenWordResult]:
     """Runs in the worker, one text at a time (each is a single short forward)."""
     import torch
+
+    from bot.worker.tasks import token_bytes
 
     results = []
     for request in batch:
@@ -194,7 +198,16 @@ def hidden_word(model: Any, tokenizer: Any, batch: Sequence[HiddenWord]) -> list
         first_prob = float(steps[0].exp())
         rank = int((first > steps[0]).sum()) + 1
         results.append(
-            HiddenWordResult("", first_prob, rank, float(torch.stack(steps).sum().exp()), len(word), first.shape[-1])
+            HiddenWordResult(
+                "",
+                first_prob,
+                rank,
+                float(torch.stack(steps).sum().exp()),
+                len(word),
+                first.shape[-1],
+                first_id=int(word[0]),
+                first_raw=token_bytes(tokenizer, word[:1])[0],
+            )
         )
     return results
 
@@ -221,6 +234,7 @@ class MaskedHiddenWordResult:
     first_rank: int  # 1 = the model's top guess
     tokens: int  # how many tokens the word takes in the masked LM's vocabulary
     vocabulary: int
+    first_id: int = -1  # that token's id, to mark its bar among the top guesses
 
 
 def masked_hidden_word(model: Any, tokenizer: Any, batch: Sequence[MaskedHiddenWord]) -> list[MaskedHiddenWordResult]:
@@ -246,9 +260,28 @@ def masked_hidden_word(model: Any, tokenizer: Any, batch: Sequence[MaskedHiddenW
                 int((logp > logp[first]).sum()) + 1,
                 len(pieces),
                 int(logp.shape[-1]),
+                first_id=int(first),
             )
         )
     return results
+
+
+HIDDEN_MARK = "hidden: "
+GUESSES_AXIS = (
+    "probability of the model's top guesses for the hidden position; "
+    "the bar marked “hidden:” is the hidden word's first token"
+)
+
+
+def with_hidden_bar(
+    labels: list[str], probs: list[float], ids: Sequence[int], hidden_id: int, hidden: str, prob: float, rank: int
+) -> tuple[list[str], list[float]]:
+    """The top guesses' bars with the hidden word's first token marked: its own bar when it is
+    among them, else one more bar below them with its rank (what the text says, drawn)."""
+    if hidden_id in ids:
+        at = list(ids).index(hidden_id)
+        return [HIDDEN_MARK + label if n == at else label for n, label in enumerate(labels)], probs
+    return [*labels, f"hidden (#{rank:,}): {hidden}"], [*probs, prob]
 
 
 def short(model: str) -> str:
@@ -320,16 +353,23 @@ async def compare(ctx: Context, text: str, hide: str | None, k: int) -> Reply:
     continuation = await ctx.inference.submit(Generate(left.rstrip(), max_new_tokens=20))
     continued = continuation_text(continuation.text)
     causal_labels = [token_label(t.token, t.raw) for t in causal.top]
-    panels.append(
-        (
-            f"{short(causal.model)} reads left to right: “…{left.rstrip()[-25:]}”",
-            causal_labels,
-            [t.prob for t in causal.top],
-        )
-    )
     fields.append(Field("causal LM guesses", ", ".join(causal_labels)))
     context = left.rstrip()
     own: HiddenWordResult = await ctx.inference.submit(HiddenWord(context, left[len(context) :] + word))
+    panels.append(
+        (
+            f"{short(causal.model)} reads left to right: “…{left.rstrip()[-25:]}”",
+            *with_hidden_bar(
+                causal_labels,
+                [t.prob for t in causal.top],
+                [t.id for t in causal.top],
+                own.first_id,
+                token_label("", own.first_raw),
+                own.first_prob,
+                own.first_rank,
+            ),
+        )
+    )
     fields.append(
         Field(
             f"the hidden word “{word[:40]}” itself, for the causal LM",
@@ -373,11 +413,24 @@ async def compare(ctx: Context, text: str, hide: str | None, k: int) -> Reply:
     else:
         top = masked.masks[0].top if masked.masks else []
         masked_labels = [token_label(t.token, t.raw) for t in top]
-        panels.append((f"{short(masked.model)} reads both sides", masked_labels, [t.prob for t in top]))
         fields.append(Field("masked LM guesses", ", ".join(masked_labels) or "∅"))
         wanted = word.strip().casefold()
         place = next((n for n, t in enumerate(top, 1) if token_text(t.token, t.raw).strip().casefold() == wanted), None)
         mine: MaskedHiddenWordResult = await ctx.inference.submit(MaskedHiddenWord(f"{left}{MASK}{right}", word))
+        panels.append(
+            (
+                f"{short(masked.model)} reads both sides",
+                *with_hidden_bar(
+                    masked_labels,
+                    [t.prob for t in top],
+                    [t.id for t in top],
+                    mine.first_id,
+                    token_label(mine.first_token),
+                    mine.first_prob,
+                    mine.first_rank,
+                ),
+            )
+        )
         fields.append(
             Field(
                 f"the hidden word “{word[:40]}” itself, for the masked LM",
@@ -406,9 +459,11 @@ async def compare(ctx: Context, text: str, hide: str | None, k: int) -> Reply:
     timing = f"causal {causal_s * 1000:.0f} ms" + (f", masked {masked_s * 1000:.0f} ms" if masked_s else "")
     passes = "one forward pass each" if masked_s else "one forward pass"
     fields.append(Field("time (warm)", f"{timing}: {passes}, models already loaded", inline=False))
-    chart = await render(
-        bar_panels, panels, xlabel="probability of the hidden word's first token", filename="compare.png"
-    )
+    chart = await render(bar_panels, panels, xlabel=GUESSES_AXIS, filename="compare.png")
+    data["chart"] = {
+        "xlabel": GUESSES_AXIS,
+        "panels": [{"title": title, "labels": labels, "probs": probs} for title, labels, probs in panels],
+    }
     return Reply(
         title="Left-to-right vs both ways",
         text=(

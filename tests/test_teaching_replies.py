@@ -611,6 +611,41 @@ async def test_compare_shows_the_hidden_words_own_probability_and_rank_on_the_ma
     assert (f"its first token “{first}”" in shown) == (pieces > 1)
 
 
+@pytest.mark.parametrize(("text", "k"), [("The capital of France is Paris.", 10), ("The cat sat on the zxqv", 1)])
+async def test_compare_chart_labels_the_top_guesses_and_marks_the_hidden_words_bar(  # type: ignore[no-untyped-def]
+    app_factory, models, tiny_gpt2: Path, tiny_bert_mlm: Path, text: str, k: int
+) -> None:
+    """The bars are each model's top guesses, not the hidden word: the axis says so, and the hidden
+    word's first token has a marked bar of its own (inside the top k or added below them) whose
+    length is its probability from transformers."""
+    reply = await app_factory(models).execute_line(f"/compare text:{text} k:{k}")
+    assert not reply.error, reply.text
+    chart = reply.data["chart"]
+    assert "top guesses" in chart["xlabel"] and chart["xlabel"] != "probability of the hidden word's first token"
+    left, word, right = reply.data["left"], reply.data["hidden"], reply.data["right"]
+    causal_panel, masked_panel = chart["panels"]
+    # Causal side, by transformers directly.
+    model = transformers.AutoModelForCausalLM.from_pretrained(tiny_gpt2).eval()
+    tok = transformers.AutoTokenizer.from_pretrained(tiny_gpt2)
+    context = tok(left.rstrip())["input_ids"]
+    word_ids = tok(left + word)["input_ids"][len(context) :]
+    with torch.no_grad():
+        probs = model(torch.tensor([context])).logits[0, -1].float().softmax(-1)
+    top = probs.topk(k).indices.tolist()
+    masked_prob, _, _, _ = masked_reference(tiny_bert_mlm, left, right, word)
+    for panel, prob, inside in (
+        (causal_panel, float(probs[word_ids[0]]), word_ids[0] in top),
+        (masked_panel, masked_prob, None),
+    ):
+        marked = [n for n, label in enumerate(panel["labels"]) if label.startswith("hidden")]
+        assert len(marked) == 1, panel["labels"]
+        assert panel["probs"][marked[0]] == pytest.approx(prob, rel=1e-3, abs=1e-7)
+        if inside is not None:
+            assert len(panel["labels"]) == k + (0 if inside else 1)
+            assert (marked[0] < k) == inside
+    assert reply.images and reply.images[0].data.startswith(b"\x89PNG")
+
+
 @torch.inference_mode()
 def test_the_masked_hidden_word_is_the_same_batched_and_alone(tiny_bert_mlm: Path) -> None:
     from bot import MASK
