@@ -933,3 +933,29 @@ async def test_compare_quotes_the_continuation_so_it_does_not_read_as_the_bots_t
     assert "\n" in continued  # the case in point, from the model
     field = next(f for f in reply.fields if f.name.startswith("causal LM continues"))
     assert field.value == "“" + continued.replace("\n", "⏎") + "”"
+
+
+# ----------------------------------------------------------------------------- /nsp: copying is predictable too
+
+
+@pytest.mark.parametrize(
+    ("a", "b", "share"),
+    [
+        ("I like tea.", "I like tea.", 1.0),
+        ("The cat sat on the mat.", "the mat, the cat.", 1.0),
+        ("The cat sat down.", "It purred.", 0.0),
+        ("The cat sat down.", "The dog ran off.", 0.25),
+    ],
+)
+async def test_nsp_says_the_score_is_predictability_and_warns_when_b_repeats_a(  # type: ignore[no-untyped-def]
+    app_factory, tiny_gpt2: Path, tiny_bert_nsp: Path, a: str, b: str, share: float
+) -> None:
+    # Hand count: the share of B's words (case aside) that are words of A.
+    for models in ({"causal_lm": tiny_gpt2}, {"nsp": tiny_bert_nsp}):
+        reply = await app_factory(models).execute_line(f'/nsp sentence_a:"{a}" sentence_b:"{b}"')
+        assert not reply.error, reply.text
+        assert reply.data["b_words_in_a"] == pytest.approx(share)
+        warned = "Warning: B repeats A" in reply.text
+        assert warned == (share >= 0.8) == reply.data["repeats"]
+        if "causal_lm" in models:
+            assert "how predictable B is once the model has read A" in reply.text and "Copying" in reply.text
