@@ -33,6 +33,13 @@ WORD = re.compile(r"\w+|[^\w\s]")
 MAX_ROWS = 30
 
 
+# Python counts code points, not what a reader sees as one character (a grapheme cluster), so say so.
+CODE_POINTS_LINE = (
+    "Code points are Unicode's numbered characters; one visible character can be several "
+    "(👍🏽 is 👍 plus a skin-tone code point, é can be e plus an accent)."
+)
+
+
 def word_level(text: str) -> tuple[list[str], int]:
     """A word-level vocabulary: BERT's whole-word entries; any other word becomes [UNK]."""
     vocab = wordpiece_tokens()
@@ -46,7 +53,7 @@ def _compare(text: str, enc: tiktoken.Encoding, ids: list[int]) -> tuple[Table, 
     pieces = wordpiece().encode(text, add_special_tokens=False).tokens
     bpe = [show_bytes(enc.decode_single_token_bytes(i)) for i in ids]
     rows = [
-        ["characters", str(len(text)), "0", " ".join(show_token(c) for c in text[:14])],
+        ["code points", str(len(text)), "0", " ".join(show_token(c) for c in text[:14])],
         ["word list", str(len(words)), str(unknown), " ".join(words[:10])],
         ["WordPiece (BERT)", str(len(pieces)), str(pieces.count("[UNK]")), " ".join(pieces[:10])],
         [f"byte BPE ({enc.name})", str(len(ids)), "0", " ".join(bpe[:10])],
@@ -121,7 +128,8 @@ async def tokenize(ctx: Context, text: str, encoding: str, compare: bool) -> Rep
     note = f" (first {MAX_ROWS} shown)" if len(rows) > MAX_ROWS else ""
     data = {"encoding": encoding, "ids": ids, "pieces": labels, "count": len(ids), "bytes": [b.hex() for b in raw]}
     text_line = (
-        f"{len(text)} characters became {len(ids)} tokens{note}. ⟨..⟩ marks bytes that are not text on their own; "
+        f"{len(text)} code points became {len(ids)} tokens{note}. {CODE_POINTS_LINE} "
+        "⟨..⟩ marks bytes that are not text on their own; "
         f"in the text below, {TOKEN_BAR} ends each token."
     )
     table = Table(["#", "piece", "id", "bytes"], shown, align="rlrr")
@@ -141,7 +149,7 @@ async def tokenize(ctx: Context, text: str, encoding: str, compare: bool) -> Rep
                     ("known pieces", [int(row[1]) - n for row, n in zip(table.rows, unknown, strict=True)]),
                     ("[UNK]: unknown, information lost", unknown),
                 ],
-                title=f"Tokens for the same {len(text)}-character text",
+                title=f"Tokens for the same text of {len(text)} code points",
                 xlabel="tokens",
                 filename="tokenize.png",
             )

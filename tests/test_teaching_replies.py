@@ -959,3 +959,19 @@ async def test_nsp_says_the_score_is_predictability_and_warns_when_b_repeats_a( 
         assert warned == (share >= 0.8) == reply.data["repeats"]
         if "causal_lm" in models:
             assert "how predictable B is once the model has read A" in reply.text and "Copying" in reply.text
+
+
+# ----------------------------------------------------------------------------- /tokenize: code points, not "characters"
+
+
+async def test_tokenize_counts_code_points_and_says_so(app_factory) -> None:  # type: ignore[no-untyped-def]
+    """👍🏽 is one visible character but two code points (what len() counts): the reply calls them
+    code points and says why one character can be several."""
+    app = app_factory()
+    text = "Nice 👍🏽 café"
+    reply = await app.execute("tokenize", {"text": text, "compare": True}, app.local_context())
+    assert not reply.error, reply.text
+    assert len(text) == 12  # by hand: "Nice " 5, 👍 and 🏽 2, " café" 5
+    assert "12 code points became" in reply.text and "characters became" not in reply.text
+    assert "skin-tone code point" in reply.text
+    assert reply.table is not None and reply.table.rows[0][:2] == ["code points", "12"]
