@@ -271,12 +271,15 @@ async def surprise(ctx: Context, text: str, ngram: bool) -> Reply:
                 "counted_ngrams": scored.comparison.counted,
                 "heldout_ngrams": scored.comparison.ngrams,
             }
+    # The colour bar ends at a whole number of bits past the largest value, so its last tick reads 27, not 26.0878.
+    top_bits = math.ceil(max(max(values) for _, _, values in panels) + 1e-9)
     chart = await render(
         shaded_text,
         panels,
         colorbar="surprisal (bits): −log₂ p",
         filename="surprise.png",
         bounds=[bound for bound, _, _, _ in BANDS if math.isfinite(bound)],
+        vmax=max(1, top_bits),
     )
     return Reply(
         title=f"Surprise: {short(result.model)} reads your text",

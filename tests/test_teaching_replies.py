@@ -975,3 +975,19 @@ async def test_tokenize_counts_code_points_and_says_so(app_factory) -> None:  # 
     assert "12 code points became" in reply.text and "characters became" not in reply.text
     assert "skin-tone code point" in reply.text
     assert reply.table is not None and reply.table.rows[0][:2] == ["code points", "12"]
+
+
+# ----------------------------------------------------------------------------- /surprise: a round colour-bar top
+
+
+@pytest.mark.parametrize("ngram", [False, True])
+async def test_surprise_colour_bar_ticks_are_round(
+    app_factory, tiny_gpt2: Path, figures: list[Figure], ngram: bool
+) -> None:  # type: ignore[no-untyped-def]
+    app = app_factory({"causal_lm": tiny_gpt2})
+    reply = await app.execute("surprise", {"text": "Zyx qwv plomb frax 東京.", "ngram": ngram}, app.local_context())
+    assert not reply.error, reply.text
+    ticks = [t.get_text() for t in figures[-1].texts if t.get_gid() == "tick"]
+    assert ticks and all(re.fullmatch(r"\d+", tick) for tick in ticks), ticks
+    largest = max([*reply.data["bits"], *(reply.data["ngram"]["bits"] if ngram else [])])
+    assert int(ticks[-1]) == math.ceil(largest + 1e-9) and int(ticks[-1]) - 1 < largest <= int(ticks[-1])
