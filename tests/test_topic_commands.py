@@ -476,6 +476,28 @@ async def test_adapt_lora_closed_form_for_llama(app_factory, tiny_llama: Path) -
     assert row["trainable"] == config.num_hidden_layers * 8 * ((d + d) + (d + kv))
 
 
+async def test_adapt_times_each_prompt_three_times_with_its_length_and_calls_noise_noise(  # type: ignore[no-untyped-def]
+    app_factory, tiny_gpt2: Path
+) -> None:
+    reply = await app_factory({"causal_lm": tiny_gpt2}).execute_line('/adapt text:"The soup was cold."')
+    assert not reply.error, reply.text
+    tok = transformers.AutoTokenizer.from_pretrained(tiny_gpt2)
+    data = reply.data
+    for name, key in (("zero-shot", "zero_shot_prompt"), ("few-shot", "few_shot_prompt")):
+        assert data["prompt_tokens"][name] == len(tok(data[key])["input_ids"])
+        runs = data["prompt_ms_runs"][name]
+        assert len(runs) == 3 and data["prompt_ms"][name] == pytest.approx(sorted(runs)[1])
+    timing = next(f.value for f in reply.fields if f.name.startswith("prompting time"))
+    assert f"prompt {data['prompt_tokens']['few-shot']:,} tokens" in timing and "over 3 runs" in timing
+    zero, few = data["prompt_ms_runs"]["zero-shot"], data["prompt_ms_runs"]["few-shot"]
+    if max(zero) < min(few):
+        assert "Zero-shot was faster in every run" in timing
+    elif max(few) < min(zero):
+        assert "Few-shot was faster in every run" in timing
+    else:
+        assert "Within noise" in timing
+
+
 async def test_adapt_shows_both_prompts_as_the_model_reads_them(app_factory, tiny_gpt2: Path) -> None:  # type: ignore[no-untyped-def]
     app = app_factory({"causal_lm": tiny_gpt2})
     for review in ("Great product", "x" * 490 + " @everyone"):
