@@ -31,7 +31,8 @@ class Spread:
 
     def text(self) -> str:
         """The median with the fastest and slowest run: "104 ms (98–120 ms over 3 runs)"."""
-        return f"{ms(self.median)} ({ms(self.low)}–{ms(self.high)} over {len(self.runs)} runs)"
+        low, high = ms(self.low).removesuffix(" ms"), ms(self.high)
+        return f"{ms(self.median)} ({low}–{high} over {len(self.runs)} runs)"
 
     def clearly_faster_than(self, other: Spread) -> bool:
         """Faster in every run than ``other`` in any: a difference outside the noise."""

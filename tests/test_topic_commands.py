@@ -162,6 +162,39 @@ async def test_sentiment_times_warm_inference_only(app_factory, tiny_classifier,
     assert any(f.name == "generative model" and f.value == reply.data["generative"]["model"] for f in reply.fields)
 
 
+async def test_sentiment_names_each_times_engine_and_calls_a_difference_only_outside_the_runs(  # type: ignore[no-untyped-def]
+    app_factory, tiny_classifier, tiny_gpt2
+) -> None:
+    reply = await app_factory({"classifier": tiny_classifier, "causal_lm": tiny_gpt2}).execute_line(
+        "/sentiment text:What a wonderful film."
+    )
+    assert not reply.error, reply.text
+    disc, gen = reply.data["discriminative"], reply.data["generative"]
+    for side, row in ((disc, 0), (gen, 1)):
+        assert side["engine"] == side["model"].rsplit(", ", 1)[-1] and len(side["seconds_runs"]) == 3
+        assert side["seconds"] == pytest.approx(sorted(side["seconds_runs"])[1])
+        assert reply.table is not None and reply.table.rows[row][-1].endswith(side["engine"])
+    a, b = disc["seconds_runs"], gen["seconds_runs"]
+    if max(a) < min(b):
+        assert "The classifier was faster in every run" in reply.text
+    elif max(b) < min(a):
+        assert "The LM was faster in every run" in reply.text
+    else:
+        assert "Within noise" in reply.text
+
+
+def test_sentiment_timing_says_when_the_engines_differ_and_when_it_is_noise() -> None:
+    from plugins._timing import Spread
+    from plugins.sentiment import timing_line
+
+    # The reviewer's case: a torch classifier against an onnxruntime LM.
+    line = timing_line("torch", Spread((0.059, 0.055, 0.061)), "onnxruntime", Spread((0.104, 0.098, 0.120)))
+    assert "different engines (torch and onnxruntime)" in line and "The classifier was faster in every run" in line
+    assert "59 ms (55–61 ms over 3 runs) on torch" in line
+    same = timing_line("torch", Spread((0.05, 0.07, 0.06)), "torch", Spread((0.065, 0.055, 0.08)))
+    assert "different engines" not in same and "Within noise" in same
+
+
 async def test_sentiment_offline_head_on_the_packaged_embedder(app_factory, tiny_gpt2: Path) -> None:  # type: ignore[no-untyped-def]
     from sklearn.linear_model import LogisticRegression
 
@@ -689,4 +722,4 @@ async def test_sentiment_says_forced_choice_and_calibrates_by_the_label_prior(
     assert "Forced choice" in reply.text and "not how sure the model is" in reply.text
     assert "Label prior" in reply.text and "Zhao et al. 2021" in reply.text
     assert reply.table is not None and "confidence" not in reply.table.headers
-    assert [row[0] for row in reply.table.rows][-1] == "generative, calibrated"
+    assert [row[0] for row in reply.table.rows][-1] == "prompted LM, calibrated"
