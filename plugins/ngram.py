@@ -194,6 +194,12 @@ class Comparison:
             f"only {len(model.vocab):,} outcomes (its own lower-cased word types, {END} and {UNKNOWN}), while "
             "the neural model spells each word out of its whole vocabulary and must get capitals right, so "
             f"its task is harder. {counted}"
+            + (
+                # Not "memorised" (the sentence is new as a whole), but no step needed more than a count.
+                " Every one was: no step of it is new to the n-gram model, which favours it further."
+                if self.ngrams and self.counted == self.ngrams
+                else ""
+            )
         )
 
 

@@ -380,6 +380,16 @@ async def test_memorised_runs_are_flagged_and_counted_ngrams_reported(
         else:
             assert reply.data["comparable"] == "partly" and answer.startswith("Partly: same unit (per word)")
             assert "lower-cased" in answer and f"{reply.data['vocab_size']:,} outcomes" in answer
+            assert ("no step of it is new" in answer) == (counted == total)
+
+
+async def test_a_new_sentence_of_counted_pairs_says_every_step_was_counted(app: App) -> None:
+    text = "the cat ate. the cat sat. a dog sat on the mat."
+    reply = await app.execute("ngram", {"text": text, "sentence": "the cat sat on the mat."}, app.local_context())
+    assert hand_counted_ngrams(text, "the cat sat on the mat .", 2) == (7, 7)
+    answer = next(f.value for f in reply.fields if f.name == "can the two be compared?")
+    assert reply.data["comparable"] == "partly" and "7 of 7 held-out 2-grams" in answer
+    assert "no step of it is new" in answer
 
 
 async def test_the_built_in_corpus_sentence_without_its_full_stop_is_memorised(app: App) -> None:
