@@ -234,7 +234,7 @@ def measured_verdict(measured: Sequence[tuple[int, LayerTimes]], d: int) -> str:
         )
     else:
         found = [f"slower than the GRU at n = {listing(slower)}"] if slower else []
-        found += [f"faster at n = {listing(faster)}"] if faster else []
+        found += [f"faster{'' if slower else ' than the GRU'} at n = {listing(faster)}"] if faster else []
         verdict = (
             "Measured, attention was " + " and ".join(found) + "." if found else "Measured, no clear difference."
         ) + (" No single crossover in these timings." if slower and faster else "")

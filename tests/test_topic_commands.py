@@ -406,7 +406,7 @@ async def test_complexity_calls_overlapping_runs_within_noise_and_warns_when_tim
     assert not reply.error, reply.text
     assert "slower from n = 4" not in reply.text and "faster than the GRU up to" not in reply.text
     assert "At n = 1 and 4 the two times are within noise" in reply.text
-    assert "faster at n = 2" in reply.text
+    assert "attention was faster than the GRU at n = 2." in reply.text
     assert reply.table is not None and reply.table.rows[2][-2:] == ["6.63 (5.5–7)", "5.88 (5.6–6.9)"]
     timed_as(app, monkeypatch, {64: (10.0, 62.9), 256: (20.0, 233.1), 1024: (90.0, 73.0)})
     reply = await app.execute_line("/complexity lengths:64,256,1024 width:32")
