@@ -39,6 +39,11 @@ class Spread:
         return self.high < other.low
 
 
+def engine(model: str) -> str:
+    """The engine a served model runs on, from its label ("… · fp32, onnxruntime")."""
+    return model.rsplit(", ", 1)[-1] if " · " in model else "unknown engine"
+
+
 def ms(seconds: float) -> str:
     return f"{seconds * 1000:.1f} ms" if seconds < 0.01 else f"{seconds * 1000:.0f} ms"
 

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
-import time
 import unicodedata
 import weakref
 from collections.abc import Callable, Sequence
@@ -32,10 +32,12 @@ from bot import (
     hookimpl,
 )
 from bot.charts import bar_panels, cell_percent, render, token_label, token_text
+from plugins._timing import Spread, engine, interleaved, versus
 
 TOPIC = Topic.load("plugins", "ar-vs-masked")  # plugins/data/topics/ar-vs-masked.toml
 
 log = logging.getLogger(__name__)
+TIMED_RUNS = 3  # warm runs of each model; median, fastest and slowest shown
 
 WORD = re.compile(r"[\w'-]+")
 LONG_HAN_RUN, HAN_WORD = 4, 2  # a longer run of kanji/hanzi is cut: its last 2 characters are hidden
@@ -305,8 +307,8 @@ class _Warm:
 WARM = _Warm()
 
 
-async def timed(ctx: Context, request: Request) -> tuple[Any, float]:
-    """A request's result and its time with the model already loaded (warm).
+async def timed(ctx: Context, request: Request) -> tuple[Any, Spread]:
+    """A request's result and its times over :data:`TIMED_RUNS` runs with the model already loaded (warm).
 
     The first request of a role loads the model, which takes far longer than the work
     itself; that request is sent once untimed, so the two sides compare like with like.
@@ -317,9 +319,8 @@ async def timed(ctx: Context, request: Request) -> tuple[Any, float]:
     if role not in warm:
         await ctx.inference.submit(request)
         warm.add(role)
-    started = time.perf_counter()
-    result = await ctx.inference.submit(request)
-    return result, time.perf_counter() - started
+    (result,), (spread,) = await interleaved([functools.partial(ctx.inference.submit, request)], TIMED_RUNS)
+    return result, spread
 
 
 def token_record(token: TokenProb) -> dict[str, Any]:
@@ -399,7 +400,8 @@ async def compare(ctx: Context, text: str, hide: str | None, k: int) -> Reply:
         "hidden_first_token_rank": own.first_rank,
         "hidden_word_prob": own.word_prob,
         "hidden_word_tokens": own.tokens,
-        "seconds": causal_s,
+        "seconds": causal_s.median,
+        "seconds_runs": list(causal_s.runs),
         "warm": True,
     }
 
@@ -453,12 +455,16 @@ async def compare(ctx: Context, text: str, hide: str | None, k: int) -> Reply:
             "hidden_first_token_prob": mine.first_prob,
             "hidden_first_token_rank": mine.first_rank,
             "hidden_word_tokens": mine.tokens,
-            "seconds": masked_s,
+            "seconds": masked_s.median,
+            "seconds_runs": list(masked_s.runs),
             "warm": True,
         }
-    timing = f"causal {causal_s * 1000:.0f} ms" + (f", masked {masked_s * 1000:.0f} ms" if masked_s else "")
+    timing = f"causal {causal_s.text()} on {engine(causal.model)}" + (
+        f", masked {masked_s.text()} on {engine(masked.model)}" if masked_s else ""
+    )
     passes = "one forward pass each" if masked_s else "one forward pass"
-    fields.append(Field("time (warm)", f"{timing}: {passes}, models already loaded", inline=False))
+    verdict = f" {versus('The causal model', causal_s, 'The masked model', masked_s)}" if masked_s else ""
+    fields.append(Field("time (warm)", f"{timing}: {passes}, models already loaded.{verdict}", inline=False))
     chart = await render(bar_panels, panels, xlabel=GUESSES_AXIS, filename="compare.png")
     data["chart"] = {
         "xlabel": GUESSES_AXIS,

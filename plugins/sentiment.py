@@ -29,7 +29,7 @@ from bot import (
     command,
     hookimpl,
 )
-from plugins._timing import Spread, interleaved, ms, versus
+from plugins._timing import Spread, engine, interleaved, ms, versus
 
 TOPIC = Topic.load("plugins", "gen-vs-disc")  # plugins/data/topics/gen-vs-disc.toml
 
@@ -176,11 +176,6 @@ async def discriminative(ctx: Context, text: str) -> tuple[str, Request, Classif
         kind = f"logistic regression on sentence embeddings, trained on {len(training_set())} examples"
         request = EmbeddingHead(text)
         return kind, request, await ctx.inference.submit(request)
-
-
-def engine(model: str) -> str:
-    """The engine a served model runs on, from its label ("… · fp32, onnxruntime")."""
-    return model.rsplit(", ", 1)[-1] if " · " in model else "unknown engine"
 
 
 def timing_line(disc_engine: str, disc: Spread, gen_engine: str, gen: Spread) -> str:

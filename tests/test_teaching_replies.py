@@ -250,14 +250,27 @@ async def test_compare_times_warm_models_only(app_factory, models, monkeypatch: 
 
     monkeypatch.setattr(app.inference, "submit", recording)
     first = await app.execute_line("/compare text:The capital of France is Paris.")
-    # The first request of each model loads it: sent once untimed, then timed.
-    assert sent.count(NextToken.__name__) == 2 and sent.count(FillMask.__name__) == 2
+    # The first request of each model loads it: sent once untimed, then timed three times.
+    assert sent.count(NextToken.__name__) == 4 and sent.count(FillMask.__name__) == 4
     sent.clear()
     second = await app.execute_line("/compare text:The cat sat on the mat.")
-    assert sent.count(NextToken.__name__) == 1 and sent.count(FillMask.__name__) == 1
+    assert sent.count(NextToken.__name__) == 3 and sent.count(FillMask.__name__) == 3
     for reply in (first, second):
         assert reply.data["causal"]["warm"] and reply.data["masked"]["warm"]
-        assert any(f.name == "time (warm)" and "already loaded" in f.value for f in reply.fields)
+        shown = next(f.value for f in reply.fields if f.name == "time (warm)")
+        assert "already loaded" in shown and "over 3 runs" in shown
+        causal, masked = reply.data["causal"], reply.data["masked"]
+        for side in (causal, masked):
+            assert f"on {side['model'].rsplit(', ', 1)[-1]}" in shown and len(side["seconds_runs"]) == 3
+        a, b = causal["seconds_runs"], masked["seconds_runs"]
+        want = (
+            "The causal model was faster"
+            if max(a) < min(b)
+            else "The masked model was faster"
+            if max(b) < min(a)
+            else "Within noise"
+        )
+        assert want in shown
 
 
 async def test_compare_hides_a_named_span_that_is_not_a_word(  # type: ignore[no-untyped-def]
