@@ -318,7 +318,7 @@ async def adapt(ctx: Context, text: str, train: bool) -> Reply:
             "zero_shot": zero.text,
             "few_shot": few.text,
             "prompt_ms": prompt_ms,
-            "prompt_ms_runs": {name: [t * 1000 for t in spread.runs] for name, spread in timing.items()},
+            "prompt_runs_ms": {name: [t * 1000 for t in spread.runs] for name, spread in timing.items()},
             "prompt_tokens": lengths,
             "lora": [row.__dict__ for row in lora.rows],
             "lora_run": run.__dict__ if run is not None else None,

@@ -401,7 +401,7 @@ async def compare(ctx: Context, text: str, hide: str | None, k: int) -> Reply:
         "hidden_word_prob": own.word_prob,
         "hidden_word_tokens": own.tokens,
         "seconds": causal_s.median,
-        "seconds_runs": list(causal_s.runs),
+        "runs_ms": [t * 1000 for t in causal_s.runs],
         "warm": True,
     }
 
@@ -456,7 +456,7 @@ async def compare(ctx: Context, text: str, hide: str | None, k: int) -> Reply:
             "hidden_first_token_rank": mine.first_rank,
             "hidden_word_tokens": mine.tokens,
             "seconds": masked_s.median,
-            "seconds_runs": list(masked_s.runs),
+            "runs_ms": [t * 1000 for t in masked_s.runs],
             "warm": True,
         }
     timing = f"causal {causal_s.text()} on {engine(causal.model)}" + (

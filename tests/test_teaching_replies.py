@@ -261,8 +261,8 @@ async def test_compare_times_warm_models_only(app_factory, models, monkeypatch: 
         assert "already loaded" in shown and "over 3 runs" in shown
         causal, masked = reply.data["causal"], reply.data["masked"]
         for side in (causal, masked):
-            assert f"on {side['model'].rsplit(', ', 1)[-1]}" in shown and len(side["seconds_runs"]) == 3
-        a, b = causal["seconds_runs"], masked["seconds_runs"]
+            assert f"on {side['model'].rsplit(', ', 1)[-1]}" in shown and len(side["runs_ms"]) == 3
+        a, b = causal["runs_ms"], masked["runs_ms"]
         want = (
             "The causal model was faster"
             if max(a) < min(b)
