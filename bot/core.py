@@ -101,12 +101,15 @@ async def stats_command(ctx: Context) -> Reply:
     summary = ctx.inference.metrics.summary()
     rows = []
     for task, row in sorted(summary["tasks"].items()):
-        errors = sum(row["errors"].values())
+        # A request for a model this server does not have is not a failure: its command answers without it.
+        missing = row["errors"].get("NoModelForRole", 0)
+        errors = sum(row["errors"].values()) - missing
         rows.append(
             [
                 task,
                 str(row["ok"]),
                 str(errors),
+                str(missing),
                 f"{row.get('batch_size_mean', 0):.1f}",
                 _ms(row.get("queue_wait_seconds_mean")),
                 _ms(row.get("compute_seconds_mean")),
@@ -128,7 +131,9 @@ async def stats_command(ctx: Context) -> Reply:
     return Reply(
         title="Inference stats",
         text=(
-            "Per task: batch = mean requests per batch; queued = mean wait before its batch ran; "
+            "Per task: no model = requests for a model this server does not have (the command answered "
+            "without it), not counted as errors; batch = mean requests per batch; "
+            "queued = mean wait before its batch ran; "
             "compute = mean time of a batch in the worker; p50/p95 = a request's whole time from "
             "submit to answer (queue, loading a model the first time, compute), half / 95 in 100 "
             "of requests within it."
@@ -136,7 +141,9 @@ async def stats_command(ctx: Context) -> Reply:
             else "No model requests yet."
         ),
         fields=fields,
-        table=Table(["task", "ok", "errors", "batch", "queued", "compute", "p50", "p95"], rows) if rows else None,
+        table=Table(["task", "ok", "errors", "no model", "batch", "queued", "compute", "p50", "p95"], rows)
+        if rows
+        else None,
         data=summary,
     )
 

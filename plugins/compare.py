@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import re
-import time
 import unicodedata
 import weakref
 from collections.abc import Callable, Sequence
@@ -34,10 +34,12 @@ from bot import (
 )
 from bot.charts import bar_panels, render, token_label, token_text
 from bot.render import probability
+from plugins._timing import Spread, engine, interleaved, versus
 
 TOPIC = Topic.load("plugins", "ar-vs-masked")  # plugins/data/topics/ar-vs-masked.toml
 
 log = logging.getLogger(__name__)
+TIMED_RUNS = 3  # warm runs of each model; median, fastest and slowest shown
 
 WORD = re.compile(r"[\w'-]+")
 LONG_HAN_RUN, HAN_WORD = 4, 2  # a longer run of kanji/hanzi is cut: its last 2 characters are hidden
@@ -173,11 +175,15 @@ class HiddenWordResult:
     word_prob: float  # P(every token of the word, in turn | context)
     tokens: int  # how many tokens the word takes here
     vocabulary: int
+    first_id: int = -1  # the word's first token, to mark its bar among the top guesses
+    first_raw: bytes = b""  # and its bytes, to label that bar when it is not among them
 
 
 def hidden_word(model: Any, tokenizer: Any, batch: Sequence[HiddenWord]) -> list[HiddenWordResult]:
     """Runs in the worker, one text at a time (each is a single short forward)."""
     import torch
+
+    from bot.worker.tasks import token_bytes
 
     results = []
     for request in batch:
@@ -197,7 +203,14 @@ def hidden_word(model: Any, tokenizer: Any, batch: Sequence[HiddenWord]) -> list
         rank = int((first > steps[0]).sum()) + 1
         results.append(
             HiddenWordResult(
-                "", first_prob, rank, math.exp(float(torch.stack(steps).sum())), len(word), first.shape[-1]
+                "",
+                first_prob,
+                rank,
+                math.exp(float(torch.stack(steps).sum())),
+                len(word),
+                first.shape[-1],
+                first_id=int(word[0]),
+                first_raw=token_bytes(tokenizer, word[:1])[0],
             )
         )
     return results
@@ -225,6 +238,7 @@ class MaskedHiddenWordResult:
     first_rank: int  # 1 = the model's top guess
     tokens: int  # how many tokens the word takes in the masked LM's vocabulary
     vocabulary: int
+    first_id: int = -1  # that token's id, to mark its bar among the top guesses
 
 
 def masked_hidden_word(model: Any, tokenizer: Any, batch: Sequence[MaskedHiddenWord]) -> list[MaskedHiddenWordResult]:
@@ -250,9 +264,28 @@ def masked_hidden_word(model: Any, tokenizer: Any, batch: Sequence[MaskedHiddenW
                 int((logp > logp[first]).sum()) + 1,
                 len(pieces),
                 int(logp.shape[-1]),
+                first_id=int(first),
             )
         )
     return results
+
+
+HIDDEN_MARK = "hidden: "
+GUESSES_AXIS = (
+    "probability of the model's top guesses for the hidden position; "
+    "the bar marked “hidden:” is the hidden word's first token"
+)
+
+
+def with_hidden_bar(
+    labels: list[str], probs: list[float], ids: Sequence[int], hidden_id: int, hidden: str, prob: float, rank: int
+) -> tuple[list[str], list[float]]:
+    """The top guesses' bars with the hidden word's first token marked: its own bar when it is
+    among them, else one more bar below them with its rank (what the text says, drawn)."""
+    if hidden_id in ids:
+        at = list(ids).index(hidden_id)
+        return [HIDDEN_MARK + label if n == at else label for n, label in enumerate(labels)], probs
+    return [*labels, f"hidden (#{rank:,}): {hidden}"], [*probs, prob]
 
 
 def short(model: str) -> str:
@@ -276,8 +309,8 @@ class _Warm:
 WARM = _Warm()
 
 
-async def timed(ctx: Context, request: Request) -> tuple[Any, float]:
-    """A request's result and its time with the model already loaded (warm).
+async def timed(ctx: Context, request: Request) -> tuple[Any, Spread]:
+    """A request's result and its times over :data:`TIMED_RUNS` runs with the model already loaded (warm).
 
     The first request of a role loads the model, which takes far longer than the work
     itself; that request is sent once untimed, so the two sides compare like with like.
@@ -288,9 +321,8 @@ async def timed(ctx: Context, request: Request) -> tuple[Any, float]:
     if role not in warm:
         await ctx.inference.submit(request)
         warm.add(role)
-    started = time.perf_counter()
-    result = await ctx.inference.submit(request)
-    return result, time.perf_counter() - started
+    (result,), (spread,) = await interleaved([functools.partial(ctx.inference.submit, request)], TIMED_RUNS)
+    return result, spread
 
 
 def token_record(token: TokenProb) -> dict[str, Any]:
@@ -324,16 +356,23 @@ async def compare(ctx: Context, text: str, hide: str | None, k: int) -> Reply:
     continuation = await ctx.inference.submit(Generate(left.rstrip(), max_new_tokens=20))
     continued = continuation_text(continuation.text)
     causal_labels = [token_label(t.token, t.raw) for t in causal.top]
-    panels.append(
-        (
-            f"{short(causal.model)} reads left to right: “…{left.rstrip()[-25:]}”",
-            causal_labels,
-            [t.prob for t in causal.top],
-        )
-    )
     fields.append(Field("causal LM guesses", ", ".join(causal_labels)))
     context = left.rstrip()
     own: HiddenWordResult = await ctx.inference.submit(HiddenWord(context, left[len(context) :] + word))
+    panels.append(
+        (
+            f"{short(causal.model)} reads left to right: “…{left.rstrip()[-25:]}”",
+            *with_hidden_bar(
+                causal_labels,
+                [t.prob for t in causal.top],
+                [t.id for t in causal.top],
+                own.first_id,
+                token_label("", own.first_raw),
+                own.first_prob,
+                own.first_rank,
+            ),
+        )
+    )
     fields.append(
         Field(
             f"the hidden word “{word[:40]}” itself, for the causal LM",
@@ -363,7 +402,8 @@ async def compare(ctx: Context, text: str, hide: str | None, k: int) -> Reply:
         "hidden_first_token_rank": own.first_rank,
         "hidden_word_prob": own.word_prob,
         "hidden_word_tokens": own.tokens,
-        "seconds": causal_s,
+        "seconds": causal_s.median,
+        "runs_ms": [t * 1000 for t in causal_s.runs],
         "warm": True,
     }
 
@@ -377,11 +417,24 @@ async def compare(ctx: Context, text: str, hide: str | None, k: int) -> Reply:
     else:
         top = masked.masks[0].top if masked.masks else []
         masked_labels = [token_label(t.token, t.raw) for t in top]
-        panels.append((f"{short(masked.model)} reads both sides", masked_labels, [t.prob for t in top]))
         fields.append(Field("masked LM guesses", ", ".join(masked_labels) or "∅"))
         wanted = word.strip().casefold()
         place = next((n for n, t in enumerate(top, 1) if token_text(t.token, t.raw).strip().casefold() == wanted), None)
         mine: MaskedHiddenWordResult = await ctx.inference.submit(MaskedHiddenWord(f"{left}{MASK}{right}", word))
+        panels.append(
+            (
+                f"{short(masked.model)} reads both sides",
+                *with_hidden_bar(
+                    masked_labels,
+                    [t.prob for t in top],
+                    [t.id for t in top],
+                    mine.first_id,
+                    token_label(mine.first_token),
+                    mine.first_prob,
+                    mine.first_rank,
+                ),
+            )
+        )
         fields.append(
             Field(
                 f"the hidden word “{word[:40]}” itself, for the masked LM",
@@ -404,23 +457,31 @@ async def compare(ctx: Context, text: str, hide: str | None, k: int) -> Reply:
             "hidden_first_token_prob": mine.first_prob,
             "hidden_first_token_rank": mine.first_rank,
             "hidden_word_tokens": mine.tokens,
-            "seconds": masked_s,
+            "seconds": masked_s.median,
+            "runs_ms": [t * 1000 for t in masked_s.runs],
             "warm": True,
         }
-    timing = f"causal {causal_s * 1000:.0f} ms" + (f", masked {masked_s * 1000:.0f} ms" if masked_s else "")
+    timing = f"causal {causal_s.text()} on {engine(causal.model)}" + (
+        f", masked {masked_s.text()} on {engine(masked.model)}" if masked_s else ""
+    )
     passes = "one forward pass each" if masked_s else "one forward pass"
+    verdict = f" {versus('The causal model', causal_s, 'The masked model', masked_s)}" if masked_s else ""
     # Two different models on two different inputs: the times are what each costs here, not a race
     # between the two ways of reading.
     caveat = (
-        "; two different models (their own sizes) on different inputs (the text before the word; the whole "
-        "text with one mask), so these say what each costs here, not which way of reading is faster"
+        " These are two different models (their own sizes) on different inputs (the text before the word; the whole "
+        "text with one mask), so these say what each costs here, not which way of reading is faster."
         if masked_s
         else ""
     )
-    fields.append(Field("time (warm)", f"{timing}: {passes}, models already loaded{caveat}", inline=False))
-    chart = await render(
-        bar_panels, panels, xlabel="probability of the hidden word's first token", filename="compare.png"
+    fields.append(
+        Field("time (warm)", f"{timing}: {passes}, models already loaded.{verdict}{caveat}", inline=False)
     )
+    chart = await render(bar_panels, panels, xlabel=GUESSES_AXIS, filename="compare.png")
+    data["chart"] = {
+        "xlabel": GUESSES_AXIS,
+        "panels": [{"title": title, "labels": labels, "probs": probs} for title, labels, probs in panels],
+    }
     return Reply(
         title="Left-to-right vs both ways",
         text=(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import itertools
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -88,13 +89,30 @@ class LayerTiming(Request):
 
 @dataclass(frozen=True)
 class LayerTimes:
+    """Median times, and the fastest and slowest of the timed runs (their spread: how noisy they are)."""
+
     device: str
     attention_ms: float
     recurrent_ms: float
+    attention_range: tuple[float, float] | None = None  # (fastest, slowest) run; None: the median only
+    recurrent_range: tuple[float, float] | None = None
+
+    def attention_spread(self) -> tuple[float, float]:
+        return self.attention_range or (self.attention_ms, self.attention_ms)
+
+    def recurrent_spread(self) -> tuple[float, float]:
+        return self.recurrent_range or (self.recurrent_ms, self.recurrent_ms)
+
+    def attention_slower(self) -> bool:
+        """Slower in every run than the GRU in any run: outside the spread, not noise."""
+        return self.attention_spread()[0] > self.recurrent_spread()[1]
+
+    def attention_faster(self) -> bool:
+        return self.attention_spread()[1] < self.recurrent_spread()[0]
 
 
-def _median_ms(fn: Callable[[], Any], repeats: int, cuda: bool) -> float:
-    """Median wall time of ``fn`` over ``repeats`` runs, after one warm-up run."""
+def _times_ms(fn: Callable[[], Any], repeats: int, cuda: bool) -> list[float]:
+    """Wall time of ``fn`` in each of ``repeats`` runs, after one warm-up run."""
     import torch
 
     fn()
@@ -107,7 +125,7 @@ def _median_ms(fn: Callable[[], Any], repeats: int, cuda: bool) -> float:
         if cuda:
             torch.cuda.synchronize()
         samples.append((time.perf_counter() - started) * 1000)
-    return statistics.median(samples)
+    return samples
 
 
 def build_layers(width: int, heads: int, device: Any) -> tuple[Any, Any]:
@@ -131,9 +149,17 @@ def time_layers(model: Any, tokenizer: Any, batch: Sequence[LayerTiming]) -> lis
         attention, recurrent = build_layers(request.width, request.heads, device)
         x = torch.randn(1, request.length, request.width, device=device)
         with torch.inference_mode():
-            attention_ms = _median_ms(functools.partial(attention, x, x, x, need_weights=False), request.repeats, cuda)
-            recurrent_ms = _median_ms(functools.partial(recurrent, x), request.repeats, cuda)
-        results.append(LayerTimes(str(device), attention_ms, recurrent_ms))
+            attention_ms = _times_ms(functools.partial(attention, x, x, x, need_weights=False), request.repeats, cuda)
+            recurrent_ms = _times_ms(functools.partial(recurrent, x), request.repeats, cuda)
+        results.append(
+            LayerTimes(
+                str(device),
+                statistics.median(attention_ms),
+                statistics.median(recurrent_ms),
+                (min(attention_ms), max(attention_ms)),
+                (min(recurrent_ms), max(recurrent_ms)),
+            )
+        )
     return results
 
 
@@ -177,7 +203,7 @@ def slower_from(measured: Sequence[tuple[int, LayerTimes]]) -> int | None:
     (None when it is not slower at the longest)."""
     start = None
     for n, t in reversed(measured):
-        if t.attention_ms <= t.recurrent_ms:
+        if not t.attention_slower():  # faster, or within noise
             break
         start = n
     return start
@@ -186,30 +212,39 @@ def slower_from(measured: Sequence[tuple[int, LayerTimes]]) -> int | None:
 def measured_verdict(measured: Sequence[tuple[int, LayerTimes]], d: int) -> str:
     """What the timings show, length by length, and why, against the counts (attention does more
     multiply-accumulates than the GRU exactly when n > d)."""
-    slower = [n for n, t in measured if t.attention_ms > t.recurrent_ms]
-    faster = [n for n, t in measured if t.attention_ms <= t.recurrent_ms]
+    slower = [n for n, t in measured if t.attention_slower()]
+    faster = [n for n, t in measured if t.attention_faster()]
+    noise = [n for n, t in measured if n not in slower and n not in faster]
     start = slower_from(measured)
     if len(measured) == 1:
         # One point has no trend: say what was measured there and nothing about "every length".
         n = measured[0][0]
+        there = "slower than the GRU" if slower else "faster than the GRU" if faster else "within noise of the GRU"
         verdict = (
-            f"Measured at one length only (n = {n:,}): attention was {'slower' if slower else 'faster'} than the "
-            "GRU there. One point shows no growth; give more lengths that can be timed to see how time grows."
+            f"Measured at one length only (n = {n:,}): attention was {there} there. One point shows no growth; "
+            "give more lengths that can be timed to see how time grows."
         )
-    elif not slower:
+    elif not slower and not noise:
         verdict = "Measured, attention was faster than the GRU at every timed length."
-    elif not faster:
+    elif not faster and not noise:
         verdict = f"Measured, attention was slower than the GRU at every timed length (n = {listing(slower)})."
-    elif start is not None and slower == [n for n, _ in measured if n >= start]:
+    elif not noise and start is not None and slower == [n for n, _ in measured if n >= start]:
         verdict = (
             f"Measured, attention was faster than the GRU up to n = {faster[-1]:,} and slower from n = {start:,} on."
         )
     else:
+        found = [f"slower than the GRU at n = {listing(slower)}"] if slower else []
+        found += [f"faster{'' if slower else ' than the GRU'} at n = {listing(faster)}"] if faster else []
         verdict = (
-            f"Measured, attention was slower than the GRU at n = {listing(slower)} "
-            f"and faster at n = {listing(faster)}: no single crossover in these timings."
-        )
+            "Measured, attention was " + " and ".join(found) + "." if found else "Measured, no clear difference."
+        ) + (" No single crossover in these timings." if slower and faster else "")
     parts = [verdict]
+    if noise:
+        parts.append(
+            f"At n = {listing(noise)} the two times are within noise: the fastest and slowest of the timed runs "
+            "of one layer overlap the other's, so neither is faster there."
+        )
+    parts += not_monotone(measured)
     despite_more = [n for n in faster if n > d]
     if despite_more:
         parts.append(
@@ -229,6 +264,31 @@ def measured_verdict(measured: Sequence[tuple[int, LayerTimes]], d: int) -> str:
             "the GRU: at such sizes the time is mostly the fixed cost of launching each operation, not arithmetic."
         )
     return " ".join(parts)
+
+
+def spread_cell(median: float, spread: tuple[float, float]) -> str:
+    """A median time with its fastest and slowest run: 6.63 (6.51–6.92)."""
+    low, high = spread
+    return f"{median:.3g} ({low:.3g}–{high:.3g})" if high > low else f"{median:.3g}"
+
+
+def not_monotone(measured: Sequence[tuple[int, LayerTimes]]) -> list[str]:
+    """A warning for each layer whose time fell at a longer length beyond the runs' spread: more
+    tokens cannot take less work, so the machine's other load is in those numbers."""
+    warnings = []
+    for name, spread, median in (
+        ("Attention's", LayerTimes.attention_spread, "attention_ms"),
+        ("The GRU's", LayerTimes.recurrent_spread, "recurrent_ms"),
+    ):
+        for (n, shorter), (m, longer) in itertools.combinations(measured, 2):
+            if spread(longer)[1] < spread(shorter)[0]:
+                warnings.append(
+                    f"{name} time fell from n = {n:,} to n = {m:,} ({getattr(shorter, median):.3g} → "
+                    f"{getattr(longer, median):.3g} ms): more tokens cannot take less work, so other load on the "
+                    "machine is in these times; run it again before reading a trend from them."
+                )
+                break
+    return warnings
 
 
 def gib(nbytes: int) -> str:
@@ -275,8 +335,8 @@ async def complexity(ctx: Context, lengths: str, width: int) -> Reply:
                 short(recurrent_macs(n, d)),
                 short(projection_macs(n, d)),
                 short(pair_macs(n, d)),
-                f"{t.attention_ms:.2f}" if t else "-",
-                f"{t.recurrent_ms:.2f}" if t else "-",
+                spread_cell(t.attention_ms, t.attention_spread()) if t else "-",
+                spread_cell(t.recurrent_ms, t.recurrent_spread()) if t else "-",
             ]
         )
 
@@ -301,7 +361,8 @@ async def complexity(ctx: Context, lengths: str, width: int) -> Reply:
     ]
     if measured:
         lines.append(
-            f"Times are medians of {REPEATS} warm forwards (after one warm-up) on {device}. "
+            f"Times are medians of {REPEATS} warm forwards (after one warm-up) on {device}, the fastest and slowest "
+            "run in brackets; a difference counts only where the two ranges do not overlap. "
             + measured_verdict(measured, d)
             + (
                 " At short lengths both times are mostly fixed overhead, so the reference lines on the chart go "
@@ -402,6 +463,8 @@ async def complexity(ctx: Context, lengths: str, width: int) -> Reply:
             "max_request_cost": budget,
             "attention_ms": [t.attention_ms if t else None for t in times],
             "recurrent_ms": [t.recurrent_ms if t else None for t in times],
+            "attention_range_ms": [list(t.attention_spread()) if t else None for t in times],
+            "recurrent_range_ms": [list(t.recurrent_spread()) if t else None for t in times],
             "reference_n2": reference_n2,
             "reference_n": reference_n,
             "attention_pairs": [n * n for n in ns],

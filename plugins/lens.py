@@ -101,6 +101,7 @@ class LensResult:
     answer_after: float | None = None  # the real answer's probability with the knock-out
     kl_bits: float | None = None  # KL(before || after)
     problem: str = ""
+    tied_embeddings: bool = False  # the model's config ties its input and output embeddings
 
 
 # --------------------------------------------------------------------------- the worker side
@@ -329,6 +330,7 @@ def logit_lens(model: Any, tokenizer: Any, batch: Sequence[Lens]) -> list[LensRe
             candidates=candidates,
             candidate_probs=[probabilities(row) for row in lens[:, b, [g.id for g in candidates]]],
             before=_top(tokenizer, final[b], r.k),
+            tied_embeddings=bool(getattr(model.config, "tie_word_embeddings", False)),
         )
         if knocked_lens is not None and knocked_final is not None:
             p, q = final[b], knocked_final[b]
@@ -381,12 +383,36 @@ def what_was_cut(knockout: str, layer: int | None, head: int | None) -> str:
     return f"head {head} of layer {layer} (its part of the attention output set to 0 before the heads are mixed)"
 
 
+def echo_line(result: LensResult) -> str | None:
+    """Why layer 0's top guess is the last input token, when the model's config says it ties its
+    input and output embeddings (a token's embedding read back through the output layer points at
+    that same token): a plain line so the 100% is not read as a prediction. None otherwise."""
+    if not (result.tied_embeddings and result.rows and result.prompt_raw):
+        return None
+    top = result.rows[0][0]
+    if top.raw != result.prompt_raw[-1]:
+        return None
+    return (
+        f"The embeddings row only echoes the last input token “{label(top)}”: {short(result.model)} ties its input "
+        "and output embeddings (tie_word_embeddings in its config, one matrix for both), so a token's own "
+        "embedding read through the output layer points back at that token. It is not a prediction."
+    )
+
+
 def guesses(items: Sequence[Guess]) -> str:
     return ", ".join(f"“{label(g)}” {probability(g.prob)}" for g in items)
 
 
 def short(model: str) -> str:
     return model.split(" (")[0][:40]
+
+
+def headers(answer: str, knockout: str) -> list[str]:
+    """The table's headings: with a knock-out, its rows are the unchanged model's (said so), and one
+    more column holds the answer's probability with the knock-out."""
+    if knockout == "none":
+        return ["layer", f"top {TOP} next tokens through the lens", f"P({answer[:12]})"]
+    return ["layer", f"unchanged model: top {TOP} through the lens", f"P({answer[:12]})", "P, knocked out"]
 
 
 @command(
@@ -438,6 +464,8 @@ async def lens(ctx: Context, prompt: str, knockout: str, layer: int | None, head
             else "already the top guess at the embeddings."
         ),
     ]
+    if (echo := echo_line(result)) is not None:
+        lines.append(echo)
     if count > MAX_ROWS:
         lines.append(f"The table shows {len(rows)} of the {count} rows (all are in the data).")
     fields = [
@@ -465,6 +493,12 @@ async def lens(ctx: Context, prompt: str, knockout: str, layer: int | None, head
             f"{probability(result.answer_after)}; the distribution moved by {result.kl_bits:.3f} bits (KL divergence).",
             KL_LINE,
         ]
+        lines.append(
+            "The table is the unchanged model's, layer by layer; its last column is the answer's probability "
+            "through the lens with the knock-out."
+        )
+        for row, n in zip(rows, shown_layers(count, settled), strict=True):
+            row.append(probability(result.knocked_answer_probs[n]))
         fields += [
             Field("top next tokens, unchanged model", guesses(result.before)[:1024], inline=False),
             Field("with the knock-out", guesses(result.after)[:1024], inline=False),
@@ -518,7 +552,7 @@ async def lens(ctx: Context, prompt: str, knockout: str, layer: int | None, head
     return Reply(
         title=f"Logit lens: {short(result.model)} layer by layer",
         text="\n".join(lines),
-        table=Table(["layer", f"top {TOP} next tokens through the lens", f"P({answer[:12]})"], rows, align="llr"),
+        table=Table(headers(answer, knockout), rows, align="llr" if knockout == "none" else "llrr"),
         fields=fields,
         images=images,
         data=data,

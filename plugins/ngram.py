@@ -161,23 +161,72 @@ class NgramModel:
         return -math.inf if min(probs, default=1.0) == 0 else sum(math.log(p) for p in probs)
 
 
-def comparability_warnings(model: NgramModel, held: list[list[str]], corpus: list[list[str]]) -> list[str]:
-    """Why the n-gram model's perplexity on ``held`` cannot be set beside a neural model's (empty
-    when it can): words it never counted (all lumped into one cheap <unk> outcome), and held-out
-    sentences it counted itself (a memorised sentence is scored by recall, not generalisation).
-    Every reply that shows the two perplexities side by side says this."""
+END_PUNCTUATION = frozenset(".!?。！？…")
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """Whether the n-gram model's per-word perplexity on held-out text can be set beside a neural
+    model's. Never a plain yes: at best the unit is the same (per word) but the two still choose
+    among different things."""
+
+    verdict: str  # "no" (unknown words, or memorised text) or "partly" (same unit, not like with like)
+    reasons: list[str]  # why not comparable (empty for "partly")
+    counted: int  # held-out n-grams (each word with the n-1 before it) that occur in the counted text
+    ngrams: int  # held-out n-grams in all
+    memorised: int  # held-out sentences whose words run word for word inside the counted text
+
+    def answer(self, model: NgramModel) -> str:
+        """The "can the two be compared?" answer, in one paragraph."""
+        n = model.n
+        counted = (
+            f"{self.counted} of {plural(self.ngrams, f'held-out {n}-gram')} (each word with the "
+            f"{'word' if n == 2 else f'{n - 1} words'} before it, {START} at a sentence start) "
+            f"{'was' if self.counted == 1 else 'were'} counted in the text."
+        )
+        if self.verdict == "no":
+            return f"No: {' '.join(self.reasons)} {counted}"
+        return (
+            "Partly: same unit (per word), but not like with like. The n-gram model chooses each word among "
+            f"only {len(model.vocab):,} outcomes (its own lower-cased word types, {END} and {UNKNOWN}), while "
+            "the neural model spells each word out of its whole vocabulary and must get capitals right, so "
+            f"its task is harder. {counted}"
+            + (
+                # Not "memorised" (the sentence is new as a whole), but no step needed more than a count.
+                " Every one was: no step of it is new to the n-gram model, which favours it further."
+                if self.ngrams and self.counted == self.ngrams
+                else ""
+            )
+        )
+
+
+def run_inside(words_: Sequence[str], counted: Sequence[Sequence[str]]) -> bool:
+    """Whether ``words_`` occurs as a run of consecutive words inside one counted sentence."""
+    size = len(words_)
+    return any(
+        list(sentence[i : i + size]) == list(words_) for sentence in counted for i in range(len(sentence) - size + 1)
+    )
+
+
+def compare_with_neural(model: NgramModel, held: list[list[str]], corpus: list[list[str]]) -> Comparison:
+    """Why the n-gram model's perplexity on ``held`` cannot be set beside a neural model's: words it
+    never counted (all lumped into one cheap <unk> outcome), and held-out sentences whose words
+    (end punctuation aside) run word for word inside the counted text (scored by recall, not
+    generalisation); and how many held-out n-grams the counts hold. Every reply that shows the two
+    perplexities side by side says this."""
     flat = [w for sentence in held for w in sentence]
     unseen = [w for w in flat if w not in model.word_types]
-    warnings = []
+    reasons = []
     if unseen:
-        warnings.append(
+        reasons.append(
             f"{len(unseen)} held-out {'word is' if len(unseen) == 1 else 'words are'} unknown to the n-gram model: "
             f"it chooses among only {len(model.vocab):,} outcomes and lumps every unseen word into {UNKNOWN}, "
             "while the neural model must spell each word out of its whole vocabulary. "
             "Its perplexity looks better than it is, so the two are not comparable."
         )
-    counted = {tuple(sentence) for sentence in corpus}
-    memorised = [s for s in held if tuple(s) in counted]
+    # Without its end punctuation, and at least two words long (one counted word is no memory of a sentence).
+    cores = [s[:-1] if s and s[-1] in END_PUNCTUATION else s for s in held]
+    memorised = [core for core in cores if len(core) >= 2 and run_inside(core, corpus)]
     if memorised:
         one = len(memorised) == 1
         which = (
@@ -185,13 +234,21 @@ def comparability_warnings(model: NgramModel, held: list[list[str]], corpus: lis
             if len(held) == 1
             else f"{len(memorised)} of the {len(held)} held-out sentences {'is' if one else 'are'}"
         )
-        warnings.append(
-            f"{which} itself in the counted text, so the n-gram model has memorised {'it' if one else 'them'}: "
+        reasons.append(
+            f"{which} itself in the counted text (word for word, end punctuation aside), so the n-gram model has "
+            f"memorised {'it' if one else 'them'}: "
             # Not "low": with smoothing, a memorised sentence can still score worse than the neural model.
             "its perplexity there measures recall of text it counted, not prediction of new text, "
             "so the two are not comparable."
         )
-    return warnings
+    steps = model.held_out_steps(held)
+    return Comparison(
+        "no" if reasons else "partly",
+        reasons,
+        counted=sum(1 for step in steps if step.count > 0),
+        ngrams=len(steps),
+        memorised=len(memorised),
+    )
 
 
 def smoothing_text(k: float, vocab_size: int) -> str:
@@ -321,10 +378,9 @@ async def ngram(ctx: Context, context: str, n: int, text: str | None, sentence: 
     if unseen:
         shown = joined([f"“{w}”" for w in dict.fromkeys(unseen)], ", ", 300)
         oov_value += f": {shown}. The n-gram model scores each one as {UNKNOWN}."
-    warnings = comparability_warnings(model, held_sentences, corpus)
+    comparison = compare_with_neural(model, held_sentences, corpus)
     compare_value = (
-        ("No: " + " ".join(warnings) if warnings else "Yes: every held-out word occurs in the counted text.")
-        + f" Both perplexities above are {unit}; the neural model really predicts "
+        comparison.answer(model) + f" Both perplexities above are {unit}; the neural model really predicts "
         f"{plural(len(scored.logprobs), 'token')}, and per token its perplexity is {amount(neural_token_ppl)}."
     )
     fields = [
@@ -389,7 +445,10 @@ async def ngram(ctx: Context, context: str, n: int, text: str | None, sentence: 
             ],
             "oov_words": unseen,
             "oov_rate": rate,
-            "comparable": not warnings,
+            "comparable": comparison.verdict,  # "no" or "partly", never a plain yes
+            "counted_ngrams": comparison.counted,
+            "heldout_ngrams": comparison.ngrams,
+            "memorised_sentences": comparison.memorised,
             "neural_model": scored.model,
             "neural_logprob": neural_logprob,
             "neural_tokens": len(scored.logprobs),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import re
 import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -64,6 +65,32 @@ class NextSentence(Request):
         return [self.first, self.second]
 
 
+WORDS = re.compile(r"\w+")
+REPEATS = 0.8  # B "repeats" A when at least this share of B's words are words of A
+PREDICTABILITY_LINE = (
+    "What this measures: how predictable B is once the model has read A. Copying or repeating A makes B "
+    "very predictable too, so a high score is not proof that B is a sensible next sentence."
+)
+
+
+def repeated_share(first: str, second: str) -> float:
+    """The share of B's words (case aside) that are words of A: 1.0 when B only repeats A."""
+    a = {w.casefold() for w in WORDS.findall(first)}
+    b = [w.casefold() for w in WORDS.findall(second)]
+    return sum(w in a for w in b) / len(b) if b else 0.0
+
+
+def repeat_warning(first: str, second: str) -> str | None:
+    """A warning when B repeats A (a model scores copied text as highly predictable), else None."""
+    share = repeated_share(first, second)
+    if share < REPEATS:
+        return None
+    return (
+        f"Warning: B repeats A ({share:.0%} of B's words are in A). A model finds repeated text easy to predict "
+        "(it can copy it), so this score says B is predictable after A, not that B is a new sentence that follows."
+    )
+
+
 @command(
     "nsp",
     "How likely sentence B follows sentence A (BERT's next-sentence head)",
@@ -79,13 +106,20 @@ async def nsp(ctx: Context, sentence_a: str, sentence_b: str) -> Reply:
     except NoModelForRole as missing:
         return await coherence(ctx, sentence_a, sentence_b, str(missing))
     verdict = "IsNext" if result.is_next >= 0.5 else "NotNext"
+    warning = repeat_warning(sentence_a, sentence_b)
     return Reply(
         title=f"Next sentence prediction ({result.model})",
-        text=f"{verdict}: P(B follows A) = {result.is_next:.4f}",
+        text=f"{verdict}: P(B follows A) = {result.is_next:.4f}" + (f"\n{warning}" if warning else ""),
         table=Table(
             ["label", "probability"], [["IsNext", f"{result.is_next:.4f}"], ["NotNext", f"{1 - result.is_next:.4f}"]]
         ),
-        data={"model": result.model, "is_next": result.is_next, "label": verdict},
+        data={
+            "model": result.model,
+            "is_next": result.is_next,
+            "label": verdict,
+            "b_words_in_a": repeated_share(sentence_a, sentence_b),
+            "repeats": warning is not None,
+        },
     )
 
 
@@ -156,10 +190,11 @@ async def coherence(ctx: Context, first: str, second: str, why: str) -> Reply:
         f"{times(typical)} as likely. A beats it by {per_token:+.2f} nats per token of B "
         f"(the rule here: at least {FOLLOWS_NATS_PER_TOKEN:g} to count as following)."
     )
+    warning = repeat_warning(first, second)
     return Reply(
         title=f"Coherence score from a causal LM ({given_a.model}), not NSP",
         text=(
-            f"{verdict}\n"
+            f"{verdict}\n" + (f"{warning}\n" if warning else "") + f"{PREDICTABILITY_LINE}\n"
             "No model with an NSP head is available, so this is a different measure: "
             "log P(B | A) − log P(B), how much reading A first makes B more likely, against the same "
             f"gain after {len(unrelated)} sentences on other subjects (like BERT's random NotNext pairs). {NATS}"
@@ -184,6 +219,8 @@ async def coherence(ctx: Context, first: str, second: str, why: str) -> Reply:
             "b_tokens": tokens,
             "margin_per_token": per_token,
             "follows": follows,
+            "b_words_in_a": repeated_share(first, second),
+            "repeats": warning is not None,
         },
     )
 

@@ -29,7 +29,7 @@ from bot import (
     command,
     hookimpl,
 )
-from bot.charts import grouped_bars, render, show_bytes
+from bot.charts import cell_percent, grouped_bars, render, show_bytes
 from bot.render import decimal_probability, plural, probability
 
 NEW_TOKENS = 12  # tokens per continuation
@@ -90,6 +90,7 @@ class SampleResult:
     mass_top_k: float  # share of the temperature distribution that top-k kept
     mass_top_p: float  # share of the top-k distribution that top-p kept
     continuations: list[Continuation]
+    tempered_spread: float = 0.0  # e^entropy of the temperature distribution: as many equally likely tokens
 
 
 def sample(model: Any, tokenizer: Any, batch: Sequence[Sample]) -> list[SampleResult]:
@@ -133,6 +134,8 @@ def sample(model: Any, tokenizer: Any, batch: Sequence[Sample]) -> list[SampleRe
             for t, raw in zip(top, token_bytes(tokenizer, top), strict=True)
         ]
         kept_k, kept_p = (after_k[0] > -float("inf")), (after_p[0] > -float("inf"))
+        tempered_p = stages[1]
+        spread = float(torch.exp(-(tempered_p * torch.log(tempered_p.clamp_min(1e-45))).sum()))
         continuations = []
         new = out.sequences[:, prompt_length:]
         for row in range(new.shape[0]):
@@ -161,6 +164,7 @@ def sample(model: Any, tokenizer: Any, batch: Sequence[Sample]) -> list[SampleRe
                 mass_top_k=float(stages[1][kept_k].sum()),
                 mass_top_p=float(stages[2][kept_p].sum()),
                 continuations=continuations,
+                tempered_spread=spread,
             )
         )
     return results
@@ -190,6 +194,23 @@ def _text(raw: bytes) -> str:
         return raw.decode("utf-8")
     except UnicodeDecodeError:
         return show_bytes(raw)
+
+
+STAGES = ("model", "temperature", "final")  # the table's probability columns
+
+
+def held_line(temperature: float, result: SampleResult) -> str:
+    """How much of the temperature distribution the listed tokens hold, and how far the rest spreads
+    (at a high temperature the few listed tokens can hold almost nothing)."""
+    held = sum(t.temperature for t in result.shown)
+    rest = result.vocabulary - len(result.shown)
+    others = 1 - held
+    other = "over 99.9%" if others > 0.999 else "under 0.1%" if others < 0.001 else f"{others:.1%}"
+    return (
+        f"At T={temperature:g} these {len(result.shown)} tokens hold {cell_percent(held)} of the probability; "
+        f"the other {other} is spread over the remaining {rest:,} tokens. "
+        f"Its spread: as if choosing among ~{result.tempered_spread:,.0f} equally likely tokens (e to the entropy)."
+    )
 
 
 def settings_line(temperature: float, top_k: int, top_p: float) -> str:
@@ -255,6 +276,7 @@ async def sample_command(
             else "1 leaves it as it is."
         ),
     ]
+    steps.append(held_line(temperature, result))
     if top_k:
         steps.append(
             f"3. Top-k {top_k} keeps the {plural(result.kept_top_k, 'likeliest token')}, "
@@ -313,6 +335,8 @@ async def sample_command(
             "kept_top_p": result.kept_top_p,
             "mass_top_k": result.mass_top_k,
             "mass_top_p": result.mass_top_p,
+            "shown_hold_at_temperature": sum(t.temperature for t in result.shown),
+            "tempered_spread": result.tempered_spread,
             "shown": [
                 {
                     "id": t.id,

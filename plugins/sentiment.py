@@ -5,9 +5,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import math
-import statistics
-import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from importlib.resources import files
 from typing import Any, ClassVar, TypeVar
@@ -32,6 +30,7 @@ from bot import (
     hookimpl,
 )
 from bot.render import decimal_probability
+from plugins._timing import Spread, engine, interleaved, ms, versus
 
 TOPIC = Topic.load("plugins", "gen-vs-disc")  # plugins/data/topics/gen-vs-disc.toml
 
@@ -180,19 +179,19 @@ async def discriminative(ctx: Context, text: str) -> tuple[str, Request, Classif
         return kind, request, await ctx.inference.submit(request)
 
 
-async def timed(run: Callable[[], Awaitable[T]], runs: int = TIMED_RUNS) -> tuple[T, float]:
-    """The last result of ``runs`` calls and their median wall time in seconds."""
-    seconds, result = [], None
-    for _ in range(runs):
-        started = time.perf_counter()
-        result = await run()
-        seconds.append(time.perf_counter() - started)
-    assert result is not None
-    return result, statistics.median(seconds)
-
-
-def ms(seconds: float) -> str:
-    return f"{seconds * 1000:.1f} ms" if seconds < 0.01 else f"{seconds * 1000:.0f} ms"
+def timing_line(disc_engine: str, disc: Spread, gen_engine: str, gen: Spread) -> str:
+    """What the two times measure, on which engines, and whether they differ beyond the noise."""
+    line = (
+        f"Times: one pass of each model over its input (the review; the prompt), {TIMED_RUNS} warm runs each, "
+        f"taking turns: classifier {disc.text()} on {disc_engine}, LM {gen.text()} on {gen_engine}. Each model "
+        "was loaded (and the offline classifier fitted) by an untimed first run. "
+    )
+    if disc_engine != gen_engine:
+        line += (
+            f"The two run on different engines ({disc_engine} and {gen_engine}), so the gap is partly the "
+            "engines' and the models' sizes, not the two ways of labelling alone. "
+        )
+    return line + versus("The classifier", disc, "The LM", gen)
 
 
 @command(
@@ -216,8 +215,15 @@ async def sentiment(ctx: Context, text: str) -> Reply:
     # Like with like: one pass of each model over its input. The classifier reads the review once; the
     # LM reads the prompt once (plus one label word), which is all a system needs to read off the label
     # words' probabilities. The batch of forms above exists to show every form, and is not timed.
-    disc, disc_s = await timed(lambda: ctx.inference.submit(disc_request))
-    _, gen_s = await timed(lambda: ctx.inference.submit(Score(forms[0], context=prompt)))
+    # Taking turns, so a change in the machine's load falls on both sides alike.
+    (disc, _), (disc_spread, gen_spread) = await interleaved(
+        [
+            functools.partial(ctx.inference.submit, disc_request),
+            functools.partial(ctx.inference.submit, Score(forms[0], context=prompt)),
+        ],
+        TIMED_RUNS,
+    )
+    disc_s, gen_s = disc_spread.median, gen_spread.median
 
     disc_probs = {label.lower(): p for label, p in zip(disc.labels, disc.probs, strict=True)}
     disc_label = max(disc_probs, key=disc_probs.__getitem__)
@@ -226,11 +232,12 @@ async def sentiment(ctx: Context, text: str) -> Reply:
     mass, covered, gen_probs = reading.mass, reading.covered, reading.probs
     gen_label = max(gen_probs, key=gen_probs.__getitem__)
     generative_model = scores[0].model
+    disc_engine, gen_engine = engine(disc.model), engine(generative_model)
 
     rows = [
-        ["discriminative (classifier)", disc_label, decimal_probability(disc_probs[disc_label], 3), ms(disc_s)],
-        ["generative (prompted LM)", gen_label, decimal_probability(gen_probs[gen_label], 3), ms(gen_s)],
-        ["generative, calibrated", fixed_label, decimal_probability(fixed[fixed_label], 3), "same pass"],
+        ["classifier", disc_label, decimal_probability(disc_probs[disc_label], 3), f"{ms(disc_s)} {disc_engine}"],
+        ["prompted LM", gen_label, decimal_probability(gen_probs[gen_label], 3), f"{ms(gen_s)} {gen_engine}"],
+        ["prompted LM, calibrated", fixed_label, decimal_probability(fixed[fixed_label], 3), "same pass"],
     ]
     ranked = sorted(
         ((f, p) for (f, p), keep in zip(form_probs.items(), counted, strict=True) if keep), key=lambda fp: -fp[1]
@@ -245,9 +252,12 @@ async def sentiment(ctx: Context, text: str) -> Reply:
             "probability of writing each label word after a classification prompt, adding up the ways it can "
             f"write it ({len(surface_forms(LABELS[0]))} per label: case, and with or without a leading space), "
             "then renormalised over the two labels.\n"
-            f"Times: one pass of each model over its input (the review; the prompt), median of {TIMED_RUNS} warm "
-            "runs. Each model was loaded (and the offline classifier fitted) by an untimed first run, so they "
-            "compare answering only.\n" + MASS_LINE + "\n" + FORCED_LINE + "\n"
+            + timing_line(disc_engine, disc_spread, gen_engine, gen_spread)
+            + "\n"
+            + MASS_LINE
+            + "\n"
+            + FORCED_LINE
+            + "\n"
             f"Label prior: with no review at all (content-free inputs {', '.join(f'“{b}”' for b in CONTENT_FREE)}) "
             "the prompt alone gives "
             + " · ".join(f"{label} {prior[label]:.2f}" for label in LABELS)
@@ -276,6 +286,8 @@ async def sentiment(ctx: Context, text: str) -> Reply:
                 "model": disc.model,
                 "probs": disc_probs,
                 "seconds": disc_s,
+                "runs_ms": [t * 1000 for t in disc_spread.runs],
+                "engine": disc_engine,
                 "timing": f"one pass over the review, median of {TIMED_RUNS} warm runs",
             },
             "generative": {
@@ -290,6 +302,8 @@ async def sentiment(ctx: Context, text: str) -> Reply:
                 "prior": prior,
                 "calibrated": fixed,
                 "seconds": gen_s,
+                "runs_ms": [t * 1000 for t in gen_spread.runs],
+                "engine": gen_engine,
                 "timing": f"one pass over the prompt and one label form, median of {TIMED_RUNS} warm runs",
             },
         },

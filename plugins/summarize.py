@@ -46,9 +46,10 @@ not no all any both each every few more most other some such only own same too v
 up down out off one ones s t"""
 FUNCTION_WORDS = frozenset(_FUNCTION.split()) | SENTENCE_STARTERS
 CHECK_COVERS = (
-    "What the check covers: it compares words only. Every number, name and content word of the summary "
-    "must appear in your text. It does not check meaning (a negation, who did what to whom, a wrong link "
-    "between two true facts), nor whether the summary leaves out what matters."
+    "It compares words only: every number, name and content word of the summary (words other than ones "
+    "like “the”, “under”) must appear in your text, allowing common word endings (cuts, cutting, cut). It "
+    "does not check meaning: it cannot tell whether they are put together truthfully (a negation, who did "
+    "what to whom, a wrong link between two true facts), nor whether the summary leaves out what matters."
 )
 # The commonest words of languages a T5-style model writes (T5 was also trained to translate English
 # into German, French and Romanian, and may do so when asked to summarize).
@@ -99,15 +100,28 @@ def unsupported(summary: str, text: str) -> tuple[list[str], list[str]]:
     return new_numbers, names
 
 
+VOWELS = frozenset("aeiou")
+
+
 def _forms(word: str) -> set[str]:
-    """A word and the plain forms it may take in the text (cats/cat, changed/change, team's/team)."""
+    """A word and the plain forms it may take in the text: cats/cat, changed/change, team's/team,
+    cutting/cut and running/run (a doubled last consonant), making/make, studies/study, taller/tall.
+    Both sides' forms are compared, so a summary's "cut" matches a text's "cutting" and back."""
     word = word.casefold().replace("’", "'")
     if word.endswith("'s"):
         word = word[:-2]
     forms = {word}
-    for suffix in ("s", "es", "ed", "d", "ing"):
-        if word.endswith(suffix) and len(word) - len(suffix) >= 3:
-            forms.add(word[: -len(suffix)])
+    if len(word) >= 5 and word.endswith(("ies", "ied")):
+        forms.add(word[:-3] + "y")  # studies, studied → study
+    for suffix in ("s", "es", "ed", "d", "ing", "er", "est", "ly"):
+        stem = word[: -len(suffix)]
+        if not word.endswith(suffix) or len(stem) < 3:  # "thing" is not a form of "the"
+            continue
+        forms.add(stem)
+        if suffix in ("ed", "ing", "er", "est"):
+            if len(stem) >= 3 and stem[-1] == stem[-2] and stem[-1] not in VOWELS:
+                forms.add(stem[:-1])  # cutting → cut, running → run, bigger → big
+            forms.add(stem + "e")  # making → make, later → late
     return forms
 
 
@@ -203,11 +217,7 @@ async def summarize(ctx: Context, text: str, max_length: int) -> Reply:
     elif numbers or names or new_words:
         check = "Not in your text, so check them: " + ", ".join([*numbers, *names, *new_words])
     else:
-        check = (
-            "Every number, name and content word of the summary (words other than ones like “the”, “under”) "
-            "also appears in your text. That is all this check looks at: it cannot tell whether they are "
-            "put together truthfully."
-        )
+        check = "Every number, name and content word of the summary also appears in your text."
     language = language_line(text, summary)
     length = f"{written} of at most {max_length} tokens (`max_length` counts the model's tokens, not words)" + (
         ": cut off at the limit, so the summary is unfinished" if cut else ""

@@ -26,7 +26,7 @@ from bot import (
 )
 from bot.charts import render, shaded_text, show_bytes
 from bot.render import probability
-from plugins.ngram import UNKNOWN, NgramModel, amount, builtin_corpus, comparability_warnings, sentences
+from plugins.ngram import UNKNOWN, Comparison, NgramModel, amount, builtin_corpus, compare_with_neural, sentences
 
 LN2 = math.log(2)
 MAX_TOKENS = 120  # one chart of shaded text, and a reply that fits Discord
@@ -162,7 +162,8 @@ class NgramScores:
     bits: list[float]
     unknown: list[str]
     perplexity: float  # per word, as /ngram computes it
-    warnings: list[str]  # why this perplexity is not comparable with the neural model's (empty: it is)
+    model: NgramModel
+    comparison: Comparison  # whether this perplexity can be set beside the neural model's (never a plain yes)
 
 
 def ngram_scores(text: str) -> NgramScores | None:
@@ -177,7 +178,7 @@ def ngram_scores(text: str) -> NgramScores | None:
     bits = [-math.log2(step.prob) for step in steps]
     unknown = sorted({step.word for step in steps if step.scored_as == UNKNOWN})
     perplexity = 2 ** (sum(bits) / len(found))
-    return NgramScores(found, bits, unknown, perplexity, comparability_warnings(model, held, corpus))
+    return NgramScores(found, bits, unknown, perplexity, model, compare_with_neural(model, held, corpus))
 
 
 @command(
@@ -243,10 +244,7 @@ async def surprise(ctx: Context, text: str, ngram: bool) -> Reply:
                 f"{amount(neural_per_word)} per word for {short(result.model)}. "
                 "It only knows the words it counted, and only one word back."
             )
-            lines.append(
-                "Can the two be compared? "
-                + ("No: " + " ".join(scored.warnings) if scored.warnings else "Yes: every word occurs in its counts.")
-            )
+            lines.append("Can the two be compared? " + scored.comparison.answer(scored.model))
             fields.append(Field(f"{NGRAM_ORDER}-gram perplexity", f"{amount(scored.perplexity)} per word"))
             fields.append(Field("neural perplexity", f"{amount(neural_per_word)} per word"))
             if scored.unknown:
@@ -269,15 +267,20 @@ async def surprise(ctx: Context, text: str, ngram: bool) -> Reply:
                 "unknown": scored.unknown,
                 "perplexity_per_word": scored.perplexity,
                 "neural_perplexity_per_word": neural_per_word,
-                "comparable": not scored.warnings,
-                "not_comparable_because": scored.warnings,
+                "comparable": scored.comparison.verdict,  # "no" or "partly", never a plain yes
+                "not_comparable_because": scored.comparison.reasons,
+                "counted_ngrams": scored.comparison.counted,
+                "heldout_ngrams": scored.comparison.ngrams,
             }
+    # The colour bar ends at a whole number of bits past the largest value, so its last tick reads 27, not 26.0878.
+    top_bits = math.ceil(max(max(values) for _, _, values in panels) + 1e-9)
     chart = await render(
         shaded_text,
         panels,
         colorbar="surprisal (bits): −log₂ p",
         filename="surprise.png",
         bounds=[bound for bound, _, _, _ in BANDS if math.isfinite(bound)],
+        vmax=max(1, top_bits),
     )
     return Reply(
         title=f"Surprise: {short(result.model)} reads your text",

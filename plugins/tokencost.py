@@ -8,6 +8,7 @@ costs more where models are priced per token.
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +16,7 @@ from pathlib import Path
 from bot import Command, Context, Field, Reply, Table, Text, UserError, command, hookimpl
 from bot.charts import bar_panels, render
 from bot.tokenizers import tiktoken_encoding
+from plugins.ngram import CJK
 
 ENCODINGS = ("gpt2", "cl100k_base", "o200k_base")  # GPT-2, GPT-4, GPT-4o: three generations
 # One meaning, written in each language (no spaces between words in Chinese and Japanese).
@@ -33,7 +35,11 @@ PARALLEL: tuple[tuple[str, str], ...] = (
     ("Chinese", "今天天气很好，所以我们去公园散步。"),
     ("Japanese", "今日は天気がいいので、公園に散歩に行きます。"),
 )
-NO_SPACES = frozenset({"Chinese", "Japanese"})
+# Scripts written without spaces between words: Chinese and Japanese (as /ngram), Thai, Lao, Khmer, Myanmar.
+NO_SPACE_SCRIPT = re.compile(rf"[{CJK}\u0e00-\u0eff\u1000-\u109f\u1780-\u17ff]")
+WORDLESS = re.compile(r"[^\W_]")  # a letter or digit: without one, a text has no words to count
+NO_SPACES_REASON = "written without spaces between words (Chinese, Japanese, Thai…), so a word count means nothing"
+NO_WORDS_REASON = "no letters or digits (emoji or symbols only), so there are no words to count"
 MAX_TEXTS = 8
 COST_LINE = (
     "Multiplier: this language's tokens divided by the first one's, for the same meaning. A model reads a fixed "
@@ -46,8 +52,9 @@ COST_LINE = (
 class Counted:
     language: str
     text: str
-    words: int | None  # space-separated words; None for scripts written without spaces
+    words: int | None  # space-separated words; None when a word count means nothing (see no_words)
     tokens: dict[str, int]  # per encoding
+    no_words: str = ""  # why there is no word count
 
 
 def parse_texts(texts: str) -> list[tuple[str, str]]:
@@ -69,15 +76,22 @@ def count(texts: Sequence[tuple[str, str]], cache_dir: Path) -> list[Counted]:
         name: [len(ids) for ids in tiktoken_encoding(name, cache_dir).encode_ordinary_batch([t for _, t in texts])]
         for name in ENCODINGS
     }
-    return [
-        Counted(
-            language,
-            text,
-            None if language in NO_SPACES else len(text.split()),
-            {name: per_encoding[name][n] for name in ENCODINGS},
-        )
-        for n, (language, text) in enumerate(texts)
-    ]
+    counted = []
+    for n, (language, text) in enumerate(texts):
+        words, no_words = word_count(text)
+        counted.append(Counted(language, text, words, {name: per_encoding[name][n] for name in ENCODINGS}, no_words))
+    return counted
+
+
+def word_count(text: str) -> tuple[int | None, str]:
+    """Space-separated words of ``text``, or None and why: a text with characters of a script
+    written without spaces, or with no letter or digit at all, has no words to count (splitting it
+    at spaces would call a whole sentence one word)."""
+    if NO_SPACE_SCRIPT.search(text):
+        return None, NO_SPACES_REASON
+    if not WORDLESS.search(text):
+        return None, NO_WORDS_REASON
+    return len(text.split()), ""
 
 
 def times(value: float) -> str:
@@ -125,8 +139,9 @@ async def tokencost(ctx: Context, texts: str | None) -> Reply:
         "while other scripts are cut into pieces, sometimes single bytes. Larger, more multilingual vocabularies "
         "(o200k_base) narrow the gap.",
     ]
-    if any(c.words is None for c in counted):
-        lines.append("Chinese and Japanese are written without spaces, so they have no word count here (–).")
+    for reason in dict.fromkeys(c.no_words for c in counted if c.words is None):
+        which = ", ".join(c.language for c in counted if c.no_words == reason)
+        lines.append(f"Tokens per word is – for {which}: {reason}.")
     chart = await render(
         bar_panels,
         [
@@ -153,6 +168,7 @@ async def tokencost(ctx: Context, texts: str | None) -> Reply:
                     "language": c.language,
                     "text": c.text,
                     "words": c.words,
+                    "no_words_because": c.no_words,
                     "tokens": c.tokens,
                     "multiplier": {name: multipliers[name][n] for name in ENCODINGS},
                 }

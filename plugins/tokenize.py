@@ -34,6 +34,13 @@ WORD = re.compile(r"\w+|[^\w\s]")
 MAX_ROWS = 30
 
 
+# Python counts code points, not what a reader sees as one character (a grapheme cluster), so say so.
+CODE_POINTS_LINE = (
+    "Code points are Unicode's numbered characters; one visible character can be several "
+    "(👍🏽 is 👍 plus a skin-tone code point, é can be e plus an accent)."
+)
+
+
 def word_level(text: str) -> tuple[list[str], int]:
     """A word-level vocabulary: BERT's whole-word entries; any other word becomes [UNK]."""
     vocab = wordpiece_tokens()
@@ -47,7 +54,7 @@ def _compare(text: str, enc: tiktoken.Encoding, ids: list[int]) -> tuple[Table, 
     pieces = wordpiece().encode(text, add_special_tokens=False).tokens
     bpe = [show_bytes(enc.decode_single_token_bytes(i)) for i in ids]
     rows = [
-        ["characters", str(len(text)), "0", " ".join(show_token(c) for c in text[:14])],
+        ["code points", str(len(text)), "0", " ".join(show_token(c) for c in text[:14])],
         ["word list", str(len(words)), str(unknown), " ".join(words[:10])],
         ["WordPiece (BERT)", str(len(pieces)), str(pieces.count("[UNK]")), " ".join(pieces[:10])],
         [f"byte BPE ({enc.name})", str(len(ids)), "0", " ".join(bpe[:10])],
@@ -122,7 +129,7 @@ async def tokenize(ctx: Context, text: str, encoding: str, compare: bool) -> Rep
     note = f" (first {MAX_ROWS} shown)" if len(rows) > MAX_ROWS else ""
     data = {"encoding": encoding, "ids": ids, "pieces": labels, "count": len(ids), "bytes": [b.hex() for b in raw]}
     text_line = (
-        f"{plural(len(text), 'character')} became {plural(len(ids), 'token')}{note}. "
+        f"{plural(len(text), 'code point')} became {plural(len(ids), 'token')}{note}. {CODE_POINTS_LINE} "
         "⟨..⟩ marks bytes that are not text on their own; "
         f"in the text below, {TOKEN_BAR} ends each token."
     )
@@ -143,7 +150,7 @@ async def tokenize(ctx: Context, text: str, encoding: str, compare: bool) -> Rep
                     ("known pieces", [int(row[1]) - n for row, n in zip(table.rows, unknown, strict=True)]),
                     ("[UNK]: unknown, information lost", unknown),
                 ],
-                title=f"Tokens for the same {len(text)}-character text",
+                title=f"Tokens for the same text of {len(text)} code points",
                 xlabel="tokens",
                 filename="tokenize.png",
             )

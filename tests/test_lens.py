@@ -398,3 +398,56 @@ def test_a_lens_that_fails_mid_forward_leaves_the_model_whole(tiny_gpt2: Path, k
         after = next_token(model, tok, [NextToken(t, k=5) for t in PROBES])
     for result, probs in zip(after, plain_next_token(tiny_gpt2, PROBES), strict=True):
         assert [t.prob for t in result.top] == pytest.approx(torch.topk(probs, 5).values.tolist(), abs=TOL)
+
+
+# ----------------------------------------------------------------------------- what the table and layer 0 say
+
+
+def layer_index(cell: str) -> int:
+    return 0 if cell == "embeddings" else int(cell)
+
+
+async def test_a_knockout_table_is_headed_as_the_unchanged_model_and_adds_the_knocked_probability(  # type: ignore[no-untyped-def]
+    app_factory, tiny_llama: Path
+) -> None:
+    """The rows are the unchanged model's lens (said in the heading); the added column is the
+    answer's probability through the lens in a model with that head's weights zeroed."""
+    from plugins.lens import percent
+
+    app = app_factory({"causal_lm": tiny_llama})
+    prompt = TEXTS[0]
+    plain = await app.execute_line(f"/lens prompt:{prompt}")
+    cut = await app.execute_line(f"/lens prompt:{prompt} knockout:head layer:1 head:2")
+    assert not cut.error, cut.text
+    assert_fits_discord(cut)
+    assert plain.table is not None and cut.table is not None
+    assert "unchanged" not in " ".join(plain.table.headers) and len(plain.table.headers) == 3
+    assert "unchanged model" in cut.table.headers[1] and "knocked out" in cut.table.headers[-1]
+    assert "The table is the unchanged model's" in cut.text
+    model, tok = load(tiny_llama)
+    before = reference_lens(model, tok, prompt)
+    after = reference_lens(zeroed(tiny_llama, "head", 1, 2), tok, prompt)
+    answer = int(before[-1].argmax())
+    assert cut.data["knocked_answer_probs"] == pytest.approx(after[:, answer].tolist(), abs=TOL)
+    for row in cut.table.rows:
+        n = layer_index(row[0])
+        assert row[3] == percent(cut.data["knocked_answer_probs"][n])
+    assert [row[:3] for row in cut.table.rows] == plain.table.rows
+
+
+@pytest.mark.parametrize("name", ["tiny_gpt2", "tiny_llama", "smollm_dir"])
+async def test_layer_0_is_called_an_echo_only_when_the_config_ties_the_embeddings(  # type: ignore[no-untyped-def]
+    app_factory, request: pytest.FixtureRequest, name: str
+) -> None:
+    path = request.getfixturevalue(name)
+    app = app_factory({"causal_lm": path})
+    prompt = TEXTS[0]
+    reply = await app.execute_line(f"/lens prompt:{prompt}")
+    assert not reply.error, reply.text
+    model, tok = load(path)
+    tied = bool(transformers.AutoConfig.from_pretrained(path).tie_word_embeddings)
+    echoes = int(reference_lens(model, tok, prompt)[0].argmax()) == tok(prompt)["input_ids"][-1]
+    said = "only echoes the last input token" in reply.text
+    assert said == (tied and echoes)
+    if said:
+        assert "tie_word_embeddings" in reply.text and "not a prediction" in reply.text

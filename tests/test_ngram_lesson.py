@@ -121,7 +121,7 @@ async def test_unsmoothed_perplexity_equals_a_hand_count(app: App) -> None:
         math.log(follows[a][b] / sum(follows[a].values())) for a, b in zip(["<s>", *held[:-1]], held, strict=True)
     )
     assert reply.data["ngram_perplexity"] == pytest.approx(math.exp(-logp / len(held)), rel=1e-12)
-    assert reply.data["comparable"] and reply.data["oov_rate"] == 0
+    assert reply.data["comparable"] == "partly" and reply.data["oov_rate"] == 0
 
 
 async def test_unknown_words_are_reported_and_the_perplexities_flagged(app: App, tiny_gpt2: Path) -> None:
@@ -131,7 +131,7 @@ async def test_unknown_words_are_reported_and_the_perplexities_flagged(app: App,
     held = reply.data["heldout_words"]
     assert reply.data["oov_words"] == [w for w in held if w not in {"hello", "world"}] == held
     assert reply.data["oov_rate"] == 1.0
-    assert not reply.data["comparable"]
+    assert reply.data["comparable"] == "no"
     text = shown(reply)
     assert f"{len(held)} of {len(held)} held-out words (100%)" in text
     assert "not comparable" in text and "<unk>" in text
@@ -150,12 +150,12 @@ async def test_unknown_words_are_reported_and_the_perplexities_flagged(app: App,
 async def test_some_unknown_words_give_their_rate(app: App) -> None:
     reply = await app.execute("ngram", {"text": COURSE, "sentence": "the dog ate the fish"}, app.local_context())
     assert reply.data["oov_words"] == ["dog", "fish"] and reply.data["oov_rate"] == pytest.approx(2 / 5)
-    assert "2 of 5 held-out words (40%)" in shown(reply) and not reply.data["comparable"]
+    assert "2 of 5 held-out words (40%)" in shown(reply) and reply.data["comparable"] == "no"
 
 
 async def test_a_held_out_sentence_from_the_counted_text_is_flagged(app: App) -> None:
     reply = await app.execute("ngram", {"text": COURSE, "sentence": COURSE}, app.local_context())
-    assert not reply.data["comparable"] and "memorised" in shown(reply)
+    assert reply.data["comparable"] == "no" and "memorised" in shown(reply)
 
 
 async def test_unsmoothed_unseen_context_has_no_prediction(app: App) -> None:
@@ -262,7 +262,8 @@ async def test_symbols_are_scored_by_both_models(app: App, tiny_gpt2: Path) -> N
     logprob, tokens = direct_sentence_logprob(tiny_gpt2, sentence)
     assert reply.data["neural_tokens"] == tokens
     assert reply.data["neural_perplexity_per_word"] == pytest.approx(math.exp(-logprob / len(held)), rel=1e-5)
-    assert reply.data["oov_rate"] == 0 and reply.data["comparable"]
+    # Its words, "!" aside, run word for word inside the first counted sentence: memorised.
+    assert reply.data["oov_rate"] == 0 and reply.data["comparable"] == "no" and reply.data["memorised_sentences"] == 1
     assert "punctuation and symbols count as words" in shown(reply)
 
 
@@ -304,7 +305,7 @@ async def test_each_held_out_sentence_starts_after_the_start_marker(app: App) ->
     assert [(s["word"], s["count"], s["total"]) for s in steps] == want
     assert steps[4]["context"] == ["<s>"]
     # "the cat ran." is in the counted text, "the dog sat." is not: the warning says which share.
-    assert not reply.data["comparable"]
+    assert reply.data["comparable"] == "no"
     assert "1 of the 2 held-out sentences is itself in the counted text" in shown(reply)
 
 
@@ -329,3 +330,69 @@ async def test_a_huge_perplexity_is_written_readably(app: App) -> None:
     assert not re.search(r"\d{8,}", text), text  # 1.95e14, not fifteen digits
     mantissa, exponent = f"{per_word:.2e}".split("e")
     assert f"{mantissa}e{int(exponent)} per word" in text
+
+
+# ----------------------------------------------------------------------------- memorised runs; never a plain yes
+
+
+def hand_counted_ngrams(text: str, held: str, n: int) -> tuple[int, int]:
+    """How many of the held-out words, each with the n-1 words before it (<s> padding at the start),
+    occur that way in the counted text: counted here from whitespace-split words, one sentence each."""
+    grams = set()
+    for sentence in re.split(r"(?<=\.)\s+", text):
+        ws = ["<s>"] * (n - 1) + sentence.replace(".", " .").split()
+        grams |= {tuple(ws[i - n + 1 : i + 1]) for i in range(n - 1, len(ws))}
+    hw = ["<s>"] * (n - 1) + held.split()
+    wanted = [tuple(hw[i - n + 1 : i + 1]) for i in range(n - 1, len(hw))]
+    return sum(g in grams for g in wanted), len(wanted)
+
+
+@pytest.mark.parametrize(
+    ("text", "held", "memorised"),
+    [
+        # A corpus sentence minus its full stop, and a run inside a longer counted sentence.
+        (
+            "the cat ate the fish and then slept on the mat. a dog sat.",
+            "the cat ate the fish and then slept on the mat",
+            True,
+        ),
+        ("a b a b a b a b", "a b a b", True),
+        ("the cat ate the fish and then slept on the mat. a dog sat.", "ate the fish and then slept", True),
+        # New text: same unit, but never a plain "Yes".
+        ("the cat ate the fish and then slept on the mat. a dog sat.", "the dog ate the mat", False),
+    ],
+)
+async def test_memorised_runs_are_flagged_and_counted_ngrams_reported(
+    app: App, text: str, held: str, memorised: bool
+) -> None:
+    for n in (2, 3):
+        reply = await app.execute(
+            "ngram", {"text": text, "sentence": held, "n": n, "context": "the cat"}, app.local_context()
+        )
+        assert not reply.error, reply.text
+        counted, total = hand_counted_ngrams(text, held, n)
+        assert (reply.data["counted_ngrams"], reply.data["heldout_ngrams"]) == (counted, total)
+        answer = next(f.value for f in reply.fields if f.name == "can the two be compared?")
+        assert f"{counted} of {total} held-out {n}-grams" in answer
+        assert not answer.startswith("Yes")
+        if memorised:
+            assert reply.data["comparable"] == "no" and answer.startswith("No:") and "memorised" in answer
+        else:
+            assert reply.data["comparable"] == "partly" and answer.startswith("Partly: same unit (per word)")
+            assert "lower-cased" in answer and f"{reply.data['vocab_size']:,} outcomes" in answer
+            assert ("no step of it is new" in answer) == (counted == total)
+
+
+async def test_a_new_sentence_of_counted_pairs_says_every_step_was_counted(app: App) -> None:
+    text = "the cat ate. the cat sat. a dog sat on the mat."
+    reply = await app.execute("ngram", {"text": text, "sentence": "the cat sat on the mat."}, app.local_context())
+    assert hand_counted_ngrams(text, "the cat sat on the mat .", 2) == (7, 7)
+    answer = next(f.value for f in reply.fields if f.name == "can the two be compared?")
+    assert reply.data["comparable"] == "partly" and "7 of 7 held-out 2-grams" in answer
+    assert "no step of it is new" in answer
+
+
+async def test_the_built_in_corpus_sentence_without_its_full_stop_is_memorised(app: App) -> None:
+    reply = await app.execute_line('/ngram sentence:"The cat ate the fish and then slept on the mat"')
+    assert reply.data["comparable"] == "no" and "memorised" in shown(reply)
+    assert reply.data["counted_ngrams"] == reply.data["heldout_ngrams"] == 11

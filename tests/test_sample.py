@@ -230,3 +230,32 @@ def test_grouped_bars_draw_literal_text() -> None:
         notes=["", "", "cut by top-k"],
     )
     assert image.data.startswith(b"\x89PNG")
+
+
+async def test_a_high_temperature_says_how_little_the_listed_tokens_hold(app_factory, smollm_dir: Path) -> None:  # type: ignore[no-untyped-def]
+    """At T=5 the listed tokens hold almost nothing: the reply says how much (their share of
+    softmax(logits / 5) from transformers) and how far the rest spreads (e to the entropy), and
+    no table cell shows a probability that is not 0 as 0.000."""
+    from bot.charts import cell_percent
+
+    prompt = "The capital of France is"
+    reply = await app_factory({"causal_lm": smollm_dir}).execute_line(f'/sample prompt:"{prompt}" temperature:5')
+    assert not reply.error, reply.text
+    assert_fits_discord(reply)
+    model, tok = load(smollm_dir)
+    with torch.no_grad():
+        logits = model(**tok(prompt, return_tensors="pt")).logits[0, -1].float()
+    plain, hot = torch.softmax(logits, -1), torch.softmax(logits / 5, -1)
+    shown = len(reply.data["shown"])
+    held = float(hot[torch.topk(plain, shown).indices].sum())
+    spread = float(torch.exp(-(hot * torch.log(hot)).sum()))
+    assert reply.data["shown_hold_at_temperature"] == pytest.approx(held, rel=1e-4)
+    assert reply.data["tempered_spread"] == pytest.approx(spread, rel=1e-3)
+    assert held < 0.05  # the case in point
+    assert f"At T=5 these {shown} tokens hold {cell_percent(held)} of the probability" in reply.text
+    assert f"remaining {len(plain) - shown:,} tokens" in reply.text
+    assert f"~{reply.data['tempered_spread']:,.0f} equally likely tokens" in reply.text
+    assert reply.table is not None
+    for row, token in zip(reply.table.rows, reply.data["shown"], strict=True):
+        for cell, value in ((row[1], token["model"]), (row[2], token["temperature"])):
+            assert float(cell) == pytest.approx(value, rel=0.2, abs=5e-4) and (value == 0 or float(cell) > 0), row

@@ -185,9 +185,10 @@ async def test_surprise_says_when_the_two_perplexities_are_not_comparable(app_fa
     app = app_factory({"causal_lm": tiny_gpt2})
     corpus = sentences(builtin_corpus())
     cases = {
-        "Zyx qwv plomb frax.": ("unknown to the n-gram model", False),
-        "The cat sat on the mat.": ("memorised", False),
-        "The cat sat on the rug.": ("", True),
+        "Zyx qwv plomb frax.": ("unknown to the n-gram model", "no"),
+        "The cat sat on the mat.": ("memorised", "no"),
+        "The cat ate the fish and then slept on the mat": ("memorised", "no"),  # no full stop, still a corpus run
+        "The cat sat on the rug.": ("lower-cased", "partly"),
     }
     assert sentences("The cat sat on the mat.")[0] in corpus
     assert sentences("The cat sat on the rug.")[0] not in corpus
@@ -195,9 +196,12 @@ async def test_surprise_says_when_the_two_perplexities_are_not_comparable(app_fa
         reply = await app.execute("surprise", {"text": text, "ngram": True}, app.local_context())
         assert not reply.error, reply.text
         same = await app.execute("ngram", {"sentence": text}, app.local_context())
-        assert reply.data["ngram"]["comparable"] is comparable is same.data["comparable"]
-        if comparable:
-            assert "Can the two be compared? Yes" in reply.text
+        assert reply.data["ngram"]["comparable"] == comparable == same.data["comparable"]
+        assert reply.data["ngram"]["counted_ngrams"] == same.data["counted_ngrams"]
+        assert "Yes" not in reply.text
+        if comparable == "partly":
+            assert "Can the two be compared? Partly: same unit (per word), but not like with like" in reply.text
+            assert reason in reply.text
         else:
             assert "Can the two be compared? No" in reply.text and "not comparable" in reply.text
             assert reason in reply.text

@@ -260,17 +260,29 @@ async def test_compare_times_warm_models_only(app_factory, models, monkeypatch: 
 
     monkeypatch.setattr(app.inference, "submit", recording)
     first = await app.execute_line("/compare text:The capital of France is Paris.")
-    # The first request of each model loads it: sent once untimed, then timed.
-    assert sent.count(NextToken.__name__) == 2 and sent.count(FillMask.__name__) == 2
+    # The first request of each model loads it: sent once untimed, then timed three times.
+    assert sent.count(NextToken.__name__) == 4 and sent.count(FillMask.__name__) == 4
     sent.clear()
     second = await app.execute_line("/compare text:The cat sat on the mat.")
-    assert sent.count(NextToken.__name__) == 1 and sent.count(FillMask.__name__) == 1
+    assert sent.count(NextToken.__name__) == 3 and sent.count(FillMask.__name__) == 3
     for reply in (first, second):
         assert reply.data["causal"]["warm"] and reply.data["masked"]["warm"]
-        timing = next(f.value for f in reply.fields if f.name == "time (warm)")
-        assert "already loaded" in timing
+        shown = next(f.value for f in reply.fields if f.name == "time (warm)")
+        assert "already loaded" in shown and "over 3 runs" in shown
+        causal, masked = reply.data["causal"], reply.data["masked"]
+        for side in (causal, masked):
+            assert f"on {side['model'].rsplit(', ', 1)[-1]}" in shown and len(side["runs_ms"]) == 3
+        a, b = causal["runs_ms"], masked["runs_ms"]
+        want = (
+            "The causal model was faster"
+            if max(a) < min(b)
+            else "The masked model was faster"
+            if max(b) < min(a)
+            else "Within noise"
+        )
+        assert want in shown
         # Two models of their own sizes on two inputs: the reply must not invite reading them as a race.
-        assert "two different models" in timing and "not which way of reading is faster" in timing
+        assert "two different models" in shown and "not which way of reading is faster" in shown
 
 
 async def test_compare_hides_a_named_span_that_is_not_a_word(  # type: ignore[no-untyped-def]
@@ -428,6 +440,27 @@ def test_content_words_missing_from_the_text_are_flagged() -> None:
     assert unsupported_words("Napoleon won.", "It was lost.", skip=["Napoleon"]) == ["won"]
 
 
+@pytest.mark.parametrize(
+    ("summary", "text"),
+    [
+        ("They cut the budget.", "The council is cutting the budget."),
+        ("The council is cutting costs.", "The council cut costs."),
+        ("She runs daily.", "Running every day is her habit; she ran daily."),
+        ("He was running late.", "He had to run; he was late."),
+        ("The studies were making news.", "One study will make news."),
+        ("A bigger plan.", "A big plan."),
+        ("It stopped.", "Stop it."),
+    ],
+)
+def test_common_inflections_are_not_false_alarms(summary: str, text: str) -> None:
+    assert unsupported_words(summary, text) == []
+
+
+def test_look_alike_words_are_still_flagged() -> None:
+    assert unsupported_words("A thing happened.", "The end.") == ["thing", "happened"]
+    assert unsupported_words("The cutter broke.", "The cat broke.") == ["cutter"]
+
+
 async def test_summarize_checks_what_it_claims_and_says_when_it_was_cut(  # type: ignore[no-untyped-def]
     app_factory, tiny_llama: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -444,6 +477,8 @@ async def test_summarize_checks_what_it_claims_and_says_when_it_was_cut(  # type
     assert not reply.error, reply.text
     assert reply.data["not_in_text"]["words"] == ["welcome", "team"]
     assert "welcome, team" in str(reply.fields)
+    # What the check does not look at is said whether or not something was flagged.
+    assert any(f.name == "what the check covers" and "truthfully" in f.value for f in reply.fields)
     # Five tokens written with no end-of-text token at a limit of 5: stopped, not finished.
     assert reply.data["cut_at_max_length"] and "Cut off" in reply.text
     assert "5 of at most 5 tokens" in str(reply.fields) and "not words" in str(reply.fields)
@@ -451,7 +486,7 @@ async def test_summarize_checks_what_it_claims_and_says_when_it_was_cut(  # type
     reply = await app.execute("summarize", {"text": "Hi.", "max_length": 5}, app.local_context())
     assert not reply.data["cut_at_max_length"] and "Cut off" not in reply.text
     assert "3 of at most 5 tokens" in str(reply.fields)
-    assert "That is all this check looks at" in str(reply.fields)
+    assert any(f.name == "what the check covers" and "truthfully" in f.value for f in reply.fields)
 
 
 @pytest.mark.parametrize(
@@ -668,6 +703,41 @@ async def test_compare_shows_the_hidden_words_own_probability_and_rank_on_the_ma
     assert (f"its first token “{first}”" in shown) == (pieces > 1)
 
 
+@pytest.mark.parametrize(("text", "k"), [("The capital of France is Paris.", 10), ("The cat sat on the zxqv", 1)])
+async def test_compare_chart_labels_the_top_guesses_and_marks_the_hidden_words_bar(  # type: ignore[no-untyped-def]
+    app_factory, models, tiny_gpt2: Path, tiny_bert_mlm: Path, text: str, k: int
+) -> None:
+    """The bars are each model's top guesses, not the hidden word: the axis says so, and the hidden
+    word's first token has a marked bar of its own (inside the top k or added below them) whose
+    length is its probability from transformers."""
+    reply = await app_factory(models).execute_line(f"/compare text:{text} k:{k}")
+    assert not reply.error, reply.text
+    chart = reply.data["chart"]
+    assert "top guesses" in chart["xlabel"] and chart["xlabel"] != "probability of the hidden word's first token"
+    left, word, right = reply.data["left"], reply.data["hidden"], reply.data["right"]
+    causal_panel, masked_panel = chart["panels"]
+    # Causal side, by transformers directly.
+    model = transformers.AutoModelForCausalLM.from_pretrained(tiny_gpt2).eval()
+    tok = transformers.AutoTokenizer.from_pretrained(tiny_gpt2)
+    context = tok(left.rstrip())["input_ids"]
+    word_ids = tok(left + word)["input_ids"][len(context) :]
+    with torch.no_grad():
+        probs = model(torch.tensor([context])).logits[0, -1].float().softmax(-1)
+    top = probs.topk(k).indices.tolist()
+    masked_prob, _, _, _ = masked_reference(tiny_bert_mlm, left, right, word)
+    for panel, prob, inside in (
+        (causal_panel, float(probs[word_ids[0]]), word_ids[0] in top),
+        (masked_panel, masked_prob, None),
+    ):
+        marked = [n for n, label in enumerate(panel["labels"]) if label.startswith("hidden")]
+        assert len(marked) == 1, panel["labels"]
+        assert panel["probs"][marked[0]] == pytest.approx(prob, rel=1e-3, abs=1e-7)
+        if inside is not None:
+            assert len(panel["labels"]) == k + (0 if inside else 1)
+            assert (marked[0] < k) == inside
+    assert reply.images and reply.images[0].data.startswith(b"\x89PNG")
+
+
 @torch.inference_mode()
 def test_the_masked_hidden_word_is_the_same_batched_and_alone(tiny_bert_mlm: Path) -> None:
     from bot import MASK
@@ -784,7 +854,7 @@ async def test_a_memorised_sentence_is_not_called_low_perplexity_when_it_is_not(
     assert not reply.error, reply.text
     ngram = reply.data["ngram"]
     assert ngram["perplexity_per_word"] > ngram["neural_perplexity_per_word"]  # the case in point
-    assert not ngram["comparable"] and "memorised" in reply.text
+    assert ngram["comparable"] == "no" and "memorised" in reply.text
     assert "low perplexity" not in reply.text and "recall" in reply.text
 
 
@@ -932,3 +1002,61 @@ async def test_compare_quotes_the_continuation_so_it_does_not_read_as_the_bots_t
     assert "\n" in continued  # the case in point, from the model
     field = next(f for f in reply.fields if f.name.startswith("causal LM continues"))
     assert field.value == "“" + continued.replace("\n", "⏎") + "”"
+
+
+# ----------------------------------------------------------------------------- /nsp: copying is predictable too
+
+
+@pytest.mark.parametrize(
+    ("a", "b", "share"),
+    [
+        ("I like tea.", "I like tea.", 1.0),
+        ("The cat sat on the mat.", "the mat, the cat.", 1.0),
+        ("The cat sat down.", "It purred.", 0.0),
+        ("The cat sat down.", "The dog ran off.", 0.25),
+    ],
+)
+async def test_nsp_says_the_score_is_predictability_and_warns_when_b_repeats_a(  # type: ignore[no-untyped-def]
+    app_factory, tiny_gpt2: Path, tiny_bert_nsp: Path, a: str, b: str, share: float
+) -> None:
+    # Hand count: the share of B's words (case aside) that are words of A.
+    for models in ({"causal_lm": tiny_gpt2}, {"nsp": tiny_bert_nsp}):
+        reply = await app_factory(models).execute_line(f'/nsp sentence_a:"{a}" sentence_b:"{b}"')
+        assert not reply.error, reply.text
+        assert reply.data["b_words_in_a"] == pytest.approx(share)
+        warned = "Warning: B repeats A" in reply.text
+        assert warned == (share >= 0.8) == reply.data["repeats"]
+        if "causal_lm" in models:
+            assert "how predictable B is once the model has read A" in reply.text and "Copying" in reply.text
+
+
+# ----------------------------------------------------------------------------- /tokenize: code points, not "characters"
+
+
+async def test_tokenize_counts_code_points_and_says_so(app_factory) -> None:  # type: ignore[no-untyped-def]
+    """👍🏽 is one visible character but two code points (what len() counts): the reply calls them
+    code points and says why one character can be several."""
+    app = app_factory()
+    text = "Nice 👍🏽 café"
+    reply = await app.execute("tokenize", {"text": text, "compare": True}, app.local_context())
+    assert not reply.error, reply.text
+    assert len(text) == 12  # by hand: "Nice " 5, 👍 and 🏽 2, " café" 5
+    assert "12 code points became" in reply.text and "characters became" not in reply.text
+    assert "skin-tone code point" in reply.text
+    assert reply.table is not None and reply.table.rows[0][:2] == ["code points", "12"]
+
+
+# ----------------------------------------------------------------------------- /surprise: a round colour-bar top
+
+
+@pytest.mark.parametrize("ngram", [False, True])
+async def test_surprise_colour_bar_ticks_are_round(
+    app_factory, tiny_gpt2: Path, figures: list[Figure], ngram: bool
+) -> None:  # type: ignore[no-untyped-def]
+    app = app_factory({"causal_lm": tiny_gpt2})
+    reply = await app.execute("surprise", {"text": "Zyx qwv plomb frax 東京.", "ngram": ngram}, app.local_context())
+    assert not reply.error, reply.text
+    ticks = [t.get_text() for t in figures[-1].texts if t.get_gid() == "tick"]
+    assert ticks and all(re.fullmatch(r"\d+", tick) for tick in ticks), ticks
+    largest = max([*reply.data["bits"], *(reply.data["ngram"]["bits"] if ngram else [])])
+    assert int(ticks[-1]) == math.ceil(largest + 1e-9) and int(ticks[-1]) - 1 < largest <= int(ticks[-1])

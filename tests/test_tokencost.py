@@ -40,7 +40,35 @@ async def test_a_students_own_versions(app_factory) -> None:  # type: ignore[no-
     enc = tiktoken.get_encoding("o200k_base")
     texts = ["Good morning", "Buenos días", "Доброе утро", "おはよう"]
     assert [r["tokens"]["o200k_base"] for r in reply.data["rows"]] == [len(enc.encode(t)) for t in texts]
-    assert [r["words"] for r in reply.data["rows"]] == [2, 2, 2, 1]
+    # おはよう is written without spaces: splitting it at spaces would call it one word.
+    assert [r["words"] for r in reply.data["rows"]] == [2, 2, 2, None]
+
+
+@pytest.mark.parametrize(
+    ("texts", "words", "reason"),
+    [
+        ("I love you | 我爱你", [3, None], "without spaces"),
+        ("Well done | 👍🎉🙂", [2, None], "no letters or digits"),
+        ("Hello there | สวัสดีครับ", [2, None], "without spaces"),
+        ("Good night | Gute Nacht", [2, 2], ""),
+    ],
+)
+async def test_tokens_per_word_is_a_dash_with_a_reason_for_texts_without_word_boundaries(  # type: ignore[no-untyped-def]
+    app_factory, texts: str, words: list[int | None], reason: str
+) -> None:
+    app = app_factory()
+    reply = await app.execute("tokencost", {"texts": texts}, app.local_context())
+    assert not reply.error, reply.text
+    prepare_tiktoken(app.config.cache_dir)
+    enc = tiktoken.get_encoding("o200k_base")
+    assert [r["words"] for r in reply.data["rows"]] == words
+    assert reply.table is not None
+    for row, text, count in zip(reply.table.rows, [t.strip() for t in texts.split("|")], words, strict=True):
+        assert row[-1] == ("–" if count is None else f"{len(enc.encode(text)) / count:.1f}")
+    if reason:
+        assert "Tokens per word is – for text 2: " in reply.text and reason in reply.text
+    else:
+        assert "Tokens per word is –" not in reply.text
 
 
 @pytest.mark.parametrize(
