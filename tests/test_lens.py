@@ -16,6 +16,7 @@ import torch
 import transformers
 
 from bot import charts
+from bot.render import probability
 from plugins.lens import CANDIDATES, MAX_TOKENS, Lens, logit_lens
 from tests.plugin_helpers import assert_fits_discord, causal_reference
 from tests.test_charts import drawn_texts
@@ -412,8 +413,6 @@ async def test_a_knockout_table_is_headed_as_the_unchanged_model_and_adds_the_kn
 ) -> None:
     """The rows are the unchanged model's lens (said in the heading); the added column is the
     answer's probability through the lens in a model with that head's weights zeroed."""
-    from plugins.lens import percent
-
     app = app_factory({"causal_lm": tiny_llama})
     prompt = TEXTS[0]
     plain = await app.execute_line(f"/lens prompt:{prompt}")
@@ -431,7 +430,7 @@ async def test_a_knockout_table_is_headed_as_the_unchanged_model_and_adds_the_kn
     assert cut.data["knocked_answer_probs"] == pytest.approx(after[:, answer].tolist(), abs=TOL)
     for row in cut.table.rows:
         n = layer_index(row[0])
-        assert row[3] == percent(cut.data["knocked_answer_probs"][n])
+        assert row[3] == probability(cut.data["knocked_answer_probs"][n])
     assert [row[:3] for row in cut.table.rows] == plain.table.rows
 
 
