@@ -150,7 +150,7 @@ async def tokenize(ctx: Context, text: str, encoding: str, compare: bool) -> Rep
                     ("known pieces", [int(row[1]) - n for row, n in zip(table.rows, unknown, strict=True)]),
                     ("[UNK]: unknown, information lost", unknown),
                 ],
-                title=f"Tokens for the same text of {len(text)} code points",
+                title=f"Tokens for the same text of {plural(len(text), 'code point')}",
                 xlabel="tokens",
                 filename="tokenize.png",
             )

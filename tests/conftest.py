@@ -6,6 +6,7 @@ from __future__ import annotations
 import atexit
 import os
 import shutil
+import signal
 import sys
 import tempfile
 import weakref
@@ -72,10 +73,16 @@ def examples(n: int) -> int:
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_configure(config: pytest.Config) -> None:
-    """An xdist worker's temporary folders under a short root of its own.
+    """Ctrl-C works in the processes the tests start, and an xdist worker's temporary folders are
+    under a short root of its own.
+
+    A suite started in the background by a non-interactive shell (``cmd &``) inherits SIGINT
+    ignored, and so would every ``lmbot`` a test starts: the Ctrl-C tests would see it ignored.
 
     xdist puts each worker's under ``.../pytest-N/popen-gwN/``; the warm lmbot's socket in a
     test's folder would then pass the 108 bytes a Unix socket's path may have."""
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     worker = getattr(config, "workerinput", None)
     if worker is not None:
         config.option.basetemp = tempfile.mkdtemp(prefix=f"lmbot-{worker['workerid']}-")

@@ -298,10 +298,9 @@ def test_lmbot_models_fits_the_terminal(workdir: Path) -> None:
     assert "role: causal_lm" in narrow.stdout and "runs as: " in narrow.stdout
 
 
-def test_ctrl_c_during_a_cold_ask_is_one_line(workdir: Path, smollm_dir: Path) -> None:
-    """Ctrl-C while the model loads: the terminal's interrupt reaches lmbot and its worker (one process
-    group); lmbot says one line, the worker (which ignores SIGINT) prints nothing. The status line
-    appears on a terminal meanwhile."""
+def _interrupt_a_cold_ask(workdir: Path) -> tuple[int, str, bytes]:
+    """Start a cold ``lmbot ask`` on a terminal, send the terminal's interrupt once its worker has
+    imported torch, and return its exit status, what the terminal showed and its stdout."""
     import pty
 
     main_fd, child_fd = pty.openpty()
@@ -334,13 +333,28 @@ def test_ctrl_c_during_a_cold_ask_is_one_line(workdir: Path, smollm_dir: Path) -
         assert time.monotonic() < deadline and proc.poll() is None, "no worker started"
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGINT)
-    assert proc.wait(120) == 130
+    status = proc.wait(120)
     with contextlib.suppress(OSError):
         while chunk := os.read(main_fd, 1 << 16):
             seen += chunk
     os.close(main_fd)
-    assert proc.stdout is not None and proc.stdout.read() == b""
-    text = seen.decode()
+    assert proc.stdout is not None
+    return status, seen.decode(), proc.stdout.read()
+
+
+def test_ctrl_c_during_a_cold_ask_is_one_line(workdir: Path, smollm_dir: Path) -> None:
+    """Ctrl-C while the model loads: the terminal's interrupt reaches lmbot and its worker (one process
+    group); lmbot says one line, the worker (which ignores SIGINT) prints nothing. The status line
+    appears on a terminal meanwhile. The model can load and answer between the worker's import of
+    torch and the interrupt's arrival (a cached model, a busy machine): then the case in point did
+    not happen, and it is tried again."""
+    for _ in range(3):
+        status, text, stdout = _interrupt_a_cold_ask(workdir)
+        if status != 0:
+            break
+        assert "Traceback" not in text, text[-3000:]  # answered before the interrupt: try again
+    assert status == 130, text[-3000:]
+    assert stdout == b""
     assert "Traceback" not in text and "KeyboardInterrupt" not in text, text[-3000:]
     after = text.split("\x1b[K")[-1]  # what follows the erased status line
     assert after.strip() == "lmbot: interrupted", text[-3000:]
