@@ -252,7 +252,12 @@ async def surprise(ctx: Context, text: str, ngram: bool) -> Reply:
                 fields.append(Field("unknown to the n-gram model (scored as <unk>)", unknown[:1000], inline=False))
             panels.append(
                 (
-                    f"{NGRAM_ORDER}-gram model: surprisal of each word (bits)",
+                    f"{NGRAM_ORDER}-gram model: surprisal of each word (bits), "
+                    + (
+                        "not comparable with the row above (see the text)"
+                        if scored.comparison.verdict == "no"
+                        else "per word, not per token: only partly comparable"
+                    ),
                     [f" {w}" for w in scored.words],
                     scored.bits,
                 )

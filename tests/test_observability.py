@@ -125,3 +125,14 @@ async def test_lmbot_health_reports_a_running_service(config_factory, tiny_gpt2:
     assert done.returncode == 1 and "no inference worker is alive" in done.stdout
     nobody = await asyncio.to_thread(health, free_port())
     assert nobody.returncode == 1 and "no bot answers" in nobody.stdout
+
+
+def test_a_packaged_quantised_stand_in_says_its_weights_are_quantised() -> None:
+    """SmolLM2 ships as a Q4_1 GGUF file, widened to fp32 when loaded: the label every reply shows
+    says the weights are quantised, so no student takes its numbers for the full-precision model's."""
+    from bot.inference.registry import BUILTIN_ROLES, resolve
+
+    causal = next(role for role in BUILTIN_ROLES if role.name == "causal_lm")
+    source = resolve(causal, None, "always")
+    assert source.kind == "packaged", source
+    assert "from Q4_1 quantised weights (offline stand-in for gpt2)" in source.label, source.label

@@ -20,6 +20,7 @@ from plugins.ngram import builtin_corpus, sentences, words
 from plugins.surprise import MAX_TOKENS, Surprisal, band, marked, surprisal
 from tests.conftest import make_config
 from tests.plugin_helpers import assert_fits_discord
+from tests.test_charts import drawn_texts
 
 TEXTS = ["The cat sat on the mat. The cat sat on the purple elephant.", "Hi", "東京 🙂 and 🦜, then\nnew lines"]
 TOL = 1e-5
@@ -193,8 +194,12 @@ async def test_surprise_says_when_the_two_perplexities_are_not_comparable(app_fa
     assert sentences("The cat sat on the mat.")[0] in corpus
     assert sentences("The cat sat on the rug.")[0] not in corpus
     for text, (reason, comparable) in cases.items():
-        reply = await app.execute("surprise", {"text": text, "ngram": True}, app.local_context())
+        with drawn_texts() as drawn:
+            reply = await app.execute("surprise", {"text": text, "ngram": True}, app.local_context())
         assert not reply.error, reply.text
+        # The chart says it too: one colour scale for two rows that do not compare as they are.
+        ngram_title = next(d.text for d in drawn if d.text.startswith("2-gram model"))
+        assert ("not comparable" if comparable == "no" else "only partly comparable") in ngram_title
         same = await app.execute("ngram", {"sentence": text}, app.local_context())
         assert reply.data["ngram"]["comparable"] == comparable == same.data["comparable"]
         assert reply.data["ngram"]["counted_ngrams"] == same.data["counted_ngrams"]

@@ -126,6 +126,10 @@ def resolve(role: ModelRole, configured: str | None, offline_mode: str) -> Model
     folder = packaged.folder() if packaged else None
     if packaged and folder:
         label = f"{packaged.label} (offline stand-in for {name})"
+        if packaged.gguf_file:  # say so: its numbers differ a little from the full-precision model's
+            suffixes = Path(packaged.gguf_file).suffixes  # "….Q4_1.gguf": the quantisation's name
+            quantised = suffixes[-2].lstrip(".") if len(suffixes) > 1 else "GGUF"
+            label = f"{packaged.label} from {quantised} quantised weights (offline stand-in for {name})"
         return ModelSource(role.name, name, "packaged", str(folder), label, packaged.gguf_file)
     return ModelSource(role.name, name, "missing", reason=f"offline, and {name} is not on this machine")
 
