@@ -256,7 +256,8 @@ async def adapt(ctx: Context, text: str, train: bool) -> Reply:
             "\n".join(f"{name}: {timing[name].text()}, prompt {plural(lengths[name], 'token')}" for name in prompts)
             + "\n"
             + versus("Zero-shot", timing["zero-shot"], "Few-shot", timing["few-shot"])
-            + " Time grows with the prompt's length: the model reads every prompt token before it writes.",
+            + " A longer prompt costs more, since the model reads every prompt token before it writes; "
+            "a difference within noise means this run could not show it.",
             inline=False,
         ),
     ]

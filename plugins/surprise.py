@@ -212,7 +212,8 @@ async def surprise(ctx: Context, text: str, ngram: bool) -> Reply:
     lines = [
         f"Surprisal is −log₂ p: how many bits of surprise each token gives {short(result.model)}. One bit is a "
         "coin flip (p = ½); 10 bits is a 1-in-1,024 event. The model reads left to right, so each token is "
-        "scored from the ones before it.",
+        "scored from the ones before it (the first one after a start-of-text token: how likely a document "
+        "is to begin with it).",
         f"Perplexity {perplexity:.1f} per token (2 to the average surprisal, {mean_bits:.2f} bits): on average "
         f"the model was as unsure as choosing among {perplexity:,.1f} equally likely tokens. Lower is better.",
         "Surprise bands (the chart's colour bar): "

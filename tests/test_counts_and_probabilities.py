@@ -133,7 +133,7 @@ async def test_every_command_says_1_thing_not_1_things(  # type: ignore[no-untyp
             if line.startswith("/adapt"):
                 # Zero-shot and few-shot times differ by the prompt's length: the reply says so.
                 name, timing = next((f.name, f.value) for f in reply.fields if f.name.startswith("prompting time"))
-                assert "3 new tokens each" in name and "grows with the prompt's length" in timing, timing
+                assert "3 new tokens each" in name and "longer prompt costs more" in timing, timing
     assert found == {}, json.dumps(found, indent=1)
 
 
