@@ -74,13 +74,11 @@ def step_buttons(prompt: str, top: list[TokenProb]) -> tuple[list[Button], int]:
 def entropy_line(bits: float) -> str:
     """Entropy in words a student can check: 2 ** bits is the number of equally likely tokens
     that would be just as uncertain."""
-    picks = 2**bits  # a whole number of tokens once there are many ("38,858", not "38,858.1")
+    picks = 2**bits
+    shown = f"{picks:,.1f}" if picks < 10 else f"{picks:,.0f}"  # "38,858" tokens, not "38,858.1"
     return (
         f"Entropy measures how spread out the guess is: 0 bits means one certain token; "
-        f"{bits:.2f} bits is as unsure as a fair pick among {picks:,.1f} tokens."
-        if picks < 10
-        else f"Entropy measures how spread out the guess is: 0 bits means one certain token; "
-        f"{bits:.2f} bits is as unsure as a fair pick among {picks:,.0f} tokens."
+        f"{bits:.2f} bits is as unsure as a fair pick among {shown} tokens."
     )
 
 
