@@ -7,10 +7,11 @@ import atexit
 import os
 import shutil
 import signal
+import socket
 import sys
 import tempfile
 import weakref
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -159,6 +160,28 @@ def config_factory(cache_dir: Path):  # type: ignore[no-untyped-def]
         return make_config(cache_dir, models, **inference)
 
     return build
+
+
+@pytest.fixture
+def held_port() -> Iterator[Callable[[], int]]:
+    """Ports on 127.0.0.1 held for the whole test, so a parallel test cannot take one.
+
+    Each is bound with SO_REUSEADDR and never listened on: a connection is refused (a closed port),
+    yet a server that also sets SO_REUSEADDR (http.server, prometheus_client) may still bind it.
+    A port bound then released for the test to reuse could be taken in between.
+    """
+    held: list[socket.socket] = []
+
+    def hold() -> int:
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("127.0.0.1", 0))
+        held.append(sock)
+        return int(sock.getsockname()[1])
+
+    yield hold
+    for sock in held:
+        sock.close()
 
 
 @pytest.fixture(scope="session")

@@ -303,15 +303,17 @@ def test_an_image_without_data_is_not_saved(tmp_path: Path) -> None:
 async def test_charts_being_drawn_never_hold_up_other_thread_work() -> None:
     """A burst of slow charts waits in the chart threads, not in asyncio's shared pool."""
     release = threading.Event()
+    loop, drawing_started = asyncio.get_running_loop(), asyncio.Event()
 
     def slow_chart() -> Image:
+        loop.call_soon_threadsafe(drawing_started.set)
         release.wait(30)
         return Image("slow.png", b"\x89PNG", "slow")
 
     # More draws than asyncio's default pool has threads (min(32, cores + 4)).
     drawing = [asyncio.create_task(charts.render(slow_chart)) for _ in range(40)]
-    await asyncio.sleep(0.1)
     try:
+        await asyncio.wait_for(drawing_started.wait(), timeout=30)  # a chart is being drawn, 39 wait
         # Other replies' thread work (a tokenizer, the quiz database) still runs at once.
         assert await asyncio.wait_for(asyncio.to_thread(lambda: "done"), timeout=10) == "done"
     finally:

@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -138,10 +139,12 @@ def test_json_answers_usage_and_config_errors_as_json(workdir: Path) -> None:
     assert "`inference.workers`" in json.loads(config.stdout)["text"]
 
 
-def test_a_metrics_port_in_use_is_one_line_and_the_bot_runs_on_without_metrics(workdir: Path) -> None:
+def test_a_metrics_port_in_use_is_one_line_and_the_bot_runs_on_without_metrics(
+    workdir: Path, held_port: Callable[[], int]
+) -> None:
     import socket
 
-    from tests.test_startup_network import cli, closed_port
+    from tests.test_startup_network import cli
 
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
@@ -153,7 +156,7 @@ def test_a_metrics_port_in_use_is_one_line_and_the_bot_runs_on_without_metrics(w
         )
         # The real `lmbot run`, Discord at a closed port: past the port check it goes on to log in
         # (exit 75 after its one try), where a taken port used to stop it with exit 2.
-        done = cli(["run", "--attempts", "1"], workdir, closed_port())
+        done = cli(["run", "--attempts", "1"], workdir, held_port())
         assert done.returncode == 75, done.stderr[-3000:]
         said = [line for line in done.stderr.splitlines() if f"{port}" in line]
         assert said == [

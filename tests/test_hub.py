@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -43,12 +43,6 @@ def write_config(folder: Path, cache_dir: Path, timeout_s: float = 60) -> Path:
         encoding="utf-8",
     )
     return folder
-
-
-def closed_port_url() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return f"http://127.0.0.1:{s.getsockname()[1]}"
 
 
 def assert_top3_equal_reference(stdout: str, model_folder: Path) -> None:
@@ -100,7 +94,9 @@ def test_a_download_longer_than_the_deadline_is_explained(tmp_path: Path, cache_
     assert "Traceback" not in answer.stderr
 
 
-def test_fetch_errors_are_one_line_each(tmp_path: Path, cache_dir: Path, tiny_gpt2: Path) -> None:
+def test_fetch_errors_are_one_line_each(
+    tmp_path: Path, cache_dir: Path, tiny_gpt2: Path, held_port: Callable[[], int]
+) -> None:
     workdir = write_config(tmp_path, cache_dir)
     with FakeHub({"someone-else/model": tiny_gpt2}) as hub:
         missing = lmbot(["models", "fetch", "causal_lm"], workdir, hub.url)
@@ -108,9 +104,9 @@ def test_fetch_errors_are_one_line_each(tmp_path: Path, cache_dir: Path, tiny_gp
     lines = [line for line in missing.stderr.splitlines() if line.startswith("causal_lm:")]
     assert len(lines) == 1 and f"could not fetch {REPO}" in lines[0]
 
-    down = lmbot(["models", "fetch", "causal_lm"], workdir, closed_port_url())
+    down = lmbot(["models", "fetch", "causal_lm"], workdir, f"http://127.0.0.1:{held_port()}")
     assert down.returncode == 1
     assert "the Hugging Face hub cannot be reached from here" in down.stderr
 
-    unknown = lmbot(["models", "fetch", "no_such_role"], workdir, closed_port_url())
+    unknown = lmbot(["models", "fetch", "no_such_role"], workdir, f"http://127.0.0.1:{held_port()}")
     assert unknown.returncode == 2 and "unknown role 'no_such_role' (roles: causal_lm," in unknown.stderr

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import socket
 import subprocess
 import sys
 import urllib.request
@@ -13,12 +12,6 @@ from pathlib import Path
 
 from bot.commands import Context, User
 from bot.inference.protocol import NextToken
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 async def test_stats_is_owner_only_and_counts_requests(app_factory, tiny_gpt2: Path) -> None:  # type: ignore[no-untyped-def]
@@ -39,11 +32,13 @@ async def test_stats_is_owner_only_and_counts_requests(app_factory, tiny_gpt2: P
     assert "loading a model" in reply.text
 
 
-async def test_prometheus_endpoint_and_lmbot_stats(config_factory, tiny_gpt2: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+async def test_prometheus_endpoint_and_lmbot_stats(  # type: ignore[no-untyped-def]
+    config_factory, tiny_gpt2: Path, tmp_path: Path, held_port
+) -> None:
     from bot.inference.client import LocalInferenceClient
     from tests.conftest import ROLES
 
-    port = free_port()
+    port = held_port()
     client = LocalInferenceClient(config_factory({"causal_lm": tiny_gpt2}, metrics_port=port), ROLES)
     await client.start()
     try:
@@ -97,7 +92,9 @@ def test_lmbot_models_lists_roles_and_where_they_resolve(tmp_path: Path, cache_d
     assert "bf16, torch" in lines["causal_lm"] and "onnxruntime" not in done.stdout
 
 
-async def test_lmbot_health_reports_a_running_service(config_factory, tiny_gpt2: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+async def test_lmbot_health_reports_a_running_service(  # type: ignore[no-untyped-def]
+    config_factory, tiny_gpt2: Path, tmp_path: Path, held_port
+) -> None:
     from bot.inference.client import LocalInferenceClient
     from tests.conftest import ROLES
 
@@ -110,7 +107,7 @@ async def test_lmbot_health_reports_a_running_service(config_factory, tiny_gpt2:
             timeout=60,
         )
 
-    port = free_port()
+    port = held_port()
     client = LocalInferenceClient(config_factory({"causal_lm": tiny_gpt2}, metrics_port=port), ROLES)
     await client.start()
     try:
@@ -123,7 +120,7 @@ async def test_lmbot_health_reports_a_running_service(config_factory, tiny_gpt2:
     # The metrics endpoint outlives the workers it reports on: stopped workers are unhealthy.
     done = await asyncio.to_thread(health, port)
     assert done.returncode == 1 and "no inference worker is alive" in done.stdout
-    nobody = await asyncio.to_thread(health, free_port())
+    nobody = await asyncio.to_thread(health, held_port())
     assert nobody.returncode == 1 and "no bot answers" in nobody.stdout
 
 

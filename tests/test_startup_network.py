@@ -10,10 +10,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import socket
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import aiohttp
@@ -26,13 +25,6 @@ from bot.frontends.discord.client import INVITE_SCOPES, LmbotClient, invite_url
 from bot.frontends.discord.runner import EXIT_UNREACHABLE, run_bot, sync_now
 from tests.conftest import make_config
 from tests.fake_discord import APP_ID, LoopbackOnlyResolver
-
-
-def closed_port() -> int:
-    """A port on 127.0.0.1 that nothing listens on (bound once, then released)."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def loopback_client(app: App) -> LmbotClient:
@@ -98,8 +90,8 @@ def lines(err: str) -> list[str]:
     return [line for line in err.splitlines() if line.strip()]
 
 
-async def test_a_closed_port_is_one_line_per_try_then_exit_75(app: App, api_at, capsys) -> None:  # type: ignore[no-untyped-def]
-    api_at(closed_port())
+async def test_a_closed_port_is_one_line_per_try_then_exit_75(app: App, api_at, capsys, held_port) -> None:  # type: ignore[no-untyped-def]
+    api_at(held_port())
     assert await run_bot(app, "abc.def.ghi", attempts=3, delays=no_wait(), new_client=loopback_client) == 75
     err = lines(capsys.readouterr().err)
     assert len(err) == 3, err
@@ -147,8 +139,10 @@ def cli(args: list[str], cwd: Path, port: int) -> subprocess.CompletedProcess[st
     )
 
 
-def test_lmbot_run_and_sync_without_discord_say_so_in_one_line(tmp_path: Path, cache_dir: Path) -> None:
-    port = closed_port()
+def test_lmbot_run_and_sync_without_discord_say_so_in_one_line(
+    tmp_path: Path, cache_dir: Path, held_port: Callable[[], int]
+) -> None:
+    port = held_port()
     done = cli(["run", "--attempts", "1"], tmp_path, port)
     assert done.returncode == 75, done.stderr[-3000:]
     err = [line for line in lines(done.stderr) if line.startswith("lmbot: ")]  # the rest are INFO log lines
@@ -166,7 +160,7 @@ def test_lmbot_run_and_sync_without_discord_say_so_in_one_line(tmp_path: Path, c
 
 
 async def test_an_outage_at_start_up_that_ends_logs_in_and_answers(  # type: ignore[no-untyped-def]
-    app: App, api_at, monkeypatch, capsys
+    app: App, api_at, monkeypatch, capsys, held_port
 ) -> None:
     """Discord unreachable (a closed port), then dropping connections, then up: the bot logs in and answers.
 
@@ -181,7 +175,7 @@ async def test_an_outage_at_start_up_that_ends_logs_in_and_answers(  # type: ign
     await fake.start()
     monkeypatch.setattr(discord.gateway.DiscordWebSocket, "DEFAULT_GATEWAY", yarl.URL(fake.gateway_url))
     async with Dropper(drops=10**6) as dropper:
-        api_at(closed_port())  # the first try: nothing listens
+        api_at(held_port())  # the first try: nothing listens
         phases = iter([dropper.port, fake.port])  # then a server that drops connections, then Discord
 
         def delays() -> Iterator[float]:
