@@ -11,6 +11,7 @@ import socket
 import sys
 import tempfile
 import weakref
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -214,6 +215,42 @@ async def app_factory(cache_dir: Path) -> AsyncIterator[Any]:
 
     yield build
     for app in apps:
+        await app.close()
+
+
+SHARED_APPS_KEPT = 4  # apps kept running at once by `shared_app` (each holds a worker process)
+
+
+@pytest.fixture(scope="session")
+async def _shared_apps() -> AsyncIterator[OrderedDict[tuple[tuple[str, str], ...], App]]:
+    apps: OrderedDict[tuple[tuple[str, str], ...], App] = OrderedDict()
+    yield apps
+    for app in apps.values():
+        await app.close()
+
+
+@pytest.fixture
+async def shared_app(
+    _shared_apps: OrderedDict[tuple[tuple[str, str], ...], App], cache_dir: Path
+) -> AsyncIterator[Callable[..., App]]:
+    """Like ``app_factory``, for tests that only ask questions: one app per set of models, shared
+    by the session's tests (datasette's session-scoped app), so its workers start and load their
+    models once. A test that patches the app, counts its requests, reads its logs or needs a cold
+    model uses ``app_factory``. The least recently used apps beyond ``SHARED_APPS_KEPT`` close."""
+    evicted: list[App] = []
+
+    def get(models: dict[str, Path | str] | None = None) -> App:
+        key = tuple(sorted((role, str(path)) for role, path in (models or {}).items()))
+        if key in _shared_apps:
+            _shared_apps.move_to_end(key)
+        else:
+            _shared_apps[key] = make_app(cache_dir=cache_dir, models=models, builtins=True)
+            while len(_shared_apps) > SHARED_APPS_KEPT:
+                evicted.append(_shared_apps.popitem(last=False)[1])
+        return _shared_apps[key]
+
+    yield get
+    for app in evicted:
         await app.close()
 
 

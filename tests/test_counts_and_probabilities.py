@@ -117,9 +117,9 @@ def test_plural_and_probability_read_right() -> None:
 
 
 async def test_every_command_says_1_thing_not_1_things(  # type: ignore[no-untyped-def]
-    app_factory, one_layer_gpt2: Path, tiny_bert_mlm: Path
+    shared_app, one_layer_gpt2: Path, tiny_bert_mlm: Path
 ) -> None:
-    app = app_factory({"causal_lm": one_layer_gpt2, "masked_lm": tiny_bert_mlm})
+    app = shared_app({"causal_lm": one_layer_gpt2, "masked_lm": tiny_bert_mlm})
     plugin_commands = {name for name, cmd in app.registry.commands.items() if cmd.plugin.startswith("plugins.")}
     assert plugin_commands <= set(LINES), f"add a line for {sorted(plugin_commands - set(LINES))}"
     found: dict[str, list[str]] = {}
@@ -152,7 +152,7 @@ async def test_every_command_says_1_thing_not_1_things(  # type: ignore[no-untyp
     ],
 )
 async def test_no_probability_above_0_reads_as_0_percent(  # type: ignore[no-untyped-def]
-    app_factory, one_layer_gpt2: Path, smollm_dir: Path, tiny_bert_mlm: Path, line: str
+    shared_app, one_layer_gpt2: Path, smollm_dir: Path, tiny_bert_mlm: Path, line: str
 ) -> None:
     """These replies hold probabilities (and attention shares) far below 0.5%, some that underflow a
     float32 to 0: each is above 0, so none may read "0%", "0.0%", "0.0000" (impossible) or "100.0%"
@@ -162,7 +162,7 @@ async def test_no_probability_above_0_reads_as_0_percent(  # type: ignore[no-unt
     # temperature 5 its 50,257 tokens all get about 0.00002 (four decimals read 0.0000).
     thin = line.startswith("/attention") or "temperature:5" in line
     causal = one_layer_gpt2 if thin else smollm_dir
-    app = app_factory({"causal_lm": causal, "masked_lm": tiny_bert_mlm})
+    app = shared_app({"causal_lm": causal, "masked_lm": tiny_bert_mlm})
     reply = await app.execute_line(line)
     assert not reply.error, reply.text
     # A causal model's attention to later tokens is exactly 0 (its mask), so that share truly is 0%.

@@ -163,8 +163,8 @@ def test_problems_are_reported_per_request(tiny_gpt2: Path) -> None:
 # ----------------------------------------------------------------------------- the command
 
 
-async def test_lens_command_through_the_service(app_factory, tiny_llama: Path) -> None:  # type: ignore[no-untyped-def]
-    app = app_factory({"causal_lm": tiny_llama})
+async def test_lens_command_through_the_service(shared_app, tiny_llama: Path) -> None:  # type: ignore[no-untyped-def]
+    app = shared_app({"causal_lm": tiny_llama})
     prompt = TEXTS[0]
     reply = await app.execute_line(f"/lens prompt:{prompt}")
     assert not reply.error, reply.text
@@ -206,8 +206,8 @@ async def test_lens_command_through_the_service(app_factory, tiny_llama: Path) -
         (f"/lens prompt:{'word ' * 70}", f"at most {MAX_TOKENS}"),
     ],
 )
-async def test_lens_bad_input_gets_a_short_reply(app_factory, tiny_gpt2: Path, line: str, message: str) -> None:  # type: ignore[no-untyped-def]
-    reply = await app_factory({"causal_lm": tiny_gpt2}).execute_line(line)
+async def test_lens_bad_input_gets_a_short_reply(shared_app, tiny_gpt2: Path, line: str, message: str) -> None:  # type: ignore[no-untyped-def]
+    reply = await shared_app({"causal_lm": tiny_gpt2}).execute_line(line)
     assert reply.error and message in reply.text, reply.text
     assert "Traceback" not in reply.text
 
@@ -409,11 +409,11 @@ def layer_index(cell: str) -> int:
 
 
 async def test_a_knockout_table_is_headed_as_the_unchanged_model_and_adds_the_knocked_probability(  # type: ignore[no-untyped-def]
-    app_factory, tiny_llama: Path
+    shared_app, tiny_llama: Path
 ) -> None:
     """The rows are the unchanged model's lens (said in the heading); the added column is the
     answer's probability through the lens in a model with that head's weights zeroed."""
-    app = app_factory({"causal_lm": tiny_llama})
+    app = shared_app({"causal_lm": tiny_llama})
     prompt = TEXTS[0]
     plain = await app.execute_line(f"/lens prompt:{prompt}")
     cut = await app.execute_line(f"/lens prompt:{prompt} knockout:head layer:1 head:2")

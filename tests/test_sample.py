@@ -187,8 +187,8 @@ async def test_concurrent_commands_batch_and_each_draw_equals_generate_alone(cac
         await app.close()
 
 
-async def test_reply_explains_each_stage_and_the_seed(app_factory, tiny_gpt2: Path) -> None:  # type: ignore[no-untyped-def]
-    app = app_factory({"causal_lm": tiny_gpt2})
+async def test_reply_explains_each_stage_and_the_seed(shared_app, tiny_gpt2: Path) -> None:  # type: ignore[no-untyped-def]
+    app = shared_app({"causal_lm": tiny_gpt2})
     reply = await app.execute_line('/sample prompt:"The cat sat on the" temperature:0.7 top_k:5 n:2')
     assert not reply.error, reply.text
     assert_fits_discord(reply)
@@ -216,8 +216,8 @@ async def test_reply_explains_each_stage_and_the_seed(app_factory, tiny_gpt2: Pa
         ("/sample prompt:Hi seed:-1", "`seed` must be at least 0."),
     ],
 )
-async def test_bad_settings_get_a_clear_answer(app_factory, line: str, message: str) -> None:  # type: ignore[no-untyped-def]
-    reply = await app_factory().execute_line(line)
+async def test_bad_settings_get_a_clear_answer(shared_app, line: str, message: str) -> None:  # type: ignore[no-untyped-def]
+    reply = await shared_app().execute_line(line)
     assert reply.error and reply.text == message
 
 
@@ -240,14 +240,14 @@ def odds(cell: str) -> float:
     rest = cell[len("1 in ") :].replace(",", "")
     return 10.0 ** -float(rest[3:]) if rest.startswith("10^") else 1 / float(rest)
 
-async def test_a_high_temperature_says_how_little_the_listed_tokens_hold(app_factory, smollm_dir: Path) -> None:  # type: ignore[no-untyped-def]
+async def test_a_high_temperature_says_how_little_the_listed_tokens_hold(shared_app, smollm_dir: Path) -> None:  # type: ignore[no-untyped-def]
     """At T=5 the listed tokens hold almost nothing: the reply says how much (their share of
     softmax(logits / 5) from transformers) and how far the rest spreads (e to the entropy), and
     no table cell shows a probability that is not 0 as 0.000."""
     from bot.charts import cell_percent
 
     prompt = "The capital of France is"
-    reply = await app_factory({"causal_lm": smollm_dir}).execute_line(f'/sample prompt:"{prompt}" temperature:5')
+    reply = await shared_app({"causal_lm": smollm_dir}).execute_line(f'/sample prompt:"{prompt}" temperature:5')
     assert not reply.error, reply.text
     assert_fits_discord(reply)
     model, tok = load(smollm_dir)

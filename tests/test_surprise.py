@@ -90,8 +90,8 @@ def bigram_bits(text: str) -> list[float]:
     return bits
 
 
-async def test_surprise_command_with_the_ngram_model(app_factory, tiny_gpt2: Path) -> None:  # type: ignore[no-untyped-def]
-    app = app_factory({"causal_lm": tiny_gpt2})
+async def test_surprise_command_with_the_ngram_model(shared_app, tiny_gpt2: Path) -> None:  # type: ignore[no-untyped-def]
+    app = shared_app({"causal_lm": tiny_gpt2})
     text = TEXTS[0]
     reply = await app.execute("surprise", {"text": text, "ngram": True}, app.local_context())
     assert not reply.error, reply.text
@@ -155,16 +155,16 @@ async def test_byte_pieces_show_as_hex_and_batching_changes_nothing(cache_dir: P
         ({"text": "x" * 401}, "`text` is too long"),
     ],
 )
-async def test_bad_text_gets_a_clear_answer(app_factory, tiny_gpt2: Path, values: dict, message: str) -> None:  # type: ignore[no-untyped-def]
-    app = app_factory({"causal_lm": tiny_gpt2})
+async def test_bad_text_gets_a_clear_answer(shared_app, tiny_gpt2: Path, values: dict, message: str) -> None:  # type: ignore[no-untyped-def]
+    app = shared_app({"causal_lm": tiny_gpt2})
     reply = await app.execute("surprise", values, app.local_context())
     assert reply.error and reply.text.startswith(message), reply.text
 
 
-async def test_ngram_side_scores_symbols_and_emoji_as_words(app_factory, tiny_gpt2: Path) -> None:  # type: ignore[no-untyped-def]
+async def test_ngram_side_scores_symbols_and_emoji_as_words(shared_app, tiny_gpt2: Path) -> None:  # type: ignore[no-untyped-def]
     # /ngram counts every visible character as a word, so text of emoji alone is still scored,
     # each emoji unseen in the corpus (and scored as <unk>).
-    app = app_factory({"causal_lm": tiny_gpt2})
+    app = shared_app({"causal_lm": tiny_gpt2})
     reply = await app.execute("surprise", {"text": "🙂 🦜", "ngram": True}, app.local_context())
     assert not reply.error, reply.text
     ngram = reply.data["ngram"]
@@ -180,10 +180,10 @@ def test_shaded_text_draws_literal_text() -> None:
     assert image.data.startswith(b"\x89PNG") and image.description == "$5 and $6"
 
 
-async def test_surprise_says_when_the_two_perplexities_are_not_comparable(app_factory, tiny_gpt2: Path) -> None:  # type: ignore[no-untyped-def]
+async def test_surprise_says_when_the_two_perplexities_are_not_comparable(shared_app, tiny_gpt2: Path) -> None:  # type: ignore[no-untyped-def]
     # One judgement, shared with /ngram: unknown words (all lumped into <unk>) and a memorised
     # corpus sentence both make the n-gram's per-word perplexity look better than it is.
-    app = app_factory({"causal_lm": tiny_gpt2})
+    app = shared_app({"causal_lm": tiny_gpt2})
     corpus = sentences(builtin_corpus())
     cases = {
         "Zyx qwv plomb frax.": ("unknown to the n-gram model", "no"),

@@ -118,8 +118,8 @@ async def test_a_chart_that_fails_to_draw_leaves_the_reply_without_it(  # type: 
 
 
 @pytest.mark.parametrize("text", ["Pay $5 (20% off) instead of $6", "It costs $$0 and $10", "Solve $x^2$ for x: $"])
-async def test_dollar_signs_in_the_text_still_give_a_chart(app_factory, models, text: str) -> None:  # type: ignore[no-untyped-def]
-    app = app_factory(models)
+async def test_dollar_signs_in_the_text_still_give_a_chart(shared_app, models, text: str) -> None:  # type: ignore[no-untyped-def]
+    app = shared_app(models)
     for name, option in (("nexttoken", "prompt"), ("compare", "text")):
         reply = await app.execute(name, {option: text}, app.local_context())
         assert not reply.error, reply.text
@@ -154,8 +154,8 @@ async def test_a_model_token_with_dollar_signs_still_gives_a_chart(  # type: ign
 
 
 @pytest.mark.parametrize("prompt", ["日本の首都は", "The weather today makes me feel 🙂"])
-async def test_tokens_that_are_part_of_a_character_show_their_bytes(app_factory, smollm_dir: Path, prompt: str) -> None:  # type: ignore[no-untyped-def]
-    app = app_factory({"causal_lm": smollm_dir})
+async def test_tokens_that_are_part_of_a_character_show_their_bytes(shared_app, smollm_dir: Path, prompt: str) -> None:  # type: ignore[no-untyped-def]
+    app = shared_app({"causal_lm": smollm_dir})
     reply = await app.execute("nexttoken", {"prompt": prompt, "k": 10}, app.local_context())
     assert not reply.error, reply.text
     assert_fits_discord(reply)
@@ -189,8 +189,8 @@ async def test_tokens_that_are_part_of_a_character_show_their_bytes(app_factory,
     assert reply.data["prompt_ids"] == tok(prompt)["input_ids"]
 
 
-async def test_the_japanese_prompt_from_the_issue_shows_hex_rows(app_factory, smollm_dir: Path) -> None:  # type: ignore[no-untyped-def]
-    app = app_factory({"causal_lm": smollm_dir})
+async def test_the_japanese_prompt_from_the_issue_shows_hex_rows(shared_app, smollm_dir: Path) -> None:  # type: ignore[no-untyped-def]
+    app = shared_app({"causal_lm": smollm_dir})
     reply = await app.execute_line('/nexttoken prompt:"日本の首都は" k:5')
     assert reply.table is not None
     labels = [row[1] for row in reply.table.rows]
@@ -235,8 +235,8 @@ def test_two_tokens_with_the_same_bytes_make_one_button() -> None:
 # ----------------------------------------------------------------------------- /compare
 
 
-async def test_compare_continues_the_text_before_the_hidden_word(app_factory, models, tiny_gpt2: Path) -> None:  # type: ignore[no-untyped-def]
-    app = app_factory(models)
+async def test_compare_continues_the_text_before_the_hidden_word(shared_app, models, tiny_gpt2: Path) -> None:  # type: ignore[no-untyped-def]
+    app = shared_app(models)
     reply = await app.execute_line("/compare text:The capital of France is Paris, a big city.")
     assert not reply.error, reply.text
     assert reply.data["hidden"] == "city" and reply.data["left"] == "The capital of France is Paris, a big "
@@ -286,9 +286,9 @@ async def test_compare_times_warm_models_only(app_factory, models, monkeypatch: 
 
 
 async def test_compare_hides_a_named_span_that_is_not_a_word(  # type: ignore[no-untyped-def]
-    app_factory, models, tiny_gpt2: Path, tiny_bert_mlm: Path
+    shared_app, models, tiny_gpt2: Path, tiny_bert_mlm: Path
 ) -> None:
-    app = app_factory(models)
+    app = shared_app(models)
     reply = await app.execute_line('/compare text:"It costs $10 at the shop." hide:$10 k:3')
     assert not reply.error, reply.text
     assert (reply.data["left"], reply.data["hidden"], reply.data["right"]) == ("It costs ", "$10", " at the shop.")
@@ -309,8 +309,8 @@ async def test_compare_hides_a_named_span_that_is_not_a_word(  # type: ignore[no
         ("The capital of France is Paris.", "The capital of France is ", "Paris"),
     ],
 )
-async def test_compare_picks_a_sensible_hidden_word(app_factory, models, tiny_gpt2: Path, text, left, hidden) -> None:  # type: ignore[no-untyped-def]
-    app = app_factory(models)
+async def test_compare_picks_a_sensible_hidden_word(shared_app, models, tiny_gpt2: Path, text, left, hidden) -> None:  # type: ignore[no-untyped-def]
+    app = shared_app(models)
     reply = await app.execute("compare", {"text": text, "k": 3}, app.local_context())
     assert not reply.error, reply.text
     assert (reply.data["left"], reply.data["hidden"]) == (left, hidden)
@@ -330,8 +330,8 @@ async def test_compare_picks_a_sensible_hidden_word(app_factory, models, tiny_gp
         ("The", "Hide a word that has some text before it"),
     ],
 )
-async def test_compare_bad_hide_values_answer_clearly(app_factory, models, hide: str, message: str) -> None:  # type: ignore[no-untyped-def]
-    app = app_factory(models)
+async def test_compare_bad_hide_values_answer_clearly(shared_app, models, hide: str, message: str) -> None:  # type: ignore[no-untyped-def]
+    app = shared_app(models)
     reply = await app.execute("compare", {"text": "The concatenation is done...", "hide": hide}, app.local_context())
     assert reply.error and reply.text.startswith(message), reply.text
     assert "error id" not in reply.text
@@ -361,8 +361,8 @@ def _logprob(model: Any, context_ids: list[int], text_ids: list[int]) -> float:
     return sum(lp[len(context_ids) - 1 + i, t].item() for i, t in enumerate(text_ids))
 
 
-async def test_nsp_fallback_verdict_comes_from_numbers_equal_to_transformers(app_factory, tiny_gpt2: Path) -> None:  # type: ignore[no-untyped-def]
-    app = app_factory({"causal_lm": tiny_gpt2})
+async def test_nsp_fallback_verdict_comes_from_numbers_equal_to_transformers(shared_app, tiny_gpt2: Path) -> None:  # type: ignore[no-untyped-def]
+    app = shared_app({"causal_lm": tiny_gpt2})
     a, b = "The cat sat down.", "It purred."
     reply = await app.execute("nsp", {"sentence_a": a, "sentence_b": b}, app.local_context())
     assert not reply.error, reply.text
@@ -393,8 +393,8 @@ async def test_nsp_fallback_verdict_comes_from_numbers_equal_to_transformers(app
         ("I baked bread this morning.", "Jupiter has dozens of moons.", False),
     ],
 )
-async def test_nsp_fallback_verdicts_on_the_offline_model(app_factory, smollm_dir: Path, a, b, follows) -> None:  # type: ignore[no-untyped-def]
-    app = app_factory({"causal_lm": smollm_dir})
+async def test_nsp_fallback_verdicts_on_the_offline_model(shared_app, smollm_dir: Path, a, b, follows) -> None:  # type: ignore[no-untyped-def]
+    app = shared_app({"causal_lm": smollm_dir})
     reply = await app.execute("nsp", {"sentence_a": a, "sentence_b": b}, app.local_context())
     assert not reply.error, reply.text
     assert reply.data["follows"] is follows
@@ -533,8 +533,8 @@ async def test_summarize_says_when_the_summary_is_in_another_language(  # type: 
     assert any(f.name == "what the check covers" for f in same.fields)
 
 
-async def test_summarize_counts_the_tokens_generate_wrote(app_factory, tiny_llama: Path) -> None:  # type: ignore[no-untyped-def]
-    app = app_factory({"causal_lm": tiny_llama})
+async def test_summarize_counts_the_tokens_generate_wrote(shared_app, tiny_llama: Path) -> None:  # type: ignore[no-untyped-def]
+    app = shared_app({"causal_lm": tiny_llama})
     text = "A short text about cats."
     reply = await app.execute("summarize", {"text": text, "max_length": 6}, app.local_context())
     tok = transformers.AutoTokenizer.from_pretrained(tiny_llama)
@@ -594,8 +594,8 @@ async def test_tokenize_comparison_shows_unknowns_in_chart_and_text(app_factory,
 @pytest.mark.parametrize(
     "sentence", ["Hi there", "The cat sat on the warm windowsill.", "A much longer sentence " * 8, "Hi"]
 )
-async def test_maskrecipe_reports_the_real_share(app_factory, cache_dir: Path, sentence: str) -> None:  # type: ignore[no-untyped-def]
-    app = app_factory()
+async def test_maskrecipe_reports_the_real_share(shared_app, cache_dir: Path, sentence: str) -> None:  # type: ignore[no-untyped-def]
+    app = shared_app()
     reply = await app.execute("maskrecipe", {"sentence": sentence}, app.local_context())
     assert not reply.error, reply.text
     tokens = transformers.BertTokenizerFast.from_pretrained(bert_tokenizer_dir(cache_dir)).tokenize(sentence)
@@ -609,9 +609,9 @@ async def test_maskrecipe_reports_the_real_share(app_factory, cache_dir: Path, s
 
 
 async def test_nexttoken_explains_entropy_with_a_number_a_student_can_check(  # type: ignore[no-untyped-def]
-    app_factory, models, tiny_gpt2: Path
+    shared_app, models, tiny_gpt2: Path
 ) -> None:
-    app = app_factory(models)
+    app = shared_app(models)
     reply = await app.execute_line('/nexttoken prompt:"The capital of France is" k:3')
     probs = causal_reference(tiny_gpt2, "The capital of France is")
     bits = -(probs * probs.clamp_min(1e-30).log2()).sum().item()
@@ -643,8 +643,8 @@ def test_nsp_ratios_never_use_e_notation(gain: float) -> None:
 @pytest.mark.parametrize(
     "text", ["The capital of France is Paris.", "The cat sat on the mat", "東京 is far from Osaka"]
 )
-async def test_compare_shows_the_hidden_words_own_probability_and_rank(app_factory, tiny_gpt2: Path, text: str) -> None:  # type: ignore[no-untyped-def]
-    app = app_factory({"causal_lm": tiny_gpt2})
+async def test_compare_shows_the_hidden_words_own_probability_and_rank(shared_app, tiny_gpt2: Path, text: str) -> None:  # type: ignore[no-untyped-def]
+    app = shared_app({"causal_lm": tiny_gpt2})
     reply = await app.execute_line(f"/compare text:{text}")
     assert not reply.error, reply.text
     assert_fits_discord(reply)
@@ -687,9 +687,9 @@ def masked_reference(path: Path, left: str, right: str, word: str) -> tuple[floa
     "text", ["The capital of France is Paris.", "The cat sat on the mat", "Unbelievably, the zxqv won."]
 )
 async def test_compare_shows_the_hidden_words_own_probability_and_rank_on_the_masked_side(  # type: ignore[no-untyped-def]
-    app_factory, models, tiny_bert_mlm: Path, text: str
+    shared_app, models, tiny_bert_mlm: Path, text: str
 ) -> None:
-    reply = await app_factory(models).execute_line(f"/compare text:{text}")
+    reply = await shared_app(models).execute_line(f"/compare text:{text}")
     assert not reply.error, reply.text
     assert_fits_discord(reply)
     left, word, right = reply.data["left"], reply.data["hidden"], reply.data["right"]
@@ -705,12 +705,12 @@ async def test_compare_shows_the_hidden_words_own_probability_and_rank_on_the_ma
 
 @pytest.mark.parametrize(("text", "k"), [("The capital of France is Paris.", 10), ("The cat sat on the zxqv", 1)])
 async def test_compare_chart_labels_the_top_guesses_and_marks_the_hidden_words_bar(  # type: ignore[no-untyped-def]
-    app_factory, models, tiny_gpt2: Path, tiny_bert_mlm: Path, text: str, k: int
+    shared_app, models, tiny_gpt2: Path, tiny_bert_mlm: Path, text: str, k: int
 ) -> None:
     """The bars are each model's top guesses, not the hidden word: the axis says so, and the hidden
     word's first token has a marked bar of its own (inside the top k or added below them) whose
     length is its probability from transformers."""
-    reply = await app_factory(models).execute_line(f"/compare text:{text} k:{k}")
+    reply = await shared_app(models).execute_line(f"/compare text:{text} k:{k}")
     assert not reply.error, reply.text
     chart = reply.data["chart"]
     assert "top guesses" in chart["xlabel"] and chart["xlabel"] != "probability of the hidden word's first token"
@@ -761,14 +761,14 @@ def test_the_masked_hidden_word_is_the_same_batched_and_alone(tiny_bert_mlm: Pat
 COLOUR_WORDS = re.compile(r"\b(red|green|yellow|blue|grey|gray|orange|pink|cyan|purple)\b", re.IGNORECASE)
 
 
-async def test_text_keys_read_right_where_no_colour_shows(app_factory, tiny_gpt2: Path) -> None:  # type: ignore[no-untyped-def]
+async def test_text_keys_read_right_where_no_colour_shows(shared_app, tiny_gpt2: Path) -> None:  # type: ignore[no-untyped-def]
     """A pipe, NO_COLOR and Discord on a phone show the text block without colour: the keys name
     marks that are in the plain text, never a colour."""
     from bot.render import render_text
     from plugins.surprise import BANDS
     from plugins.tokenize import TOKEN_BAR
 
-    app = app_factory({"causal_lm": tiny_gpt2})
+    app = shared_app({"causal_lm": tiny_gpt2})
     sentence = "The quick brown fox jumps over the lazy dog near the quiet river bank today and tomorrow"
     replies = {}
     for line in (
@@ -834,8 +834,8 @@ async def test_nexttoken_away_from_temperature_1_shows_the_models_own_probabilit
     assert f"probability at temperature {temperature:g}" in drawn
 
 
-async def test_nexttoken_at_temperature_1_has_one_probability_column(app_factory, models) -> None:  # type: ignore[no-untyped-def]
-    app = app_factory(models)
+async def test_nexttoken_at_temperature_1_has_one_probability_column(shared_app, models) -> None:  # type: ignore[no-untyped-def]
+    app = shared_app(models)
     reply = await app.execute_line('/nexttoken prompt:"The capital of France is" k:3')
     assert reply.table is not None and reply.table.headers[-1] == "probability"
     assert "Temperature" not in reply.text
@@ -845,11 +845,11 @@ async def test_nexttoken_at_temperature_1_has_one_probability_column(app_factory
 
 
 async def test_a_memorised_sentence_is_not_called_low_perplexity_when_it_is_not(  # type: ignore[no-untyped-def]
-    app_factory, smollm_dir: Path
+    shared_app, smollm_dir: Path
 ) -> None:
     """On the offline SmolLM2 the counted 2-gram scores the corpus sentence worse per word than the
     neural model: the reply must not call the n-gram's perplexity low there."""
-    app = app_factory({"causal_lm": smollm_dir})
+    app = shared_app({"causal_lm": smollm_dir})
     reply = await app.execute_line('/surprise text:"The cat sat on the mat." ngram:true')
     assert not reply.error, reply.text
     ngram = reply.data["ngram"]
@@ -880,10 +880,10 @@ async def test_tokencost_panels_share_one_scale(app_factory, figures: list[Figur
 
 
 @pytest.mark.parametrize("sentence", ["The quick brown fox jumps over the lazy dog", "Hi there", "a"])
-async def test_maskrecipe_explains_its_share_with_the_arithmetic(app_factory, cache_dir: Path, sentence: str) -> None:  # type: ignore[no-untyped-def]
+async def test_maskrecipe_explains_its_share_with_the_arithmetic(shared_app, cache_dir: Path, sentence: str) -> None:  # type: ignore[no-untyped-def]
     """9 tokens get 1 chosen (11%, below 15%): the reply must not say a short sentence gets a larger
     share; it shows 15% of the count and the whole number taken."""
-    app = app_factory()
+    app = shared_app()
     reply = await app.execute("maskrecipe", {"sentence": sentence}, app.local_context())
     assert not reply.error, reply.text
     tokens = transformers.BertTokenizerFast.from_pretrained(bert_tokenizer_dir(cache_dir)).tokenize(sentence)
@@ -931,11 +931,11 @@ def test_every_percent_tick_label_reads_as_its_position(top: float, share: list[
     ],
 )
 async def test_tokenize_compare_says_what_uncased_wordpiece_throws_away(  # type: ignore[no-untyped-def]
-    app_factory, cache_dir: Path, text: str, lost: str
+    shared_app, cache_dir: Path, text: str, lost: str
 ) -> None:
     """“Ünïcödé naïve café” is 3 WordPiece tokens with no [UNK] because bert-base-uncased lower-cases
     and strips accents first: the reply must say so, or fewer tokens reads as free."""
-    app = app_factory()
+    app = shared_app()
     reply = await app.execute("tokenize", {"text": text, "compare": True}, app.local_context())
     assert not reply.error, reply.text
     normalizer = transformers.BertTokenizerFast.from_pretrained(
@@ -953,10 +953,10 @@ async def test_tokenize_compare_says_what_uncased_wordpiece_throws_away(  # type
 # ----------------------------------------------------------------------------- /complexity: the budget figure explained
 
 
-async def test_complexity_says_how_an_untimed_lengths_cost_adds_up(app_factory) -> None:  # type: ignore[no-untyped-def]
+async def test_complexity_says_how_an_untimed_lengths_cost_adds_up(shared_app) -> None:  # type: ignore[no-untyped-def]
     """1.38e11 beside a table whose largest count is 3.44e10 reads as a contradiction unless the reply
     says it is 4 forwards (one warm-up, 3 timed) of both layers."""
-    app = app_factory()
+    app = shared_app()
     reply = await app.execute_line("/complexity lengths:8,32768 width:16")
     assert not reply.error, reply.text
     n, d = 32768, 16
@@ -972,10 +972,10 @@ async def test_complexity_says_how_an_untimed_lengths_cost_adds_up(app_factory) 
 # ----------------------------------------------------------------------------- /surprise: every token marked
 
 
-async def test_surprise_text_key_marks_a_surprising_space_token(app_factory, smollm_dir: Path) -> None:  # type: ignore[no-untyped-def]
+async def test_surprise_text_key_marks_a_surprising_space_token(shared_app, smollm_dir: Path) -> None:  # type: ignore[no-untyped-def]
     """In “1 1 1 …” SmolLM2's most surprising token is a lone space (about 10 bits): the text key
     must mark it as the table ranks it, not leave it bare."""
-    app = app_factory({"causal_lm": smollm_dir})
+    app = shared_app({"causal_lm": smollm_dir})
     reply = await app.execute_line("/surprise text:1 1 1 1 1 1 1 1 1 1 1 1")
     assert not reply.error, reply.text
     bits, tokens = reply.data["bits"], reply.data["tokens"]
@@ -991,11 +991,11 @@ async def test_surprise_text_key_marks_a_surprising_space_token(app_factory, smo
 
 
 async def test_compare_quotes_the_continuation_so_it_does_not_read_as_the_bots_text(  # type: ignore[no-untyped-def]
-    app_factory, smollm_dir: Path
+    shared_app, smollm_dir: Path
 ) -> None:
     """SmolLM2 continues “The cat sat on the” with “… back.\\n\\nThe original sentence is”: printed
     bare, its last line read as the bot's own unfinished sentence."""
-    app = app_factory({"causal_lm": smollm_dir})
+    app = shared_app({"causal_lm": smollm_dir})
     reply = await app.execute_line("/compare text:The cat sat on the mat.")
     assert not reply.error, reply.text
     continued = reply.data["causal"]["continuation"]
@@ -1017,11 +1017,11 @@ async def test_compare_quotes_the_continuation_so_it_does_not_read_as_the_bots_t
     ],
 )
 async def test_nsp_says_the_score_is_predictability_and_warns_when_b_repeats_a(  # type: ignore[no-untyped-def]
-    app_factory, tiny_gpt2: Path, tiny_bert_nsp: Path, a: str, b: str, share: float
+    shared_app, tiny_gpt2: Path, tiny_bert_nsp: Path, a: str, b: str, share: float
 ) -> None:
     # Hand count: the share of B's words (case aside) that are words of A.
     for models in ({"causal_lm": tiny_gpt2}, {"nsp": tiny_bert_nsp}):
-        reply = await app_factory(models).execute_line(f'/nsp sentence_a:"{a}" sentence_b:"{b}"')
+        reply = await shared_app(models).execute_line(f'/nsp sentence_a:"{a}" sentence_b:"{b}"')
         assert not reply.error, reply.text
         assert reply.data["b_words_in_a"] == pytest.approx(share)
         warned = "Warning: B repeats A" in reply.text
@@ -1033,10 +1033,10 @@ async def test_nsp_says_the_score_is_predictability_and_warns_when_b_repeats_a( 
 # ----------------------------------------------------------------------------- /tokenize: code points, not "characters"
 
 
-async def test_tokenize_counts_code_points_and_says_so(app_factory) -> None:  # type: ignore[no-untyped-def]
+async def test_tokenize_counts_code_points_and_says_so(shared_app) -> None:  # type: ignore[no-untyped-def]
     """👍🏽 is one visible character but two code points (what len() counts): the reply calls them
     code points and says why one character can be several."""
-    app = app_factory()
+    app = shared_app()
     text = "Nice 👍🏽 café"
     reply = await app.execute("tokenize", {"text": text, "compare": True}, app.local_context())
     assert not reply.error, reply.text

@@ -51,8 +51,8 @@ def direct_logprob(path: Path, context_ids: list[int], text_ids: list[int]) -> f
     return sum(lp[len(context_ids) - 1 + i, t].item() for i, t in enumerate(text_ids))
 
 
-async def test_nsp_equals_the_nsp_head(app_factory, tiny_bert_nsp: Path) -> None:  # type: ignore[no-untyped-def]
-    app = app_factory({"nsp": tiny_bert_nsp})
+async def test_nsp_equals_the_nsp_head(shared_app, tiny_bert_nsp: Path) -> None:  # type: ignore[no-untyped-def]
+    app = shared_app({"nsp": tiny_bert_nsp})
     reply = await app.execute_line('/nsp sentence_a:"The cat sat down." sentence_b:"It purred."')
     assert not reply.error, reply.text
     assert_fits_discord(reply)
@@ -63,8 +63,8 @@ async def test_nsp_equals_the_nsp_head(app_factory, tiny_bert_nsp: Path) -> None
     assert reply.data["is_next"] == pytest.approx(want.item(), abs=TOL)
 
 
-async def test_nsp_without_a_head_falls_back_to_labelled_coherence(app_factory, tiny_gpt2: Path) -> None:  # type: ignore[no-untyped-def]
-    app = app_factory({"causal_lm": tiny_gpt2})
+async def test_nsp_without_a_head_falls_back_to_labelled_coherence(shared_app, tiny_gpt2: Path) -> None:  # type: ignore[no-untyped-def]
+    app = shared_app({"causal_lm": tiny_gpt2})
     reply = await app.execute_line('/nsp sentence_a:"The cat sat down." sentence_b:"It purred."')
     assert not reply.error
     assert reply.data["kind"] == "causal_lm_coherence" and "not NSP" in reply.title
@@ -78,8 +78,8 @@ async def test_nsp_without_a_head_falls_back_to_labelled_coherence(app_factory, 
     assert "set `models.nsp`" in str(reply.fields)
 
 
-async def test_summarize_with_t5_equals_generate(app_factory, tiny_t5: Path) -> None:  # type: ignore[no-untyped-def]
-    app = app_factory({"seq2seq": tiny_t5})
+async def test_summarize_with_t5_equals_generate(shared_app, tiny_t5: Path) -> None:  # type: ignore[no-untyped-def]
+    app = shared_app({"seq2seq": tiny_t5})
     text = "Transformers replaced recurrent models by processing tokens in parallel."
     reply = await app.execute("summarize", {"text": text, "max_length": 8}, app.local_context())
     assert reply.data["kind"] == "seq2seq"
@@ -90,8 +90,8 @@ async def test_summarize_with_t5_equals_generate(app_factory, tiny_t5: Path) -> 
     assert reply.data["summary"] == tok.decode(out[0], skip_special_tokens=True)
 
 
-async def test_summarize_offline_uses_a_labelled_prompted_lm(app_factory, tiny_llama: Path) -> None:  # type: ignore[no-untyped-def]
-    app = app_factory({"causal_lm": tiny_llama})
+async def test_summarize_offline_uses_a_labelled_prompted_lm(shared_app, tiny_llama: Path) -> None:  # type: ignore[no-untyped-def]
+    app = shared_app({"causal_lm": tiny_llama})
     reply = await app.execute("summarize", {"text": "A short text.", "max_length": 5}, app.local_context())
     assert not reply.error
     assert reply.data["kind"] == "causal_lm_prompt"
@@ -109,8 +109,8 @@ def label_forms_reference(path: Path, prompt: str) -> dict[str, float]:
     return {f: math.exp(direct_logprob(path, context, ids[f])) for f in kept}
 
 
-async def test_sentiment_with_a_classifier_and_a_prompted_lm(app_factory, tiny_classifier, tiny_gpt2) -> None:  # type: ignore[no-untyped-def]
-    app = app_factory({"classifier": tiny_classifier, "causal_lm": tiny_gpt2})
+async def test_sentiment_with_a_classifier_and_a_prompted_lm(shared_app, tiny_classifier, tiny_gpt2) -> None:  # type: ignore[no-untyped-def]
+    app = shared_app({"classifier": tiny_classifier, "causal_lm": tiny_gpt2})
     text = "What a wonderful film."
     reply = await app.execute_line(f"/sentiment text:{text}")
     assert not reply.error, reply.text
@@ -163,9 +163,9 @@ async def test_sentiment_times_warm_inference_only(app_factory, tiny_classifier,
 
 
 async def test_sentiment_names_each_times_engine_and_calls_a_difference_only_outside_the_runs(  # type: ignore[no-untyped-def]
-    app_factory, tiny_classifier, tiny_gpt2
+    shared_app, tiny_classifier, tiny_gpt2
 ) -> None:
-    reply = await app_factory({"classifier": tiny_classifier, "causal_lm": tiny_gpt2}).execute_line(
+    reply = await shared_app({"classifier": tiny_classifier, "causal_lm": tiny_gpt2}).execute_line(
         "/sentiment text:What a wonderful film."
     )
     assert not reply.error, reply.text
@@ -195,12 +195,12 @@ def test_sentiment_timing_says_when_the_engines_differ_and_when_it_is_noise() ->
     assert "different engines" not in same and "Within noise" in same
 
 
-async def test_sentiment_offline_head_on_the_packaged_embedder(app_factory, tiny_gpt2: Path) -> None:  # type: ignore[no-untyped-def]
+async def test_sentiment_offline_head_on_the_packaged_embedder(shared_app, tiny_gpt2: Path) -> None:  # type: ignore[no-untyped-def]
     from sklearn.linear_model import LogisticRegression
 
     from plugins.sentiment import EMBEDDER_ROLE
 
-    app = app_factory({"causal_lm": tiny_gpt2})
+    app = shared_app({"causal_lm": tiny_gpt2})
     texts = ["I absolutely loved it, wonderful!", "Awful, broken and useless."]
     replies = [await app.execute("sentiment", {"text": t}, app.local_context()) for t in texts]
     for reply in replies:
@@ -226,8 +226,8 @@ async def test_sentiment_offline_head_on_the_packaged_embedder(app_factory, tiny
     assert replies[1].data["discriminative"]["probs"]["negative"] > 0.5
 
 
-async def test_complexity_counts_and_timings(app_factory) -> None:  # type: ignore[no-untyped-def]
-    app = app_factory()
+async def test_complexity_counts_and_timings(shared_app) -> None:  # type: ignore[no-untyped-def]
+    app = shared_app()
     reply = await app.execute_line("/complexity lengths:256,16,64 width:32")
     assert not reply.error, reply.text
     assert_fits_discord(reply)
@@ -347,8 +347,8 @@ async def test_complexity_does_not_time_what_would_only_move_memory(app_factory,
     assert reply.data["attention_pair_macs"][-1] == 2 * 16384 * 16384 * 16  # still counted
 
 
-async def test_complexity_reference_lines_go_through_the_longest_timed_length(app_factory) -> None:  # type: ignore[no-untyped-def]
-    reply = await app_factory().execute_line("/complexity lengths:16,64,256 width:32")
+async def test_complexity_reference_lines_go_through_the_longest_timed_length(shared_app) -> None:  # type: ignore[no-untyped-def]
+    reply = await shared_app().execute_line("/complexity lengths:16,64,256 width:32")
     data = reply.data
     top, attention, recurrent = data["lengths"][-1], data["attention_ms"], data["recurrent_ms"]
     assert data["reference_n2"] == pytest.approx([attention[-1] * (n / top) ** 2 for n in data["lengths"]])
@@ -454,8 +454,8 @@ def test_measured_verdict_matches_the_timings(pattern: list[tuple[float, float]]
 
 
 @pytest.mark.parametrize("width", [18, 17, 1023, 30])
-async def test_complexity_width_the_heads_cannot_split_is_a_validation_message(app_factory, width: int) -> None:  # type: ignore[no-untyped-def]
-    app = app_factory()
+async def test_complexity_width_the_heads_cannot_split_is_a_validation_message(shared_app, width: int) -> None:  # type: ignore[no-untyped-def]
+    app = shared_app()
     reply = await app.execute("complexity", {"lengths": "8", "width": width}, app.local_context())
     assert reply.error and reply.ephemeral
     assert f"multiple of {HEADS}" in reply.text and "error id" not in reply.text
@@ -481,9 +481,9 @@ def test_complexity_any_width_answers_sensibly(width: int) -> None:
 
 
 @pytest.mark.parametrize("fixture", ["tiny_llama", "tiny_gpt2"])
-async def test_adapt_lora_counts_equal_peft_on_the_model(app_factory, request, fixture: str) -> None:  # type: ignore[no-untyped-def]
+async def test_adapt_lora_counts_equal_peft_on_the_model(shared_app, request, fixture: str) -> None:  # type: ignore[no-untyped-def]
     path = request.getfixturevalue(fixture)
-    app = app_factory({"causal_lm": path})
+    app = shared_app({"causal_lm": path})
     reply = await app.execute_line("/adapt text:Great product")
     assert not reply.error, reply.text
     assert_fits_discord(reply)
@@ -510,9 +510,9 @@ async def test_adapt_lora_closed_form_for_llama(app_factory, tiny_llama: Path) -
 
 
 async def test_adapt_times_each_prompt_three_times_with_its_length_and_calls_noise_noise(  # type: ignore[no-untyped-def]
-    app_factory, tiny_gpt2: Path
+    shared_app, tiny_gpt2: Path
 ) -> None:
-    reply = await app_factory({"causal_lm": tiny_gpt2}).execute_line('/adapt text:"The soup was cold."')
+    reply = await shared_app({"causal_lm": tiny_gpt2}).execute_line('/adapt text:"The soup was cold."')
     assert not reply.error, reply.text
     tok = transformers.AutoTokenizer.from_pretrained(tiny_gpt2)
     data = reply.data
@@ -531,8 +531,8 @@ async def test_adapt_times_each_prompt_three_times_with_its_length_and_calls_noi
         assert "Within noise" in timing
 
 
-async def test_adapt_shows_both_prompts_as_the_model_reads_them(app_factory, tiny_gpt2: Path) -> None:  # type: ignore[no-untyped-def]
-    app = app_factory({"causal_lm": tiny_gpt2})
+async def test_adapt_shows_both_prompts_as_the_model_reads_them(shared_app, tiny_gpt2: Path) -> None:  # type: ignore[no-untyped-def]
+    app = shared_app({"causal_lm": tiny_gpt2})
     for review in ("Great product", "x" * 490 + " @everyone"):
         reply = await app.execute("adapt", {"text": review}, app.local_context())
         assert not reply.error, reply.text
@@ -551,8 +551,8 @@ async def test_adapt_shows_both_prompts_as_the_model_reads_them(app_factory, tin
         assert "warm" in str(reply.fields)
 
 
-async def test_help_says_optional_for_an_option_without_a_default(app_factory) -> None:  # type: ignore[no-untyped-def]
-    reply = await app_factory().execute_line("/help command:ngram")
+async def test_help_says_optional_for_an_option_without_a_default(shared_app) -> None:  # type: ignore[no-untyped-def]
+    reply = await shared_app().execute_line("/help command:ngram")
     assert reply.table is not None
     required = {row[0]: row[2] for row in reply.table.rows}
     assert required["text"] == "optional"
@@ -625,8 +625,8 @@ async def test_adapt_train_by_default_only_on_gpu_workers(app_factory, tmp_path:
         await app.close()
 
 
-async def test_jargon_in_complexity_and_adapt_gets_a_plain_line(app_factory, tiny_gpt2: Path) -> None:  # type: ignore[no-untyped-def]
-    app = app_factory({"causal_lm": tiny_gpt2})
+async def test_jargon_in_complexity_and_adapt_gets_a_plain_line(shared_app, tiny_gpt2: Path) -> None:  # type: ignore[no-untyped-def]
+    app = shared_app({"causal_lm": tiny_gpt2})
     counted = await app.execute("complexity", {"lengths": "65536", "width": 1024}, app.local_context())  # not timed
     assert not counted.error and "multiply-accumulates" in counted.text
     assert "A multiply-accumulate is one multiplication added to a running sum" in counted.text
@@ -695,11 +695,11 @@ async def test_topic_try_beside_a_name_runs_that_card_or_says_why_not(app_factor
 
 
 async def test_sentiment_says_forced_choice_and_calibrates_by_the_label_prior(
-    app_factory, tiny_classifier, tiny_gpt2
+    shared_app, tiny_classifier, tiny_gpt2
 ) -> None:  # type: ignore[no-untyped-def]
     """Contextual calibration (Zhao et al. 2021): the label shares on content-free inputs, from direct
     forwards here, are the prior; the calibrated reading divides by it and renormalises."""
-    app = app_factory({"classifier": tiny_classifier, "causal_lm": tiny_gpt2})
+    app = shared_app({"classifier": tiny_classifier, "causal_lm": tiny_gpt2})
     text = "The meeting is at 3 pm."
     reply = await app.execute_line(f"/sentiment text:{text}")
     assert not reply.error, reply.text
