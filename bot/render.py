@@ -52,6 +52,18 @@ def decimal_probability(p: float, decimals: int = 4) -> str:
     return shown if p <= 0 or shown.strip("0.") else probability(p)
 
 
+def significant(x: float, digits: int = 3) -> str:
+    """A measured number to ``digits`` significant figures in plain notation, digits grouped and
+    trailing zeros dropped as ``g`` drops them: "1,230", "6.63", "5.5", "0.0512" (where ``g``
+    would write "1.23e+03" and "5.12e-05")."""
+    if x == 0 or not math.isfinite(x):
+        return f"{x:g}"
+    rounded = float(f"{x:.{digits}g}")  # rounding first: 9.996 has 2 places once it is 10.0
+    places = max(0, digits - 1 - math.floor(math.log10(abs(rounded))))
+    shown = f"{rounded:,.{places}f}"
+    return shown.rstrip("0").rstrip(".") if places else shown
+
+
 def display_width(text: str) -> int:
     """Terminal columns: wide (CJK, emoji) characters take two, combining marks none."""
     width = 0

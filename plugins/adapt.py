@@ -264,17 +264,15 @@ async def adapt(ctx: Context, text: str, train: bool) -> Reply:
     images = []
     run: LoraRun | None = None
     mode = str(ctx.config.plugins.options.get("adapt", {}).get("training", "gpu"))
-    untrained = ""  # why train:true trained nothing; said in the text, not only in a field
+    untrained = ""  # why train:true trained nothing: said once, in the text
     if train and mode == "never":
         untrained = "Training is turned off on this bot."
-        fields.append(Field("LoRA training", untrained, inline=False))
     elif train:
         # Training takes longer than a forward pass: a longer deadline than other requests.
         deadline = ctx.config.inference.request_timeout_s * 5
         run = await ctx.inference.submit(training_request(text, allow_cpu=mode == "always"), timeout=deadline)
         if run.refused:
             untrained = run.refused
-            fields.append(Field("LoRA training", run.refused, inline=False))
         else:
             fields += [
                 Field("zero-shot after LoRA", first_line(run.after)),
@@ -305,7 +303,7 @@ async def adapt(ctx: Context, text: str, train: bool) -> Reply:
             "trainable count grows in proportion to r. At the end: both prompts exactly as the model reads them, "
             "with its greedy 3-token answer (the likeliest token at each step) in «…»."
             + (
-                f"\nNothing was trained: {untrained} No weights changed, so there is no after-LoRA answer to "
+                f"\nNothing was trained. {untrained} No weights changed, so there is no after-LoRA answer to "
                 "compare; the table only counts what LoRA would train."
                 if untrained
                 else ""

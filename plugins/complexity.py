@@ -25,6 +25,7 @@ from bot import (
     hookimpl,
 )
 from bot.charts import line_chart, render
+from bot.render import significant
 
 TOPIC = Topic.load("plugins", "transformers-vs-rnns")  # plugins/data/topics/transformers-vs-rnns.toml
 
@@ -269,7 +270,7 @@ def measured_verdict(measured: Sequence[tuple[int, LayerTimes]], d: int) -> str:
 def spread_cell(median: float, spread: tuple[float, float]) -> str:
     """A median time with its fastest and slowest run: 6.63 (6.51–6.92)."""
     low, high = spread
-    return f"{median:.3g} ({low:.3g}–{high:.3g})" if high > low else f"{median:.3g}"
+    return f"{significant(median)} ({significant(low)}–{significant(high)})" if high > low else significant(median)
 
 
 def not_monotone(measured: Sequence[tuple[int, LayerTimes]]) -> list[str]:
@@ -283,9 +284,9 @@ def not_monotone(measured: Sequence[tuple[int, LayerTimes]]) -> list[str]:
         for (n, shorter), (m, longer) in itertools.combinations(measured, 2):
             if spread(longer)[1] < spread(shorter)[0]:
                 warnings.append(
-                    f"{name} time fell from n = {n:,} to n = {m:,} ({getattr(shorter, median):.3g} → "
-                    f"{getattr(longer, median):.3g} ms): more tokens cannot take less work, so other load on the "
-                    "machine is in these times; run it again before reading a trend from them."
+                    f"{name} time fell from n = {n:,} to n = {m:,} ({significant(getattr(shorter, median))} → "
+                    f"{significant(getattr(longer, median))} ms): more tokens cannot take less work, so other load "
+                    "on the machine is in these times; run it again before reading a trend from them."
                 )
                 break
     return warnings

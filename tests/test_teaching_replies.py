@@ -27,6 +27,8 @@ from bot.app import App
 from bot.charts import show_token
 from bot.commands import Reply
 from bot.inference.offline import bert_tokenizer_dir
+from bot.render import significant
+from plugins.complexity import spread_cell
 from plugins.nexttoken import step_buttons
 from plugins.nsp import FOLLOWS_NATS_PER_TOKEN, UNRELATED, times
 from plugins.summarize import MAX_TEXT, language_of, unsupported, unsupported_words
@@ -635,6 +637,25 @@ def test_nsp_ratios_read_as_plain_numbers() -> None:
 def test_nsp_ratios_never_use_e_notation(gain: float) -> None:
     shown = times(gain)
     assert "e+" not in shown and "e-" not in shown and shown.endswith("×")
+
+
+# ----------------------------------------------------------------------------- measured times: plain notation
+
+
+def test_measured_times_read_in_plain_notation() -> None:
+    """/complexity's milliseconds: a slow GRU at n = 4,096 reads "1,230", never "1.23e+03"."""
+    assert significant(1234.5) == "1,230" and significant(6.634) == "6.63" and significant(0.051234) == "0.0512"
+    assert significant(9.996) == "10" and significant(0) == "0" and significant(123456.0) == "123,000"
+    assert significant(5.5) == "5.5" and significant(0.0500001) == "0.05"
+    assert spread_cell(1234.5, (1200.1, 1300.2)) == "1,230 (1,200–1,300)" and spread_cell(2.5, (2.5, 2.5)) == "2.5"
+
+
+@settings(max_examples=examples(200), deadline=None)
+@given(x=st.floats(1e-9, 1e9))
+def test_measured_numbers_never_use_e_notation_and_keep_three_figures(x: float) -> None:
+    shown = significant(x)
+    assert "e" not in shown
+    assert float(shown.replace(",", "")) == pytest.approx(x, rel=5e-3)
 
 
 # ----------------------------------------------------------------------------- /compare: the hidden word itself
