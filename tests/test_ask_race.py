@@ -74,3 +74,29 @@ def test_two_asks_racing_start_exactly_one_warm_lmbot_and_both_are_answered(conf
         answer = until(functools.partial(ask.ask_warm, config, request, paths, stamp))  # None until it listens
         assert answer.rc == 0 and answer.stdout, answer
     assert len(warm_children()) == 1
+
+
+def test_an_ask_that_finds_the_lock_taken_but_not_yet_named_starts_nothing(config: Config) -> None:
+    """The racer that lost reads the lock file between the winner's truncate and its write: an
+    empty file is a winner still writing, not other settings, so the loser waits for the name."""
+    import fcntl
+
+    paths = ask.warm_paths(config)
+    assert paths is not None
+    stamp = ask.fingerprint(config)
+    with open(paths.lock, "a+", encoding="utf-8") as winner:
+        fcntl.flock(winner, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        winner.truncate(0)
+        winner.flush()
+
+        def name_it() -> None:
+            winner.write(stamp)
+            winner.flush()
+
+        naming = threading.Timer(0.3, name_it)  # the winner's write, after the loser's first read
+        naming.start()
+        try:
+            ask.start_warm(config, stamp, [], keep_alive=120, paths=paths)
+            assert warm_children() == []  # it used to read "" as other settings and start its own
+        finally:
+            naming.join()

@@ -382,6 +382,26 @@ def stop_warm(paths: WarmPaths, wait_s: float = 30) -> str:
     return f"the warm lmbot (pid {pid}) stops once the asks it is answering are done"
 
 
+# How long a lock found held with no settings written yet is read again: its taker writes them
+# right after taking it.
+STAMP_WRITE_S = 2.0
+
+
+def _stamp_once_written(lock: Any, stamp: str) -> bool:
+    """Whether the held lock file names ``stamp``. Its holder truncates it and then writes its
+    settings: a read in between finds it empty (or part written), which is not other settings, so
+    read again for a moment (else two racing asks would both start a warm lmbot)."""
+    deadline = time.monotonic() + STAMP_WRITE_S
+    while True:
+        lock.seek(0)
+        held = lock.read()
+        if held == stamp:
+            return True
+        if not stamp.startswith(held) or time.monotonic() >= deadline:
+            return False
+        time.sleep(0.01)
+
+
 def start_warm(config: Config, stamp: str, roles: list[str], keep_alive: float, paths: WarmPaths) -> None:
     """Start a detached warm lmbot that loads ``roles`` and waits ``keep_alive`` s for asks.
 
@@ -400,11 +420,9 @@ def start_warm(config: Config, stamp: str, roles: list[str], keep_alive: float, 
                 lock.write(stamp)
                 lock.flush()
                 setup["lock_fd"] = lock.fileno()
-            else:
-                lock.seek(0)
-                if lock.read() == stamp:
-                    log.info("a warm lmbot for these settings is running or starting already")
-                    return
+            elif _stamp_once_written(lock, stamp):
+                log.info("a warm lmbot for these settings is running or starting already")
+                return
             # The log is appended to: a warm lmbot may still be writing to it. The one that takes the
             # lock starts the file afresh.
             process = subprocess.Popen(
