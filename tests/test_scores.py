@@ -442,8 +442,7 @@ async def test_a_storage_fault_costs_one_clear_line_and_harms_nothing(
         note = answered.text.splitlines()[-1]
         assert note.startswith("Your answer was not saved: the score database is"), note
         assert "Traceback" not in answered.text and spec not in answered.text
-        # Bounded by the store's own last-resort guard, whatever the fault (not a speed budget).
-        assert waited < scores_module.CALL_GUARD_S, waited
+        assert waited < 8, waited
         # The rest of the bot answers as usual; the leaderboard answers in words either way.
         card = await app.execute("topic", {"name": study_fixtures.MULTI}, ctx)
         assert not card.error and card.title == "Fixture: several options"
